@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# Installs everything ferry and its test suite need on a Debian 12 (or newer)
+# machine, idempotently, then builds ferry. Run as root.
+#
+#   scripts/setup.sh           install + build
+#   scripts/setup.sh --demo    install + build, then run `ferry demo`
+#
+# CRIU: ferry needs CRIU >= 4. Where the distribution's package is >= 4 it is
+# installed with apt. Debian 12 ships CRIU 3.17, which fails on recent kernels
+# ("vdso: Unexpected rt vDSO area bounds"); there CRIU 4.1.1 is taken from
+# Debian 13 ("trixie") with its library closure, unpacked into a private
+# prefix (/opt/ferry/criu) without touching the system libc, and started
+# through a `criu` wrapper in /usr/local/bin that runs it with trixie's
+# dynamic loader. The archive URI is derived from this machine's own apt
+# sources, never written down.
+set -euo pipefail
+
+PREFIX=/opt/ferry/criu
+WRAPPER=/usr/local/bin/criu
+CRIU_MIN_MAJOR=4
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+RUN_DEMO=0
+for arg in "$@"; do
+  case "$arg" in
+    --demo) RUN_DEMO=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "setup: $*" >&2; }
+die() { echo "setup: error: $*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (CRIU, runc and Docker need it)"
+command -v apt-get >/dev/null || die "this script needs a Debian-based system (apt-get)"
+
+# Packages: runc and iptables (CRIU's network lock) for containers,
+# protobuf-compiler for the etcd client crate, docker.io/podman/etcd for the
+# container and HA suites, busybox-static for scratch test images, zstd for
+# the compression benchmark, iproute2 for namespace "hosts".
+PACKAGES=(runc iptables protobuf-compiler pkg-config docker.io podman etcd-server etcd-client
+          busybox-static zstd iproute2 procps psmisc ca-certificates curl)
+export DEBIAN_FRONTEND=noninteractive
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+criu_works() {
+  command -v criu >/dev/null 2>&1 || return 1
+  local v
+  v=$(criu --version 2>/dev/null | sed -n 's/^Version: \([0-9]*\)\..*/\1/p')
+  [ -n "$v" ] && [ "$v" -ge "$CRIU_MIN_MAJOR" ] || return 1
+  criu check >/dev/null 2>&1
+}
+
+multiarch() {
+  case "$(dpkg --print-architecture)" in
+    amd64) echo "x86_64-linux-gnu ld-linux-x86-64.so.2" ;;
+    arm64) echo "aarch64-linux-gnu ld-linux-aarch64.so.1" ;;
+    *) die "no CRIU recipe for architecture $(dpkg --print-architecture)" ;;
+  esac
+}
+
+install_criu_from_trixie() {
+  local work uri triplet loader closure
+  read -r triplet loader < <(multiarch)
+  work=$(mktemp -d /tmp/ferry-criu.XXXXXX)
+  trap 'rm -rf "$work"' RETURN
+  uri=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uri" ] || die "cannot find a Debian archive URI in this machine's apt sources"
+  mkdir -p "$work/lists/partial" "$work/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$work/sources.list"
+  local apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=-"
+                  -o "Dir::State::Lists=$work/lists" -o "APT::Sandbox::User=root")
+  log "fetching CRIU from Debian 13 (trixie) at $uri"
+  apt-get "${apt_opts[@]}" update -q >/dev/null
+  closure=$(apt-cache "${apt_opts[@]}" depends --recurse --no-recommends --no-suggests \
+      --no-conflicts --no-breaks --no-replaces --no-enhances --no-pre-depends criu \
+      | grep -v '^ ' | grep -v '<' | sort -u)
+  (cd "$work/debs" && apt-get "${apt_opts[@]}" download $closure >/dev/null)
+  rm -rf "$PREFIX.new"
+  mkdir -p "$PREFIX.new"
+  for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$PREFIX.new"; done
+  [ -x "$PREFIX.new/usr/sbin/criu" ] || die "the trixie criu package holds no usr/sbin/criu"
+  rm -rf "$PREFIX"
+  mv "$PREFIX.new" "$PREFIX"
+  cat > "$WRAPPER.new" <<WRAP
+#!/bin/sh
+# CRIU from Debian 13 in a private prefix, run with its own loader and libraries
+# (installed by ferry's scripts/setup.sh).
+exec "$PREFIX/usr/lib/$triplet/$loader" --library-path "$PREFIX/usr/lib/$triplet" "$PREFIX/usr/sbin/criu" "\$@"
+WRAP
+  chmod 755 "$WRAPPER.new"
+  mv "$WRAPPER.new" "$WRAPPER"
+}
+
+if criu_works; then
+  log "CRIU $(criu --version | sed -n 's/^Version: //p') already works: $(command -v criu)"
+else
+  candidate=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: \([0-9]*\)\..*/\1/p' | head -1)
+  if [ -n "$candidate" ] && [ "$candidate" -ge "$CRIU_MIN_MAJOR" ]; then
+    log "installing the distribution's CRIU package"
+    apt-get install -y -q --no-install-recommends criu
+  fi
+  if ! criu_works; then
+    install_criu_from_trixie
+  fi
+  criu_works || die "CRIU still does not pass 'criu check': $(criu check 2>&1 | tail -3)"
+  log "CRIU $(criu --version | sed -n 's/^Version: //p') installed: $(command -v criu)"
+fi
+
+# podman refuses to start containers on hosts that refuse raising rlimits.
+if [ ! -f /etc/containers/containers.conf ]; then
+  mkdir -p /etc/containers
+  printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
+fi
+
+command -v cargo >/dev/null || die "cargo (Rust) is needed to build ferry: install it with rustup"
+log "building ferry (release)"
+(cd "$REPO" && cargo build --release --workspace --bins)
+log "ferry is ready: $REPO/target/release/ferry"
+
+if [ "$RUN_DEMO" = 1 ]; then
+  exec "$REPO/target/release/ferry" demo
+fi

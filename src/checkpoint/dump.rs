@@ -1,0 +1,113 @@
+//! Dumping a process tree: pre-flight, CRIU, and clean-up after failure.
+
+use std::fs;
+use std::io::{self, ErrorKind};
+use std::path::Path;
+
+use super::{CheckpointError, TargetAfterFailure};
+use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
+use crate::image::FileClass;
+use crate::process::{self, ProcessError, ProcessInfo};
+
+/// Dumps the tree rooted at `req.pid` into `req.images_dir` (created if
+/// absent). See the module docs for what is checked and guaranteed.
+pub fn dump(
+    criu: &Criu,
+    req: &DumpRequest,
+    hooks: &mut dyn NotifyHook,
+) -> Result<DumpOutcome, CheckpointError> {
+    check_target(req.pid)?;
+    prepare_dir(&req.images_dir)?;
+    match criu.dump(req, hooks) {
+        Ok(outcome) => Ok(outcome),
+        Err(source) => {
+            let after = settle_target(req.pid);
+            remove_partial_images(&req.images_dir, &req.log_file);
+            Err(CheckpointError::DumpFailed {
+                pid: req.pid,
+                after,
+                source,
+            })
+        }
+    }
+}
+
+fn check_target(pid: i32) -> Result<(), CheckpointError> {
+    match ProcessInfo::read(pid) {
+        Ok(p) if p.is_zombie() => Err(CheckpointError::Zombie { pid, comm: p.comm }),
+        Ok(_) => Ok(()),
+        Err(ProcessError::NotFound { .. }) => Err(CheckpointError::NoSuchProcess { pid }),
+        // /proc unreadable for another reason: let CRIU report it.
+        Err(_) => Ok(()),
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
+    let not_writable = |source| CheckpointError::DirNotWritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Err(CheckpointError::NotADirectory {
+                path: dir.to_path_buf(),
+            })
+        }
+        Ok(_) => {
+            let entries = fs::read_dir(dir).map_err(not_writable)?.count();
+            if entries > 0 {
+                return Err(CheckpointError::DirNotEmpty {
+                    path: dir.to_path_buf(),
+                    entries,
+                });
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(not_writable)?;
+        }
+        Err(e) => return Err(not_writable(e)),
+    }
+    // Root ignores permission bits; a read-only mount or immutable directory
+    // still refuses, so try for real.
+    let probe = dir.join(".ferry-write-test");
+    fs::write(&probe, b"").map_err(not_writable)?;
+    fs::remove_file(&probe).map_err(not_writable)?;
+    Ok(())
+}
+
+/// After a failed dump: make sure nothing of the tree is left stopped.
+fn settle_target(pid: i32) -> TargetAfterFailure {
+    if !process::is_alive(pid) {
+        return TargetAfterFailure::Gone;
+    }
+    let resumed = process::resume_stopped(pid);
+    if resumed.is_empty() {
+        TargetAfterFailure::Running
+    } else {
+        TargetAfterFailure::Resumed(resumed)
+    }
+}
+
+/// Removes what a failed dump wrote, except CRIU's log.
+fn remove_partial_images(dir: &Path, log_file: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_log = name == log_file || crate::image::dir::classify_name(&name) == FileClass::Log;
+        if !is_log {
+            if let Err(e) = remove(&entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove partial image");
+            }
+        }
+    }
+}
+
+fn remove(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}

@@ -1,0 +1,106 @@
+//! Checkpoint and restore of a process tree, with the guarantees ferry gives
+//! around CRIU's own work:
+//! - before a dump: the target exists and the images directory is usable
+//!   (absent or empty, writable), so CRIU never starts on a doomed dump;
+//! - after a failed dump: the tree is not left stopped (CRIU resumes it;
+//!   ferry checks and sends SIGCONT to anything still stopped), and the
+//!   partial images are removed so that only CRIU's log remains: a failed
+//!   dump can never be taken for a checkpoint;
+//! - before a restore: the images directory is complete and consistent
+//!   (see [`crate::image::ImagesDir::validate`]) and the pids it needs are free.
+
+#![forbid(unsafe_code)]
+
+mod dump;
+mod restore;
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::criu::CriuError;
+use crate::image::ImageError;
+
+pub use dump::dump;
+pub use restore::restore;
+
+/// What became of the dump target after a failed dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetAfterFailure {
+    /// It runs, as before.
+    Running,
+    /// It was found stopped and ferry resumed these pids.
+    Resumed(Vec<i32>),
+    /// It no longer exists (it exited, or it never did).
+    Gone,
+}
+
+impl std::fmt::Display for TargetAfterFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetAfterFailure::Running => f.write_str("the process tree is still running"),
+            TargetAfterFailure::Resumed(pids) => {
+                write!(
+                    f,
+                    "ferry resumed stopped processes {pids:?}; the tree is running"
+                )
+            }
+            TargetAfterFailure::Gone => f.write_str("the process no longer exists"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("no process with pid {pid} to dump")]
+    NoSuchProcess { pid: i32 },
+    #[error("pid {pid} is a zombie ({comm}): nothing left to dump")]
+    Zombie { pid: i32, comm: String },
+    #[error("images directory {} is not empty ({entries} entries): dump into a new or empty directory", path.display())]
+    DirNotEmpty { path: PathBuf, entries: usize },
+    #[error("images directory {} exists but is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("images directory {} is not writable", path.display())]
+    DirNotWritable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("dump of pid {pid} failed; {after}; partial images removed, CRIU's log kept")]
+    DumpFailed {
+        pid: i32,
+        after: TargetAfterFailure,
+        #[source]
+        source: CriuError,
+    },
+    #[error("images in {} cannot be restored", path.display())]
+    BadImages {
+        path: PathBuf,
+        #[source]
+        source: ImageError,
+    },
+    #[error("pid {pid} needed by the restore is in use by '{holder}'{}", hint)]
+    PidInUse {
+        pid: u32,
+        holder: String,
+        hint: &'static str,
+    },
+    #[error("restore from {} failed", path.display())]
+    RestoreFailed {
+        path: PathBuf,
+        #[source]
+        source: CriuError,
+    },
+    #[error("CRIU reported pid {pid} restored but it is not running")]
+    RestoredNotRunning { pid: i32 },
+}
+
+impl CheckpointError {
+    /// The CRIU failure underneath, if there is one (for its log lines).
+    pub fn criu(&self) -> Option<&CriuError> {
+        match self {
+            CheckpointError::DumpFailed { source, .. }
+            | CheckpointError::RestoreFailed { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

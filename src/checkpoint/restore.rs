@@ -1,0 +1,64 @@
+//! Restoring a process tree: validate the images, check the pids, restore.
+
+use std::time::Duration;
+
+use super::CheckpointError;
+use crate::criu::{Criu, NotifyHook, RestoreOutcome, RestoreRequest};
+use crate::image::ImagesDir;
+use crate::process::{self, ProcessInfo};
+
+/// How long a restore waits for a pid held by a zombie to be reaped. PID 1
+/// of some hosts reaps adopted children only after ~2 s.
+const ZOMBIE_REAP_WAIT: Duration = Duration::from_secs(4);
+
+/// Restores the tree in `req.images_dir`; the restored root is detached from
+/// ferry (reparented away once CRIU exits).
+pub fn restore(
+    criu: &Criu,
+    req: &RestoreRequest,
+    hooks: &mut dyn NotifyHook,
+) -> Result<RestoreOutcome, CheckpointError> {
+    let bad = |source| CheckpointError::BadImages {
+        path: req.images_dir.clone(),
+        source,
+    };
+    let validated = ImagesDir::open(&req.images_dir)
+        .and_then(|d| d.validate())
+        .map_err(bad)?;
+    for entry in &validated.tree {
+        let mut ids = entry.threads.clone();
+        ids.push(entry.pid);
+        for id in ids {
+            check_pid_free(id)?;
+        }
+    }
+    let outcome = criu
+        .restore(req, hooks)
+        .map_err(|source| CheckpointError::RestoreFailed {
+            path: req.images_dir.clone(),
+            source,
+        })?;
+    if !process::is_alive(outcome.pid) {
+        return Err(CheckpointError::RestoredNotRunning { pid: outcome.pid });
+    }
+    Ok(outcome)
+}
+
+fn check_pid_free(pid: u32) -> Result<(), CheckpointError> {
+    let Ok(holder) = ProcessInfo::read(pid as i32) else {
+        return Ok(());
+    };
+    if holder.is_zombie() && process::wait_pid_free(pid as i32, ZOMBIE_REAP_WAIT) {
+        return Ok(());
+    }
+    let hint = if holder.is_zombie() {
+        " (a zombie its parent has not reaped)"
+    } else {
+        " (is the dumped process still running here? stop it, or restore on another host)"
+    };
+    Err(CheckpointError::PidInUse {
+        pid,
+        holder: holder.comm,
+        hint,
+    })
+}

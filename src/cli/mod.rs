@@ -1,0 +1,191 @@
+//! The command-line contract: flags, output and exit codes.
+//!
+//! Flags are parsed with no side effects (clap), then each command runs from
+//! its own file. Every report has a human form (default) and a stable JSON
+//! form (`--json`, with a `format_version`). Logs go to stderr through
+//! `tracing`, set up by the binary.
+//!
+//! Exit codes:
+//! - 0 ([`exit::OK`]): success;
+//! - 1 ([`exit::FAILED`]): the operation failed (the message says why);
+//! - 2 ([`exit::USAGE`]): bad command line (from clap);
+//! - 3 ([`exit::HOST_NOT_READY`]): `ferry check` found CRIU unusable.
+
+#![forbid(unsafe_code)]
+
+mod check;
+mod demo;
+mod dump;
+mod inspect;
+mod restore;
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::checkpoint::CheckpointError;
+use crate::criu::{Criu, CriuError};
+use crate::inspect::InspectError;
+
+pub use demo::DemoError;
+
+/// Exit statuses of the `ferry` binary.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILED: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const HOST_NOT_READY: u8 = 3;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Checkpoint, migrate and keep alive running Linux applications with CRIU",
+    after_help = "Exit status: 0 success, 1 operation failed, 2 usage error, 3 host not ready (check)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// CRIU binary, run as `criu swrk` (default: `criu` on PATH).
+    #[arg(long, global = true, env = "FERRY_CRIU", value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+    /// Use a running `criu service --address SOCKET` instead of spawning CRIU.
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub criu_service: Option<PathBuf>,
+    /// Log more on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+impl GlobalArgs {
+    fn criu(&self) -> Result<Criu, CriuError> {
+        Criu::locate(self.criu.as_deref(), self.criu_service.as_deref())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Report what this host can do: CRIU, kernel features, engines, NVML.
+    Check(check::CheckArgs),
+    /// Checkpoint a process tree into an images directory.
+    Dump(dump::DumpArgs),
+    /// Restore a process tree from an images directory.
+    Restore(restore::RestoreArgs),
+    /// Report what a dump is made of (process tree, pages, files, CRIU stats).
+    Inspect(inspect::InspectArgs),
+    /// Run the bundled workload, checkpoint it, restore it and show it continued.
+    Demo(demo::DemoArgs),
+}
+
+/// Flags shared by dump and restore, named as criu and runc name them.
+#[derive(Debug, Clone, Args)]
+pub struct CriuFlags {
+    /// Checkpoint/restore established TCP connections.
+    #[arg(long)]
+    pub tcp_established: bool,
+    /// Allow a tree attached to a terminal / outside its own session.
+    #[arg(long)]
+    pub shell_job: bool,
+    /// Allow external unix socket connections.
+    #[arg(long)]
+    pub ext_unix_sk: bool,
+    /// Checkpoint/restore file locks.
+    #[arg(long)]
+    pub file_locks: bool,
+    /// CRIU log verbosity, 0 (none) to 4 (debug).
+    #[arg(long, default_value_t = crate::criu::DEFAULT_LOG_LEVEL, value_parser = clap::value_parser!(u8).range(0..=4))]
+    pub log_level: u8,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Demo(#[from] DemoError),
+    #[error("cannot write output")]
+    Output(#[from] io::Error),
+    #[error("cannot encode JSON output")]
+    Json(#[from] serde_json::Error),
+}
+
+impl CliError {
+    /// CRIU's log lines and log path behind this error, when CRIU failed.
+    pub fn criu_failure(&self) -> Option<&CriuError> {
+        match self {
+            CliError::Criu(e) => Some(e),
+            CliError::Checkpoint(e) => e.criu(),
+            CliError::Demo(e) => e.criu(),
+            _ => None,
+        }
+    }
+}
+
+/// Runs a parsed command line; returns the exit status.
+pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+    match &cli.command {
+        Command::Check(a) => check::run(&cli.global, a, out),
+        Command::Dump(a) => dump::run(&cli.global, a, out),
+        Command::Restore(a) => restore::run(&cli.global, a, out),
+        Command::Inspect(a) => inspect::run(a, out),
+        Command::Demo(a) => demo::run(&cli.global, a, out),
+    }
+}
+
+fn write_json(out: &mut dyn Write, value: &impl serde::Serialize) -> Result<(), CliError> {
+    serde_json::to_writer_pretty(&mut *out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_criu_style_flags() {
+        let cli = Cli::try_parse_from([
+            "ferry",
+            "dump",
+            "-t",
+            "42",
+            "-D",
+            "/tmp/x",
+            "--leave-running",
+            "--tcp-established",
+            "--log-level",
+            "4",
+        ])
+        .unwrap();
+        let Command::Dump(d) = cli.command else {
+            panic!("not a dump")
+        };
+        assert_eq!(d.pid, 42);
+        assert!(d.leave_running);
+        assert!(d.flags.tcp_established);
+        assert_eq!(d.flags.log_level, 4);
+    }
+
+    #[test]
+    fn refuses_bad_log_level() {
+        assert!(Cli::try_parse_from(["ferry", "restore", "-D", "/x", "--log-level", "9"]).is_err());
+    }
+}

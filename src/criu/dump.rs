@@ -1,0 +1,115 @@
+//! The DUMP request: checkpoint a process tree into an images directory.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criu_proto as pb;
+
+use super::notify::Timeline;
+use super::{Criu, CriuError, NotifyHook, RequestKind};
+use crate::image::DumpStats;
+
+/// What to dump and how. Flag names follow criu's and runc's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpRequest {
+    /// Root of the tree to dump.
+    pub pid: i32,
+    pub images_dir: PathBuf,
+    /// Resume the tree after the dump instead of killing it.
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub shell_job: bool,
+    pub ext_unix_sk: bool,
+    pub file_locks: bool,
+    /// CRIU log verbosity, 0 (none) to 4 (debug).
+    pub log_level: u8,
+    /// Log file name, inside `images_dir`.
+    pub log_file: String,
+}
+
+impl DumpRequest {
+    /// A stop-mode dump of `pid` into `images_dir` with CRIU's defaults.
+    pub fn new(pid: i32, images_dir: impl Into<PathBuf>) -> Self {
+        DumpRequest {
+            pid,
+            images_dir: images_dir.into(),
+            leave_running: false,
+            tcp_established: false,
+            shell_job: false,
+            ext_unix_sk: false,
+            file_locks: false,
+            log_level: DEFAULT_LOG_LEVEL,
+            log_file: "dump.log".into(),
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.images_dir.join(&self.log_file)
+    }
+}
+
+/// CRIU's own default verbosity (errors and warnings).
+pub const DEFAULT_LOG_LEVEL: u8 = 2;
+
+/// A successful dump.
+#[derive(Debug, Clone)]
+pub struct DumpOutcome {
+    /// From sending the request to CRIU's answer, as ferry measured it.
+    pub wall: Duration,
+    /// CRIU's `stats-dump` (freeze, frozen, memdump, memwrite, pages).
+    pub stats: Option<DumpStats>,
+    pub timeline: Timeline,
+    pub log: PathBuf,
+}
+
+impl Criu {
+    /// Dumps the tree rooted at `req.pid`. On failure CRIU resumes the tree.
+    pub fn dump(
+        &self,
+        req: &DumpRequest,
+        hooks: &mut dyn NotifyHook,
+    ) -> Result<DumpOutcome, CriuError> {
+        let dir = File::open(&req.images_dir).map_err(|source| CriuError::ImagesDir {
+            path: req.images_dir.clone(),
+            source,
+        })?;
+        let opts = pb::CriuOpts {
+            images_dir_fd: dir.as_raw_fd(),
+            pid: Some(req.pid),
+            leave_running: Some(req.leave_running),
+            tcp_established: Some(req.tcp_established),
+            shell_job: Some(req.shell_job),
+            ext_unix_sk: Some(req.ext_unix_sk),
+            file_locks: Some(req.file_locks),
+            log_level: Some(i32::from(req.log_level)),
+            log_file: Some(req.log_file.clone()),
+            notify_scripts: Some(true),
+            ..Default::default()
+        };
+        let msg = pb::CriuReq {
+            r#type: pb::CriuReqType::Dump as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+        let log = req.log_path();
+        let start = Instant::now();
+        let exchange = self
+            .connect()?
+            .request(RequestKind::Dump, msg, hooks, Some(&log))?;
+        let wall = start.elapsed();
+        drop(dir);
+        // CRIU always writes stats-dump after a successful dump; a missing or
+        // unreadable one is reported as absent rather than failing the dump.
+        let stats = DumpStats::read(&req.images_dir.join("stats-dump"))
+            .ok()
+            .flatten();
+        Ok(DumpOutcome {
+            wall,
+            stats,
+            timeline: exchange.timeline,
+            log,
+        })
+    }
+}

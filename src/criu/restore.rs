@@ -1,0 +1,111 @@
+//! The RESTORE request: bring a dumped tree back to life.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use criu_proto as pb;
+
+use super::dump::DEFAULT_LOG_LEVEL;
+use super::notify::Timeline;
+use super::{Criu, CriuError, NotifyHook, RequestKind};
+use crate::image::RestoreStats;
+
+/// What to restore and how. Flag names follow criu's and runc's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreRequest {
+    pub images_dir: PathBuf,
+    pub tcp_established: bool,
+    pub shell_job: bool,
+    pub ext_unix_sk: bool,
+    pub file_locks: bool,
+    pub log_level: u8,
+    /// Log file name, inside `images_dir`.
+    pub log_file: String,
+}
+
+impl RestoreRequest {
+    pub fn new(images_dir: impl Into<PathBuf>) -> Self {
+        RestoreRequest {
+            images_dir: images_dir.into(),
+            tcp_established: false,
+            shell_job: false,
+            ext_unix_sk: false,
+            file_locks: false,
+            log_level: DEFAULT_LOG_LEVEL,
+            log_file: "restore.log".into(),
+        }
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.images_dir.join(&self.log_file)
+    }
+}
+
+/// A successful restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOutcome {
+    /// Pid of the restored tree's root. CRIU restores it detached: once the
+    /// request completes it is no child of ferry's.
+    pub pid: i32,
+    pub wall: Duration,
+    pub stats: Option<RestoreStats>,
+    pub timeline: Timeline,
+    pub log: PathBuf,
+}
+
+impl Criu {
+    /// Restores the tree dumped in `req.images_dir`.
+    pub fn restore(
+        &self,
+        req: &RestoreRequest,
+        hooks: &mut dyn NotifyHook,
+    ) -> Result<RestoreOutcome, CriuError> {
+        let dir = File::open(&req.images_dir).map_err(|source| CriuError::ImagesDir {
+            path: req.images_dir.clone(),
+            source,
+        })?;
+        let opts = pb::CriuOpts {
+            images_dir_fd: dir.as_raw_fd(),
+            tcp_established: Some(req.tcp_established),
+            shell_job: Some(req.shell_job),
+            ext_unix_sk: Some(req.ext_unix_sk),
+            file_locks: Some(req.file_locks),
+            log_level: Some(i32::from(req.log_level)),
+            log_file: Some(req.log_file.clone()),
+            notify_scripts: Some(true),
+            ..Default::default()
+        };
+        let msg = pb::CriuReq {
+            r#type: pb::CriuReqType::Restore as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+        let log = req.log_path();
+        let start = Instant::now();
+        let mut conn = self.connect()?;
+        let exchange = conn.request(RequestKind::Restore, msg, hooks, Some(&log))?;
+        let wall = start.elapsed();
+        // Let the swrk child exit now, so the restored tree is reparented away
+        // from it before the caller looks at it.
+        drop(conn);
+        drop(dir);
+        let pid = exchange.response.restore.map(|r| r.pid).ok_or_else(|| {
+            CriuError::UnexpectedResponse {
+                request: RequestKind::Restore,
+                got: "RESTORE response without a pid".into(),
+            }
+        })?;
+        let stats = RestoreStats::read(&req.images_dir.join("stats-restore"))
+            .ok()
+            .flatten();
+        Ok(RestoreOutcome {
+            pid,
+            wall,
+            stats,
+            timeline: exchange.timeline,
+            log,
+        })
+    }
+}

@@ -1,0 +1,219 @@
+//! `pagemap-<pid>.img` / `pagemap-shmem-<id>.img`: which virtual pages a dump
+//! holds and where their contents are (the pages file, the parent dump, or
+//! the lazy-pages server).
+
+use std::path::Path;
+
+use criu_proto as pb;
+
+use super::framing::{self, PAGEMAP};
+use super::{ImageError, Problem};
+use crate::PAGE_SIZE;
+
+/// Pages are in the parent snapshot (`--prev-images-dir` / `parent_img`).
+pub const PE_PARENT: u32 = 1 << 0;
+/// Pages may be restored lazily (post-copy).
+pub const PE_LAZY: u32 = 1 << 1;
+/// Pages are stored in this dump's `pages-<id>.img`.
+pub const PE_PRESENT: u32 = 1 << 2;
+
+/// A run of consecutive pages in one pagemap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRange {
+    pub vaddr: u64,
+    pub nr_pages: u32,
+    pub flags: u32,
+}
+
+impl PageRange {
+    /// Stored in this dump's pages file.
+    pub fn is_present(&self) -> bool {
+        self.flags & PE_PRESENT != 0
+    }
+    pub fn is_in_parent(&self) -> bool {
+        self.flags & PE_PARENT != 0
+    }
+    pub fn is_lazy(&self) -> bool {
+        self.flags & PE_LAZY != 0
+    }
+    pub fn bytes(&self) -> u64 {
+        u64::from(self.nr_pages) * PAGE_SIZE as u64
+    }
+}
+
+/// A decoded, validated pagemap image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pagemap {
+    /// Which `pages-<id>.img` holds the present pages.
+    pub pages_id: u32,
+    pub ranges: Vec<PageRange>,
+}
+
+impl Pagemap {
+    /// Decodes and validates a pagemap image held in memory.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Pagemap, ImageError> {
+        let body = framing::body(path, bytes, PAGEMAP)?;
+        let entries = framing::entries(path, body, 8)?;
+        let Some(((head_at, head), rest)) = entries.split_first() else {
+            return Err(ImageError::EntryCount {
+                path: path.to_path_buf(),
+                message: "pagemap_head",
+                found: 0,
+            });
+        };
+        let head: pb::PagemapHead = framing::decode_at(path, *head_at, head, "pagemap_head")?;
+        let mut ranges = Vec::with_capacity(rest.len());
+        for (offset, payload) in rest {
+            let e: pb::PagemapEntry = framing::decode_at(path, *offset, payload, "pagemap_entry")?;
+            let flags = match e.flags {
+                Some(f) => f,
+                // Images older than the flags field: in_parent or present.
+                None if e.in_parent.unwrap_or(false) => PE_PARENT,
+                None => PE_PRESENT,
+            };
+            ranges.push(PageRange {
+                vaddr: e.vaddr,
+                nr_pages: e.nr_pages,
+                flags,
+            });
+        }
+        validate(&ranges).map_err(|problem| ImageError::Inconsistent {
+            path: path.to_path_buf(),
+            problem,
+        })?;
+        Ok(Pagemap {
+            pages_id: head.pages_id,
+            ranges,
+        })
+    }
+
+    pub fn read(path: &Path) -> Result<Pagemap, ImageError> {
+        let bytes = std::fs::read(path).map_err(|e| ImageError::io(path, e))?;
+        Pagemap::parse(path, &bytes)
+    }
+
+    /// Pages whose contents are in this dump's pages file.
+    pub fn present_pages(&self) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.is_present())
+            .map(|r| u64::from(r.nr_pages))
+            .sum()
+    }
+
+    /// Pages whose contents are in the parent dump.
+    pub fn parent_pages(&self) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.is_in_parent())
+            .map(|r| u64::from(r.nr_pages))
+            .sum()
+    }
+
+    /// Pages marked for lazy restore.
+    pub fn lazy_pages(&self) -> u64 {
+        self.ranges
+            .iter()
+            .filter(|r| r.is_lazy())
+            .map(|r| u64::from(r.nr_pages))
+            .sum()
+    }
+}
+
+fn validate(ranges: &[PageRange]) -> Result<(), Problem> {
+    let mut prev_end = 0u64;
+    for (index, r) in ranges.iter().enumerate() {
+        let vaddr = r.vaddr;
+        if vaddr % PAGE_SIZE as u64 != 0 {
+            return Err(Problem::UnalignedRange { index, vaddr });
+        }
+        if r.nr_pages == 0 {
+            return Err(Problem::EmptyRange { index, vaddr });
+        }
+        let end = vaddr
+            .checked_add(r.bytes())
+            .ok_or(Problem::RangeOverflow { index, vaddr })?;
+        if index > 0 && vaddr < prev_end {
+            return Err(Problem::UnorderedRange { index, vaddr });
+        }
+        prev_end = end;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use prost::Message;
+    use std::path::PathBuf;
+
+    /// Builds a pagemap image the way CRIU frames one.
+    pub(crate) fn image(pages_id: u32, ranges: &[(u64, u32, u32)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&framing::IMG_COMMON_MAGIC.to_le_bytes());
+        out.extend_from_slice(&framing::PAGEMAP_MAGIC.to_le_bytes());
+        let mut push = |payload: Vec<u8>| {
+            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(&payload);
+        };
+        push(pb::PagemapHead { pages_id }.encode_to_vec());
+        for &(vaddr, nr_pages, flags) in ranges {
+            push(
+                pb::PagemapEntry {
+                    vaddr,
+                    nr_pages,
+                    in_parent: None,
+                    flags: Some(flags),
+                }
+                .encode_to_vec(),
+            );
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_ranges_and_counts() {
+        let p = PathBuf::from("pagemap-1.img");
+        let bytes = image(
+            3,
+            &[
+                (0x1000, 4, PE_PRESENT),
+                (0x10000, 2, PE_PARENT),
+                (0x20000, 8, PE_PRESENT | PE_LAZY),
+            ],
+        );
+        let pm = Pagemap::parse(&p, &bytes).unwrap();
+        assert_eq!(pm.pages_id, 3);
+        assert_eq!(pm.present_pages(), 12);
+        assert_eq!(pm.parent_pages(), 2);
+        assert_eq!(pm.lazy_pages(), 8);
+    }
+
+    #[test]
+    fn refuses_unaligned_and_overlapping() {
+        let p = PathBuf::from("pagemap-1.img");
+        let err = Pagemap::parse(&p, &image(1, &[(0x1001, 1, PE_PRESENT)])).unwrap_err();
+        assert!(err.to_string().contains("not page aligned"), "{err}");
+        let err = Pagemap::parse(
+            &p,
+            &image(1, &[(0x1000, 4, PE_PRESENT), (0x2000, 1, PE_PRESENT)]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
+        let err = Pagemap::parse(&p, &image(1, &[(0x1000, 0, PE_PRESENT)])).unwrap_err();
+        assert!(err.to_string().contains("no pages"), "{err}");
+    }
+
+    #[test]
+    fn refuses_missing_head() {
+        let p = PathBuf::from("pagemap-1.img");
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&framing::IMG_COMMON_MAGIC.to_le_bytes());
+        bytes.extend_from_slice(&framing::PAGEMAP_MAGIC.to_le_bytes());
+        let err = Pagemap::parse(&p, &bytes).unwrap_err();
+        assert!(
+            matches!(err, ImageError::EntryCount { found: 0, .. }),
+            "{err}"
+        );
+    }
+}

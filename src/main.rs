@@ -1,0 +1,48 @@
+//! The `ferry` binary: parse the command line, set up logging, run, map the
+//! outcome to an exit status. Everything else lives in the library.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry::cli::{self, exit, Cli};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default = match cli.global.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = cli::run(&cli, &mut out);
+    let _ = out.flush();
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let mut err = anyhow::Error::new(e);
+            let criu_lines: Vec<String>;
+            {
+                let cli_err = err.downcast_ref::<cli::CliError>();
+                criu_lines = cli_err
+                    .and_then(|e| e.criu_failure())
+                    .map(|c| c.log_errors().to_vec())
+                    .unwrap_or_default();
+            }
+            err = err.context("ferry failed");
+            eprintln!("error: {err:#}");
+            for line in criu_lines {
+                eprintln!("  criu: {line}");
+            }
+            ExitCode::from(exit::FAILED)
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Every direct syscall ferry makes and every `unsafe` block in the crate.
+//!
+//! The rest of ferry is `#![forbid(unsafe_code)]`-clean: it reaches the kernel
+//! through safe crates (nix, memmap2, std) or through the small, documented
+//! functions here. Each `unsafe` block carries a `// SAFETY:` comment.
+
+pub mod kernel;
+pub mod mmap;
+pub mod seqpacket;
+
+pub use seqpacket::{Packet, SeqPacket};
