@@ -28,17 +28,11 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let mut err = anyhow::Error::new(e);
-            let criu_lines: Vec<String>;
-            {
-                let cli_err = err.downcast_ref::<cli::CliError>();
-                criu_lines = cli_err
-                    .and_then(|e| e.criu_failure())
-                    .map(|c| c.log_errors().to_vec())
-                    .unwrap_or_default();
-            }
-            err = err.context("ferry failed");
-            eprintln!("error: {err:#}");
+            let criu_lines = e
+                .criu_failure()
+                .map(|c| c.log_errors().to_vec())
+                .unwrap_or_default();
+            eprintln!("error: {:#}", anyhow::Error::new(e));
             for line in criu_lines {
                 eprintln!("  criu: {line}");
             }

@@ -86,10 +86,19 @@ impl Connection {
     ) -> Result<Exchange, CriuError> {
         let start = Instant::now();
         let want = req.r#type;
-        self.send(kind, &req)?;
+        match self.send(kind, &req) {
+            Err(CriuError::Transport { source, .. }) if is_disconnect(&source) => {
+                return Err(self.died(kind, log));
+            }
+            other => other?,
+        }
         let mut timeline = Timeline::default();
         loop {
-            let Some((resp, fds)) = self.recv(kind)? else {
+            let received = match self.recv(kind) {
+                Err(CriuError::Transport { source, .. }) if is_disconnect(&source) => None,
+                other => other?,
+            };
+            let Some((resp, fds)) = received else {
                 return Err(self.died(kind, log));
             };
             if resp.r#type == pb::CriuReqType::Notify as i32 {
@@ -205,6 +214,14 @@ impl Connection {
             log_errors: log.map(log_errors).unwrap_or_default(),
         }
     }
+}
+
+/// The peer went away (CRIU exited or crashed) rather than misbehaving.
+fn is_disconnect(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
 }
 
 impl Drop for Connection {

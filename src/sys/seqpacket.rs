@@ -155,3 +155,45 @@ fn owned_fd_from_scm_rights(fd: RawFd) -> OwnedFd {
     // SCM_RIGHTS message; nothing else owns it, so taking ownership is sound.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn large_datagrams_arrive_whole() {
+        let (a, b) = SeqPacket::pair().unwrap();
+        let big: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        a.send(&big, &[]).unwrap();
+        a.send(b"small", &[]).unwrap();
+        let p = b.recv().unwrap().unwrap();
+        assert_eq!(p.data, big);
+        assert!(p.fds.is_empty());
+        assert_eq!(b.recv().unwrap().unwrap().data, b"small");
+    }
+
+    #[test]
+    fn descriptors_travel_with_the_message() {
+        let (a, b) = SeqPacket::pair().unwrap();
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        a.send(b"fd", &[writer.as_fd()]).unwrap();
+        drop(writer);
+        let mut p = b.recv().unwrap().unwrap();
+        assert_eq!(p.data, b"fd");
+        assert_eq!(p.fds.len(), 1);
+        let mut received = std::fs::File::from(p.fds.remove(0));
+        received.write_all(b"through the passed fd").unwrap();
+        drop(received);
+        let mut s = String::new();
+        reader.read_to_string(&mut s).unwrap();
+        assert_eq!(s, "through the passed fd");
+    }
+
+    #[test]
+    fn closed_peer_reads_as_none() {
+        let (a, b) = SeqPacket::pair().unwrap();
+        drop(a);
+        assert!(b.recv().unwrap().is_none());
+    }
+}

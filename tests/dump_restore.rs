@@ -1,0 +1,155 @@
+//! Dump and restore of the bundled workload with the real CRIU.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferry::workload::{Launch, Workload};
+
+#[test]
+fn stop_mode_dump_then_restore_continues_the_counter() {
+    require_criu();
+    let dir = scratch("stop");
+    let mut w = start_workload(dir.path(), 32);
+    let pid = w.pid();
+    let before = w.wait_counter_above(100, CONTINUE).unwrap().counter;
+    let dumped = ferry(["dump", "--json", "-t", &pid.to_string(), "-D"])
+        .arg(&images(dir.path()))
+        .json();
+    assert_eq!(dumped["pid"], pid);
+    assert!(
+        dumped["criu_stats"]["frozen"].as_u64().unwrap() > 0,
+        "{dumped}"
+    );
+    assert!(
+        w.reap(Duration::from_secs(10)).unwrap(),
+        "stop-mode dump left pid {pid} running"
+    );
+    let at_dump = w.report().unwrap().counter;
+    assert!(at_dump >= before);
+
+    let restored = ferry(["restore", "--json", "-D"])
+        .arg(&images(dir.path()))
+        .json();
+    let new_pid = restored["pid"].as_i64().unwrap() as i32;
+    assert_eq!(new_pid, pid, "CRIU restores the tree with its pid");
+    let w = Workload::adopt(new_pid, w.report_path());
+    let after = w.wait_counter_above(at_dump + 100, CONTINUE).unwrap();
+    assert!(
+        after.counter > at_dump,
+        "counter went from {at_dump} to {}",
+        after.counter
+    );
+    let verified = w.verify_memory(CONTINUE).unwrap();
+    assert!(verified.mem_ok, "restored memory differs from the original");
+    assert!(verified.counter >= at_dump, "counter restarted");
+    assert_counting(&w);
+}
+
+#[test]
+fn leave_running_keeps_the_original_and_restores_after_it_stops() {
+    require_criu();
+    let dir = scratch("leave-running");
+    let mut w = start_workload(dir.path(), 16);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let out = ferry(["dump", "--leave-running", "-t", &pid.to_string(), "-D"])
+        .arg(&images(dir.path()))
+        .ok();
+    assert!(out.contains("left running"), "{out}");
+    assert_counting(&w);
+    // Let the original run well past the dump, then stop it.
+    let ran_on = w
+        .wait_counter_above(before + 1000, CONTINUE)
+        .unwrap()
+        .counter;
+    w.stop(Duration::from_secs(5));
+    assert!(!w.is_alive());
+    let last = w.report().unwrap().counter;
+    assert!(last >= ran_on);
+
+    let restored = ferry(["restore", "--json", "-D"])
+        .arg(&images(dir.path()))
+        .json();
+    let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
+    // The restored copy resumes from the dump's state: below the original's
+    // last value, at or above the value read before the dump.
+    let first = ferry::workload::Report::wait_for(w.report_path(), CONTINUE, |r| r.counter < last)
+        .unwrap()
+        .counter;
+    assert!(
+        first >= before,
+        "restored counter {first} is older than the dump ({before})"
+    );
+    let verified = w.verify_memory(CONTINUE).unwrap();
+    assert!(verified.mem_ok);
+    assert_counting(&w);
+}
+
+#[test]
+fn a_tree_with_children_comes_back_whole() {
+    require_criu();
+    let dir = scratch("tree");
+    let mut launch = Launch::new(WORKLOAD, 8, dir.path().join("report"));
+    launch.children = 2;
+    let mut w = start_with(launch);
+    let kids = w.report().unwrap().children;
+    assert_eq!(kids.len(), 2);
+    ferry(["dump", "-t", &w.pid().to_string(), "-D"])
+        .arg(&images(dir.path()))
+        .ok();
+    assert!(w.reap(Duration::from_secs(10)).unwrap());
+    for k in &kids {
+        assert!(
+            ferry::process::wait_pid_free(*k as i32, Duration::from_secs(10)),
+            "child {k} left behind"
+        );
+    }
+    let report = ferry(["inspect", "--json"]).arg(&images(dir.path())).json();
+    let procs = report["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 3, "{report}");
+    assert!(
+        procs.iter().all(|p| p["comm"] == "ferry-workload"),
+        "{report}"
+    );
+
+    let restored = ferry(["restore", "--json", "-D"])
+        .arg(&images(dir.path()))
+        .json();
+    let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
+    assert_counting(&w);
+    for k in &kids {
+        assert!(
+            ferry::process::is_alive(*k as i32),
+            "child {k} not restored"
+        );
+    }
+    let tree = ferry::process::tree(w.pid()).unwrap();
+    assert_eq!(tree.len(), 3, "{tree:?}");
+}
+
+#[test]
+fn restore_prints_the_pid_and_writes_a_pidfile() {
+    require_criu();
+    let dir = scratch("pidfile");
+    let mut w = start_workload(dir.path(), 4);
+    ferry(["dump", "-t", &w.pid().to_string(), "-D"])
+        .arg(&images(dir.path()))
+        .ok();
+    assert!(w.reap(Duration::from_secs(10)).unwrap());
+    let pidfile = dir.path().join("pid");
+    let out = ferry(["restore", "--pidfile"])
+        .arg(&pidfile)
+        .arg("-D")
+        .arg(&images(dir.path()))
+        .ok();
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(out.contains(&format!("Restored pid {pid}")), "{out}");
+    let w = Workload::adopt(pid, w.report_path());
+    assert_counting(&w);
+}
