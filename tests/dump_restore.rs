@@ -15,7 +15,7 @@ fn stop_mode_dump_then_restore_continues_the_counter() {
     let pid = w.pid();
     let before = w.wait_counter_above(100, CONTINUE).unwrap().counter;
     let dumped = ferry(["dump", "--json", "-t", &pid.to_string(), "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .json();
     assert_eq!(dumped["pid"], pid);
     assert!(
@@ -30,7 +30,7 @@ fn stop_mode_dump_then_restore_continues_the_counter() {
     assert!(at_dump >= before);
 
     let restored = ferry(["restore", "--json", "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .json();
     let new_pid = restored["pid"].as_i64().unwrap() as i32;
     assert_eq!(new_pid, pid, "CRIU restores the tree with its pid");
@@ -55,7 +55,7 @@ fn leave_running_keeps_the_original_and_restores_after_it_stops() {
     let pid = w.pid();
     let before = w.report().unwrap().counter;
     let out = ferry(["dump", "--leave-running", "-t", &pid.to_string(), "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .ok();
     assert!(out.contains("left running"), "{out}");
     assert_counting(&w);
@@ -70,7 +70,7 @@ fn leave_running_keeps_the_original_and_restores_after_it_stops() {
     assert!(last >= ran_on);
 
     let restored = ferry(["restore", "--json", "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .json();
     let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
     // The restored copy resumes from the dump's state: below the original's
@@ -97,7 +97,7 @@ fn a_tree_with_children_comes_back_whole() {
     let kids = w.report().unwrap().children;
     assert_eq!(kids.len(), 2);
     ferry(["dump", "-t", &w.pid().to_string(), "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .ok();
     assert!(w.reap(Duration::from_secs(10)).unwrap());
     for k in &kids {
@@ -106,7 +106,7 @@ fn a_tree_with_children_comes_back_whole() {
             "child {k} left behind"
         );
     }
-    let report = ferry(["inspect", "--json"]).arg(&images(dir.path())).json();
+    let report = ferry(["inspect", "--json"]).arg(images(dir.path())).json();
     let procs = report["processes"].as_array().unwrap();
     assert_eq!(procs.len(), 3, "{report}");
     assert!(
@@ -115,7 +115,7 @@ fn a_tree_with_children_comes_back_whole() {
     );
 
     let restored = ferry(["restore", "--json", "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .json();
     let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
     assert_counting(&w);
@@ -135,14 +135,14 @@ fn restore_prints_the_pid_and_writes_a_pidfile() {
     let dir = scratch("pidfile");
     let mut w = start_workload(dir.path(), 4);
     ferry(["dump", "-t", &w.pid().to_string(), "-D"])
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .ok();
     assert!(w.reap(Duration::from_secs(10)).unwrap());
     let pidfile = dir.path().join("pid");
     let out = ferry(["restore", "--pidfile"])
         .arg(&pidfile)
         .arg("-D")
-        .arg(&images(dir.path()))
+        .arg(images(dir.path()))
         .ok();
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .unwrap()
