@@ -2,8 +2,9 @@
 # Installs everything ferry and its test suite need on a Debian 12 (or newer)
 # machine, idempotently, then builds ferry. Run as root.
 #
-#   scripts/setup.sh           install + build
-#   scripts/setup.sh --demo    install + build, then run `ferry demo`
+#   scripts/setup.sh             install + build
+#   scripts/setup.sh --demo      install + build, then run `ferry demo`
+#   scripts/setup.sh --no-build  install only (scripts/test.sh builds for itself)
 #
 # CRIU: ferry needs CRIU >= 4. Where the distribution's package is >= 4 it is
 # installed with apt. Debian 12 ships CRIU 3.17, which fails on recent kernels
@@ -20,10 +21,12 @@ WRAPPER=/usr/local/bin/criu
 CRIU_MIN_MAJOR=4
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DEMO=0
+BUILD=1
 for arg in "$@"; do
   case "$arg" in
     --demo) RUN_DEMO=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --no-build) BUILD=0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -122,6 +125,7 @@ if [ ! -f /etc/containers/containers.conf ]; then
   printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
 fi
 
+[ "$BUILD" = 1 ] || exit 0
 command -v cargo >/dev/null || die "cargo (Rust) is needed to build ferry: install it with rustup"
 log "building ferry (release)"
 (cd "$REPO" && cargo build --release --workspace --bins)
