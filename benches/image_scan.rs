@@ -26,9 +26,11 @@ fn page_scan(c: &mut Criterion) {
     let mut group = c.benchmark_group("page_scan");
     group.throughput(Throughput::Bytes(bytes.len() as u64));
     group.sample_size(20);
-    group.bench_with_input(BenchmarkId::new("scan_bytes", format!("{IMAGE_MIB}MiB")), &bytes, |b, bytes| {
-        b.iter(|| PageScan::default().scan_bytes(bytes))
-    });
+    group.bench_with_input(
+        BenchmarkId::new("scan_bytes", format!("{IMAGE_MIB}MiB")),
+        &bytes,
+        |b, bytes| b.iter(|| PageScan::default().scan_bytes(bytes)),
+    );
     group.finish();
 }
 
