@@ -10,13 +10,19 @@
 //! - [`process`]: live process trees seen through `/proc`.
 //! - [`workload`]: the bundled stateful test workload's memory layout and report.
 //! - [`sys`]: every direct syscall and every `unsafe` block.
+//! - [`archive`]: ferry's compressed, deduplicated checkpoint archives.
+//! - [`bench`]: `ferry bench` measurements.
+//! - [`page`]: page contents (zero detection, digests).
 //! - [`cli`]: the command-line contract (flags, output, exit codes).
 
+pub mod archive;
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod criu;
 pub mod image;
 pub mod inspect;
+pub mod page;
 pub mod probe;
 pub mod process;
 pub mod sys;

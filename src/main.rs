@@ -21,8 +21,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    // Not locked for the whole run: `pack -` streams the archive to stdout
+    // from a writer thread.
+    let mut out = std::io::stdout();
     let result = cli::run(&cli, &mut out);
     let _ = out.flush();
     match result {

@@ -39,6 +39,11 @@ pub fn percent(part: u64, whole: u64) -> String {
     }
 }
 
+/// Serialises a duration as whole microseconds (for JSON reports).
+pub fn serde_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_micros() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

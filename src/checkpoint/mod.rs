@@ -12,16 +12,22 @@
 #![forbid(unsafe_code)]
 
 mod dump;
+mod dump_archive;
 mod restore;
+mod restore_archive;
+pub mod staging;
 
 use std::io;
 use std::path::PathBuf;
 
+use crate::archive::ArchiveError;
 use crate::criu::CriuError;
 use crate::image::ImageError;
 
 pub use dump::dump;
+pub use dump_archive::{dump_to_archive, ArchiveDump};
 pub use restore::restore;
+pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};
 
 /// What became of the dump target after a failed dump.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +98,24 @@ pub enum CheckpointError {
     },
     #[error("CRIU reported pid {pid} restored but it is not running")]
     RestoredNotRunning { pid: i32 },
+    #[error("cannot restore from archive {}; nothing was restored", path.display())]
+    Archive {
+        path: PathBuf,
+        #[source]
+        source: ArchiveError,
+    },
+    #[error("cannot pack the images in {} into an archive; the images are kept there", images.display())]
+    Pack {
+        images: PathBuf,
+        #[source]
+        source: ArchiveError,
+    },
+    #[error("cannot create a staging directory in {}", path.display())]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl CheckpointError {

@@ -6,20 +6,31 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
+use super::pack::{describe_pack, PackFlags};
+use super::progress::Bar;
 use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
+use crate::archive::PackReport;
 use crate::checkpoint;
-use crate::criu::{DumpRequest, NoHooks, Timeline};
+use crate::criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
 use crate::image::{DumpStats, ImagesDir};
 use crate::units::{bytes, millis};
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("to").required(true).multiple(true).args(["images_dir", "archive"]))]
 pub struct DumpArgs {
     /// Root pid of the process tree to dump.
     #[arg(short = 't', long = "pid", visible_alias = "tree", value_name = "PID")]
     pub pid: i32,
-    /// Directory to write the images to (created; must be empty if it exists).
+    /// Directory to write the images to (created; must be empty if it
+    /// exists). With --archive the images are kept there too.
     #[arg(short = 'D', long, value_name = "DIR")]
-    pub images_dir: PathBuf,
+    pub images_dir: Option<PathBuf>,
+    /// Write a ferry archive (compressed, deduplicated) instead of, or as
+    /// well as, an images directory.
+    #[arg(long, value_name = "FILE")]
+    pub archive: Option<PathBuf>,
+    #[command(flatten)]
+    pub pack: PackFlags,
     /// Leave the tree running after the dump (default: it is stopped).
     #[arg(short = 'R', long)]
     pub leave_running: bool,
@@ -34,14 +45,15 @@ pub struct DumpArgs {
 struct DumpReport {
     format_version: u32,
     pid: i32,
-    images_dir: String,
+    images_dir: Option<String>,
+    archive: Option<String>,
     leave_running: bool,
     wall_us: u64,
     images_bytes: u64,
     images_files: usize,
     criu_stats: Option<DumpStats>,
     timeline: Timeline,
-    log: String,
+    pack: Option<PackReport>,
 }
 
 pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
@@ -53,34 +65,67 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
-        ..DumpRequest::new(args.pid, &args.images_dir)
+        ..DumpRequest::new(args.pid, args.images_dir.clone().unwrap_or_default())
     };
-    let outcome = checkpoint::dump(&criu, &req, &mut NoHooks)?;
-    let (images_bytes, images_files) = match ImagesDir::open(&args.images_dir) {
-        Ok(d) => (d.files().iter().map(|f| f.bytes).sum(), d.files().len()),
-        Err(_) => (0, 0),
+    let (outcome, pack): (DumpOutcome, Option<PackReport>) = match &args.archive {
+        Some(archive) => {
+            let rss = crate::process::tree_rss_bytes(args.pid).unwrap_or(0);
+            let bar = Bar::new(rss, "packing");
+            let source = format!(
+                "pid {} on {}",
+                args.pid,
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            );
+            let opts = args.pack.options(source, &bar);
+            let r = checkpoint::dump_to_archive(
+                &criu,
+                &req,
+                args.images_dir.is_some(),
+                archive,
+                &opts,
+                &mut NoHooks,
+            )?;
+            bar.finish();
+            (r.dump, Some(r.pack))
+        }
+        None => (checkpoint::dump(&criu, &req, &mut NoHooks)?, None),
+    };
+    let (images_bytes, images_files) = match args.images_dir.as_deref().map(ImagesDir::open) {
+        Some(Ok(d)) => (d.files().iter().map(|f| f.bytes).sum(), d.files().len()),
+        _ => (
+            pack.as_ref().map_or(0, |p| p.raw_bytes),
+            pack.as_ref().map_or(0, |p| p.files),
+        ),
     };
     let report = DumpReport {
         format_version: 1,
         pid: args.pid,
-        images_dir: args.images_dir.display().to_string(),
+        images_dir: args.images_dir.as_ref().map(|d| d.display().to_string()),
+        archive: args.archive.as_ref().map(|a| a.display().to_string()),
         leave_running: args.leave_running,
         wall_us: outcome.wall.as_micros() as u64,
         images_bytes,
         images_files,
         criu_stats: outcome.stats,
         timeline: outcome.timeline,
-        log: outcome.log.display().to_string(),
+        pack,
     };
     if args.json {
         write_json(out, &report)?;
         return Ok(exit::OK);
     }
+    let to = report
+        .archive
+        .clone()
+        .or(report.images_dir.clone())
+        .unwrap_or_default();
     writeln!(
         out,
         "Dumped pid {} into {} ({})",
         args.pid,
-        report.images_dir,
+        to,
         if args.leave_running {
             "left running"
         } else {
@@ -101,11 +146,18 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
     }
     writeln!(
         out,
-        "  images {} in {} files; dump took {} wall; CRIU log {}",
+        "  images {} in {} files; CRIU dump took {} wall; CRIU log {}",
         bytes(images_bytes),
         images_files,
         millis(outcome.wall),
-        report.log
+        outcome.log.display()
     )?;
+    if let (Some(p), Some(a)) = (&report.pack, &args.archive) {
+        writeln!(
+            out,
+            "  {}",
+            describe_pack(p, &a.display().to_string()).replace('\n', "\n  ")
+        )?;
+    }
     Ok(exit::OK)
 }

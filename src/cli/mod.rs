@@ -13,10 +13,13 @@
 
 #![forbid(unsafe_code)]
 
+mod bench;
 mod check;
 mod demo;
 mod dump;
 mod inspect;
+mod pack;
+mod progress;
 mod restore;
 
 use std::io::{self, Write};
@@ -81,8 +84,14 @@ pub enum Command {
     Restore(restore::RestoreArgs),
     /// Report what a dump is made of (process tree, pages, files, CRIU stats).
     Inspect(inspect::InspectArgs),
+    /// Pack a CRIU images directory into a ferry archive.
+    Pack(pack::PackArgs),
+    /// Unpack a ferry archive (and its parents) into an images directory.
+    Unpack(pack::UnpackArgs),
     /// Run the bundled workload, checkpoint it, restore it and show it continued.
     Demo(demo::DemoArgs),
+    /// Measure (results for notes and the README, never pass/fail).
+    Bench(bench::BenchArgs),
 }
 
 /// Flags shared by dump and restore, named as criu and runc name them.
@@ -110,15 +119,31 @@ pub enum CliError {
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
+    Checkpoint(Box<CheckpointError>),
     #[error(transparent)]
     Inspect(#[from] InspectError),
     #[error(transparent)]
-    Demo(#[from] DemoError),
+    Demo(Box<DemoError>),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
+    #[error(transparent)]
+    Bench(#[from] crate::bench::compress::BenchError),
     #[error("cannot write output")]
     Output(#[from] io::Error),
     #[error("cannot encode JSON output")]
     Json(#[from] serde_json::Error),
+}
+
+impl From<CheckpointError> for CliError {
+    fn from(e: CheckpointError) -> Self {
+        CliError::Checkpoint(Box::new(e))
+    }
+}
+
+impl From<DemoError> for CliError {
+    fn from(e: DemoError) -> Self {
+        CliError::Demo(Box::new(e))
+    }
 }
 
 impl CliError {
@@ -140,7 +165,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Dump(a) => dump::run(&cli.global, a, out),
         Command::Restore(a) => restore::run(&cli.global, a, out),
         Command::Inspect(a) => inspect::run(a, out),
+        Command::Pack(a) => pack::run_pack(a, out),
+        Command::Unpack(a) => pack::run_unpack(a, out),
         Command::Demo(a) => demo::run(&cli.global, a, out),
+        Command::Bench(a) => bench::run(&cli.global, a, out),
     }
 }
 

@@ -6,17 +6,34 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
+use super::pack::{describe_unpack, threads};
+use super::progress::Bar;
 use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
-use crate::checkpoint;
+use crate::archive::UnpackReport;
+use crate::checkpoint::{self, ArchiveRestoreOptions};
 use crate::criu::{NoHooks, RestoreRequest, Timeline};
 use crate::image::RestoreStats;
 use crate::units::millis;
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("from").required(true).args(["images_dir", "archive"]))]
 pub struct RestoreArgs {
     /// Directory holding the images to restore.
     #[arg(short = 'D', long, value_name = "DIR")]
-    pub images_dir: PathBuf,
+    pub images_dir: Option<PathBuf>,
+    /// Restore from a ferry archive (unpacked into a staging directory).
+    #[arg(long, value_name = "FILE")]
+    pub archive: Option<PathBuf>,
+    /// With --archive: where the parent archive is, if not where recorded.
+    #[arg(long, value_name = "ARCHIVE", requires = "archive")]
+    pub parent: Option<PathBuf>,
+    /// With --archive: base directory for staging (default: /dev/shm when it
+    /// has room, else the temporary directory).
+    #[arg(long, value_name = "DIR", requires = "archive")]
+    pub staging: Option<PathBuf>,
+    /// With --archive: unpacking threads (default: one per CPU).
+    #[arg(long, requires = "archive", value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
     /// Write the restored root's pid to this file.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -31,11 +48,15 @@ pub struct RestoreArgs {
 struct RestoreReport {
     format_version: u32,
     pid: i32,
-    images_dir: String,
+    images_dir: Option<String>,
+    archive: Option<String>,
+    /// From the command's start to the restored tree running.
     wall_us: u64,
+    /// CRIU's restore request alone.
+    criu_wall_us: u64,
+    unpack: Option<UnpackReport>,
     criu_stats: Option<RestoreStats>,
     timeline: Timeline,
-    log: String,
 }
 
 pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Result<u8, CliError> {
@@ -46,31 +67,65 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
-        ..RestoreRequest::new(&args.images_dir)
+        ..RestoreRequest::new(args.images_dir.clone().unwrap_or_default())
     };
-    let outcome = checkpoint::restore(&criu, &req, &mut NoHooks)?;
+    let (outcome, unpack, wall) = match &args.archive {
+        Some(archive) => {
+            let total = std::fs::metadata(archive).map(|m| m.len()).unwrap_or(0);
+            let bar = Bar::new(total, "unpacking");
+            let opts = ArchiveRestoreOptions {
+                parent: args.parent.as_deref(),
+                threads: threads(args.threads),
+                staging: args.staging.as_deref(),
+                progress: &bar,
+            };
+            let r = checkpoint::restore_from_archive(&criu, archive, &req, &opts, &mut NoHooks)?;
+            bar.finish();
+            (r.restore, Some(r.unpack), r.wall)
+        }
+        None => {
+            let r = checkpoint::restore(&criu, &req, &mut NoHooks)?;
+            let wall = r.wall;
+            (r, None, wall)
+        }
+    };
     if let Some(pidfile) = &args.pidfile {
         write_pidfile(pidfile, outcome.pid)?;
     }
     let report = RestoreReport {
         format_version: 1,
         pid: outcome.pid,
-        images_dir: args.images_dir.display().to_string(),
-        wall_us: outcome.wall.as_micros() as u64,
+        images_dir: args.images_dir.as_ref().map(|d| d.display().to_string()),
+        archive: args.archive.as_ref().map(|a| a.display().to_string()),
+        wall_us: wall.as_micros() as u64,
+        criu_wall_us: outcome.wall.as_micros() as u64,
+        unpack,
         criu_stats: outcome.stats,
         timeline: outcome.timeline,
-        log: outcome.log.display().to_string(),
     };
     if args.json {
         write_json(out, &report)?;
-    } else {
+        return Ok(exit::OK);
+    }
+    let from = report
+        .archive
+        .clone()
+        .or(report.images_dir.clone())
+        .unwrap_or_default();
+    writeln!(
+        out,
+        "Restored pid {} from {} in {}",
+        report.pid,
+        from,
+        millis(wall)
+    )?;
+    if let Some(u) = &report.unpack {
         writeln!(
             out,
-            "Restored pid {} from {} in {}",
-            report.pid,
-            report.images_dir,
-            millis(outcome.wall)
+            "  {}",
+            describe_unpack(u, "a staging directory (removed)")
         )?;
+        writeln!(out, "  CRIU restore {}", millis(outcome.wall))?;
     }
     Ok(exit::OK)
 }

@@ -95,6 +95,15 @@ impl CriuError {
         }
     }
 
+    /// Names another copy of CRIU's log (when the original goes away with a
+    /// staging directory).
+    pub fn with_log(mut self, path: PathBuf) -> CriuError {
+        if let CriuError::Died { log, .. } | CriuError::Failed { log, .. } = &mut self {
+            *log = Some(path);
+        }
+        self
+    }
+
     /// The path of CRIU's log for this failure, if there is one.
     pub fn log_path(&self) -> Option<&Path> {
         match self {

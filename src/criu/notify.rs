@@ -119,12 +119,8 @@ pub struct Timeline {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TimelineEvent {
     pub script: Script,
-    #[serde(rename = "at_us", serialize_with = "micros")]
+    #[serde(rename = "at_us", serialize_with = "crate::units::serde_micros")]
     pub at: Duration,
-}
-
-fn micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
 }
 
 impl Timeline {

@@ -23,6 +23,11 @@ pub struct RestoreRequest {
     pub log_level: u8,
     /// Log file name, inside `images_dir`.
     pub log_file: String,
+    /// Punch each page out of the pages images as soon as it is restored
+    /// (CRIU `--auto-dedup`): memory moves from the images to the process
+    /// instead of being needed twice. Destroys the images: only for copies
+    /// staged for this restore.
+    pub consume_images: bool,
 }
 
 impl RestoreRequest {
@@ -35,6 +40,7 @@ impl RestoreRequest {
             file_locks: false,
             log_level: DEFAULT_LOG_LEVEL,
             log_file: "restore.log".into(),
+            consume_images: false,
         }
     }
 
@@ -75,6 +81,7 @@ impl Criu {
             log_level: Some(i32::from(req.log_level)),
             log_file: Some(req.log_file.clone()),
             notify_scripts: Some(true),
+            auto_dedup: Some(req.consume_images),
             ..Default::default()
         };
         let msg = pb::CriuReq {

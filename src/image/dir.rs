@@ -69,11 +69,14 @@ pub fn classify_name(name: &str) -> FileClass {
     }
 }
 
-/// A directory of CRIU images.
+/// A directory of CRIU images: on disk, or held in memory (the metadata
+/// images of an archive, whose pages images are known only by size).
 #[derive(Debug, Clone)]
 pub struct ImagesDir {
     path: PathBuf,
     files: Vec<ImageFile>,
+    /// Contents by name when the images are held in memory.
+    memory: Option<BTreeMap<String, Vec<u8>>>,
 }
 
 /// What [`ImagesDir::validate`] established about a directory.
@@ -121,10 +124,33 @@ impl ImagesDir {
                 path: path.to_path_buf(),
             });
         }
+        ImagesDir::checked(path.to_path_buf(), files, None)
+    }
+
+    /// Images held in memory: `files` lists every image with its size,
+    /// `contents` holds the bytes of those that will be read (all but the
+    /// pages images). `label` names them in errors.
+    pub fn in_memory(
+        label: PathBuf,
+        files: Vec<ImageFile>,
+        contents: BTreeMap<String, Vec<u8>>,
+    ) -> Result<ImagesDir, ImageError> {
+        if files.is_empty() {
+            return Err(ImageError::EmptyDirectory { path: label });
+        }
+        ImagesDir::checked(label, files, Some(contents))
+    }
+
+    fn checked(
+        path: PathBuf,
+        mut files: Vec<ImageFile>,
+        memory: Option<BTreeMap<String, Vec<u8>>>,
+    ) -> Result<ImagesDir, ImageError> {
         files.sort_by(|a, b| a.name.cmp(&b.name));
         let dir = ImagesDir {
-            path: path.to_path_buf(),
+            path,
             files,
+            memory,
         };
         if !dir.has("inventory.img") {
             return Err(ImageError::Missing {
@@ -153,6 +179,14 @@ impl ImagesDir {
 
     fn read(&self, name: &str) -> Result<(PathBuf, Vec<u8>), ImageError> {
         let path = self.file_path(name);
+        if let Some(memory) = &self.memory {
+            return memory.get(name).map(|b| (path, b.clone())).ok_or_else(|| {
+                ImageError::Missing {
+                    dir: self.path.clone(),
+                    file: name.to_string(),
+                }
+            });
+        }
         match fs::read(&path) {
             Ok(bytes) => Ok((path, bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ImageError::Missing {
@@ -197,14 +231,21 @@ impl ImagesDir {
         if !self.has("stats-dump") {
             return Ok(None);
         }
-        DumpStats::read(&self.file_path("stats-dump"))
+        let (path, bytes) = self.read("stats-dump")?;
+        DumpStats::parse(&path, &bytes)
     }
 
     pub fn restore_stats(&self) -> Result<Option<RestoreStats>, ImageError> {
         if !self.has("stats-restore") {
             return Ok(None);
         }
-        RestoreStats::read(&self.file_path("stats-restore"))
+        let (path, bytes) = self.read("stats-restore")?;
+        RestoreStats::parse(&path, &bytes)
+    }
+
+    /// The size of an image file, as listed.
+    pub fn size_of(&self, name: &str) -> Option<u64> {
+        self.files.iter().find(|f| f.name == name).map(|f| f.bytes)
     }
 
     /// Parses every image ferry understands, checks every other image's magic
@@ -280,16 +321,16 @@ impl ImagesDir {
         }
         for (pages_id, expected) in expected {
             let path = self.pages_file(pages_id);
-            let actual = match fs::metadata(&path) {
-                Ok(m) => m.len(),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && expected == 0 => 0,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let name = format!("pages-{pages_id}.img");
+            let actual = match self.size_of(&name) {
+                Some(len) => len,
+                None if expected == 0 => 0,
+                None => {
                     return Err(ImageError::Missing {
                         dir: self.path.clone(),
-                        file: format!("pages-{pages_id}.img"),
+                        file: name,
                     })
                 }
-                Err(e) => return Err(ImageError::io(path, e)),
             };
             if actual != expected {
                 return Err(ImageError::Inconsistent {
@@ -309,7 +350,13 @@ impl ImagesDir {
                 continue;
             }
             let path = self.file_path(&f.name);
-            let bytes = read_prefix(&path, 4)?;
+            let bytes = match &self.memory {
+                Some(m) => m
+                    .get(&f.name)
+                    .map(|b| b[..b.len().min(4)].to_vec())
+                    .unwrap_or_default(),
+                None => read_prefix(&path, 4)?,
+            };
             let found = framing::read_u32(&bytes, 0);
             if found != Some(IMG_COMMON_MAGIC) && found != Some(IMG_SERVICE_MAGIC) {
                 return Err(match found {

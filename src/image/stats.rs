@@ -13,16 +13,16 @@ use super::ImageError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct DumpStats {
     /// Time to freeze the tree.
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub freezing: Duration,
     /// How long the tree stayed frozen.
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub frozen: Duration,
     /// Time to collect memory (parasite drain) while frozen.
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub memdump: Duration,
     /// Time to write memory to images.
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub memwrite: Duration,
     pub pages_scanned: u64,
     pub pages_skipped_parent: u64,
@@ -33,17 +33,13 @@ pub struct DumpStats {
 /// CRIU's statistics of one restore.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RestoreStats {
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub forking: Duration,
-    #[serde(serialize_with = "as_micros")]
+    #[serde(serialize_with = "crate::units::serde_micros")]
     pub restore: Duration,
     pub pages_compared: u64,
     pub pages_skipped_cow: u64,
     pub pages_restored: Option<u64>,
-}
-
-fn as_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_u64(d.as_micros() as u64)
 }
 
 fn micros(us: u32) -> Duration {
@@ -88,13 +84,23 @@ impl From<pb::DumpStatsEntry> for DumpStats {
 impl RestoreStats {
     /// Reads a `stats-restore` file; `Ok(None)` if it holds no restore section.
     pub fn read(path: &Path) -> Result<Option<RestoreStats>, ImageError> {
-        Ok(read_entry(path)?.restore.map(|r| RestoreStats {
+        Ok(read_entry(path)?.restore.map(RestoreStats::from))
+    }
+
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Option<RestoreStats>, ImageError> {
+        Ok(parse_entry(path, bytes)?.restore.map(RestoreStats::from))
+    }
+}
+
+impl From<pb::RestoreStatsEntry> for RestoreStats {
+    fn from(r: pb::RestoreStatsEntry) -> Self {
+        RestoreStats {
             forking: micros(r.forking_time),
             restore: micros(r.restore_time),
             pages_compared: r.pages_compared,
             pages_skipped_cow: r.pages_skipped_cow,
             pages_restored: r.pages_restored,
-        }))
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+mod archive;
 mod render;
 mod scan;
 
@@ -20,6 +21,7 @@ use serde::Serialize;
 use crate::image::{DumpStats, FileClass, ImageError, ImageFile, ImagesDir, Pagemap, RestoreStats};
 use crate::PAGE_SIZE;
 
+pub use archive::{ArchiveFileReport, ArchiveReport, ArchiveTotals};
 pub use render::render_human;
 pub use scan::PageScan;
 
@@ -39,6 +41,8 @@ pub struct DumpReport {
     pub totals: Totals,
     pub criu_dump_stats: Option<DumpStats>,
     pub criu_restore_stats: Option<RestoreStats>,
+    /// Present when the dump was read from a ferry archive.
+    pub archive: Option<ArchiveReport>,
 }
 
 /// One dumped process.
@@ -105,13 +109,42 @@ pub struct Totals {
 pub enum InspectError {
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
 }
 
-/// Builds the report of the images directory at `path`.
+/// Counts, for one pagemap's pages, how many are zero and how many repeat
+/// a page seen earlier in the dump.
+pub(crate) trait PageCounter {
+    fn count(&mut self, dir: &ImagesDir, pm: &Pagemap) -> Result<(u64, u64), InspectError>;
+    /// Distinct non-zero contents seen so far.
+    fn unique(&self) -> u64;
+}
+
+/// Builds the report of `path`: an images directory, or a ferry archive.
 pub fn inspect(path: &Path) -> Result<DumpReport, InspectError> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        return archive::inspect_archive(path);
+    }
     let dir = ImagesDir::open(path)?;
+    build(&dir, &mut PageScan::default())
+}
+
+impl PageCounter for PageScan {
+    fn count(&mut self, dir: &ImagesDir, pm: &Pagemap) -> Result<(u64, u64), InspectError> {
+        Ok(self.scan_file(&dir.pages_file(pm.pages_id), pm.present_pages())?)
+    }
+    fn unique(&self) -> u64 {
+        PageScan::unique(self)
+    }
+}
+
+/// The report of validated images, with page contents counted by `scan`.
+pub(crate) fn build(
+    dir: &ImagesDir,
+    scan: &mut dyn PageCounter,
+) -> Result<DumpReport, InspectError> {
     let v = dir.validate()?;
-    let mut scan = PageScan::default();
     let mut processes = Vec::with_capacity(v.tree.len());
     for p in &v.tree {
         let core = v.cores.get(&p.pid);
@@ -124,7 +157,7 @@ pub fn inspect(path: &Path) -> Result<DumpReport, InspectError> {
             _ => (0, 0, 0),
         };
         let pages = match v.pagemaps.get(&p.pid) {
-            Some(pm) => scan_pagemap(&dir, pm, &mut scan)?,
+            Some(pm) => scan_pagemap(dir, pm, scan)?,
             None => PageStats::default(),
         };
         processes.push(ProcessReport {
@@ -144,7 +177,7 @@ pub fn inspect(path: &Path) -> Result<DumpReport, InspectError> {
     for (file, pm) in &v.shmem_pagemaps {
         shmem.push(ShmemReport {
             file: file.clone(),
-            pages: scan_pagemap(&dir, pm, &mut scan)?,
+            pages: scan_pagemap(dir, pm, scan)?,
         });
     }
     let totals = totals(dir.files(), &processes, &shmem, scan.unique());
@@ -163,16 +196,17 @@ pub fn inspect(path: &Path) -> Result<DumpReport, InspectError> {
         totals,
         criu_dump_stats: dir.dump_stats()?,
         criu_restore_stats: dir.restore_stats()?,
+        archive: None,
     })
 }
 
 fn scan_pagemap(
     dir: &ImagesDir,
     pm: &Pagemap,
-    scan: &mut PageScan,
-) -> Result<PageStats, ImageError> {
+    scan: &mut dyn PageCounter,
+) -> Result<PageStats, InspectError> {
     let dumped = pm.present_pages();
-    let (zero, duplicate) = scan.scan_file(&dir.pages_file(pm.pages_id), dumped)?;
+    let (zero, duplicate) = scan.count(dir, pm)?;
     Ok(PageStats {
         pagemap_entries: pm.ranges.len(),
         dumped,

@@ -119,6 +119,9 @@ pub fn render_human(r: &DumpReport) -> String {
         percent(t.unique_pages, t.pages),
         bytes(t.unique_pages * crate::PAGE_SIZE as u64)
     );
+    if let Some(a) = &r.archive {
+        render_archive(&mut out, a);
+    }
     if let Some(s) = &r.criu_dump_stats {
         let _ = writeln!(out);
         let _ = writeln!(out, "CRIU dump statistics:");
@@ -147,4 +150,82 @@ pub fn render_human(r: &DumpReport) -> String {
         }
     }
     out
+}
+
+fn render_archive(out: &mut String, a: &super::ArchiveReport) {
+    let t = &a.totals;
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Archive: {} (format {}, id {})",
+        a.path, a.format, a.id
+    );
+    let _ = writeln!(out, "  made by ferry {} from {}", a.ferry_version, a.source);
+    if let (Some(id), Some(path)) = (&a.parent_id, &a.parent_path) {
+        let _ = writeln!(
+            out,
+            "  incremental: parent {id} at {path} ({} ancestor(s) needed to restore)",
+            a.ancestors
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  {:<32} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "FILE", "RAW", "STORED", "RATIO", "ZERO", "DUP", "PARENT", "STORED-PG"
+    );
+    let mut files = a.files.clone();
+    files.sort_by(|x, y| y.raw_bytes.cmp(&x.raw_bytes).then(x.name.cmp(&y.name)));
+    for f in &files {
+        let ratio = if f.stored_bytes == 0 {
+            "-".to_string()
+        } else {
+            format!("{:.2}", f.raw_bytes as f64 / f.stored_bytes as f64)
+        };
+        let (z, d, p, st) = match &f.pages {
+            Some(k) => (
+                k.zero.to_string(),
+                k.duplicate.to_string(),
+                k.in_parent.to_string(),
+                k.stored.to_string(),
+            ),
+            None => ("".into(), "".into(), "".into(), "".into()),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<32} {:>10} {:>10} {:>7} {:>9} {:>9} {:>9} {:>9}",
+            f.name,
+            bytes(f.raw_bytes),
+            bytes(f.stored_bytes),
+            ratio,
+            z,
+            d,
+            p,
+            st
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  raw {} -> archive {} (ratio {:.2}, {} of raw)",
+        bytes(t.raw_bytes),
+        bytes(t.archive_bytes),
+        t.ratio,
+        percent(t.archive_bytes, t.raw_bytes)
+    );
+    let _ = writeln!(
+        out,
+        "  saved: zero pages {}, duplicates {}, parent {}",
+        bytes(t.bytes_saved_zero),
+        bytes(t.bytes_saved_dedup),
+        bytes(t.bytes_saved_by_parent)
+    );
+    if let (Some(us), Some(level), Some(threads)) = (a.pack_wall_us, a.pack_level, a.pack_threads) {
+        let _ = writeln!(
+            out,
+            "  packed in {} at zstd level {level} on {threads} thread(s){}",
+            millis(std::time::Duration::from_micros(us)),
+            t.pack_throughput_mb_s
+                .map(|m| format!(", {m:.0} MB/s of raw"))
+                .unwrap_or_default()
+        );
+    }
 }

@@ -5,9 +5,9 @@ use std::fs::File;
 use std::path::Path;
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::image::ImageError;
+use crate::page::fingerprint;
 use crate::sys::mmap::map_readonly;
 use crate::PAGE_SIZE;
 
@@ -30,7 +30,7 @@ impl PageScan {
             return Ok((0, 0));
         }
         let file = File::open(path).map_err(|e| ImageError::io(path, e))?;
-        let map = map_readonly(&file).map_err(|e| ImageError::io(path, e))?;
+        let map = map_readonly(&file, true).map_err(|e| ImageError::io(path, e))?;
         let len = (pages as usize * PAGE_SIZE).min(map.len());
         Ok(self.scan_bytes(&map[..len]))
     }
@@ -59,24 +59,6 @@ impl PageScan {
     }
 }
 
-/// `None` for an all-zero page, else a 128-bit content hash.
-pub fn fingerprint(page: &[u8]) -> Option<u128> {
-    if is_zero(page) {
-        None
-    } else {
-        Some(xxh3_128(page))
-    }
-}
-
-/// Whether every byte is zero (checked eight bytes at a time).
-pub fn is_zero(page: &[u8]) -> bool {
-    let (words, tail) = page.split_at(page.len() - page.len() % 8);
-    words
-        .chunks_exact(8)
-        .all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
-        && tail.iter().all(|b| *b == 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -92,16 +74,5 @@ mod tests {
         assert_eq!(scan.unique(), 2);
         // Across files: the same pages again are all duplicates.
         assert_eq!(scan.scan_bytes(&bytes[PAGE_SIZE..PAGE_SIZE * 2]), (0, 1));
-    }
-
-    #[test]
-    fn zero_check_sees_every_byte() {
-        let mut page = vec![0u8; PAGE_SIZE];
-        assert!(is_zero(&page));
-        for i in [0, 7, 8, 4095] {
-            page[i] = 1;
-            assert!(!is_zero(&page), "byte {i}");
-            page[i] = 0;
-        }
     }
 }

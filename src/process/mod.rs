@@ -143,6 +143,26 @@ fn children(pid: i32) -> Vec<i32> {
     kids
 }
 
+/// Resident memory of the tree rooted at `pid`, in bytes (sum of VmRSS).
+/// Shared pages count once per process, so this overestimates a dump.
+pub fn tree_rss_bytes(pid: i32) -> Result<u64, ProcessError> {
+    let mut total = 0;
+    for p in tree(pid)? {
+        let path = PathBuf::from(format!("/proc/{p}/status"));
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue; // exited meanwhile
+        };
+        let kib = text
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        total += kib * 1024;
+    }
+    Ok(total)
+}
+
 /// Sends SIGCONT to every stopped process of the tree rooted at `pid`;
 /// returns the pids it resumed. Used after a failed dump so that nothing is
 /// left frozen whatever CRIU managed to do.
@@ -209,5 +229,6 @@ mod tests {
         assert_eq!(info.pid, me);
         assert!(is_alive(me));
         assert!(tree(me).unwrap().contains(&me));
+        assert!(tree_rss_bytes(me).unwrap() > 0);
     }
 }

@@ -3,16 +3,32 @@
 use std::fs::File;
 use std::io;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 
-/// Maps `file` read-only.
+/// Maps `file` read-only; `populate` faults every page in at once (faster
+/// than one fault per page when the whole file will be read).
 ///
 /// The caller must only map files that no other process truncates while the
 /// map lives: ferry maps CRIU images that CRIU has finished writing and that
 /// ferry itself does not modify.
-pub fn map_readonly(file: &File) -> io::Result<Mmap> {
+pub fn map_readonly(file: &File, populate: bool) -> io::Result<Mmap> {
+    let mut opts = MmapOptions::new();
+    if populate {
+        opts.populate();
+    }
     // SAFETY: memmap2 requires that the file not be truncated or modified
     // while mapped; the contract above passes that duty to callers, who map
     // only finished CRIU images. An empty file yields an empty map.
-    unsafe { Mmap::map(file) }
+    unsafe { opts.map(file) }
+}
+
+/// Maps `file` read-write (shared: writes reach the file).
+///
+/// The caller must own the file exclusively while the map lives (ferry maps
+/// files it has just created in a directory of its own).
+pub fn map_writable(file: &File) -> io::Result<memmap2::MmapMut> {
+    // SAFETY: memmap2 requires that no one else truncate or modify the file
+    // while mapped; callers map only files they created themselves and keep
+    // to themselves until the map is dropped.
+    unsafe { MmapOptions::new().map_mut(file) }
 }

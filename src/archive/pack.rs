@@ -1,0 +1,843 @@
+//! Writing an archive from an images directory in one pass.
+//!
+//! One pipeline, three kinds of work running at once:
+//! - the caller's thread plans: it has the pool compute the digests of a
+//!   pages image, then decides page by page (zero, already stored here or
+//!   in an ancestor, or new) and cuts the new pages into chunk jobs;
+//! - the pool compresses each job as soon as it is planned;
+//! - a writer thread appends compressed chunks in job order.
+//!
+//! At most `IN_FLIGHT_PER_THREAD` × threads jobs are between "planned" and
+//! "written", which bounds memory without making threads wait for each
+//! other. The output only ever grows, so it may be a pipe or a socket.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use memmap2::Mmap;
+use prost::Message;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::chain::Chain;
+use super::format::{
+    self, digest, file_checksum, ArchiveId, ChunkEntry, ChunkHeader, ChunkKind, Codec, Digest,
+    FileEntry, Header, Index, PackStats, ParentRef, Trailer, SOURCE_GEN_BASE, SOURCE_ZERO,
+    VERSION_MAJOR, VERSION_MINOR,
+};
+use super::{ArchiveError, Progress, CHUNK_PAGES};
+use crate::page::is_zero;
+use crate::sys::mmap::map_readonly;
+use crate::PAGE_SIZE;
+
+/// Jobs per thread between "planned" and "written": enough to keep every
+/// thread busy, few enough to bound memory (up to 2 MiB each).
+const IN_FLIGHT_PER_THREAD: usize = 8;
+/// zstd level of the index (mostly page digests, which do not compress).
+const INDEX_LEVEL: i32 = 1;
+/// A chunk is stored raw unless zstd saves at least 1/32 of it.
+const MIN_SAVING_DIVISOR: usize = 32;
+/// Files up to this size are read into memory; larger ones are mapped.
+const READ_LIMIT: u64 = 1 << 20;
+
+/// How to pack.
+#[derive(Clone)]
+pub struct PackOptions<'a> {
+    pub level: i32,
+    /// Worker threads (compression and hashing); at least 1.
+    pub threads: usize,
+    /// The parent archive, for an incremental archive.
+    pub parent: Option<PathBuf>,
+    /// Free text recorded in the index (what was archived).
+    pub source: String,
+    pub progress: &'a dyn Progress,
+}
+
+/// What a pack did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackReport {
+    #[serde(serialize_with = "crate::units::serde_micros")]
+    pub wall: Duration,
+    pub level: i32,
+    pub threads: usize,
+    pub files: usize,
+    pub chunks: usize,
+    /// Bytes of the images directory.
+    pub raw_bytes: u64,
+    /// Bytes of pages images.
+    pub pages_raw_bytes: u64,
+    /// Bytes of the archive.
+    pub archive_bytes: u64,
+    pub pages: u64,
+    pub zero_pages: u64,
+    /// Pages equal to an earlier page of this archive.
+    pub duplicate_pages: u64,
+    /// Pages found in an ancestor archive (not stored again).
+    pub parent_pages: u64,
+    /// Pages stored (unique, non-zero, not in an ancestor).
+    pub new_pages: u64,
+    pub id: String,
+    pub parent: Option<String>,
+}
+
+impl PackReport {
+    /// Raw bytes packed per second, in MB/s (10^6).
+    pub fn throughput_mb_s(&self) -> f64 {
+        self.raw_bytes as f64 / 1e6 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Packs `dir` into `path`, written under a temporary name and renamed when
+/// complete and synced: `path` never holds a partial archive.
+pub fn pack_to_file(
+    dir: &Path,
+    path: &Path,
+    opts: &PackOptions,
+) -> Result<PackReport, ArchiveError> {
+    let parent_dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "archive".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.partial-"))
+        .tempfile_in(parent_dir)
+        .map_err(|e| ArchiveError::io("create archive in", parent_dir, e))?;
+    let file = tmp
+        .reopen()
+        .map_err(|e| ArchiveError::io("open", tmp.path(), e))?;
+    // Chunks are mostly larger than the buffer and bypass it; it gathers
+    // the small ones and the chunk headers.
+    let report = pack_dir(
+        dir,
+        BufWriter::with_capacity(1 << 16, file),
+        Some(path),
+        opts,
+    )?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| ArchiveError::io("sync", tmp.path(), e))?;
+    tmp.persist(path)
+        .map_err(|e| ArchiveError::io("rename archive to", path, e.error))?;
+    Ok(report)
+}
+
+/// Packs `dir` into `out` in one pass. `archive_path`, when known, lets the
+/// parent be recorded relative to the archive.
+pub fn pack_dir<W: Write + Send>(
+    dir: &Path,
+    out: W,
+    archive_path: Option<&Path>,
+    opts: &PackOptions,
+) -> Result<PackReport, ArchiveError> {
+    let start = Instant::now();
+    let threads = opts.threads.max(1);
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|source| ArchiveError::Threads { threads, source })?;
+    let parent = opts
+        .parent
+        .as_deref()
+        .map(|p| Chain::open(p, None))
+        .transpose()?;
+    let mut files = Vec::new();
+    for (name, size) in list_files(dir)? {
+        let pages = is_pages_image(&name);
+        if pages && size % PAGE_SIZE as u64 != 0 {
+            return Err(ArchiveError::PagesNotAligned {
+                path: dir.to_path_buf(),
+                file: name,
+                size,
+            });
+        }
+        let bytes = Bytes::load(&dir.join(&name), size)?;
+        files.push(Source { name, pages, bytes });
+    }
+    let id = new_id(dir);
+    let header = Header {
+        major: VERSION_MAJOR,
+        minor: VERSION_MINOR,
+        flags: 0,
+        id,
+    };
+    let writer = ChunkWriter::new(out, header, opts.progress)?;
+    let mut planner = Planner::new(parent.as_ref());
+    let (mut writer, entries) = run_pipeline(&pool, writer, threads, opts.level, &files, |emit| {
+        files
+            .iter()
+            .enumerate()
+            .map(|(fi, f)| {
+                if f.pages {
+                    planner.plan_pages(&pool, fi, f, emit)
+                } else {
+                    planner.plan_data(&pool, fi, f, emit)
+                }
+            })
+            .collect::<Result<Vec<FileEntry>, ArchiveError>>()
+    })?;
+    tracing::debug!(elapsed = ?start.elapsed(), "pack: chunks written");
+    let parent_ref = parent.as_ref().map(|c| {
+        let head = c.head();
+        ParentRef {
+            id: head.id().to_vec(),
+            path: record_path(head.path(), archive_path),
+            slots: head.slots(),
+        }
+    });
+    let ancestry: Vec<Vec<u8>> = match &parent {
+        Some(c) => std::iter::once(c.head().id().to_vec())
+            .chain(c.head().index().ancestry.iter().cloned())
+            .collect(),
+        None => Vec::new(),
+    };
+    let raw_bytes: u64 = entries.iter().map(|f| f.size).sum();
+    let counts = planner.counts;
+    let index = Index {
+        chunks: std::mem::take(&mut writer.chunks),
+        files: entries,
+        slot_digests: digest_bytes(&planner.slot_digests),
+        parent: parent_ref.clone(),
+        ancestry,
+        stats: Some(PackStats {
+            wall_us: start.elapsed().as_micros() as u64,
+            level: opts.level,
+            threads: threads as u32,
+            raw_bytes,
+            stored_bytes: writer.offset,
+        }),
+        ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+        created_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        source: opts.source.clone(),
+        page_size: PAGE_SIZE as u32,
+    };
+    let chunks = index.chunks.len();
+    let archive_bytes = writer.finish(&index)?;
+    tracing::debug!(elapsed = ?start.elapsed(), "pack: index written");
+    Ok(PackReport {
+        wall: start.elapsed(),
+        level: opts.level,
+        threads,
+        files: files.len(),
+        chunks,
+        raw_bytes,
+        pages_raw_bytes: counts.pages * PAGE_SIZE as u64,
+        archive_bytes,
+        pages: counts.pages,
+        zero_pages: counts.zero,
+        duplicate_pages: counts.duplicate,
+        parent_pages: counts.parent,
+        new_pages: counts.new,
+        id: super::id_hex(&id),
+        parent: parent_ref.map(|p| super::id_hex(&p.id)),
+    })
+}
+
+/// Regular files of `dir`, sorted by name.
+fn list_files(dir: &Path) -> Result<Vec<(String, u64)>, ArchiveError> {
+    let rd = fs::read_dir(dir).map_err(|e| ArchiveError::io("read images directory", dir, e))?;
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| ArchiveError::io("read images directory", dir, e))?;
+        let meta = entry
+            .metadata()
+            .map_err(|e| ArchiveError::io("stat", entry.path(), e))?;
+        if meta.is_file() {
+            out.push((entry.file_name().to_string_lossy().into_owned(), meta.len()));
+        } else {
+            tracing::warn!(path = %entry.path().display(), "not a regular file: left out of the archive");
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub(crate) fn is_pages_image(name: &str) -> bool {
+    crate::image::dir::classify_name(name) == crate::image::FileClass::Pages
+}
+
+/// A file being packed.
+struct Source {
+    name: String,
+    pages: bool,
+    bytes: Bytes,
+}
+
+/// A file's bytes: read when small, mapped when large.
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(Mmap),
+}
+
+impl Bytes {
+    fn load(path: &Path, size: u64) -> Result<Bytes, ArchiveError> {
+        if size <= READ_LIMIT {
+            return fs::read(path)
+                .map(Bytes::Owned)
+                .map_err(|e| ArchiveError::io("read", path, e));
+        }
+        let f = File::open(path).map_err(|e| ArchiveError::io("open", path, e))?;
+        map_readonly(&f, false)
+            .map(Bytes::Mapped)
+            .map_err(|e| ArchiveError::io("map", path, e))
+    }
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m,
+        }
+    }
+}
+
+/// Hashes digests by their low 64 bits: they are already uniform.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type DigestMap<V> = HashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    pages: u64,
+    zero: u64,
+    duplicate: u64,
+    parent: u64,
+    new: u64,
+}
+
+/// What to compress: pages of a pages image, or a byte range of a file.
+enum Job {
+    Pages {
+        file: usize,
+        first_slot: u32,
+        pages: Vec<u32>,
+    },
+    Data {
+        file: usize,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Hands a planned job to the pipeline; returns its chunk id.
+type Emit<'e> = dyn FnMut(Job) -> Result<u32, ArchiveError> + 'e;
+
+/// The page decisions: which digests are stored where.
+struct Planner {
+    /// Where each digest is stored: (source, slot).
+    known: DigestMap<(u32, u32)>,
+    slot_digests: Vec<Digest>,
+    counts: Counts,
+}
+
+impl Planner {
+    fn new(parent: Option<&Chain>) -> Planner {
+        let mut known = DigestMap::default();
+        if let Some(chain) = parent {
+            // Nearer generations win: insert the oldest first.
+            for g in (0..chain.generations()).rev() {
+                let a = chain.generation(g);
+                let source = SOURCE_GEN_BASE + 1 + g as u32;
+                for slot in 0..a.slots() {
+                    if let Some(d) = a.slot_digest(slot) {
+                        known.insert(d, (source, slot as u32));
+                    }
+                }
+            }
+        }
+        Planner {
+            known,
+            slot_digests: Vec::new(),
+            counts: Counts::default(),
+        }
+    }
+
+    fn plan_pages(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        file: usize,
+        src: &Source,
+        emit: &mut Emit,
+    ) -> Result<FileEntry, ArchiveError> {
+        let zero = format::zero_page_digest();
+        let total = src.bytes.len() / PAGE_SIZE;
+        self.known.reserve(total);
+        self.slot_digests.reserve(total);
+        // Digests of the whole image first, on all threads; then the
+        // decisions, page by page on this thread, while the pool compresses
+        // the chunks already decided.
+        let digests: Vec<Option<Digest>> = pool.install(|| {
+            src.bytes
+                .par_chunks(PAGE_SIZE)
+                .map(|p| if is_zero(p) { None } else { Some(digest(p)) })
+                .collect()
+        });
+        let mut runs = Runs::default();
+        let mut pending: Vec<u32> = Vec::new();
+        let mut pending_first = 0u32;
+        for (i, d) in digests.iter().enumerate() {
+            self.counts.pages += 1;
+            let Some(d) = *d else {
+                self.counts.zero += 1;
+                runs.push(SOURCE_ZERO, 0);
+                continue;
+            };
+            if let Some(&(source, slot)) = self.known.get(&d) {
+                if source == SOURCE_GEN_BASE {
+                    self.counts.duplicate += 1;
+                } else {
+                    self.counts.parent += 1;
+                }
+                runs.push(source, slot);
+                continue;
+            }
+            let slot = self.slot_digests.len() as u32;
+            self.slot_digests.push(d);
+            self.known.insert(d, (SOURCE_GEN_BASE, slot));
+            self.counts.new += 1;
+            runs.push(SOURCE_GEN_BASE, slot);
+            if pending.is_empty() {
+                pending_first = slot;
+            }
+            pending.push(i as u32);
+            if pending.len() == CHUNK_PAGES {
+                emit(Job::Pages {
+                    file,
+                    first_slot: pending_first,
+                    pages: std::mem::take(&mut pending),
+                })?;
+            }
+        }
+        if !pending.is_empty() {
+            emit(Job::Pages {
+                file,
+                first_slot: pending_first,
+                pages: pending,
+            })?;
+        }
+        let size = src.bytes.len() as u64;
+        let checksum = file_checksum(digests.iter().map(|d| d.unwrap_or(zero)), size);
+        Ok(FileEntry {
+            name: src.name.clone(),
+            size,
+            checksum: checksum.to_le_bytes().to_vec(),
+            pages: true,
+            data_chunks: Vec::new(),
+            run_sources: runs.sources,
+            run_lens: runs.lens,
+            run_slots: runs.slots,
+        })
+    }
+
+    fn plan_data(
+        &mut self,
+        pool: &rayon::ThreadPool,
+        file: usize,
+        src: &Source,
+        emit: &mut Emit,
+    ) -> Result<FileEntry, ArchiveError> {
+        let digests: Vec<Digest> = if src.bytes.len() > READ_LIMIT as usize {
+            pool.install(|| src.bytes.par_chunks(PAGE_SIZE).map(digest).collect())
+        } else {
+            src.bytes.chunks(PAGE_SIZE).map(digest).collect()
+        };
+        let size = src.bytes.len() as u64;
+        let step = CHUNK_PAGES * PAGE_SIZE;
+        let mut data_chunks = Vec::new();
+        let mut start = 0;
+        while start < src.bytes.len() {
+            let len = step.min(src.bytes.len() - start);
+            data_chunks.push(emit(Job::Data { file, start, len })?);
+            start += len;
+        }
+        Ok(FileEntry {
+            name: src.name.clone(),
+            size,
+            checksum: file_checksum(digests, size).to_le_bytes().to_vec(),
+            pages: false,
+            data_chunks,
+            run_sources: Vec::new(),
+            run_lens: Vec::new(),
+            run_slots: Vec::new(),
+        })
+    }
+}
+
+/// Page runs being built: consecutive pages from consecutive slots of one
+/// source (or zero pages) extend the last run.
+#[derive(Default)]
+struct Runs {
+    sources: Vec<u32>,
+    lens: Vec<u32>,
+    slots: Vec<u32>,
+}
+
+impl Runs {
+    fn push(&mut self, source: u32, slot: u32) {
+        if let (Some(&s), Some(len), Some(&first)) =
+            (self.sources.last(), self.lens.last_mut(), self.slots.last())
+        {
+            if s == source && (source == SOURCE_ZERO || first.wrapping_add(*len) == slot) {
+                *len += 1;
+                return;
+            }
+        }
+        self.sources.push(source);
+        self.lens.push(1);
+        self.slots
+            .push(if source == SOURCE_ZERO { 0 } else { slot });
+    }
+}
+
+/// A compressed chunk ready to append.
+struct Compressed {
+    file: usize,
+    kind: ChunkKind,
+    codec: Codec,
+    raw_len: u32,
+    first_slot: u32,
+    payload: Vec<u8>,
+}
+
+/// A small pool of reusable values (output buffers, compressor state):
+/// fresh 1 MiB allocations cost page faults that serialise threads on the
+/// process's memory map, and zstd contexts are worth keeping.
+struct Reuse<T>(Mutex<Vec<T>>);
+
+impl<T> Reuse<T> {
+    fn new() -> Self {
+        Reuse(Mutex::new(Vec::new()))
+    }
+    fn take(&self) -> Option<T> {
+        self.0.lock().ok().and_then(|mut v| v.pop())
+    }
+    fn give(&self, t: T) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(t);
+        }
+    }
+}
+
+/// A compressing thread's reusable state.
+struct Scratch {
+    cz: zstd::bulk::Compressor<'static>,
+    raw: Vec<u8>,
+}
+
+impl Scratch {
+    fn new(level: i32) -> Result<Scratch, ArchiveError> {
+        Ok(Scratch {
+            cz: zstd::bulk::Compressor::new(level)
+                .map_err(|source| ArchiveError::Compress { level, source })?,
+            raw: Vec::with_capacity(CHUNK_PAGES * PAGE_SIZE),
+        })
+    }
+}
+
+/// Shared state of the compressing threads.
+struct Workers<'f> {
+    files: &'f [Source],
+    level: i32,
+    buffers: Reuse<Vec<u8>>,
+    scratches: Reuse<Scratch>,
+}
+
+impl Workers<'_> {
+    fn compress(&self, job: &Job) -> Result<Compressed, ArchiveError> {
+        let mut scratch = match self.scratches.take() {
+            Some(s) => s,
+            None => Scratch::new(self.level)?,
+        };
+        let result = self.compress_with(&mut scratch, job);
+        self.scratches.give(scratch);
+        result
+    }
+
+    fn compress_with(&self, scratch: &mut Scratch, job: &Job) -> Result<Compressed, ArchiveError> {
+        let raw = &mut scratch.raw;
+        raw.clear();
+        let (file, kind, first_slot) = match job {
+            Job::Pages {
+                file,
+                first_slot,
+                pages,
+            } => {
+                let src = &self.files[*file].bytes;
+                let mut i = 0;
+                while i < pages.len() {
+                    // Copy runs of consecutive pages in one go.
+                    let mut j = i + 1;
+                    while j < pages.len() && pages[j] == pages[j - 1] + 1 {
+                        j += 1;
+                    }
+                    let a = pages[i] as usize * PAGE_SIZE;
+                    let b = (pages[j - 1] as usize + 1) * PAGE_SIZE;
+                    raw.extend_from_slice(&src[a..b]);
+                    i = j;
+                }
+                (*file, ChunkKind::Pages, *first_slot)
+            }
+            Job::Data { file, start, len } => {
+                raw.extend_from_slice(&self.files[*file].bytes[*start..*start + *len]);
+                (*file, ChunkKind::FileData, 0)
+            }
+        };
+        let mut out = self.buffers.take().unwrap_or_default();
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        scratch
+            .cz
+            .compress_to_buffer(raw.as_slice(), &mut out)
+            .map_err(|source| ArchiveError::Compress {
+                level: self.level,
+                source,
+            })?;
+        let raw_len = raw.len() as u32;
+        let codec = if out.len() + raw.len() / MIN_SAVING_DIVISOR < raw.len() {
+            Codec::Zstd
+        } else {
+            // Not worth it: the raw bytes become the payload (a swap, not a
+            // copy) and the scratch keeps the other buffer.
+            std::mem::swap(&mut out, raw);
+            Codec::Raw
+        };
+        Ok(Compressed {
+            file,
+            kind,
+            codec,
+            raw_len,
+            first_slot,
+            payload: out,
+        })
+    }
+}
+
+/// Runs `plan` (which emits jobs) while the pool compresses them and a
+/// writer thread appends them in order. With one thread, each job is
+/// compressed and written where it is emitted.
+fn run_pipeline<'a, W, T>(
+    pool: &rayon::ThreadPool,
+    mut writer: ChunkWriter<'a, W>,
+    threads: usize,
+    level: i32,
+    files: &[Source],
+    plan: impl FnOnce(&mut Emit) -> Result<T, ArchiveError>,
+) -> Result<(ChunkWriter<'a, W>, T), ArchiveError>
+where
+    W: Write + Send,
+{
+    let workers = Workers {
+        files,
+        level,
+        buffers: Reuse::new(),
+        scratches: Reuse::new(),
+    };
+    if threads == 1 {
+        let mut next = 0u32;
+        let planned = plan(&mut |job: Job| {
+            let c = workers.compress(&job)?;
+            workers.buffers.give(writer.append(c)?);
+            next += 1;
+            Ok(next - 1)
+        })?;
+        return Ok((writer, planned));
+    }
+    let in_flight = threads * IN_FLIGHT_PER_THREAD;
+    let (done_tx, done_rx) = channel::<(usize, Result<Compressed, ArchiveError>)>();
+    let (permit_tx, permit_rx) = sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        let _ = permit_tx.send(());
+    }
+    let workers = &workers;
+    std::thread::scope(|s| {
+        let handle = s.spawn(move || write_in_order(writer, done_rx, permit_tx, &workers.buffers));
+        let planned = pool.in_place_scope(|scope| {
+            let mut next = 0usize;
+            plan(&mut |job: Job| {
+                if permit_rx.recv().is_err() {
+                    // The writer stopped: it reports why when joined.
+                    return Err(ArchiveError::io(
+                        "write archive to",
+                        "output",
+                        io::Error::other("writer stopped"),
+                    ));
+                }
+                let k = next;
+                next += 1;
+                let done_tx = done_tx.clone();
+                scope.spawn(move |_| {
+                    let _ = done_tx.send((k, workers.compress(&job)));
+                });
+                Ok(k as u32)
+            })
+        });
+        drop(done_tx);
+        let written = handle
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        match (written, planned) {
+            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+            (Ok(w), Ok(p)) => Ok((w, p)),
+        }
+    })
+}
+
+/// The writer thread: appends compressed chunks in job order and gives a
+/// permit back for each, until every sender is gone.
+fn write_in_order<'a, W: Write>(
+    mut writer: ChunkWriter<'a, W>,
+    done: Receiver<(usize, Result<Compressed, ArchiveError>)>,
+    permits: SyncSender<()>,
+    buffers: &Reuse<Vec<u8>>,
+) -> Result<ChunkWriter<'a, W>, ArchiveError> {
+    let mut pending = BTreeMap::new();
+    let mut next = 0;
+    for (k, c) in done {
+        pending.insert(k, c);
+        while let Some(c) = pending.remove(&next) {
+            buffers.give(writer.append(c?)?);
+            let _ = permits.send(());
+            next += 1;
+        }
+    }
+    Ok(writer)
+}
+
+/// Appends chunks to the output, recording where each went.
+struct ChunkWriter<'a, W: Write> {
+    out: W,
+    offset: u64,
+    chunks: Vec<ChunkEntry>,
+    progress: &'a dyn Progress,
+}
+
+impl<'a, W: Write> ChunkWriter<'a, W> {
+    fn new(mut out: W, header: Header, progress: &'a dyn Progress) -> Result<Self, ArchiveError> {
+        out.write_all(&header.encode()).map_err(write_err)?;
+        Ok(ChunkWriter {
+            out,
+            offset: format::HEADER_LEN as u64,
+            chunks: Vec::new(),
+            progress,
+        })
+    }
+
+    /// Appends a chunk; gives its payload buffer back for reuse.
+    fn append(&mut self, c: Compressed) -> Result<Vec<u8>, ArchiveError> {
+        let checksum = ChunkHeader::checksum_of(c.codec, c.kind, c.raw_len, &c.payload);
+        let h = ChunkHeader {
+            codec: c.codec,
+            kind: c.kind,
+            raw_len: c.raw_len,
+            stored_len: c.payload.len() as u32,
+            checksum,
+        };
+        self.out.write_all(&h.encode()).map_err(write_err)?;
+        self.out.write_all(&c.payload).map_err(write_err)?;
+        self.chunks.push(ChunkEntry {
+            offset: self.offset,
+            stored_len: h.stored_len,
+            raw_len: h.raw_len,
+            codec: h.codec as u32,
+            kind: h.kind as u32,
+            checksum,
+            file: c.file as u32,
+            first_slot: c.first_slot,
+        });
+        self.offset += (format::CHUNK_HEADER_LEN + c.payload.len()) as u64;
+        self.progress.advance(u64::from(c.raw_len));
+        Ok(c.payload)
+    }
+
+    /// Writes index and trailer; returns the archive's length.
+    fn finish(mut self, index: &Index) -> Result<u64, ArchiveError> {
+        let raw = index.encode_to_vec();
+        let stored =
+            zstd::bulk::compress(&raw, INDEX_LEVEL).map_err(|source| ArchiveError::Compress {
+                level: INDEX_LEVEL,
+                source,
+            })?;
+        let trailer = Trailer {
+            index_offset: self.offset,
+            index_len: stored.len() as u64,
+            index_raw_len: raw.len() as u64,
+            index_checksum: xxhash_rust::xxh3::xxh3_64(&stored),
+        };
+        self.out.write_all(&stored).map_err(write_err)?;
+        self.out.write_all(&trailer.encode()).map_err(write_err)?;
+        self.out.flush().map_err(write_err)?;
+        Ok(self.offset + stored.len() as u64 + format::TRAILER_LEN as u64)
+    }
+}
+
+fn digest_bytes(digests: &[Digest]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(digests.len() * 16);
+    for d in digests {
+        out.extend_from_slice(&d.to_le_bytes());
+    }
+    out
+}
+
+/// A fresh archive id: 16 bytes from the kernel's random pool.
+fn new_id(dir: &Path) -> ArchiveId {
+    use std::io::Read;
+    let mut id = [0u8; 16];
+    if File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut id))
+        .is_err()
+    {
+        // No /dev/urandom: time, pid and directory still make ids distinct.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let seed = format!("{now} {} {}", std::process::id(), dir.display());
+        id = xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes();
+    }
+    id
+}
+
+/// How a child records its parent's path: relative to the child's
+/// directory when the parent lies under it, else absolute.
+fn record_path(parent: &Path, archive: Option<&Path>) -> String {
+    let parent_abs = fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+    let child_dir = archive
+        .and_then(|a| std::path::absolute(a).ok())
+        .and_then(|a| a.parent().map(Path::to_path_buf))
+        .and_then(|d| fs::canonicalize(d).ok());
+    match child_dir.and_then(|d| parent_abs.strip_prefix(&d).ok().map(Path::to_path_buf)) {
+        Some(rel) => rel.display().to_string(),
+        None => parent_abs.display().to_string(),
+    }
+}
+
+fn write_err(source: io::Error) -> ArchiveError {
+    ArchiveError::io("write archive to", "output", source)
+}

@@ -1,0 +1,647 @@
+//! `ferry bench compress`: how fast and how small ferry packs a real CRIU
+//! dump of the bundled workload, against plain zstd, and what restoring
+//! from an archive costs against restoring from the images directory.
+//!
+//! 1. Start the workload (1 GiB by default: zero, repeated, text and random
+//!    pages) and dump it with CRIU (stop mode) into a work directory (tmpfs
+//!    by default, so storage speed does not hide compression speed).
+//! 2. For each zstd level and thread count: `ferry pack` into the work
+//!    directory, repeated; median throughput in MB/s of raw pages, ratio.
+//! 3. Baselines on the concatenated pages images: single-threaded zstd (the
+//!    zstd library, one frame) and the `zstd` command line with `-T0`.
+//! 4. Restore: from the images directory and from an archive, alternating,
+//!    repeated; the workload is stopped after each and its pid waited for.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::Timing;
+use crate::archive::{self, NoProgress, PackOptions};
+use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
+use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
+use crate::process;
+use crate::workload::{Launch, Workload};
+
+/// How long the workload may take to fill its memory.
+const READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a restored pid may take to disappear after SIGKILL (PID 1 reaps
+/// adopted children slowly on some hosts).
+const PID_FREE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct CompressBench {
+    pub workload_exe: PathBuf,
+    pub size_mib: u64,
+    pub levels: Vec<i32>,
+    pub threads: Vec<usize>,
+    pub repeat: usize,
+    /// Base of the work directory (tmpfs by default).
+    pub workdir: Option<PathBuf>,
+    /// Where compressed output goes.
+    pub sink: Sink,
+    pub restore: bool,
+}
+
+/// Where the compressors' output goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sink {
+    /// `/dev/null`: measures compression, not the storage it lands on.
+    Null,
+    /// A file in the work directory.
+    File,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CompressResults {
+    pub size_mib: u64,
+    pub cpus: usize,
+    pub kernel: String,
+    pub workdir: String,
+    pub sink: Sink,
+    pub pages_bytes: u64,
+    pub dump_frozen_us: Option<u64>,
+    pub ferry: Vec<PackResult>,
+    pub zstd_single: Vec<BaselineResult>,
+    pub zstd_cli: Vec<BaselineResult>,
+    pub zstd_cli_missing: Option<String>,
+    pub restore: Option<RestoreResult>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PackResult {
+    pub level: i32,
+    pub threads: usize,
+    pub time: Timing,
+    pub mb_s: f64,
+    pub archive_bytes: u64,
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineResult {
+    pub tool: String,
+    pub level: i32,
+    pub time: Timing,
+    pub mb_s: f64,
+    pub output_bytes: u64,
+    pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreResult {
+    pub from_dir: Timing,
+    pub from_archive: Timing,
+    /// Of the archive restores: unpacking alone.
+    pub unpack: Timing,
+    pub archive_level: i32,
+    /// (archive median / dir median) - 1, in percent.
+    pub overhead_pct: f64,
+}
+
+/// A target of the issue, with the measured value and whether it was met.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    pub what: String,
+    pub goal: String,
+    pub measured: String,
+    pub met: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("benchmark workload: {what}")]
+    Workload {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("benchmark checkpoint step failed")]
+    Checkpoint(#[source] Box<CheckpointError>),
+    #[error("benchmark pack failed")]
+    Archive(#[from] archive::ArchiveError),
+    #[error("benchmark file {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("restored workload pid {pid} did not go away within {PID_FREE_TIMEOUT:?}")]
+    PidStuck { pid: i32 },
+}
+
+impl From<CheckpointError> for BenchError {
+    fn from(e: CheckpointError) -> Self {
+        BenchError::Checkpoint(Box::new(e))
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BenchError + '_ {
+    move |source| BenchError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl CompressBench {
+    pub fn run(
+        &self,
+        criu: &Criu,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<CompressResults, BenchError> {
+        let base = self
+            .workdir
+            .clone()
+            .unwrap_or_else(|| checkpoint::staging::base_for(self.size_mib << 21, None));
+        let work = tempfile::Builder::new()
+            .prefix("ferry-bench-")
+            .tempdir_in(&base)
+            .map_err(io_err(&base))?;
+        let images = work.path().join("images");
+        let report = work.path().join("workload.report");
+        log(&format!("starting a {} MiB workload", self.size_mib));
+        let mut w = Launch::new(&self.workload_exe, self.size_mib, &report)
+            .spawn()
+            .map_err(|source| BenchError::Workload {
+                what: "start",
+                source,
+            })?;
+        w.wait_ready(READY_TIMEOUT)
+            .map_err(|source| BenchError::Workload {
+                what: "wait until ready",
+                source,
+            })?;
+        log("dumping it with CRIU");
+        let dump = checkpoint::dump(criu, &DumpRequest::new(w.pid(), &images), &mut NoHooks)?;
+        w.reap(PID_FREE_TIMEOUT)
+            .map_err(|source| BenchError::Workload {
+                what: "reap",
+                source,
+            })?;
+        let pages = concat_pages(&images, &work.path().join("pages.cat"))?;
+
+        // Configurations take turns, so that slow phases of the machine
+        // fall on all of them alike.
+        let configs: Vec<(i32, usize)> = self
+            .levels
+            .iter()
+            .flat_map(|&l| self.threads.iter().map(move |&t| (l, t)))
+            .collect();
+        let mut samples = vec![Vec::new(); configs.len()];
+        let mut sizes = vec![0u64; configs.len()];
+        for run in 0..self.repeat {
+            log(&format!("ferry pack, run {} of {}", run + 1, self.repeat));
+            for (i, &(level, threads)) in configs.iter().enumerate() {
+                let (t, bytes) = self.pack_once(&images, work.path(), level, threads)?;
+                samples[i].push(t);
+                sizes[i] = bytes;
+            }
+        }
+        let ferry: Vec<PackResult> = configs
+            .iter()
+            .zip(samples)
+            .zip(sizes)
+            .map(|((&(level, threads), s), bytes)| {
+                let time = Timing::of(s);
+                PackResult {
+                    level,
+                    threads,
+                    mb_s: time.mb_s(pages),
+                    time,
+                    archive_bytes: bytes,
+                    ratio: bytes as f64 / pages as f64,
+                }
+            })
+            .collect();
+        let mut zstd_single = Vec::new();
+        let mut zstd_cli = Vec::new();
+        let cli = crate::probe::which("zstd");
+        for &level in &self.levels {
+            log(&format!("zstd library, level {level}, one thread"));
+            zstd_single.push(self.zstd_library(work.path(), level, pages)?);
+            if let Some(cli) = &cli {
+                log(&format!("zstd -{level} -T0"));
+                zstd_cli.push(self.zstd_cli(cli, work.path(), level, pages)?);
+            }
+        }
+        let restore = if self.restore {
+            Some(self.restore(criu, &images, work.path(), &report, w.pid())?)
+        } else {
+            None
+        };
+        let mut results = CompressResults {
+            size_mib: self.size_mib,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            workdir: base.display().to_string(),
+            sink: self.sink,
+            pages_bytes: pages,
+            dump_frozen_us: dump.stats.map(|s| s.frozen.as_micros() as u64),
+            ferry,
+            zstd_single,
+            zstd_cli,
+            zstd_cli_missing: cli.is_none().then(|| "zstd is not installed".to_string()),
+            restore,
+            targets: Vec::new(),
+        };
+        results.targets = targets(&results);
+        Ok(results)
+    }
+
+    /// One pack; returns its wall time and the archive's size.
+    fn pack_once(
+        &self,
+        images: &Path,
+        work: &Path,
+        level: i32,
+        threads: usize,
+    ) -> Result<(Duration, u64), BenchError> {
+        let opts = PackOptions {
+            level,
+            threads,
+            parent: None,
+            source: "ferry bench compress".into(),
+            progress: &NoProgress,
+        };
+        let start = Instant::now();
+        let r = match self.sink {
+            Sink::Null => {
+                let null = Path::new("/dev/null");
+                let f = File::create(null).map_err(io_err(null))?;
+                archive::pack_dir(images, BufWriter::with_capacity(1 << 16, f), None, &opts)?
+            }
+            Sink::File => {
+                let out = work.join("bench.ferry");
+                let r = archive::pack_to_file(images, &out, &opts)?;
+                let _ = fs::remove_file(&out);
+                r
+            }
+        };
+        Ok((start.elapsed(), r.archive_bytes))
+    }
+
+    fn output(&self, work: &Path, name: &str) -> PathBuf {
+        match self.sink {
+            Sink::Null => PathBuf::from("/dev/null"),
+            Sink::File => work.join(name),
+        }
+    }
+
+    fn zstd_library(
+        &self,
+        work: &Path,
+        level: i32,
+        pages: u64,
+    ) -> Result<BaselineResult, BenchError> {
+        let input = work.join("pages.cat");
+        let out = self.output(work, "pages.cat.lib.zst");
+        let mut samples = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..self.repeat {
+            let start = Instant::now();
+            let src = File::open(&input).map_err(io_err(&input))?;
+            let dst = File::create(&out).map_err(io_err(&out))?;
+            let mut counted = CountingWriter {
+                inner: BufWriter::with_capacity(1 << 16, dst),
+                bytes: 0,
+            };
+            zstd::stream::copy_encode(BufReader::with_capacity(1 << 20, src), &mut counted, level)
+                .map_err(io_err(&out))?;
+            io::Write::flush(&mut counted).map_err(io_err(&out))?;
+            samples.push(start.elapsed());
+            bytes = counted.bytes;
+        }
+        if self.sink == Sink::File {
+            let _ = fs::remove_file(&out);
+        }
+        let time = Timing::of(samples);
+        Ok(BaselineResult {
+            tool: "zstd library, 1 thread".into(),
+            level,
+            mb_s: time.mb_s(pages),
+            time,
+            output_bytes: bytes,
+            ratio: bytes as f64 / pages as f64,
+        })
+    }
+
+    fn zstd_cli(
+        &self,
+        cli: &Path,
+        work: &Path,
+        level: i32,
+        pages: u64,
+    ) -> Result<BaselineResult, BenchError> {
+        let input = work.join("pages.cat");
+        let out = work.join("pages.cat.cli.zst");
+        // The compressed size, measured once to a file.
+        let status = Command::new(cli)
+            .arg(format!("-{level}"))
+            .args(["-T0", "-q", "-f", "-o"])
+            .arg(&out)
+            .arg(&input)
+            .stdin(Stdio::null())
+            .status()
+            .map_err(io_err(cli))?;
+        if !status.success() {
+            return Err(BenchError::Io {
+                path: cli.to_path_buf(),
+                source: io::Error::other(format!("zstd failed: {status}")),
+            });
+        }
+        let bytes = fs::metadata(&out).map_err(io_err(&out))?.len();
+        let _ = fs::remove_file(&out);
+        let out = self.output(work, "pages.cat.cli.zst");
+        let mut samples = Vec::new();
+        for _ in 0..self.repeat {
+            let start = Instant::now();
+            let status = Command::new(cli)
+                .arg(format!("-{level}"))
+                .args(["-T0", "-q", "-f", "-o"])
+                .arg(&out)
+                .arg(&input)
+                .stdin(Stdio::null())
+                .status()
+                .map_err(io_err(cli))?;
+            samples.push(start.elapsed());
+            if !status.success() {
+                return Err(BenchError::Io {
+                    path: cli.to_path_buf(),
+                    source: io::Error::other(format!("zstd failed: {status}")),
+                });
+            }
+        }
+        if self.sink == Sink::File {
+            let _ = fs::remove_file(&out);
+        }
+        let time = Timing::of(samples);
+        Ok(BaselineResult {
+            tool: "zstd CLI -T0".into(),
+            level,
+            mb_s: time.mb_s(pages),
+            time,
+            output_bytes: bytes,
+            ratio: bytes as f64 / pages as f64,
+        })
+    }
+
+    fn restore(
+        &self,
+        criu: &Criu,
+        images: &Path,
+        work: &Path,
+        report: &Path,
+        pid: i32,
+    ) -> Result<RestoreResult, BenchError> {
+        let level = archive::DEFAULT_LEVEL;
+        let arch = work.join("restore.ferry");
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        archive::pack_to_file(
+            images,
+            &arch,
+            &PackOptions {
+                level,
+                threads,
+                parent: None,
+                source: "ferry bench compress".into(),
+                progress: &NoProgress,
+            },
+        )?;
+        let mut dir_samples = Vec::new();
+        let mut arch_samples = Vec::new();
+        let mut unpack_samples = Vec::new();
+        for _ in 0..self.repeat {
+            let start = Instant::now();
+            let r = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)?;
+            dir_samples.push(start.elapsed());
+            stop(Workload::adopt(r.pid, report), pid)?;
+            // The directory restore leaves its log and stats: drop them so the
+            // images stay as CRIU wrote them.
+            let _ = fs::remove_file(images.join("restore.log"));
+            let _ = fs::remove_file(images.join("stats-restore"));
+
+            let start = Instant::now();
+            let opts = ArchiveRestoreOptions {
+                parent: None,
+                threads,
+                staging: None,
+                progress: &NoProgress,
+            };
+            let r = checkpoint::restore_from_archive(
+                criu,
+                &arch,
+                &RestoreRequest::new(""),
+                &opts,
+                &mut NoHooks,
+            )?;
+            arch_samples.push(start.elapsed());
+            unpack_samples.push(r.unpack.wall);
+            stop(Workload::adopt(r.restore.pid, report), pid)?;
+        }
+        let _ = fs::remove_file(&arch);
+        let from_dir = Timing::of(dir_samples);
+        let from_archive = Timing::of(arch_samples);
+        Ok(RestoreResult {
+            overhead_pct: (from_archive.median.as_secs_f64()
+                / from_dir.median.as_secs_f64().max(1e-9)
+                - 1.0)
+                * 100.0,
+            from_dir,
+            from_archive,
+            unpack: Timing::of(unpack_samples),
+            archive_level: level,
+        })
+    }
+}
+
+/// Counts the bytes written through it.
+struct CountingWriter<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: io::Write> io::Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Kills a restored workload and waits for its pid to be free again.
+fn stop(mut w: Workload, pid: i32) -> Result<(), BenchError> {
+    w.stop(Duration::from_secs(5));
+    if !process::wait_pid_free(pid, PID_FREE_TIMEOUT) {
+        return Err(BenchError::PidStuck { pid });
+    }
+    Ok(())
+}
+
+/// Concatenates the pages images (the input of the zstd baselines).
+fn concat_pages(images: &Path, out: &Path) -> Result<u64, BenchError> {
+    let mut names: Vec<PathBuf> = fs::read_dir(images)
+        .map_err(io_err(images))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| archive::pack::is_pages_image(&n.to_string_lossy()))
+        })
+        .collect();
+    names.sort();
+    let mut dst = BufWriter::new(File::create(out).map_err(io_err(out))?);
+    let mut total = 0;
+    for n in names {
+        let mut src = File::open(&n).map_err(io_err(&n))?;
+        total += io::copy(&mut src, &mut dst).map_err(io_err(out))?;
+    }
+    io::Write::flush(&mut dst).map_err(io_err(out))?;
+    Ok(total)
+}
+
+fn targets(r: &CompressResults) -> Vec<Target> {
+    let mut out = Vec::new();
+    let max_threads = r.ferry.iter().map(|p| p.threads).max().unwrap_or(1);
+    for level in r
+        .ferry
+        .iter()
+        .map(|p| p.level)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let one = r.ferry.iter().find(|p| p.level == level && p.threads == 1);
+        let all = r
+            .ferry
+            .iter()
+            .find(|p| p.level == level && p.threads == max_threads);
+        if let (Some(one), Some(all)) = (one, all) {
+            if max_threads > 1 {
+                let x = all.mb_s / one.mb_s;
+                out.push(Target {
+                    what: format!("ferry pack scaling, level {level}"),
+                    goal: format!(
+                        ">= 1.8x its single-threaded throughput on {max_threads} threads"
+                    ),
+                    measured: format!("{x:.2}x ({:.0} vs {:.0} MB/s)", all.mb_s, one.mb_s),
+                    met: x >= 1.8,
+                });
+            }
+        }
+    }
+    for cli in r.zstd_cli.iter().filter(|c| c.level == 3) {
+        if let Some(best) = r
+            .ferry
+            .iter()
+            .filter(|p| p.threads == max_threads)
+            .max_by(|a, b| a.mb_s.total_cmp(&b.mb_s))
+        {
+            let x = best.mb_s / cli.mb_s;
+            let smaller = best.archive_bytes <= cli.output_bytes;
+            out.push(Target {
+                what: format!("ferry (level {}) vs zstd -3 -T0", best.level),
+                goal: ">= 1.5x the throughput, archive no larger".into(),
+                measured: format!(
+                    "{x:.2}x ({:.0} vs {:.0} MB/s), archive {} vs {} bytes",
+                    best.mb_s, cli.mb_s, best.archive_bytes, cli.output_bytes
+                ),
+                met: x >= 1.5 && smaller,
+            });
+        }
+    }
+    if let Some(rs) = &r.restore {
+        out.push(Target {
+            what: "restore from archive vs from images directory".into(),
+            goal: "at most 10% more wall time".into(),
+            measured: format!(
+                "{:+.1}% ({} vs {} median)",
+                rs.overhead_pct,
+                crate::units::millis(rs.from_archive.median),
+                crate::units::millis(rs.from_dir.median)
+            ),
+            met: rs.overhead_pct <= 10.0,
+        });
+    }
+    out
+}
+
+/// The results as aligned text.
+pub fn render(r: &CompressResults) -> String {
+    use crate::units::{bytes, millis};
+    let mut s = format!(
+        "ferry bench compress: {} MiB workload, {} of pages, {} CPUs, kernel {}, work dir on {}, output to {}\n",
+        r.size_mib,
+        bytes(r.pages_bytes),
+        r.cpus,
+        r.kernel,
+        r.workdir,
+        match r.sink {
+            Sink::Null => "/dev/null",
+            Sink::File => "files in the work dir",
+        }
+    );
+    s += &format!(
+        "{:<28} {:>5} {:>7} {:>12} {:>10} {:>12} {:>7}\n",
+        "TOOL", "LEVEL", "THREADS", "MEDIAN", "MB/s", "OUTPUT", "RATIO"
+    );
+    for p in &r.ferry {
+        s += &format!(
+            "{:<28} {:>5} {:>7} {:>12} {:>10.0} {:>12} {:>6.1}%\n",
+            "ferry pack",
+            p.level,
+            p.threads,
+            millis(p.time.median),
+            p.mb_s,
+            bytes(p.archive_bytes),
+            p.ratio * 100.0
+        );
+    }
+    for b in r.zstd_single.iter().chain(&r.zstd_cli) {
+        s += &format!(
+            "{:<28} {:>5} {:>7} {:>12} {:>10.0} {:>12} {:>6.1}%\n",
+            b.tool,
+            b.level,
+            if b.tool.contains("-T0") { "all" } else { "1" },
+            millis(b.time.median),
+            b.mb_s,
+            bytes(b.output_bytes),
+            b.ratio * 100.0
+        );
+    }
+    if let Some(m) = &r.zstd_cli_missing {
+        s += &format!("(zstd CLI baseline skipped: {m})\n");
+    }
+    if let Some(rs) = &r.restore {
+        s += &format!(
+            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; unpack {}); {:+.1}%\n",
+            millis(rs.from_dir.median),
+            millis(rs.from_dir.min),
+            millis(rs.from_dir.max),
+            millis(rs.from_archive.median),
+            millis(rs.from_archive.min),
+            millis(rs.from_archive.max),
+            millis(rs.unpack.median),
+            rs.overhead_pct
+        );
+    }
+    for t in &r.targets {
+        s += &format!(
+            "target {}: {} -> {} [{}]\n",
+            t.what,
+            t.goal,
+            t.measured,
+            if t.met { "met" } else { "NOT met" }
+        );
+    }
+    s
+}

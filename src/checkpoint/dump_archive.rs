@@ -1,0 +1,73 @@
+//! Dumping a process tree straight into an archive: CRIU dumps into a
+//! staging directory (tmpfs when it has room), ferry packs it, the staging
+//! directory goes away. The archive appears only when complete.
+
+use std::path::Path;
+
+use super::{dump, staging, CheckpointError};
+use crate::archive::{pack_to_file, PackOptions, PackReport};
+use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
+use crate::process;
+
+/// A dump written as an archive.
+#[derive(Debug, Clone)]
+pub struct ArchiveDump {
+    pub dump: DumpOutcome,
+    pub pack: PackReport,
+}
+
+/// Dumps `req.pid` and packs the images into `archive`. `req.images_dir` is
+/// used as is when `keep_images` is set (the images stay there); otherwise a
+/// staging directory replaces it and is removed afterwards.
+pub fn dump_to_archive(
+    criu: &Criu,
+    req: &DumpRequest,
+    keep_images: bool,
+    archive: &Path,
+    pack: &PackOptions,
+    hooks: &mut dyn NotifyHook,
+) -> Result<ArchiveDump, CheckpointError> {
+    let mut req = req.clone();
+    let mut staging_dir = None;
+    if !keep_images {
+        let estimate = process::tree_rss_bytes(req.pid)
+            .map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
+        let dir = staging::create("ferry-dump-", estimate, None).map_err(|source| {
+            CheckpointError::Staging {
+                path: staging::base_for(estimate, None),
+                source,
+            }
+        })?;
+        req.images_dir = dir.path().join("images");
+        staging_dir = Some(dir);
+    }
+    let outcome = match dump(criu, &req, hooks) {
+        Ok(o) => o,
+        Err(e) => {
+            // Only CRIU's log is left in the staging directory: keep it, the
+            // error names it.
+            if let Some(dir) = staging_dir.take() {
+                let _ = dir.keep();
+            }
+            return Err(e);
+        }
+    };
+    let pack = match pack_to_file(&req.images_dir, archive, pack) {
+        Ok(p) => p,
+        Err(source) => {
+            // The images may be all that is left of a stopped tree: never
+            // delete them when they could not be packed.
+            if let Some(dir) = staging_dir.take() {
+                let _ = dir.keep();
+            }
+            return Err(CheckpointError::Pack {
+                images: req.images_dir.clone(),
+                source,
+            });
+        }
+    };
+    Ok(ArchiveDump {
+        dump: outcome,
+        pack,
+    })
+}
