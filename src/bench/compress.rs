@@ -27,6 +27,8 @@ use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
 use crate::process;
 use crate::workload::{Launch, Workload};
 
+/// Bytes each stream compresses when measuring the machine's ceiling.
+const CEILING_BYTES: usize = 128 << 20;
 /// How long the workload may take to fill its memory.
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a restored pid may take to disappear after SIGKILL (PID 1 reaps
@@ -71,6 +73,9 @@ pub struct CompressResults {
     pub zstd_single: Vec<BaselineResult>,
     pub zstd_cli: Vec<BaselineResult>,
     pub zstd_cli_missing: Option<String>,
+    /// How much faster N independent single-threaded zstd streams go than
+    /// one, per level: the most any N-thread compressor can gain here.
+    pub machine_ceiling: Vec<Ceiling>,
     pub restore: Option<RestoreResult>,
     pub targets: Vec<Target>,
 }
@@ -93,6 +98,14 @@ pub struct BaselineResult {
     pub mb_s: f64,
     pub output_bytes: u64,
     pub ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub level: i32,
+    pub streams: usize,
+    /// Aggregate throughput of `streams` concurrent streams over one.
+    pub speedup: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,6 +244,16 @@ impl CompressBench {
                 zstd_cli.push(self.zstd_cli(cli, work.path(), level, pages)?);
             }
         }
+        let streams = self.threads.iter().copied().max().unwrap_or(1);
+        let mut machine_ceiling = Vec::new();
+        if streams > 1 {
+            for &level in &self.levels {
+                log(&format!(
+                    "machine ceiling: {streams} independent zstd streams, level {level}"
+                ));
+                machine_ceiling.push(self.ceiling(work.path(), level, streams)?);
+            }
+        }
         let restore = if self.restore {
             Some(self.restore(criu, &images, work.path(), &report, w.pid())?)
         } else {
@@ -250,6 +273,7 @@ impl CompressBench {
             zstd_single,
             zstd_cli,
             zstd_cli_missing: cli.is_none().then(|| "zstd is not installed".to_string()),
+            machine_ceiling,
             restore,
             targets: Vec::new(),
         };
@@ -294,6 +318,40 @@ impl CompressBench {
             Sink::Null => PathBuf::from("/dev/null"),
             Sink::File => work.join(name),
         }
+    }
+
+    /// Times one single-threaded zstd stream over the first
+    /// `CEILING_BYTES` of the pages, then `streams` of them at once.
+    fn ceiling(&self, work: &Path, level: i32, streams: usize) -> Result<Ceiling, BenchError> {
+        let input = work.join("pages.cat");
+        let data = fs::read(&input).map_err(io_err(&input))?;
+        let data = &data[..data.len().min(CEILING_BYTES)];
+        let one = |d: &[u8]| -> Result<Duration, BenchError> {
+            let start = Instant::now();
+            zstd::bulk::compress(d, level).map_err(io_err(&input))?;
+            Ok(start.elapsed())
+        };
+        let mut single = Vec::new();
+        let mut many = Vec::new();
+        for _ in 0..self.repeat {
+            single.push(one(data)?);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..streams).map(|_| s.spawn(|| one(data))).collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            many.push(start.elapsed());
+        }
+        let (single, many) = (Timing::of(single), Timing::of(many));
+        Ok(Ceiling {
+            level,
+            streams,
+            speedup: streams as f64 * single.median.as_secs_f64()
+                / many.median.as_secs_f64().max(1e-9),
+        })
     }
 
     fn zstd_library(
@@ -616,6 +674,12 @@ pub fn render(r: &CompressResults) -> String {
             b.mb_s,
             bytes(b.output_bytes),
             b.ratio * 100.0
+        );
+    }
+    for c in &r.machine_ceiling {
+        s += &format!(
+            "machine ceiling: {} independent single-threaded zstd -{} streams go {:.2}x one stream\n",
+            c.streams, c.level, c.speedup
         );
     }
     if let Some(m) = &r.zstd_cli_missing {

@@ -1,9 +1,10 @@
 //! `ferry demo`: ferry's main job on the bundled workload, end to end.
 //!
 //! Starts `ferry-workload` (resident memory with zero, repeated, text and
-//! random pages, and a counter), dumps it in stop mode, restores it, shows
-//! that the counter continued from where it stopped and that every page of
-//! its memory came back intact, then prints what `inspect` says of the dump.
+//! random pages, and a counter), dumps it in stop mode, packs the images
+//! into an archive, restores from the archive, shows that the counter
+//! continued from where it stopped and that every page of its memory came
+//! back intact, then prints what `inspect` says of the archive.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -12,10 +13,11 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{exit, CliError, GlobalArgs};
-use crate::checkpoint::{self, CheckpointError};
+use crate::archive::{self, ArchiveError, NoProgress, PackOptions};
+use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
 use crate::criu::{CriuError, DumpRequest, NoHooks, RestoreRequest};
 use crate::inspect::{inspect, render_human, InspectError};
-use crate::units::{bytes, millis};
+use crate::units::{bytes, millis, percent};
 use crate::workload::{self, Launch};
 
 /// Longest time the workload may take to fill its memory and start counting.
@@ -56,6 +58,8 @@ pub enum DemoError {
     Checkpoint(#[from] CheckpointError),
     #[error("demo inspect step failed")]
     Inspect(#[from] InspectError),
+    #[error("demo pack step failed")]
+    Archive(#[from] ArchiveError),
     #[error("restored workload restarted its counter: {after} after restore, {before} at the checkpoint")]
     CounterRestarted { before: u64, after: u64 },
     #[error("restored workload found its memory changed")]
@@ -143,15 +147,56 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
         "   the workload is gone; its last report said counter {at_dump}"
     )?;
 
-    writeln!(out, "== 3. Restore it")?;
-    let restored = checkpoint::restore(&criu, &RestoreRequest::new(&images), &mut NoHooks)
-        .map_err(DemoError::from)?;
-    let mut w = workload::Workload::adopt(restored.pid, &report);
+    let archive_path = workdir.join("demo.ferry");
+    writeln!(out, "== 3. Pack the images into a ferry archive")?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pack = archive::pack_to_file(
+        &images,
+        &archive_path,
+        &PackOptions {
+            level: archive::DEFAULT_LEVEL,
+            threads,
+            parent: None,
+            source: "ferry demo".into(),
+            progress: &NoProgress,
+        },
+    )
+    .map_err(DemoError::from)?;
     writeln!(
         out,
-        "   restored pid {} in {}",
-        restored.pid,
-        millis(restored.wall)
+        "   {} -> {} ({}): {} zero pages elided, {} duplicate pages stored once; {} ({:.0} MB/s)",
+        bytes(pack.raw_bytes),
+        bytes(pack.archive_bytes),
+        percent(pack.archive_bytes, pack.raw_bytes),
+        pack.zero_pages,
+        pack.duplicate_pages,
+        millis(pack.wall),
+        pack.throughput_mb_s()
+    )?;
+
+    writeln!(out, "== 4. Restore it from the archive")?;
+    let opts = ArchiveRestoreOptions {
+        parent: None,
+        threads,
+        staging: None,
+        progress: &NoProgress,
+    };
+    let restored = checkpoint::restore_from_archive(
+        &criu,
+        &archive_path,
+        &RestoreRequest::new(""),
+        &opts,
+        &mut NoHooks,
+    )
+    .map_err(DemoError::from)?;
+    let mut w = workload::Workload::adopt(restored.restore.pid, &report);
+    writeln!(
+        out,
+        "   restored pid {} in {} (unpack {}, CRIU restore {})",
+        restored.restore.pid,
+        millis(restored.wall),
+        millis(restored.unpack.wall),
+        millis(restored.restore.wall)
     )?;
     let after = w
         .wait_counter_above(at_dump + RUN_TICKS, CONTINUE_TIMEOUT)
@@ -181,8 +226,11 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
         bytes(verified.pages.total * crate::PAGE_SIZE as u64)
     )?;
 
-    writeln!(out, "== 4. What the dump is made of (ferry inspect)")?;
-    let report = inspect(&images).map_err(DemoError::from)?;
+    writeln!(
+        out,
+        "== 5. What the dump is made of (ferry inspect of the archive)"
+    )?;
+    let report = inspect(&archive_path).map_err(DemoError::from)?;
     write!(out, "{}", render_human(&report))?;
 
     if args.keep_running {
