@@ -119,6 +119,18 @@ else
   log "CRIU $(criu --version | sed -n 's/^Version: //p') installed: $(command -v criu)"
 fi
 
+# Docker's engine is not started by the distribution here: start it (with
+# --experimental, which `docker start --checkpoint` needs) unless it runs.
+docker_up() {
+  [ -S /var/run/docker.sock ] && curl -sf --unix-socket /var/run/docker.sock http://localhost/_ping >/dev/null
+}
+if ! docker_up; then
+  log "starting dockerd --experimental (log: /var/log/ferry-dockerd.log)"
+  nohup dockerd --experimental >/var/log/ferry-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do docker_up && break; sleep 0.5; done
+  docker_up || die "dockerd did not start: $(tail -5 /var/log/ferry-dockerd.log)"
+fi
+
 # podman refuses to start containers on hosts that refuse raising rlimits.
 if [ ! -f /etc/containers/containers.conf ]; then
   mkdir -p /etc/containers

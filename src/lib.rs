@@ -26,6 +26,7 @@ pub mod page;
 pub mod probe;
 pub mod process;
 pub mod sys;
+pub mod target;
 pub mod units;
 pub mod workload;
 

@@ -8,6 +8,7 @@ use super::{CheckpointError, TargetAfterFailure};
 use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
 use crate::image::FileClass;
 use crate::process::{self, ProcessError, ProcessInfo};
+use crate::target::preflight::{self, Allow};
 
 /// Dumps the tree rooted at `req.pid` into `req.images_dir` (created if
 /// absent). See the module docs for what is checked and guaranteed.
@@ -17,6 +18,13 @@ pub fn dump(
     hooks: &mut dyn NotifyHook,
 ) -> Result<DumpOutcome, CheckpointError> {
     check_target(req.pid)?;
+    preflight::check(
+        req.pid,
+        Allow {
+            tcp_established: req.tcp_established,
+            ext_unix_sk: req.ext_unix_sk,
+        },
+    )?;
     prepare_dir(&req.images_dir)?;
     match criu.dump(req, hooks) {
         Ok(outcome) => Ok(outcome),

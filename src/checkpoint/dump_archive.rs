@@ -4,7 +4,8 @@
 
 use std::path::Path;
 
-use super::{dump, staging, CheckpointError};
+use super::{dump, dump_container, staging, CheckpointError};
+use crate::target::ContainerRef;
 use crate::archive::{pack_to_file, PackOptions, PackReport};
 use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
 use crate::process;
@@ -21,6 +22,7 @@ pub struct ArchiveDump {
 /// staging directory replaces it and is removed afterwards.
 pub fn dump_to_archive(
     criu: &Criu,
+    container: Option<&ContainerRef>,
     req: &DumpRequest,
     keep_images: bool,
     archive: &Path,
@@ -30,8 +32,13 @@ pub fn dump_to_archive(
     let mut req = req.clone();
     let mut staging_dir = None;
     if !keep_images {
-        let estimate = process::tree_rss_bytes(req.pid)
-            .map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
+        // A container's size is not known before it is found: assume the
+        // worst case fits wherever the staging lands.
+        let estimate = match container {
+            Some(_) => 0,
+            None => process::tree_rss_bytes(req.pid)
+                .map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?,
+        };
         let dir = staging::create("ferry-dump-", estimate, None).map_err(|source| {
             CheckpointError::Staging {
                 path: staging::base_for(estimate, None),
@@ -41,7 +48,11 @@ pub fn dump_to_archive(
         req.images_dir = dir.path().join("images");
         staging_dir = Some(dir);
     }
-    let outcome = match dump(criu, &req, hooks) {
+    let dumped = match container {
+        Some(c) => dump_container(criu, c, &req, hooks).map(|o| o.dump),
+        None => dump(criu, &req, hooks),
+    };
+    let outcome = match dumped {
         Ok(o) => o,
         Err(e) => {
             // Only CRIU's log is left in the staging directory: keep it, the

@@ -1,6 +1,8 @@
 //! Checkpoint and restore of a process tree, with the guarantees ferry gives
 //! around CRIU's own work:
-//! - before a dump: the target exists and the images directory is usable
+//! - before a dump: the target exists, nothing in it makes the dump unsafe
+//!   (established TCP, external unix sockets, a GPU context: see
+//!   [`crate::target::preflight`]) and the images directory is usable
 //!   (absent or empty, writable), so CRIU never starts on a doomed dump;
 //! - after a failed dump: the tree is not left stopped (CRIU resumes it;
 //!   ferry checks and sends SIGCONT to anything still stopped), and the
@@ -13,8 +15,10 @@
 
 mod dump;
 mod dump_archive;
+mod dump_container;
 mod restore;
 mod restore_archive;
+mod restore_container;
 pub mod staging;
 
 use std::io;
@@ -26,6 +30,8 @@ use crate::image::ImageError;
 
 pub use dump::dump;
 pub use dump_archive::{dump_to_archive, ArchiveDump};
+pub use dump_container::{dump_container, ContainerDumpOutcome};
+pub use restore_container::{restore_container, ContainerRestore, Source};
 pub use restore::restore;
 pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};
 
@@ -38,6 +44,8 @@ pub enum TargetAfterFailure {
     Resumed(Vec<i32>),
     /// It no longer exists (it exited, or it never did).
     Gone,
+    /// Its container was left frozen; ferry thawed the freezer cgroup.
+    Thawed,
 }
 
 impl std::fmt::Display for TargetAfterFailure {
@@ -51,6 +59,9 @@ impl std::fmt::Display for TargetAfterFailure {
                 )
             }
             TargetAfterFailure::Gone => f.write_str("the process no longer exists"),
+            TargetAfterFailure::Thawed => {
+                f.write_str("ferry thawed the container's frozen cgroup; it is running")
+            }
         }
     }
 }
@@ -110,6 +121,22 @@ pub enum CheckpointError {
         #[source]
         source: ArchiveError,
     },
+    #[error("pre-flight check refused the dump; nothing was frozen")]
+    Preflight(#[from] crate::target::preflight::PreflightError),
+    #[error(transparent)]
+    Container(#[from] crate::target::ContainerError),
+    #[error(transparent)]
+    Runc(#[from] crate::target::runc::RuncError),
+    #[error(transparent)]
+    Docker(#[from] crate::target::docker::DockerError),
+    #[error("cannot write {}", path.display())]
+    Record {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no runc bundle recorded with the images in {} and none given: pass --bundle", images.display())]
+    NoBundle { images: PathBuf },
     #[error("cannot create a staging directory in {}", path.display())]
     Staging {
         path: PathBuf,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::pack::{describe_pack, PackFlags};
 use super::progress::Bar;
-use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
+use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
 use crate::archive::PackReport;
 use crate::checkpoint;
 use crate::criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
@@ -17,10 +17,13 @@ use crate::units::{bytes, millis};
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("to").required(true).multiple(true).args(["images_dir", "archive"]))]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["pid", "runc", "docker"]))]
 pub struct DumpArgs {
     /// Root pid of the process tree to dump.
     #[arg(short = 't', long = "pid", visible_alias = "tree", value_name = "PID")]
-    pub pid: i32,
+    pub pid: Option<i32>,
+    #[command(flatten)]
+    pub container: ContainerFlags,
     /// Directory to write the images to (created; must be empty if it
     /// exists). With --archive the images are kept there too.
     #[arg(short = 'D', long, value_name = "DIR")]
@@ -44,7 +47,9 @@ pub struct DumpArgs {
 #[derive(Debug, Serialize)]
 struct DumpReport {
     format_version: u32,
+    /// The dumped tree's root (the container's init, as the host sees it).
     pid: i32,
+    container: Option<String>,
     images_dir: Option<String>,
     archive: Option<String>,
     leave_running: bool,
@@ -58,6 +63,7 @@ struct DumpReport {
 
 pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let criu = global.criu()?;
+    let container = args.container.container();
     let req = DumpRequest {
         leave_running: args.leave_running,
         tcp_established: args.flags.tcp_established,
@@ -65,15 +71,18 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
-        ..DumpRequest::new(args.pid, args.images_dir.clone().unwrap_or_default())
+        ..DumpRequest::new(args.pid.unwrap_or(0), args.images_dir.clone().unwrap_or_default())
     };
+    let mut pid = req.pid;
     let (outcome, pack): (DumpOutcome, Option<PackReport>) = match &args.archive {
         Some(archive) => {
-            let rss = crate::process::tree_rss_bytes(args.pid).unwrap_or(0);
+            let rss = crate::process::tree_rss_bytes(req.pid).unwrap_or(0);
             let bar = Bar::new(rss, "packing");
             let source = format!(
-                "pid {} on {}",
-                args.pid,
+                "{} on {}",
+                container
+                    .as_ref()
+                    .map_or_else(|| format!("pid {}", req.pid), |c| c.describe()),
                 nix::unistd::gethostname()
                     .map(|h| h.to_string_lossy().into_owned())
                     .unwrap_or_default()
@@ -81,6 +90,7 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
             let opts = args.pack.options(source, &bar);
             let r = checkpoint::dump_to_archive(
                 &criu,
+                container.as_ref(),
                 &req,
                 args.images_dir.is_some(),
                 archive,
@@ -90,7 +100,14 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
             bar.finish();
             (r.dump, Some(r.pack))
         }
-        None => (checkpoint::dump(&criu, &req, &mut NoHooks)?, None),
+        None => match &container {
+            Some(c) => {
+                let r = checkpoint::dump_container(&criu, c, &req, &mut NoHooks)?;
+                pid = r.init_pid;
+                (r.dump, None)
+            }
+            None => (checkpoint::dump(&criu, &req, &mut NoHooks)?, None),
+        },
     };
     let (images_bytes, images_files) = match args.images_dir.as_deref().map(ImagesDir::open) {
         Some(Ok(d)) => (d.files().iter().map(|f| f.bytes).sum(), d.files().len()),
@@ -101,7 +118,8 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
     };
     let report = DumpReport {
         format_version: 1,
-        pid: args.pid,
+        pid,
+        container: container.as_ref().map(|c| c.describe()),
         images_dir: args.images_dir.as_ref().map(|d| d.display().to_string()),
         archive: args.archive.as_ref().map(|a| a.display().to_string()),
         leave_running: args.leave_running,
@@ -123,8 +141,8 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
         .unwrap_or_default();
     writeln!(
         out,
-        "Dumped pid {} into {} ({})",
-        args.pid,
+        "Dumped {} into {} ({})",
+        report.container.clone().unwrap_or_else(|| format!("pid {pid}")),
         to,
         if args.leave_running {
             "left running"

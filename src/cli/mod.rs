@@ -114,6 +114,40 @@ pub struct CriuFlags {
     pub log_level: u8,
 }
 
+/// How the command line names a container (dump and restore).
+#[derive(Debug, Clone, Args)]
+pub struct ContainerFlags {
+    /// A runc container, by id.
+    #[arg(long, value_name = "ID")]
+    pub runc: Option<String>,
+    /// runc's state directory.
+    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    pub runc_root: PathBuf,
+    /// A Docker container, by name or id.
+    #[arg(long, value_name = "NAME")]
+    pub docker: Option<String>,
+    /// Docker Engine API socket.
+    #[arg(long, value_name = "PATH", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    pub docker_socket: PathBuf,
+}
+
+impl ContainerFlags {
+    pub fn container(&self) -> Option<crate::target::ContainerRef> {
+        use crate::target::ContainerRef;
+        match (&self.runc, &self.docker) {
+            (Some(id), _) => Some(ContainerRef::Runc {
+                id: id.clone(),
+                root: self.runc_root.clone(),
+            }),
+            (None, Some(name)) => Some(ContainerRef::Docker {
+                name: name.clone(),
+                socket: self.docker_socket.clone(),
+            }),
+            (None, None) => None,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error(transparent)]

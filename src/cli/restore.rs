@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::pack::{describe_unpack, threads};
 use super::progress::Bar;
-use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
+use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
 use crate::archive::UnpackReport;
 use crate::checkpoint::{self, ArchiveRestoreOptions};
 use crate::criu::{NoHooks, RestoreRequest, Timeline};
@@ -37,6 +37,13 @@ pub struct RestoreArgs {
     /// Write the restored root's pid to this file.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
+    /// Restore a container (through runc or Docker) rather than a process tree.
+    #[command(flatten)]
+    pub container: ContainerFlags,
+    /// With --runc: the bundle to restore with (default: the one recorded
+    /// at dump time).
+    #[arg(long, value_name = "DIR", requires = "runc")]
+    pub bundle: Option<PathBuf>,
     #[command(flatten)]
     pub flags: CriuFlags,
     /// Print the result as JSON.
@@ -48,6 +55,7 @@ pub struct RestoreArgs {
 struct RestoreReport {
     format_version: u32,
     pid: i32,
+    container: Option<String>,
     images_dir: Option<String>,
     archive: Option<String>,
     /// From the command's start to the restored tree running.
@@ -60,6 +68,9 @@ struct RestoreReport {
 }
 
 pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    if let Some(container) = args.container.container() {
+        return run_container(&container, args, out);
+    }
     let criu = global.criu()?;
     let req = RestoreRequest {
         tcp_established: args.flags.tcp_established,
@@ -95,6 +106,7 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
     let report = RestoreReport {
         format_version: 1,
         pid: outcome.pid,
+        container: None,
         images_dir: args.images_dir.as_ref().map(|d| d.display().to_string()),
         archive: args.archive.as_ref().map(|a| a.display().to_string()),
         wall_us: wall.as_micros() as u64,
@@ -126,6 +138,67 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
             describe_unpack(u, "a staging directory (removed)")
         )?;
         writeln!(out, "  CRIU restore {}", millis(outcome.wall))?;
+    }
+    Ok(exit::OK)
+}
+
+/// Restores a container through its engine.
+fn run_container(
+    container: &crate::target::ContainerRef,
+    args: &RestoreArgs,
+    out: &mut dyn Write,
+) -> Result<u8, CliError> {
+    let bar;
+    let source = match (&args.archive, &args.images_dir) {
+        (Some(path), _) => {
+            bar = Bar::new(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0), "unpacking");
+            checkpoint::Source::Archive {
+                path,
+                parent: args.parent.as_deref(),
+                staging: args.staging.as_deref(),
+                threads: threads(args.threads),
+                progress: &bar,
+            }
+        }
+        (None, Some(dir)) => {
+            bar = Bar::new(0, "");
+            checkpoint::Source::Dir(dir)
+        }
+        (None, None) => unreachable!("clap requires --images-dir or --archive"),
+    };
+    let flags = crate::target::runc::RestoreFlags {
+        tcp_established: args.flags.tcp_established,
+        ext_unix_sk: args.flags.ext_unix_sk,
+        file_locks: args.flags.file_locks,
+        consume_images: false,
+    };
+    let r = checkpoint::restore_container(container, source, args.bundle.as_deref(), flags)?;
+    bar.finish();
+    if let Some(pidfile) = &args.pidfile {
+        write_pidfile(pidfile, r.pid)?;
+    }
+    let report = RestoreReport {
+        format_version: 1,
+        pid: r.pid,
+        container: Some(container.describe()),
+        images_dir: args.images_dir.as_ref().map(|d| d.display().to_string()),
+        archive: args.archive.as_ref().map(|a| a.display().to_string()),
+        wall_us: r.wall.as_micros() as u64,
+        criu_wall_us: 0,
+        unpack: r.unpack,
+        criu_stats: None,
+        timeline: Timeline::default(),
+    };
+    if args.json {
+        write_json(out, &report)?;
+    } else {
+        writeln!(
+            out,
+            "Restored {} (init pid {}) in {}",
+            container.describe(),
+            r.pid,
+            millis(r.wall)
+        )?;
     }
     Ok(exit::OK)
 }

@@ -27,6 +27,25 @@ pub struct DumpRequest {
     pub log_level: u8,
     /// Log file name, inside `images_dir`.
     pub log_file: String,
+    /// Set when the tree is a container's.
+    pub container: Option<ContainerDump>,
+}
+
+/// What CRIU needs to dump a container (the options runc gives it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerDump {
+    /// The container's root filesystem, as the host sees it.
+    pub root: PathBuf,
+    /// External mounts: (mount point inside the container, key in the images).
+    pub ext_mounts: Vec<(String, String)>,
+    /// External resources, CRIU syntax (e.g. `net[4026532]:extRootNetNS`).
+    pub external: Vec<String>,
+    /// Freeze through this cgroup instead of ptrace-stopping each task.
+    pub freeze_cgroup: Option<PathBuf>,
+    /// Dump the container's own network namespace empty: its interfaces
+    /// and their configuration belong to the engine, which recreates them
+    /// (CLONE_NEWNET, as runc passes it).
+    pub empty_net_ns: bool,
 }
 
 impl DumpRequest {
@@ -42,6 +61,7 @@ impl DumpRequest {
             file_locks: false,
             log_level: DEFAULT_LOG_LEVEL,
             log_file: "dump.log".into(),
+            container: None,
         }
     }
 
@@ -75,7 +95,7 @@ impl Criu {
             path: req.images_dir.clone(),
             source,
         })?;
-        let opts = pb::CriuOpts {
+        let mut opts = pb::CriuOpts {
             images_dir_fd: dir.as_raw_fd(),
             pid: Some(req.pid),
             leave_running: Some(req.leave_running),
@@ -88,6 +108,24 @@ impl Criu {
             notify_scripts: Some(true),
             ..Default::default()
         };
+        if let Some(c) = &req.container {
+            opts.root = Some(c.root.display().to_string());
+            opts.manage_cgroups = Some(true);
+            opts.orphan_pts_master = Some(true);
+            opts.ext_mnt = c
+                .ext_mounts
+                .iter()
+                .map(|(key, val)| pb::ExtMountMap {
+                    key: key.clone(),
+                    val: val.clone(),
+                })
+                .collect();
+            opts.external = c.external.clone();
+            opts.freeze_cgroup = c.freeze_cgroup.as_ref().map(|p| p.display().to_string());
+            if c.empty_net_ns {
+                opts.empty_ns = Some(libc::CLONE_NEWNET as u32);
+            }
+        }
         let msg = pb::CriuReq {
             r#type: pb::CriuReqType::Dump as i32,
             opts: Some(opts),

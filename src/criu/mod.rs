@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use crate::probe::which;
 pub use connection::Connection;
-pub use dump::{DumpOutcome, DumpRequest};
+pub use dump::{ContainerDump, DumpOutcome, DumpRequest};
 pub use error::{CriuError, RequestKind};
 pub use notify::{HookError, NoHooks, Notification, NotifyHook, Script, Timeline};
 pub use restore::{RestoreOutcome, RestoreRequest};

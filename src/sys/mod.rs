@@ -6,6 +6,7 @@
 
 pub mod kernel;
 pub mod mmap;
+pub mod sockdiag;
 pub mod seqpacket;
 
 pub use seqpacket::{Packet, SeqPacket};

@@ -1,0 +1,258 @@
+//! Docker containers: found through the Engine API on Docker's socket, their
+//! runc state read under Docker's runc root; restores handed to
+//! `docker start --checkpoint` with the images placed where Docker expects
+//! them (`<docker root>/containers/<id>/checkpoints/<name>/`), into the same
+//! container or a new one created from the recorded configuration.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse};
+use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+use bollard::Docker;
+use serde::{Deserialize, Serialize};
+
+use super::container::{ContainerError, ContainerState};
+
+pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
+/// Where Docker's runc keeps container state.
+pub const RUNC_ROOT: &str = "/run/docker/runtime-runc/moby";
+pub const ENGINE: &str = "docker";
+/// How long an Engine API call may take.
+const API_TIMEOUT_SECS: u64 = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DockerError {
+    #[error("dockerd is not running or not reachable at {} ({detail}): start it (dockerd --experimental)", socket.display())]
+    NotRunning { socket: PathBuf, detail: String },
+    #[error("no Docker container '{name}'")]
+    Unknown { name: String },
+    #[error("Docker container '{name}' is running: restore needs a stopped or new container")]
+    Running { name: String },
+    #[error("Docker Engine API call {call} failed: {detail}")]
+    Api { call: &'static str, detail: String },
+    #[error(transparent)]
+    Container(#[from] ContainerError),
+    #[error("the checkpoint holds no Docker configuration to create '{name}' from, and no such container exists")]
+    NoSpec { name: String },
+    #[error("image {image} is not present on this host: pull or load it first")]
+    NoImage { image: String },
+    #[error("cannot place the checkpoint in {}", path.display())]
+    Place {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the docker command line is not installed")]
+    NoCli,
+    #[error("`docker start --checkpoint` failed ({status}): {stderr}")]
+    Start { status: String, stderr: String },
+    #[error("cannot start the Docker API client")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// What ferry records about a Docker container to recreate it elsewhere.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DockerSpec {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    /// The Engine API's create body: Config with HostConfig.
+    pub create: serde_json::Value,
+}
+
+/// A running Docker container, found through the API.
+#[derive(Debug, Clone)]
+pub struct DockerContainer {
+    pub spec: DockerSpec,
+    pub state: ContainerState,
+}
+
+/// A blocking handle on the Engine API.
+struct Api {
+    rt: tokio::runtime::Runtime,
+    docker: Docker,
+    socket: PathBuf,
+}
+
+impl Api {
+    fn connect(socket: &Path) -> Result<Api, DockerError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(DockerError::Runtime)?;
+        let not_running = |detail: String| DockerError::NotRunning {
+            socket: socket.to_path_buf(),
+            detail,
+        };
+        if !socket.exists() {
+            return Err(not_running("no such socket".into()));
+        }
+        let docker = Docker::connect_with_socket(
+            &socket.to_string_lossy(),
+            API_TIMEOUT_SECS,
+            bollard::API_DEFAULT_VERSION,
+        )
+        .map_err(|e| not_running(e.to_string()))?;
+        rt.block_on(docker.ping()).map_err(|e| not_running(e.to_string()))?;
+        Ok(Api {
+            rt,
+            docker,
+            socket: socket.to_path_buf(),
+        })
+    }
+
+    fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>, DockerError> {
+        match self.rt.block_on(self.docker.inspect_container(name, None)) {
+            Ok(c) => Ok(Some(c)),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(DockerError::Api {
+                call: "inspect container",
+                detail: e.to_string(),
+            }),
+        }
+    }
+
+    fn root_dir(&self) -> Result<PathBuf, DockerError> {
+        let info = self
+            .rt
+            .block_on(self.docker.info())
+            .map_err(|e| DockerError::Api {
+                call: "info",
+                detail: e.to_string(),
+            })?;
+        Ok(PathBuf::from(info.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".into())))
+    }
+}
+
+/// Finds a running container by name or id.
+pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError> {
+    let api = Api::connect(socket)?;
+    let c = api.inspect(name)?.ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+    let id = c.id.clone().unwrap_or_default();
+    let state = ContainerState::load(ENGINE, Path::new(RUNC_ROOT), &id)?;
+    state.require_running(ENGINE)?;
+    let config = c.config.clone().map(|cfg| serde_json::to_value(cfg).unwrap_or_default());
+    let mut create = config.unwrap_or_else(|| serde_json::json!({}));
+    if let Some(h) = &c.host_config {
+        create["HostConfig"] = serde_json::to_value(h).unwrap_or_default();
+    }
+    let image = c
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.image.clone())
+        .or(c.image.clone())
+        .unwrap_or_default();
+    Ok(DockerContainer {
+        spec: DockerSpec {
+            id,
+            name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            image,
+            create,
+        },
+        state,
+    })
+}
+
+/// Restores into container `name` from `images` (which hold ferry's images
+/// and `descriptors.json`): the container must be stopped, or absent and
+/// `spec` given to create it. Returns the restored init's pid.
+pub fn restore(
+    socket: &Path,
+    name: &str,
+    images: &Path,
+    spec: Option<&DockerSpec>,
+) -> Result<i32, DockerError> {
+    let api = Api::connect(socket)?;
+    let existing = api.inspect(name)?;
+    let id = match existing {
+        Some(c) if c.state.as_ref().and_then(|s| s.running).unwrap_or(false) => {
+            return Err(DockerError::Running { name: name.into() })
+        }
+        Some(c) => c.id.unwrap_or_default(),
+        None => create(&api, name, spec.ok_or_else(|| DockerError::NoSpec { name: name.into() })?)?,
+    };
+    let checkpoint = format!("ferry-{}", std::process::id());
+    let dir = api.root_dir()?.join("containers").join(&id).join("checkpoints").join(&checkpoint);
+    place(images, &dir)?;
+    let started = start_from_checkpoint(&api.socket, &id, &checkpoint);
+    let _ = fs::remove_dir_all(&dir);
+    started?;
+    let c = api.inspect(&id)?.ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+    Ok(c.state.and_then(|s| s.pid).unwrap_or(0) as i32)
+}
+
+fn create(api: &Api, name: &str, spec: &DockerSpec) -> Result<String, DockerError> {
+    match api.rt.block_on(api.docker.inspect_image(&spec.image)) {
+        Ok(_) => {}
+        Err(_) => return Err(DockerError::NoImage { image: spec.image.clone() }),
+    }
+    let body: ContainerCreateBody =
+        serde_json::from_value(spec.create.clone()).map_err(|e| DockerError::Api {
+            call: "create container",
+            detail: format!("recorded configuration does not fit: {e}"),
+        })?;
+    let opts = CreateContainerOptionsBuilder::default().name(name).build();
+    let r = api
+        .rt
+        .block_on(api.docker.create_container(Some(opts), body))
+        .map_err(|e| DockerError::Api {
+            call: "create container",
+            detail: e.to_string(),
+        })?;
+    Ok(r.id)
+}
+
+/// Copies the images into Docker's checkpoint directory.
+fn place(images: &Path, dir: &Path) -> Result<(), DockerError> {
+    let fail = |source| DockerError::Place {
+        path: dir.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(dir).map_err(fail)?;
+    for entry in fs::read_dir(images).map_err(fail)? {
+        let entry = entry.map_err(fail)?;
+        if entry.file_type().map_err(fail)?.is_file() {
+            let to = dir.join(entry.file_name());
+            if fs::hard_link(entry.path(), &to).is_err() {
+                fs::copy(entry.path(), &to).map_err(fail)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn start_from_checkpoint(socket: &Path, id: &str, checkpoint: &str) -> Result<(), DockerError> {
+    let cli = crate::probe::which("docker").ok_or(DockerError::NoCli)?;
+    let out = Command::new(cli)
+        .env("DOCKER_HOST", format!("unix://{}", socket.display()))
+        .args(["start", "--checkpoint", checkpoint, id])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| DockerError::Start {
+            status: "not started".into(),
+            stderr: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(DockerError::Start {
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Removes a container (used by tests and by failed restores into a new
+/// container).
+pub fn remove(socket: &Path, name: &str) -> Result<(), DockerError> {
+    let api = Api::connect(socket)?;
+    let opts = RemoveContainerOptionsBuilder::default().force(true).build();
+    api.rt
+        .block_on(api.docker.remove_container(name, Some(opts)))
+        .map_err(|e| DockerError::Api {
+            call: "remove container",
+            detail: e.to_string(),
+        })?;
+    Ok(())
+}
