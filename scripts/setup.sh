@@ -6,19 +6,24 @@
 #   scripts/setup.sh --demo      install + build, then run `ferry demo`
 #   scripts/setup.sh --no-build  install only (scripts/test.sh builds for itself)
 #
-# CRIU: ferry needs CRIU >= 4. Where the distribution's package is >= 4 it is
-# installed with apt. Debian 12 ships CRIU 3.17, which fails on recent kernels
-# ("vdso: Unexpected rt vDSO area bounds"); there CRIU 4.1.1 is taken from
-# Debian 13 ("trixie") with its library closure, unpacked into a private
-# prefix (/opt/ferry/criu) without touching the system libc, and started
-# through a `criu` wrapper in /usr/local/bin that runs it with trixie's
-# dynamic loader. The archive URI is derived from this machine's own apt
-# sources, never written down.
+# CRIU: ferry needs CRIU >= 4.2. Debian 12 ships CRIU 3.17, which fails on
+# recent kernels ("vdso: Unexpected rt vDSO area bounds"); CRIU 4.1.1 (Debian
+# 13) runs but cannot dump any TCP or UDP socket on kernels >= 6.16
+# (getsockopt SO_PASSCRED on inet sockets now answers EOPNOTSUPP), which
+# 4.2 handles. Where the distribution's package is >= 4.2 it is installed
+# with apt; otherwise CRIU is taken from Debian "testing" (falling back to
+# "unstable") with its library closure, unpacked into a private prefix
+# (/opt/ferry/criu) without touching the system libc, and started through a
+# `criu` wrapper in /usr/local/bin that runs it with that release's dynamic
+# loader. The archive URI is derived from this machine's own apt sources,
+# never written down.
 set -euo pipefail
 
 PREFIX=/opt/ferry/criu
 WRAPPER=/usr/local/bin/criu
 CRIU_MIN_MAJOR=4
+CRIU_MIN_MINOR=2
+CRIU_SUITES=(testing unstable)
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DEMO=0
 BUILD=1
@@ -54,11 +59,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# Whether version "X.Y[.Z]" is at least the minimum.
+new_enough() {
+  local major minor
+  major=${1%%.*}; minor=${1#*.}; minor=${minor%%.*}
+  [ -n "$major" ] && [ -n "$minor" ] || return 1
+  [ "$major" -gt "$CRIU_MIN_MAJOR" ] || { [ "$major" -eq "$CRIU_MIN_MAJOR" ] && [ "$minor" -ge "$CRIU_MIN_MINOR" ]; }
+}
+
 criu_works() {
   command -v criu >/dev/null 2>&1 || return 1
   local v
-  v=$(criu --version 2>/dev/null | sed -n 's/^Version: \([0-9]*\)\..*/\1/p')
-  [ -n "$v" ] && [ "$v" -ge "$CRIU_MIN_MAJOR" ] || return 1
+  v=$(criu --version 2>/dev/null | sed -n 's/^Version: //p')
+  new_enough "$v" || return 1
   criu check >/dev/null 2>&1
 }
 
@@ -70,8 +83,8 @@ multiarch() {
   esac
 }
 
-install_criu_from_trixie() {
-  local work uri triplet loader closure
+install_criu_from() {
+  local suite=$1 work uri triplet loader closure
   read -r triplet loader < <(multiarch)
   work=$(mktemp -d /tmp/ferry-criu.XXXXXX)
   trap 'rm -rf "$work"' RETURN
@@ -79,10 +92,10 @@ install_criu_from_trixie() {
   [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
   [ -n "$uri" ] || die "cannot find a Debian archive URI in this machine's apt sources"
   mkdir -p "$work/lists/partial" "$work/debs"
-  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri trixie main" > "$work/sources.list"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $uri $suite main" > "$work/sources.list"
   local apt_opts=(-o "Dir::Etc::SourceList=$work/sources.list" -o "Dir::Etc::SourceParts=-"
                   -o "Dir::State::Lists=$work/lists" -o "APT::Sandbox::User=root")
-  log "fetching CRIU from Debian 13 (trixie) at $uri"
+  log "fetching CRIU from Debian $suite at $uri"
   apt-get "${apt_opts[@]}" update -q >/dev/null
   closure=$(apt-cache "${apt_opts[@]}" depends --recurse --no-recommends --no-suggests \
       --no-conflicts --no-breaks --no-replaces --no-enhances --no-pre-depends criu \
@@ -91,13 +104,13 @@ install_criu_from_trixie() {
   rm -rf "$PREFIX.new"
   mkdir -p "$PREFIX.new"
   for deb in "$work"/debs/*.deb; do dpkg-deb -x "$deb" "$PREFIX.new"; done
-  [ -x "$PREFIX.new/usr/sbin/criu" ] || die "the trixie criu package holds no usr/sbin/criu"
+  [ -x "$PREFIX.new/usr/sbin/criu" ] || { log "the $suite criu package holds no usr/sbin/criu"; return 1; }
   rm -rf "$PREFIX"
   mv "$PREFIX.new" "$PREFIX"
   cat > "$WRAPPER.new" <<WRAP
 #!/bin/sh
-# CRIU from Debian 13 in a private prefix, run with its own loader and libraries
-# (installed by ferry's scripts/setup.sh).
+# CRIU from Debian $suite in a private prefix, run with its own loader and
+# libraries (installed by ferry's scripts/setup.sh).
 exec "$PREFIX/usr/lib/$triplet/$loader" --library-path "$PREFIX/usr/lib/$triplet" "$PREFIX/usr/sbin/criu" "\$@"
 WRAP
   chmod 755 "$WRAPPER.new"
@@ -107,15 +120,16 @@ WRAP
 if criu_works; then
   log "CRIU $(criu --version | sed -n 's/^Version: //p') already works: $(command -v criu)"
 else
-  candidate=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: \([0-9]*\)\..*/\1/p' | head -1)
-  if [ -n "$candidate" ] && [ "$candidate" -ge "$CRIU_MIN_MAJOR" ]; then
+  candidate=$(apt-cache policy criu 2>/dev/null | sed -n 's/^ *Candidate: \([0-9.]*\).*/\1/p' | head -1)
+  if [ -n "$candidate" ] && new_enough "$candidate"; then
     log "installing the distribution's CRIU package"
     apt-get install -y -q --no-install-recommends criu
   fi
-  if ! criu_works; then
-    install_criu_from_trixie
-  fi
-  criu_works || die "CRIU still does not pass 'criu check': $(criu check 2>&1 | tail -3)"
+  for suite in "${CRIU_SUITES[@]}"; do
+    criu_works && break
+    install_criu_from "$suite" || true
+  done
+  criu_works || die "no CRIU >= $CRIU_MIN_MAJOR.$CRIU_MIN_MINOR that passes 'criu check' could be installed: $(criu check 2>&1 | tail -3)"
   log "CRIU $(criu --version | sed -n 's/^Version: //p') installed: $(command -v criu)"
 fi
 

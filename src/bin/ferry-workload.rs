@@ -53,6 +53,13 @@ struct Args {
     /// Random pages rewritten per second, in MiB/s (a dirty rate for pre-copy).
     #[arg(long, default_value_t = 0.0)]
     dirty_mib_s: f64,
+    /// Open a TCP connection to this address at start and hold it (to test
+    /// checkpoints of established connections).
+    #[arg(long)]
+    hold_tcp: Option<SocketAddr>,
+    /// Connect to this unix socket at start and hold the connection.
+    #[arg(long)]
+    hold_unix: Option<PathBuf>,
     /// Child processes to start (each a small idle process), to make a tree.
     #[arg(long, default_value_t = 0)]
     children: u32,
@@ -95,7 +102,11 @@ fn main() -> Result<()> {
         bail!("--tick-ms must be at least 1");
     }
     if !args.no_setsid && nix::unistd::getsid(None)? != nix::unistd::getpid() {
-        nix::unistd::setsid().context("setsid")?;
+        // A container's init may already lead its process group; then it
+        // keeps the session it was given.
+        if let Err(e) = nix::unistd::setsid() {
+            eprintln!("ferry-workload: setsid: {e}; staying in the current session");
+        }
     }
     run(&args, mix, &stop, &verify)
 }
@@ -179,6 +190,17 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
         }
         None => None,
     };
+    let _held_tcp = args
+        .hold_tcp
+        .map(std::net::TcpStream::connect)
+        .transpose()
+        .context("connect --hold-tcp")?;
+    let _held_unix = args
+        .hold_unix
+        .as_ref()
+        .map(std::os::unix::net::UnixStream::connect)
+        .transpose()
+        .context("connect --hold-unix")?;
     let mut children = spawn_children(args.children)?;
     let mut report = Report {
         pid: std::process::id(),

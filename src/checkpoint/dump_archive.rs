@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use super::{dump, dump_container, staging, CheckpointError};
-use crate::target::ContainerRef;
 use crate::archive::{pack_to_file, PackOptions, PackReport};
 use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
 use crate::process;
+use crate::target::ContainerRef;
 
 /// A dump written as an archive.
 #[derive(Debug, Clone)]

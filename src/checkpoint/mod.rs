@@ -31,9 +31,9 @@ use crate::image::ImageError;
 pub use dump::dump;
 pub use dump_archive::{dump_to_archive, ArchiveDump};
 pub use dump_container::{dump_container, ContainerDumpOutcome};
-pub use restore_container::{restore_container, ContainerRestore, Source};
 pub use restore::restore;
 pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};
+pub use restore_container::{restore_container, ContainerRestore, Source};
 
 /// What became of the dump target after a failed dump.
 #[derive(Debug, Clone, PartialEq, Eq)]

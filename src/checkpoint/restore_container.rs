@@ -79,8 +79,17 @@ pub fn restore_container(
         ContainerRef::Runc { id, root } => {
             let bundle: PathBuf = match (bundle, &record) {
                 (Some(b), _) => b.to_path_buf(),
-                (None, Some(TargetRecord::Runc { bundle: Some(b), .. })) => b.clone(),
-                _ => return Err(CheckpointError::NoBundle { images: dir.clone() }),
+                (
+                    None,
+                    Some(TargetRecord::Runc {
+                        bundle: Some(b), ..
+                    }),
+                ) => b.clone(),
+                _ => {
+                    return Err(CheckpointError::NoBundle {
+                        images: dir.clone(),
+                    })
+                }
             };
             runc::restore(
                 root,

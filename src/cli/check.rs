@@ -60,6 +60,16 @@ fn render(r: &HostReport) -> String {
         "  check            {}\n",
         if c.check_passed { "passed" } else { "FAILED" }
     );
+    if let Some(ok) = c.inet_sockets {
+        s += &format!(
+            "  inet sockets     {}\n",
+            if ok {
+                "dumpable"
+            } else {
+                "NOT dumpable: applications holding TCP/UDP sockets cannot be checkpointed"
+            }
+        );
+    }
     s += &format!(
         "  usable           {}\n",
         if c.usable { "yes" } else { "NO" }

@@ -71,7 +71,10 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
-        ..DumpRequest::new(args.pid.unwrap_or(0), args.images_dir.clone().unwrap_or_default())
+        ..DumpRequest::new(
+            args.pid.unwrap_or(0),
+            args.images_dir.clone().unwrap_or_default(),
+        )
     };
     let mut pid = req.pid;
     let (outcome, pack): (DumpOutcome, Option<PackReport>) = match &args.archive {
@@ -142,7 +145,10 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
     writeln!(
         out,
         "Dumped {} into {} ({})",
-        report.container.clone().unwrap_or_else(|| format!("pid {pid}")),
+        report
+            .container
+            .clone()
+            .unwrap_or_else(|| format!("pid {pid}")),
         to,
         if args.leave_running {
             "left running"

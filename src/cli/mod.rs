@@ -92,6 +92,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure (results for notes and the README, never pass/fail).
     Bench(bench::BenchArgs),
+    /// Internal: the process `ferry check` dumps to probe socket support.
+    #[command(name = "probe-socket-holder", hide = true)]
+    ProbeSocketHolder,
 }
 
 /// Flags shared by dump and restore, named as criu and runc name them.
@@ -203,6 +206,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Unpack(a) => pack::run_unpack(a, out),
         Command::Demo(a) => demo::run(&cli.global, a, out),
         Command::Bench(a) => bench::run(&cli.global, a, out),
+        Command::ProbeSocketHolder => {
+            crate::probe::hold_inet_socket()?;
+            Ok(exit::OK)
+        }
     }
 }
 
@@ -240,7 +247,7 @@ mod tests {
         let Command::Dump(d) = cli.command else {
             panic!("not a dump")
         };
-        assert_eq!(d.pid, 42);
+        assert_eq!(d.pid, Some(42));
         assert!(d.leave_running);
         assert!(d.flags.tcp_established);
         assert_eq!(d.flags.log_level, 4);

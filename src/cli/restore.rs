@@ -151,7 +151,10 @@ fn run_container(
     let bar;
     let source = match (&args.archive, &args.images_dir) {
         (Some(path), _) => {
-            bar = Bar::new(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0), "unpacking");
+            bar = Bar::new(
+                std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+                "unpacking",
+            );
             checkpoint::Source::Archive {
                 path,
                 parent: args.parent.as_deref(),

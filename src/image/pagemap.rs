@@ -21,7 +21,7 @@ pub const PE_PRESENT: u32 = 1 << 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageRange {
     pub vaddr: u64,
-    pub nr_pages: u32,
+    pub nr_pages: u64,
     pub flags: u32,
 }
 
@@ -37,7 +37,7 @@ impl PageRange {
         self.flags & PE_LAZY != 0
     }
     pub fn bytes(&self) -> u64 {
-        u64::from(self.nr_pages) * PAGE_SIZE as u64
+        self.nr_pages.saturating_mul(PAGE_SIZE as u64)
     }
 }
 
@@ -71,9 +71,15 @@ impl Pagemap {
                 None if e.in_parent.unwrap_or(false) => PE_PARENT,
                 None => PE_PRESENT,
             };
+            // CRIU 4.2+ counts pages in a 64-bit field and leaves the old
+            // one 0; older CRIU fills only the old one.
+            let nr_pages = match e.nr_pages64 {
+                Some(n) if e.nr_pages == 0 => n,
+                _ => u64::from(e.nr_pages),
+            };
             ranges.push(PageRange {
                 vaddr: e.vaddr,
-                nr_pages: e.nr_pages,
+                nr_pages,
                 flags,
             });
         }
@@ -97,7 +103,7 @@ impl Pagemap {
         self.ranges
             .iter()
             .filter(|r| r.is_present())
-            .map(|r| u64::from(r.nr_pages))
+            .map(|r| r.nr_pages)
             .sum()
     }
 
@@ -106,7 +112,7 @@ impl Pagemap {
         self.ranges
             .iter()
             .filter(|r| r.is_in_parent())
-            .map(|r| u64::from(r.nr_pages))
+            .map(|r| r.nr_pages)
             .sum()
     }
 
@@ -115,7 +121,7 @@ impl Pagemap {
         self.ranges
             .iter()
             .filter(|r| r.is_lazy())
-            .map(|r| u64::from(r.nr_pages))
+            .map(|r| r.nr_pages)
             .sum()
     }
 }
@@ -130,8 +136,10 @@ fn validate(ranges: &[PageRange]) -> Result<(), Problem> {
         if r.nr_pages == 0 {
             return Err(Problem::EmptyRange { index, vaddr });
         }
-        let end = vaddr
-            .checked_add(r.bytes())
+        let end = r
+            .nr_pages
+            .checked_mul(PAGE_SIZE as u64)
+            .and_then(|b| vaddr.checked_add(b))
             .ok_or(Problem::RangeOverflow { index, vaddr })?;
         if index > 0 && vaddr < prev_end {
             return Err(Problem::UnorderedRange { index, vaddr });
@@ -149,6 +157,12 @@ pub(crate) mod tests {
 
     /// Builds a pagemap image the way CRIU frames one.
     pub(crate) fn image(pages_id: u32, ranges: &[(u64, u32, u32)]) -> Vec<u8> {
+        image_with(pages_id, ranges, false)
+    }
+
+    /// As CRIU 4.2 writes it (`wide`: count in field 5, field 2 zero) or as
+    /// older CRIU does.
+    pub(crate) fn image_with(pages_id: u32, ranges: &[(u64, u32, u32)], wide: bool) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&framing::IMG_COMMON_MAGIC.to_le_bytes());
         out.extend_from_slice(&framing::PAGEMAP_MAGIC.to_le_bytes());
@@ -161,9 +175,10 @@ pub(crate) mod tests {
             push(
                 pb::PagemapEntry {
                     vaddr,
-                    nr_pages,
+                    nr_pages: if wide { 0 } else { nr_pages },
                     in_parent: None,
                     flags: Some(flags),
+                    nr_pages64: wide.then_some(u64::from(nr_pages)),
                 }
                 .encode_to_vec(),
             );
@@ -187,6 +202,14 @@ pub(crate) mod tests {
         assert_eq!(pm.present_pages(), 12);
         assert_eq!(pm.parent_pages(), 2);
         assert_eq!(pm.lazy_pages(), 8);
+    }
+
+    #[test]
+    fn reads_criu_4_2_wide_counts() {
+        let p = PathBuf::from("pagemap-1.img");
+        let pm = Pagemap::parse(&p, &image_with(1, &[(0x1000, 7, PE_PRESENT)], true)).unwrap();
+        assert_eq!(pm.ranges[0].nr_pages, 7);
+        assert_eq!(pm.present_pages(), 7);
     }
 
     #[test]

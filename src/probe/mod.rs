@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::criu::Criu;
 
-pub use self::criu::CriuProbe;
+pub use self::criu::{hold_inet_socket, CriuProbe};
 pub use kernel::KernelProbe;
 pub use nvml::NvmlProbe;
 pub use tools::{which, ToolProbe};

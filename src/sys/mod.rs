@@ -6,7 +6,7 @@
 
 pub mod kernel;
 pub mod mmap;
-pub mod sockdiag;
 pub mod seqpacket;
+pub mod sockdiag;
 
 pub use seqpacket::{Packet, SeqPacket};

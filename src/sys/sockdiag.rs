@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io;
 use std::path::Path;
 
-use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST};
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use netlink_packet_sock_diag::unix::{ShowFlags, StateFlags, UnixRequest};
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
@@ -66,7 +68,9 @@ fn query_unix_peers() -> io::Result<HashMap<u32, u32>> {
                     }
                 }
                 NetlinkPayload::Done(_) => return Ok(peers),
-                NetlinkPayload::Error(e) => return Err(io::Error::other(format!("sock_diag: {e:?}"))),
+                NetlinkPayload::Error(e) => {
+                    return Err(io::Error::other(format!("sock_diag: {e:?}")))
+                }
                 _ => {}
             }
             let len = msg.header.length as usize;

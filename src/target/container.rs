@@ -131,7 +131,11 @@ struct NamespaceJson {
 
 impl ContainerState {
     /// Reads `<root>/<id>/state.json`.
-    pub fn load(engine: &'static str, root: &Path, id: &str) -> Result<ContainerState, ContainerError> {
+    pub fn load(
+        engine: &'static str,
+        root: &Path,
+        id: &str,
+    ) -> Result<ContainerState, ContainerError> {
         let path = root.join(id).join("state.json");
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
@@ -148,10 +152,11 @@ impl ContainerState {
     }
 
     fn parse(path: &Path, text: &str) -> Result<ContainerState, ContainerError> {
-        let s: StateJson = serde_json::from_str(text).map_err(|source| ContainerError::StateFormat {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let s: StateJson =
+            serde_json::from_str(text).map_err(|source| ContainerError::StateFormat {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let bundle = s
             .config
             .labels
@@ -167,7 +172,13 @@ impl ContainerState {
             bundle,
             mounts: s.config.mounts,
             mask_paths: s.config.mask_paths.unwrap_or_default(),
-            devices: s.config.devices.unwrap_or_default().into_iter().map(|d| d.path).collect(),
+            devices: s
+                .config
+                .devices
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| d.path)
+                .collect(),
             namespaces: s.config.namespaces,
             cgroup_paths: s.cgroup_paths,
             external_descriptors: s.external_descriptors,
@@ -309,7 +320,8 @@ impl ContainerState {
                 let (pre, post) = l.split_once(" - ")?;
                 let point = pre.split_whitespace().nth(4)?;
                 let fstype = post.split_whitespace().next()?;
-                (fstype == "cgroup" && point.starts_with("/sys/fs/cgroup/")).then(|| point.to_string())
+                (fstype == "cgroup" && point.starts_with("/sys/fs/cgroup/"))
+                    .then(|| point.to_string())
             })
             .collect())
     }
@@ -342,17 +354,25 @@ mod tests {
         assert_eq!(s.id, "c1");
         assert_eq!(s.rootfs, PathBuf::from("/b/rootfs"));
         assert_eq!(s.bundle, Some(PathBuf::from("/b")));
-        assert_eq!(s.freezer(), Some(PathBuf::from("/sys/fs/cgroup/freezer/c1")));
+        assert_eq!(
+            s.freezer(),
+            Some(PathBuf::from("/sys/fs/cgroup/freezer/c1"))
+        );
         assert_eq!(s.external_descriptors.len(), 3);
         let d = s.dump_options().unwrap();
         assert!(d.ext_mounts.contains(&("/data".into(), "/data".into())));
-        assert!(d.ext_mounts.contains(&("/dev/null".into(), "/dev/null".into())));
+        assert!(d
+            .ext_mounts
+            .contains(&("/dev/null".into(), "/dev/null".into())));
         assert!(d.external.is_empty());
     }
 
     #[test]
     fn refuses_foreign_json() {
         let err = ContainerState::parse(Path::new("x"), "{\"id\": 3}").unwrap_err();
-        assert!(err.to_string().contains("not valid libcontainer state"), "{err}");
+        assert!(
+            err.to_string().contains("not valid libcontainer state"),
+            "{err}"
+        );
     }
 }

@@ -95,7 +95,8 @@ impl Api {
             bollard::API_DEFAULT_VERSION,
         )
         .map_err(|e| not_running(e.to_string()))?;
-        rt.block_on(docker.ping()).map_err(|e| not_running(e.to_string()))?;
+        rt.block_on(docker.ping())
+            .map_err(|e| not_running(e.to_string()))?;
         Ok(Api {
             rt,
             docker,
@@ -106,7 +107,9 @@ impl Api {
     fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>, DockerError> {
         match self.rt.block_on(self.docker.inspect_container(name, None)) {
             Ok(c) => Ok(Some(c)),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404, ..
+            }) => Ok(None),
             Err(e) => Err(DockerError::Api {
                 call: "inspect container",
                 detail: e.to_string(),
@@ -122,18 +125,26 @@ impl Api {
                 call: "info",
                 detail: e.to_string(),
             })?;
-        Ok(PathBuf::from(info.docker_root_dir.unwrap_or_else(|| "/var/lib/docker".into())))
+        Ok(PathBuf::from(
+            info.docker_root_dir
+                .unwrap_or_else(|| "/var/lib/docker".into()),
+        ))
     }
 }
 
 /// Finds a running container by name or id.
 pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError> {
     let api = Api::connect(socket)?;
-    let c = api.inspect(name)?.ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+    let c = api
+        .inspect(name)?
+        .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
     let id = c.id.clone().unwrap_or_default();
     let state = ContainerState::load(ENGINE, Path::new(RUNC_ROOT), &id)?;
     state.require_running(ENGINE)?;
-    let config = c.config.clone().map(|cfg| serde_json::to_value(cfg).unwrap_or_default());
+    let config = c
+        .config
+        .clone()
+        .map(|cfg| serde_json::to_value(cfg).unwrap_or_default());
     let mut create = config.unwrap_or_else(|| serde_json::json!({}));
     if let Some(h) = &c.host_config {
         create["HostConfig"] = serde_json::to_value(h).unwrap_or_default();
@@ -147,7 +158,11 @@ pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError>
     Ok(DockerContainer {
         spec: DockerSpec {
             id,
-            name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+            name: c
+                .name
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_string(),
             image,
             create,
         },
@@ -171,22 +186,37 @@ pub fn restore(
             return Err(DockerError::Running { name: name.into() })
         }
         Some(c) => c.id.unwrap_or_default(),
-        None => create(&api, name, spec.ok_or_else(|| DockerError::NoSpec { name: name.into() })?)?,
+        None => create(
+            &api,
+            name,
+            spec.ok_or_else(|| DockerError::NoSpec { name: name.into() })?,
+        )?,
     };
     let checkpoint = format!("ferry-{}", std::process::id());
-    let dir = api.root_dir()?.join("containers").join(&id).join("checkpoints").join(&checkpoint);
+    let dir = api
+        .root_dir()?
+        .join("containers")
+        .join(&id)
+        .join("checkpoints")
+        .join(&checkpoint);
     place(images, &dir)?;
     let started = start_from_checkpoint(&api.socket, &id, &checkpoint);
     let _ = fs::remove_dir_all(&dir);
     started?;
-    let c = api.inspect(&id)?.ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+    let c = api
+        .inspect(&id)?
+        .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
     Ok(c.state.and_then(|s| s.pid).unwrap_or(0) as i32)
 }
 
 fn create(api: &Api, name: &str, spec: &DockerSpec) -> Result<String, DockerError> {
     match api.rt.block_on(api.docker.inspect_image(&spec.image)) {
         Ok(_) => {}
-        Err(_) => return Err(DockerError::NoImage { image: spec.image.clone() }),
+        Err(_) => {
+            return Err(DockerError::NoImage {
+                image: spec.image.clone(),
+            })
+        }
     }
     let body: ContainerCreateBody =
         serde_json::from_value(spec.create.clone()).map_err(|e| DockerError::Api {

@@ -28,9 +28,20 @@ pub struct Allow {
 /// One thing that makes the dump unsafe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
-    TcpEstablished { pid: i32, local: String, remote: String },
-    ExternalUnixSocket { pid: i32, inode: u32, peer: u32 },
-    GpuContext { pid: i32, device: String },
+    TcpEstablished {
+        pid: i32,
+        local: String,
+        remote: String,
+    },
+    ExternalUnixSocket {
+        pid: i32,
+        inode: u32,
+        peer: u32,
+    },
+    GpuContext {
+        pid: i32,
+        device: String,
+    },
 }
 
 impl fmt::Display for Finding {
@@ -105,7 +116,11 @@ fn holdings(pid: i32) -> Holdings {
     }
     if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
         for l in maps.lines() {
-            if let Some(p) = l.split_whitespace().nth(5).filter(|p| p.starts_with("/dev/nvidia")) {
+            if let Some(p) = l
+                .split_whitespace()
+                .nth(5)
+                .filter(|p| p.starts_with("/dev/nvidia"))
+            {
                 devices.insert(p.to_string());
             }
         }
@@ -255,23 +270,51 @@ mod tests {
         let mut b = [0u8; 1];
         s.read_exact(&mut b).unwrap();
         let me = std::process::id() as i32;
-        let f = inspect(me, Allow { tcp_established: false, ext_unix_sk: true }).unwrap();
+        let f = inspect(
+            me,
+            Allow {
+                tcp_established: false,
+                ext_unix_sk: true,
+            },
+        )
+        .unwrap();
         let port = l.local_addr().unwrap().port().to_string();
         assert!(
-            f.iter().any(|f| matches!(f, Finding::TcpEstablished { remote, .. } if remote.ends_with(&port))),
+            f.iter().any(
+                |f| matches!(f, Finding::TcpEstablished { remote, .. } if remote.ends_with(&port))
+            ),
             "{f:?}"
         );
-        let f = inspect(me, Allow { tcp_established: true, ext_unix_sk: true }).unwrap();
-        assert!(!f.iter().any(|f| matches!(f, Finding::TcpEstablished { .. })), "{f:?}");
+        let f = inspect(
+            me,
+            Allow {
+                tcp_established: true,
+                ext_unix_sk: true,
+            },
+        )
+        .unwrap();
+        assert!(
+            !f.iter()
+                .any(|f| matches!(f, Finding::TcpEstablished { .. })),
+            "{f:?}"
+        );
     }
 
     #[test]
     fn a_socketpair_inside_the_tree_is_not_external() {
         let (_a, _b) = UnixStream::pair().unwrap();
         let me = std::process::id() as i32;
-        let f = inspect(me, Allow { tcp_established: true, ext_unix_sk: false }).unwrap();
+        let f = inspect(
+            me,
+            Allow {
+                tcp_established: true,
+                ext_unix_sk: false,
+            },
+        )
+        .unwrap();
         assert!(
-            !f.iter().any(|f| matches!(f, Finding::ExternalUnixSocket { .. })),
+            !f.iter()
+                .any(|f| matches!(f, Finding::ExternalUnixSocket { .. })),
             "{f:?}"
         );
     }

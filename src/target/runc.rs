@@ -63,7 +63,10 @@ fn run(args: &[&std::ffi::OsStr]) -> Result<String, RuncError> {
     let bin = runc()?;
     let command = format!(
         "runc {}",
-        args.iter().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     let out = Command::new(bin)
         .args(args)
@@ -86,7 +89,14 @@ fn run(args: &[&std::ffi::OsStr]) -> Result<String, RuncError> {
 /// Removes a container whose processes a stop-mode dump ended, so that its
 /// id is free for the restore (what `runc checkpoint` does).
 pub fn delete(root: &Path, id: &str) -> Result<(), RuncError> {
-    run(&["--root".as_ref(), root.as_os_str(), "delete".as_ref(), "--force".as_ref(), id.as_ref()]).map(|_| ())
+    run(&[
+        "--root".as_ref(),
+        root.as_os_str(),
+        "delete".as_ref(),
+        "--force".as_ref(),
+        id.as_ref(),
+    ])
+    .map(|_| ())
 }
 
 /// Restores container `id` from `images` with `bundle`, detached; returns

@@ -35,6 +35,8 @@ pub struct Launch {
     pub children: u32,
     pub tick_ms: u64,
     pub dirty_mib_s: f64,
+    pub hold_tcp: Option<SocketAddr>,
+    pub hold_unix: Option<PathBuf>,
 }
 
 impl Launch {
@@ -49,6 +51,8 @@ impl Launch {
             children: 0,
             tick_ms: 1,
             dirty_mib_s: 0.0,
+            hold_tcp: None,
+            hold_unix: None,
         }
     }
 
@@ -75,6 +79,12 @@ impl Launch {
             .arg(self.dirty_mib_s.to_string());
         if let Some(hb) = self.heartbeat {
             cmd.arg("--heartbeat").arg(hb.to_string());
+        }
+        if let Some(a) = self.hold_tcp {
+            cmd.arg("--hold-tcp").arg(a.to_string());
+        }
+        if let Some(p) = &self.hold_unix {
+            cmd.arg("--hold-unix").arg(p);
         }
         let child = cmd
             .stdin(Stdio::null())

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub mod containers;
+
 use ferry::workload::{Launch, Workload};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
