@@ -202,3 +202,52 @@ fn failures_are_clear_and_the_source_keeps_running() {
         .fails_with(1);
     assert!(err.contains("is stopped"), "{err}");
 }
+
+#[test]
+fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
+    use ferry::checkpoint::{self, CheckpointError, TargetAfterFailure};
+    use ferry::criu::{Criu, DumpRequest, HookError, Notification, Script};
+    use ferry::target::ContainerRef;
+
+    require_criu();
+    require_runc();
+    let dir = scratch("runc-abort");
+    let c = RuncContainer::start(dir.path(), "abort", 8);
+    counter_above(&c.report(), 50);
+    let container = ContainerRef::Runc {
+        id: c.id.clone(),
+        root: ferry::target::runc::DEFAULT_ROOT.into(),
+    };
+    let mut saw_frozen = false;
+    let freezer = format!("/sys/fs/cgroup/freezer/{}/freezer.state", c.id);
+    let (_, init) = RuncContainer::status(&c.id).unwrap();
+    let mut abort = |n: &mut Notification| -> Result<(), HookError> {
+        if n.script == Script::PostDump {
+            // CRIU froze the cgroup, seized the tasks and holds them stopped.
+            saw_frozen = ferry::process::ProcessInfo::read(init as i32)?.is_stopped();
+            return Err("test aborts the container dump at post-dump".into());
+        }
+        Ok(())
+    };
+    let criu = Criu::locate(None, None).unwrap();
+    let req = DumpRequest::new(0, images(dir.path()));
+    let err = checkpoint::dump_container(&criu, &container, &req, &mut abort).unwrap_err();
+    assert!(saw_frozen, "the container was not stopped at post-dump");
+    assert!(
+        matches!(
+            &err,
+            CheckpointError::DumpFailed {
+                after: TargetAfterFailure::Running | TargetAfterFailure::Thawed,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!std::fs::read_to_string(&freezer)
+        .unwrap()
+        .contains("FROZEN"));
+    let (status, _) = RuncContainer::status(&c.id).unwrap();
+    assert_eq!(status, "running");
+    let now = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    counter_above(&c.report(), now + 50);
+}
