@@ -20,6 +20,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod criu;
+pub mod gpu;
 pub mod image;
 pub mod inspect;
 pub mod page;

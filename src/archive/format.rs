@@ -14,7 +14,7 @@ pub const TRAILER_TAG: &[u8; 8] = b"FERRYEND";
 /// Readers refuse archives of another major version.
 pub const VERSION_MAJOR: u16 = 1;
 /// Newer minor versions only add fields readers may ignore.
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 
 pub const HEADER_LEN: usize = 40;
 pub const CHUNK_HEADER_LEN: usize = 32;
@@ -256,6 +256,75 @@ pub struct Index {
     pub source: String,
     #[prost(uint32, tag = "10")]
     pub page_size: u32,
+    /// GPU state the checkpoint carries (format 1.1).
+    #[prost(message, optional, tag = "11")]
+    pub gpu: Option<GpuRecordEntry>,
+}
+
+/// The manifest's copy of [`crate::gpu::GpuRecord`].
+#[derive(Clone, PartialEq, Message)]
+pub struct GpuRecordEntry {
+    #[prost(int32, repeated, tag = "1")]
+    pub pids: Vec<i32>,
+    #[prost(string, tag = "2")]
+    pub model: String,
+    #[prost(uint32, tag = "3")]
+    pub count: u32,
+    #[prost(string, repeated, tag = "4")]
+    pub uuids: Vec<String>,
+    #[prost(message, repeated, tag = "5")]
+    pub memory: Vec<GpuMemoryEntry>,
+    #[prost(string, tag = "6")]
+    pub driver_version: String,
+    #[prost(string, optional, tag = "7")]
+    pub cuda_version: Option<String>,
+    #[prost(string, tag = "8")]
+    pub carried_by: String,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub struct GpuMemoryEntry {
+    #[prost(string, tag = "1")]
+    pub uuid: String,
+    #[prost(uint64, tag = "2")]
+    pub bytes: u64,
+}
+
+impl From<&crate::gpu::GpuRecord> for GpuRecordEntry {
+    fn from(r: &crate::gpu::GpuRecord) -> Self {
+        GpuRecordEntry {
+            pids: r.pids.clone(),
+            model: r.model.clone(),
+            count: r.count,
+            uuids: r.uuids.clone(),
+            memory: r
+                .memory_in_use
+                .iter()
+                .map(|(uuid, bytes)| GpuMemoryEntry {
+                    uuid: uuid.clone(),
+                    bytes: *bytes,
+                })
+                .collect(),
+            driver_version: r.driver_version.clone(),
+            cuda_version: r.cuda_version.clone(),
+            carried_by: r.carried_by.clone(),
+        }
+    }
+}
+
+impl From<&GpuRecordEntry> for crate::gpu::GpuRecord {
+    fn from(e: &GpuRecordEntry) -> Self {
+        crate::gpu::GpuRecord {
+            pids: e.pids.clone(),
+            model: e.model.clone(),
+            count: e.count,
+            uuids: e.uuids.clone(),
+            memory_in_use: e.memory.iter().map(|m| (m.uuid.clone(), m.bytes)).collect(),
+            driver_version: e.driver_version.clone(),
+            cuda_version: e.cuda_version.clone(),
+            carried_by: e.carried_by.clone(),
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Message)]

@@ -221,6 +221,7 @@ pub fn pack_dir<W: Write + Send>(
             .map_or(0, |d| d.as_millis() as u64),
         source: opts.source.clone(),
         page_size: PAGE_SIZE as u32,
+        gpu: crate::gpu::GpuRecord::read(dir).as_ref().map(Into::into),
     };
     let chunks = index.chunks.len();
     let archive_bytes = writer.finish(&index)?;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::{CheckpointError, TargetAfterFailure};
 use crate::criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
+use crate::gpu::{self, Carrier, GpuPlan};
 use crate::image::FileClass;
 use crate::process::{self, ProcessError, ProcessInfo};
 use crate::target::preflight::{self, Allow};
@@ -25,9 +26,32 @@ pub fn dump(
             ext_unix_sk: req.ext_unix_sk,
         },
     )?;
+    let pids =
+        process::tree(req.pid).map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
+    let plan = gpu::assess(&pids, req.ignore_gpu)?;
     prepare_dir(&req.images_dir)?;
-    match criu.dump(req, hooks) {
-        Ok(outcome) => Ok(outcome),
+    if let GpuPlan::Ignored { uses, .. } = &plan {
+        tracing::warn!(
+            pids = ?uses.iter().map(|u| u.pid).collect::<Vec<_>>(),
+            "--ignore-gpu: dumping WITHOUT the GPU state these processes hold; they will restore with a broken GPU context"
+        );
+    }
+    let toggled = suspend_gpu(&plan)?;
+    let result = criu.dump(req, hooks);
+    // The GPU state goes back to the GPU wherever the processes still run.
+    if req.leave_running || result.is_err() {
+        resume_gpu(&toggled);
+    }
+    match result {
+        Ok(outcome) => {
+            if let Some(record) = plan.record() {
+                let path = req.images_dir.join(gpu::RECORD_FILE);
+                let text = serde_json::to_string_pretty(record).unwrap_or_default();
+                std::fs::write(&path, text)
+                    .map_err(|source| CheckpointError::Record { path, source })?;
+            }
+            Ok(outcome)
+        }
         Err(source) => {
             let after = settle_target(req.pid);
             remove_partial_images(&req.images_dir, &req.log_file);
@@ -36,6 +60,36 @@ pub fn dump(
                 after,
                 source,
             })
+        }
+    }
+}
+
+/// With `cuda-checkpoint` as carrier: moves each GPU-using process's state
+/// into host memory before CRIU freezes it. Returns what to toggle back.
+fn suspend_gpu(plan: &GpuPlan) -> Result<Vec<(std::path::PathBuf, i32)>, CheckpointError> {
+    let GpuPlan::Carry {
+        carrier: Carrier::CudaCheckpoint(tool),
+        record,
+        ..
+    } = plan
+    else {
+        return Ok(Vec::new());
+    };
+    let mut done = Vec::new();
+    for &pid in &record.pids {
+        if let Err(e) = gpu::decide::toggle(tool, pid) {
+            resume_gpu(&done);
+            return Err(e.into());
+        }
+        done.push((tool.clone(), pid));
+    }
+    Ok(done)
+}
+
+fn resume_gpu(toggled: &[(std::path::PathBuf, i32)]) {
+    for (tool, pid) in toggled {
+        if let Err(e) = gpu::decide::toggle(tool, *pid) {
+            tracing::error!(pid, error = %e, "cannot give the GPU state back to the process");
         }
     }
 }

@@ -121,6 +121,10 @@ pub enum CheckpointError {
         #[source]
         source: ArchiveError,
     },
+    #[error("GPU check refused the dump; nothing was frozen")]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("this host cannot restore the checkpoint's GPU state; nothing was restored")]
+    GpuIncompatible(#[from] crate::gpu::Incompatible),
     #[error("pre-flight check refused the dump; nothing was frozen")]
     Preflight(#[from] crate::target::preflight::PreflightError),
     #[error(transparent)]

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use super::CheckpointError;
 use crate::criu::{Criu, NotifyHook, RestoreOutcome, RestoreRequest};
+use crate::gpu::{self, Carrier, GpuRecord};
 use crate::image::ImagesDir;
 use crate::process::{self, ProcessInfo};
 
@@ -25,6 +26,7 @@ pub fn restore(
     let validated = ImagesDir::open(&req.images_dir)
         .and_then(|d| d.validate())
         .map_err(bad)?;
+    let gpu_record = gpu_gate(&req.images_dir)?;
     for entry in &validated.tree {
         let mut ids = entry.threads.clone();
         ids.push(entry.pid);
@@ -41,7 +43,38 @@ pub fn restore(
     if !process::is_alive(outcome.pid) {
         return Err(CheckpointError::RestoredNotRunning { pid: outcome.pid });
     }
+    if let Some(record) = gpu_record {
+        give_back_gpu(&record)?;
+    }
     Ok(outcome)
+}
+
+/// Before a restore: a checkpoint that carries GPU state needs GPUs here
+/// that can take it. Returns the record when there is one.
+pub(crate) fn gpu_gate(images: &std::path::Path) -> Result<Option<GpuRecord>, CheckpointError> {
+    let Some(record) = GpuRecord::read(images) else {
+        return Ok(None);
+    };
+    if record.carried_by == "ignored" {
+        tracing::warn!("this checkpoint was taken with --ignore-gpu: its GPU state was not saved");
+        return Ok(Some(record));
+    }
+    gpu::check_compatible(&record, &gpu::probe())?;
+    Ok(Some(record))
+}
+
+/// After restoring processes whose GPU state `cuda-checkpoint` moved into
+/// host memory: move it back onto the GPU (CRIU's plugin does this itself).
+fn give_back_gpu(record: &GpuRecord) -> Result<(), CheckpointError> {
+    if record.carried_by != "cuda-checkpoint" {
+        return Ok(());
+    }
+    if let Some(Carrier::CudaCheckpoint(tool)) = Carrier::find() {
+        for &pid in &record.pids {
+            gpu::decide::toggle(&tool, pid)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_pid_free(pid: u32) -> Result<(), CheckpointError> {

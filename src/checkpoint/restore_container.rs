@@ -73,6 +73,9 @@ pub fn restore_container(
             path: dir.clone(),
             source,
         })?;
+    // Containers restore through their engine, whose CRIU needs its CUDA
+    // plugin to bring GPU state back; the GPUs here must fit it first.
+    super::restore::gpu_gate(&dir)?;
     let record = TargetRecord::read(&dir);
     let consume = unpack.is_some();
     let pid = match container {

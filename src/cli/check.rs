@@ -9,12 +9,26 @@ use crate::probe::HostReport;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// Report this host's GPUs through NVML instead (devices, memory,
+    /// driver, CUDA, MIG, the processes on each). No GPU is a normal state:
+    /// the exit status is 0 either way.
+    #[arg(long)]
+    pub gpu: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    if args.gpu {
+        let probe = crate::gpu::probe();
+        if args.json {
+            write_json(out, &probe)?;
+        } else {
+            write!(out, "{}", render_gpu(&probe))?;
+        }
+        return Ok(exit::OK);
+    }
     let report = HostReport::gather(global.criu());
     if args.json {
         write_json(out, &report)?;
@@ -26,6 +40,49 @@ pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result
     } else {
         exit::HOST_NOT_READY
     })
+}
+
+fn render_gpu(p: &crate::gpu::GpuProbe) -> String {
+    use crate::units::bytes;
+    let Some(inv) = p.inventory() else {
+        let crate::gpu::GpuProbe::Unavailable { reason } = p else {
+            return String::new();
+        };
+        return format!("No GPU here: {reason}\n");
+    };
+    let mut s = format!(
+        "NVIDIA driver {}, CUDA {}, {} device(s)\n",
+        inv.driver_version,
+        inv.cuda_version.as_deref().unwrap_or("?"),
+        inv.devices.len()
+    );
+    for d in &inv.devices {
+        s += &format!(
+            "  GPU {} {} {}: memory {} used of {} ({} free), MIG {}\n",
+            d.index,
+            d.name,
+            d.uuid,
+            bytes(d.memory_used),
+            bytes(d.memory_total),
+            bytes(d.memory_free),
+            match d.mig_enabled {
+                Some(true) => "on",
+                Some(false) => "off",
+                None => "n/a",
+            }
+        );
+        for p in &d.processes {
+            s += &format!(
+                "    pid {:>8} {:?} {}\n",
+                p.pid,
+                p.kind,
+                p.used_memory
+                    .map(bytes)
+                    .unwrap_or_else(|| "memory unknown".into())
+            );
+        }
+    }
+    s
 }
 
 fn yes_no(b: bool) -> &'static str {

@@ -37,6 +37,10 @@ pub struct DumpArgs {
     /// Leave the tree running after the dump (default: it is stopped).
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Dump even if the tree holds GPU state that cannot be carried: it is
+    /// LOST, and the processes restore with a broken GPU context.
+    #[arg(long)]
+    pub ignore_gpu: bool,
     #[command(flatten)]
     pub flags: CriuFlags,
     /// Print the result as JSON.
@@ -71,6 +75,7 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
+        ignore_gpu: args.ignore_gpu,
         ..DumpRequest::new(
             args.pid.unwrap_or(0),
             args.images_dir.clone().unwrap_or_default(),

@@ -29,6 +29,8 @@ pub struct DumpRequest {
     pub log_file: String,
     /// Set when the tree is a container's.
     pub container: Option<ContainerDump>,
+    /// ferry's policy, not CRIU's: dump even when GPU state would be lost.
+    pub ignore_gpu: bool,
 }
 
 /// What CRIU needs to dump a container (the options runc gives it).
@@ -62,6 +64,7 @@ impl DumpRequest {
             log_level: DEFAULT_LOG_LEVEL,
             log_file: "dump.log".into(),
             container: None,
+            ignore_gpu: false,
         }
     }
 

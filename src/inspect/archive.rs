@@ -134,6 +134,7 @@ pub fn inspect_archive(path: &Path) -> Result<DumpReport, InspectError> {
     let mut report = build(&dir, &mut counter)?;
     report.images_dir = format!("{} (archive)", path.display());
     report.archive = Some(archive_report(&archive));
+    report.gpu = archive.index().gpu.as_ref().map(Into::into);
     Ok(report)
 }
 

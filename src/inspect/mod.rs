@@ -43,6 +43,8 @@ pub struct DumpReport {
     pub criu_restore_stats: Option<RestoreStats>,
     /// Present when the dump was read from a ferry archive.
     pub archive: Option<ArchiveReport>,
+    /// The GPU state the checkpoint carries, if any.
+    pub gpu: Option<crate::gpu::GpuRecord>,
 }
 
 /// One dumped process.
@@ -127,7 +129,9 @@ pub fn inspect(path: &Path) -> Result<DumpReport, InspectError> {
         return archive::inspect_archive(path);
     }
     let dir = ImagesDir::open(path)?;
-    build(&dir, &mut PageScan::default())
+    let mut report = build(&dir, &mut PageScan::default())?;
+    report.gpu = crate::gpu::GpuRecord::read(path);
+    Ok(report)
 }
 
 impl PageCounter for PageScan {
@@ -197,6 +201,7 @@ pub(crate) fn build(
         criu_dump_stats: dir.dump_stats()?,
         criu_restore_stats: dir.restore_stats()?,
         archive: None,
+        gpu: None,
     })
 }
 

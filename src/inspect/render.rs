@@ -122,6 +122,23 @@ pub fn render_human(r: &DumpReport) -> String {
     if let Some(a) = &r.archive {
         render_archive(&mut out, a);
     }
+    if let Some(g) = &r.gpu {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "GPU state: {} x {} ({}), {} in use, driver {}{}, carried by {}",
+            g.count,
+            g.model,
+            g.uuids.join(", "),
+            bytes(g.total_memory()),
+            g.driver_version,
+            g.cuda_version
+                .as_deref()
+                .map(|c| format!(", CUDA {c}"))
+                .unwrap_or_default(),
+            g.carried_by
+        );
+    }
     if let Some(s) = &r.criu_dump_stats {
         let _ = writeln!(out);
         let _ = writeln!(out, "CRIU dump statistics:");

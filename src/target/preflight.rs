@@ -6,10 +6,11 @@
 //!   them, or (with the flag) the peer must survive the move.
 //! - Unix sockets connected to a peer outside the tree, unless
 //!   `--ext-unix-sk` (peers found through sock_diag, as CRIU does).
-//! - A GPU context (an open `/dev/nvidia*`): a CPU-only checkpoint restores
-//!   it broken.
+//!
+//! GPU state is the GPU module's business (`crate::gpu`): carried, refused
+//! or ignored there.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -38,10 +39,6 @@ pub enum Finding {
         inode: u32,
         peer: u32,
     },
-    GpuContext {
-        pid: i32,
-        device: String,
-    },
 }
 
 impl fmt::Display for Finding {
@@ -54,10 +51,6 @@ impl fmt::Display for Finding {
             Finding::ExternalUnixSocket { pid, inode, peer } => write!(
                 f,
                 "pid {pid} has unix socket {inode} connected to socket {peer} outside the dumped tree (allow with --ext-unix-sk)"
-            ),
-            Finding::GpuContext { pid, device } => write!(
-                f,
-                "pid {pid} holds GPU device {device}: a CPU-only checkpoint would restore a broken GPU context"
             ),
         }
     }
@@ -89,16 +82,14 @@ fn list(findings: &[Finding]) -> String {
         .join("; ")
 }
 
-/// What one process holds.
+/// The sockets one process holds.
 struct Holdings {
     pid: i32,
     sockets: Vec<u32>,
-    devices: Vec<String>,
 }
 
 fn holdings(pid: i32) -> Holdings {
     let mut sockets = Vec::new();
-    let mut devices = BTreeSet::new();
     if let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
@@ -109,27 +100,10 @@ fn holdings(pid: i32) -> Holdings {
                 if let Ok(ino) = ino.parse() {
                     sockets.push(ino);
                 }
-            } else if t.starts_with("/dev/nvidia") {
-                devices.insert(t.into_owned());
             }
         }
     }
-    if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
-        for l in maps.lines() {
-            if let Some(p) = l
-                .split_whitespace()
-                .nth(5)
-                .filter(|p| p.starts_with("/dev/nvidia"))
-            {
-                devices.insert(p.to_string());
-            }
-        }
-    }
-    Holdings {
-        pid,
-        sockets,
-        devices: devices.into_iter().collect(),
-    }
+    Holdings { pid, sockets }
 }
 
 /// Checks the tree rooted at `pid`; `Ok` when nothing stands in the way.
@@ -147,14 +121,6 @@ pub fn inspect(pid: i32, allow: Allow) -> Result<Vec<Finding>, PreflightError> {
     let pids = process::tree(pid).map_err(|source| PreflightError::Process { pid, source })?;
     let held: Vec<Holdings> = pids.iter().map(|p| holdings(*p)).collect();
     let mut findings = Vec::new();
-    for h in &held {
-        for d in &h.devices {
-            findings.push(Finding::GpuContext {
-                pid: h.pid,
-                device: d.clone(),
-            });
-        }
-    }
     let owner: HashMap<u32, i32> = held
         .iter()
         .flat_map(|h| h.sockets.iter().map(move |s| (*s, h.pid)))
