@@ -13,6 +13,7 @@
 //! - [`archive`]: ferry's compressed, deduplicated checkpoint archives.
 //! - [`bench`]: `ferry bench` measurements.
 //! - [`page`]: page contents (zero detection, digests).
+//! - [`transport`]: authenticated, checksummed frames between source and agent.
 //! - [`cli`]: the command-line contract (flags, output, exit codes).
 
 pub mod archive;
@@ -28,6 +29,7 @@ pub mod probe;
 pub mod process;
 pub mod sys;
 pub mod target;
+pub mod transport;
 pub mod units;
 pub mod workload;
 

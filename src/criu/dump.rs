@@ -31,6 +31,9 @@ pub struct DumpRequest {
     pub container: Option<ContainerDump>,
     /// ferry's policy, not CRIU's: dump even when GPU state would be lost.
     pub ignore_gpu: bool,
+    /// Leave the tree stopped (SIGSTOP) after the dump instead of killing
+    /// or resuming it (CRIU `--leave-stopped`): a migration decides later.
+    pub leave_stopped: bool,
 }
 
 /// What CRIU needs to dump a container (the options runc gives it).
@@ -65,6 +68,7 @@ impl DumpRequest {
             log_file: "dump.log".into(),
             container: None,
             ignore_gpu: false,
+            leave_stopped: false,
         }
     }
 
@@ -102,6 +106,7 @@ impl Criu {
             images_dir_fd: dir.as_raw_fd(),
             pid: Some(req.pid),
             leave_running: Some(req.leave_running),
+            leave_stopped: req.leave_stopped.then_some(true),
             tcp_established: Some(req.tcp_established),
             shell_job: Some(req.shell_job),
             ext_unix_sk: Some(req.ext_unix_sk),

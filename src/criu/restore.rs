@@ -28,6 +28,9 @@ pub struct RestoreRequest {
     /// instead of being needed twice. Destroys the images: only for copies
     /// staged for this restore.
     pub consume_images: bool,
+    /// Leave the restored tree stopped (SIGSTOP) until the caller resumes
+    /// it (CRIU `--leave-stopped`): a migration's two-phase commit.
+    pub leave_stopped: bool,
 }
 
 impl RestoreRequest {
@@ -41,6 +44,7 @@ impl RestoreRequest {
             log_level: DEFAULT_LOG_LEVEL,
             log_file: "restore.log".into(),
             consume_images: false,
+            leave_stopped: false,
         }
     }
 
@@ -82,6 +86,7 @@ impl Criu {
             log_file: Some(req.log_file.clone()),
             notify_scripts: Some(true),
             auto_dedup: Some(req.consume_images),
+            leave_stopped: req.leave_stopped.then_some(true),
             ..Default::default()
         };
         let msg = pb::CriuReq {

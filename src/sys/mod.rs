@@ -6,7 +6,10 @@
 
 pub mod kernel;
 pub mod mmap;
+pub mod net;
+pub mod procmem;
 pub mod seqpacket;
 pub mod sockdiag;
 
+pub use net::set_socket_buffers;
 pub use seqpacket::{Packet, SeqPacket};

@@ -1,0 +1,86 @@
+//! ferry's wire protocol between a migrating source and a destination agent.
+//!
+//! Every byte travels in a frame:
+//!
+//! ```text
+//!   0      4        5      6       8         16      20            20+len   36+len
+//!   +------+--------+------+-------+---------+-------+----- ... -----+--------+
+//!   | FRY1 | ver u8 | kind | flags | seq u64 | len   |    payload    |  tag   |
+//!   +------+--------+------+-------+---------+-------+----- ... -----+--------+
+//!   flags bit 0: payload is zstd-compressed.  tag: 16 bytes of BLAKE3 keyed
+//!   hash over header and payload.  All integers little-endian.
+//! ```
+//!
+//! **Authentication comes first.** Both peers hold a shared secret (a key
+//! file). Each opens with `Hello{nonce}`, tagged with a handshake key derived
+//! from the secret, then proves it knows the secret with a keyed hash over
+//! both nonces and its role. Until both proofs check out, nothing but the
+//! handshake is read: a peer without the key, or with the wrong one, is
+//! refused before anything is stored. Afterwards every frame is tagged with a
+//! session key derived from the secret and both nonces, and carries a
+//! sequence number per direction: a flipped byte, a replayed or reordered
+//! frame ends the connection with an error naming it.
+//!
+//! Frame kinds: the handshake (`Hello`, `Welcome`, `Proof`, and `Refused`,
+//! which is readable without the key and carries only a reason), `Msg` (a
+//! JSON control message, see [`msg`]), `Blob` (bytes belonging to the
+//! message before it: an image file, a page recipe, a digest list) and
+//! `Pages` (a batch of pages with their digests, see [`pages`]). Msg, Blob
+//! and Pages payloads may be zstd-compressed (flag bit 0). A migration uses several
+//! connections at once (streams), so that compressing and sending use every
+//! core.
+
+#![forbid(unsafe_code)]
+
+pub mod conn;
+pub mod frame;
+pub mod msg;
+pub mod pages;
+
+use std::io;
+use std::path::PathBuf;
+
+pub use conn::{Conn, Incoming, Role, Secret};
+pub use frame::{Frame, FrameKind};
+pub use msg::Msg;
+
+/// Errors of the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot read the shared secret {}", path.display())]
+    SecretFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the shared secret in {} is too short ({len} bytes; at least {min})", path.display())]
+    SecretTooShort { path: PathBuf, len: usize, min: usize },
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connection to {peer} failed")]
+    Io {
+        peer: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{peer} closed the connection")]
+    Closed { peer: String },
+    #[error("{peer} sent a bad frame: {what}")]
+    BadFrame { peer: String, what: String },
+    #[error("authentication with {peer} failed: {why}")]
+    Auth { peer: String, why: String },
+    #[error("{peer} refused: {why}")]
+    Refused { peer: String, why: String },
+    #[error("{peer} reports: {message}")]
+    Remote { peer: String, message: String },
+    #[error("{peer} sent an unexpected {got} (expected {expected})")]
+    Unexpected {
+        peer: String,
+        got: String,
+        expected: &'static str,
+    },
+}

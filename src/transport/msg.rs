@@ -1,0 +1,116 @@
+//! Control messages (JSON in `Msg` frames). A migration, as the source
+//! (client) drives it over its first connection (the control stream):
+//!
+//! ```text
+//! source                                   agent
+//!   Begin{session, target, bytes} ------->  checks room, GPUs; creates the session
+//!                           <-------------  Accepted{host, boot_id, free} | Error
+//!   (data streams: Join{session} -> Accepted, then Pages frames, Flush -> Flushed)
+//!   Query + Blob(digests) --------------->  which of these pages are missing?
+//!                           <-------------  Missing + Blob(bitmap)
+//!   ... pre-copy rounds, then the final dump ...
+//!   Images{files} + one Blob per file --->  metadata files; page files as recipes
+//!   Rebuild ----------------------------->  writes the images, checks every checksum
+//!                           <-------------  Rebuilt{ms, bytes}
+//!   Restore{opts} ----------------------->  restores, leaves the tree stopped
+//!                           <-------------  Restored{pid, ms, stats}
+//!   Commit ------------------------------>  resumes the restored tree
+//!                           <-------------  Committed
+//! ```
+//!
+//! If the control stream ends before `Commit`, the agent kills what it
+//! restored (still stopped) and the source resumes its own copy.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What is being moved, as the destination needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Target {
+    /// A process tree (restored into the agent's own namespaces).
+    Process { pid: i32 },
+    /// A runc container, restored through `runc restore` under this id.
+    Runc {
+        id: String,
+        bundle: PathBuf,
+        runc_root: PathBuf,
+    },
+}
+
+/// One CRIU image file of the final dump.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageEntry {
+    pub name: String,
+    pub size: u64,
+    /// xxh3-128 of the whole file, 32 hex digits.
+    pub checksum: String,
+    /// The blob is a page recipe (a page file), not the file's bytes.
+    pub recipe: bool,
+}
+
+/// CRIU restore flags carried from the source's command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreOpts {
+    pub tcp_established: bool,
+    pub shell_job: bool,
+    pub ext_unix_sk: bool,
+    pub file_locks: bool,
+    pub log_level: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Msg {
+    Begin {
+        session: String,
+        target: Target,
+        /// Resident bytes the migration may bring (room check).
+        expected_bytes: u64,
+        boot_id: String,
+        host: String,
+        /// GPU state the application needs on the destination, if any.
+        gpu: Option<crate::gpu::GpuRecord>,
+    },
+    Join {
+        session: String,
+    },
+    Accepted {
+        host: String,
+        boot_id: String,
+        free_bytes: u64,
+    },
+    Query {
+        count: u64,
+    },
+    Missing {
+        count: u64,
+    },
+    Flush,
+    Flushed {
+        pages: u64,
+    },
+    Images {
+        files: Vec<ImageEntry>,
+    },
+    Rebuild,
+    Rebuilt {
+        ms: f64,
+        bytes: u64,
+        pages_from_store: u64,
+    },
+    Restore {
+        opts: RestoreOpts,
+    },
+    Restored {
+        pid: i32,
+        ms: f64,
+        stats: Option<serde_json::Value>,
+    },
+    Commit,
+    Committed,
+    Error {
+        message: String,
+    },
+}

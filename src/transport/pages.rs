@@ -1,0 +1,121 @@
+//! Page batches, page recipes and missing-page bitmaps: the binary payloads.
+//!
+//! ```text
+//! batch:   count u32 | count x digest u128 | count x 4096 bytes of page data
+//! recipe:  one digest u128 per page of a pages-*.img, in file order
+//!          (ZERO_PAGE for a page of zeros: never sent, written as zeros)
+//! digests: count x u128 (a Query);  bitmap: ceil(count/8) bytes, bit set = missing
+//! ```
+//! Digests are xxh3-128 of the page (see [`crate::page`]), little-endian.
+//! The receiver recomputes every page's digest before it stores it.
+
+#![forbid(unsafe_code)]
+
+use crate::page::{self, Digest};
+use crate::PAGE_SIZE;
+
+/// Recipe entry for an all-zero page.
+pub const ZERO_PAGE: Digest = 0;
+const DIGEST_BYTES: usize = 16;
+
+/// Encodes pages and their digests into one batch.
+pub fn encode_batch(digests: &[Digest], data: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(digests.len() * PAGE_SIZE, data.len());
+    let mut out = Vec::with_capacity(4 + digests.len() * (DIGEST_BYTES + PAGE_SIZE));
+    out.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+    out.extend(digests.iter().flat_map(|d| d.to_le_bytes()));
+    out.extend_from_slice(data);
+    out
+}
+
+/// Why a batch or list was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PagesFault {
+    #[error("page batch of {len} bytes does not hold {count} pages")]
+    BatchLength { count: usize, len: usize },
+    #[error("page {index} of the batch does not match its digest")]
+    Digest { index: usize },
+    #[error("digest list of {0} bytes is not a whole number of digests")]
+    ListLength(usize),
+}
+
+/// Decodes a batch and checks every page against its digest.
+pub fn decode_batch(batch: &[u8]) -> Result<(Vec<Digest>, &[u8]), PagesFault> {
+    let len = batch.len();
+    let count = batch
+        .get(..4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .ok_or(PagesFault::BatchLength { count: 0, len })?;
+    if len != 4 + count * (DIGEST_BYTES + PAGE_SIZE) {
+        return Err(PagesFault::BatchLength { count, len });
+    }
+    let digests = decode_digests(&batch[4..4 + count * DIGEST_BYTES])?;
+    let data = &batch[4 + count * DIGEST_BYTES..];
+    for (i, (d, p)) in digests.iter().zip(data.chunks_exact(PAGE_SIZE)).enumerate() {
+        if page::digest(p) != *d {
+            return Err(PagesFault::Digest { index: i });
+        }
+    }
+    Ok((digests, data))
+}
+
+pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
+    digests.iter().flat_map(|d| d.to_le_bytes()).collect()
+}
+
+pub fn decode_digests(bytes: &[u8]) -> Result<Vec<Digest>, PagesFault> {
+    if bytes.len() % DIGEST_BYTES != 0 {
+        return Err(PagesFault::ListLength(bytes.len()));
+    }
+    Ok(bytes
+        .chunks_exact(DIGEST_BYTES)
+        .map(|c| {
+            let mut b = [0u8; DIGEST_BYTES];
+            b.copy_from_slice(c);
+            u128::from_le_bytes(b)
+        })
+        .collect())
+}
+
+pub fn encode_bitmap(bits: &[bool]) -> Vec<u8> {
+    let mut out = vec![0u8; bits.len().div_ceil(8)];
+    for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
+        out[i / 8] |= 1 << (i % 8);
+    }
+    out
+}
+
+pub fn decode_bitmap(bytes: &[u8], count: usize) -> Option<Vec<bool>> {
+    (bytes.len() == count.div_ceil(8))
+        .then(|| (0..count).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_every_page_is_checked() {
+        let mut data = vec![0u8; 2 * PAGE_SIZE];
+        data[5] = 1;
+        data[PAGE_SIZE + 9] = 2;
+        let digests: Vec<_> = data.chunks(PAGE_SIZE).map(page::digest).collect();
+        let mut batch = encode_batch(&digests, &data);
+        let (d, p) = decode_batch(&batch).unwrap();
+        assert_eq!((d, p), (digests.clone(), &data[..]));
+        let last = batch.len() - 1;
+        batch[last] ^= 1;
+        assert_eq!(decode_batch(&batch), Err(PagesFault::Digest { index: 1 }));
+        assert!(matches!(
+            decode_batch(&batch[..batch.len() - 1]),
+            Err(PagesFault::BatchLength { .. })
+        ));
+    }
+
+    #[test]
+    fn bitmaps_round_trip() {
+        let bits = [true, false, false, true, true, false, false, false, true];
+        assert_eq!(decode_bitmap(&encode_bitmap(&bits), bits.len()).unwrap(), bits);
+        assert!(decode_bitmap(&[0], 9).is_none());
+    }
+}
