@@ -13,16 +13,21 @@
 //! - [`archive`]: ferry's compressed, deduplicated checkpoint archives.
 //! - [`bench`]: `ferry bench` measurements.
 //! - [`page`]: page contents (zero detection, digests).
+//! - [`live`]: reading a running process's memory for pre-copy.
 //! - [`transport`]: authenticated, checksummed frames between source and agent.
 //! - [`cli`]: the command-line contract (flags, output, exit codes).
 
+pub mod agent;
 pub mod archive;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod criu;
+pub mod fault;
 pub mod gpu;
 pub mod image;
+pub mod live;
+pub mod migrate;
 pub mod inspect;
 pub mod page;
 pub mod probe;

@@ -59,3 +59,15 @@ mod tests {
         assert_eq!(percent(1, 0), "-");
     }
 }
+
+/// An error and its causes on one line, `outer: inner: root`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

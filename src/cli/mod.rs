@@ -13,11 +13,13 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod bench;
 mod check;
 mod demo;
 mod dump;
 mod inspect;
+mod migrate;
 mod pack;
 mod progress;
 mod restore;
@@ -92,6 +94,12 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Measure (results for notes and the README, never pass/fail).
     Bench(bench::BenchArgs),
+    /// Move a running process tree to another host's agent (live migration).
+    Migrate(migrate::MigrateArgs),
+    /// Receive migrations: listen, keep pages and checkpoints, restore.
+    Agent(agent::AgentArgs),
+    /// Create a shared secret file for agents and migrations.
+    Keygen(agent::KeygenArgs),
     /// Internal: the process `ferry check` dumps to probe socket support.
     #[command(name = "probe-socket-holder", hide = true)]
     ProbeSocketHolder,
@@ -165,6 +173,12 @@ pub enum CliError {
     Archive(#[from] crate::archive::ArchiveError),
     #[error(transparent)]
     Bench(#[from] crate::bench::compress::BenchError),
+    #[error(transparent)]
+    Migrate(#[from] Box<crate::migrate::MigrateError>),
+    #[error(transparent)]
+    Agent(#[from] crate::agent::AgentError),
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
     #[error("cannot write output")]
     Output(#[from] io::Error),
     #[error("cannot encode JSON output")]
@@ -190,6 +204,10 @@ impl CliError {
             CliError::Criu(e) => Some(e),
             CliError::Checkpoint(e) => e.criu(),
             CliError::Demo(e) => e.criu(),
+            CliError::Migrate(e) => match e.as_ref() {
+                crate::migrate::MigrateError::Dump(c) => c.criu(),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -206,6 +224,9 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Unpack(a) => pack::run_unpack(a, out),
         Command::Demo(a) => demo::run(&cli.global, a, out),
         Command::Bench(a) => bench::run(&cli.global, a, out),
+        Command::Migrate(a) => migrate::run(&cli.global, a, out),
+        Command::Agent(a) => agent::run(&cli.global, a, out),
+        Command::Keygen(a) => agent::keygen(a, out),
         Command::ProbeSocketHolder => {
             crate::probe::hold_inet_socket()?;
             Ok(exit::OK)

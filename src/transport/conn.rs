@@ -119,6 +119,7 @@ pub struct Conn {
     recv_key: [u8; 32],
     send_seq: u64,
     recv_seq: u64,
+    sent_bytes: u64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -189,6 +190,7 @@ impl Conn {
             recv_key: hs_key,
             send_seq: 0,
             recv_seq: 0,
+            sent_bytes: 0,
         };
         let mine = random_bytes::<NONCE_LEN>().map_err(io(&conn.peer))?;
         let (client_nonce, server_nonce) = match role {
@@ -252,6 +254,11 @@ impl Conn {
         );
     }
 
+    /// Bytes written to the socket so far (frames, after compression).
+    pub fn sent_bytes(&self) -> u64 {
+        self.sent_bytes
+    }
+
     pub fn peer(&self) -> &str {
         &self.peer
     }
@@ -289,6 +296,7 @@ impl Conn {
         frame::write_frame(&mut self.writer, &self.send_key, kind, flags, seq, &body)
             .map_err(|source| self.io_err(source))?;
         self.send_seq += 1;
+        self.sent_bytes += (frame::HEADER_LEN + body.len() + frame::TAG_LEN) as u64;
         Ok(())
     }
 

@@ -21,8 +21,6 @@
 //! If the control stream ends before `Commit`, the agent kills what it
 //! restored (still stopped) and the source resumes its own copy.
 
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
 
 /// What is being moved, as the destination needs to know it.
@@ -31,12 +29,6 @@ use serde::{Deserialize, Serialize};
 pub enum Target {
     /// A process tree (restored into the agent's own namespaces).
     Process { pid: i32 },
-    /// A runc container, restored through `runc restore` under this id.
-    Runc {
-        id: String,
-        bundle: PathBuf,
-        runc_root: PathBuf,
-    },
 }
 
 /// One CRIU image file of the final dump.

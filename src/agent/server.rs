@@ -1,0 +1,160 @@
+//! The listener: accept, authenticate, dispatch; clean shutdown on SIGTERM.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::session;
+use super::store::PageStore;
+use super::{AgentConfig, AgentError};
+use crate::transport::{Conn, Msg, Secret};
+
+/// Time a peer has to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the accept loop looks at the shutdown flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// State shared by every connection of an agent.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub store: PageStore,
+    pub host: String,
+    pub boot_id: String,
+    /// Sessions open now: id -> pages received on its data streams.
+    pub sessions: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    conns: Mutex<HashMap<u64, TcpStream>>,
+}
+
+/// Runs an agent until SIGTERM/SIGINT. `ready` receives the bound address
+/// (useful with port 0).
+pub fn run(config: AgentConfig, ready: &mut dyn FnMut(std::net::SocketAddr)) -> Result<(), AgentError> {
+    let secret = Secret::from_file(&config.key)?;
+    let store = PageStore::open(&config.store).map_err(|source| AgentError::Store {
+        path: config.store.clone(),
+        source,
+    })?;
+    let listener = TcpListener::bind(config.listen).map_err(|source| AgentError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let local = listener.local_addr().map_err(|source| AgentError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| AgentError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(AgentError::Signals)?;
+    }
+    let agent = Arc::new(Agent {
+        host: hostname(),
+        boot_id: boot_id(),
+        store,
+        config,
+        sessions: Mutex::new(HashMap::new()),
+        conns: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(%local, store = %agent.config.store.display(), pages = agent.store.len(), "agent listening");
+    ready(local);
+    let mut threads = Vec::new();
+    let mut next_id = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nonblocking(false);
+                next_id += 1;
+                let id = next_id;
+                if let (Ok(clone), Ok(mut conns)) = (stream.try_clone(), agent.conns.lock()) {
+                    conns.insert(id, clone);
+                }
+                let agent = Arc::clone(&agent);
+                let secret = secret.clone();
+                threads.push(std::thread::spawn(move || {
+                    if let Err(e) = serve(&agent, stream, &secret) {
+                        tracing::warn!(%peer, error = %crate::units::chain(&e), "connection ended with an error");
+                    }
+                    if let Ok(mut conns) = agent.conns.lock() {
+                        conns.remove(&id);
+                    }
+                }));
+                threads.retain(|t| !t.is_finished());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
+        }
+    }
+    tracing::info!(open = threads.len(), "shutting down: closing connections");
+    if let Ok(conns) = agent.conns.lock() {
+        for c in conns.values() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentError> {
+    let mut conn = Conn::accept(stream, secret, HANDSHAKE_TIMEOUT)?;
+    conn.set_read_timeout(Some(session::IDLE_TIMEOUT))?;
+    match conn.recv_msg()? {
+        Msg::Begin {
+            session,
+            target,
+            expected_bytes,
+            boot_id: _,
+            host,
+            gpu,
+        } => session::serve_control(
+            agent,
+            conn,
+            session::Begin {
+                id: session,
+                target,
+                expected_bytes,
+                source_host: host,
+                gpu,
+            },
+        ),
+        Msg::Join { session } => session::serve_data(agent, conn, &session),
+        other => {
+            conn.send_msg(&Msg::Error {
+                message: format!("expected Begin or Join, got {}", msg_name(&other)),
+            })?;
+            Ok(())
+        }
+    }
+}
+
+pub(super) fn msg_name(m: &Msg) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "a message".into())
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This kernel's boot id: equal on both sides means one machine (one pid
+/// space), as when lab "hosts" are network namespaces.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}

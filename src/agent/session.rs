@@ -1,0 +1,354 @@
+//! One migration as the agent sees it: the control connection's messages
+//! (room check, digest queries, images, rebuild, restore, commit) and the
+//! data connections that bring pages.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use super::server::{msg_name, Agent};
+use super::AgentError;
+use crate::checkpoint::staging;
+use crate::criu::{Criu, NoHooks, RestoreRequest};
+use crate::transport::msg::{ImageEntry, RestoreOpts, Target};
+use crate::transport::pages;
+use crate::transport::{Conn, Incoming, Msg, TransportError};
+
+/// A connection silent for this long is dead (a pre-copy round of a large
+/// application over a slow link keeps the control stream quiet for a while).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a restored (stopped) copy waits for the source's commit
+/// before it is killed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Room kept free beyond what a migration says it needs.
+const ROOM_MARGIN_BYTES: u64 = 64 << 20;
+
+pub struct Begin {
+    pub id: String,
+    pub target: Target,
+    pub expected_bytes: u64,
+    pub source_host: String,
+    pub gpu: Option<crate::gpu::GpuRecord>,
+}
+
+/// The session's directory under the store.
+fn session_dir(agent: &Agent, id: &str) -> PathBuf {
+    agent.config.store.join("checkpoints").join(id)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Serves a migration's control connection until commit or failure.
+pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), AgentError> {
+    if let Err(why) = admit(agent, &begin) {
+        tracing::warn!(session = %begin.id, from = %begin.source_host, %why, "migration refused");
+        conn.send_msg(&Msg::Error { message: why })?;
+        return Ok(());
+    }
+    let counter = Arc::new(AtomicU64::new(0));
+    if let Ok(mut s) = agent.sessions.lock() {
+        s.insert(begin.id.clone(), Arc::clone(&counter));
+    }
+    tracing::info!(session = %begin.id, from = %begin.source_host, target = ?begin.target, "migration begins");
+    let mut session = Session {
+        agent,
+        id: begin.id.clone(),
+        dir: session_dir(agent, &begin.id),
+        files: Vec::new(),
+        images: None,
+        restored: None,
+    };
+    let result = session.run(&mut conn);
+    if let Ok(mut s) = agent.sessions.lock() {
+        s.remove(&begin.id);
+    }
+    match (&result, session.restored) {
+        (Ok(true), Some(pid)) => {
+            tracing::info!(session = %begin.id, pid, "migration committed; the application runs here");
+        }
+        (_, Some(pid)) => {
+            // Restored but never committed: the source may resume, so this
+            // copy must not run.
+            tracing::warn!(session = %begin.id, pid, "session ended before commit: killing the restored copy");
+            kill_tree(pid);
+        }
+        (_, None) => tracing::info!(session = %begin.id, "session ended without a restore"),
+    }
+    result.map(|_| ())
+}
+
+/// Whether this host can take the migration: room for its pages, GPUs.
+fn admit(agent: &Agent, begin: &Begin) -> Result<(), String> {
+    if !valid_id(&begin.id) {
+        return Err(format!("bad session id '{}'", begin.id));
+    }
+    let free = free_bytes(&agent.config.store);
+    // Pages go to the store and again into the rebuilt images.
+    let need = begin.expected_bytes.saturating_mul(2) + ROOM_MARGIN_BYTES;
+    if free < need {
+        return Err(format!(
+            "no room: the migration needs about {} in {} and {} is free",
+            crate::units::bytes(need),
+            agent.config.store.display(),
+            crate::units::bytes(free)
+        ));
+    }
+    if let Some(record) = &begin.gpu {
+        if record.carried_by != "ignored" {
+            crate::gpu::check_compatible(record, &crate::gpu::probe())
+                .map_err(|e| format!("GPUs here cannot take this application: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn free_bytes(dir: &Path) -> u64 {
+    let _ = fs::create_dir_all(dir);
+    nix::sys::statvfs::statvfs(dir)
+        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .unwrap_or(0)
+}
+
+struct Session<'a> {
+    agent: &'a Agent,
+    id: String,
+    dir: PathBuf,
+    files: Vec<(ImageEntry, Vec<u8>)>,
+    /// The rebuilt images (staging, removed when the session ends).
+    images: Option<tempfile::TempDir>,
+    restored: Option<i32>,
+}
+
+impl Session<'_> {
+    /// Ok(true) once committed.
+    fn run(&mut self, conn: &mut Conn) -> Result<bool, AgentError> {
+        conn.send_msg(&Msg::Accepted {
+            host: self.agent.host.clone(),
+            boot_id: self.agent.boot_id.clone(),
+            free_bytes: free_bytes(&self.agent.config.store),
+        })?;
+        loop {
+            let msg = match conn.recv_msg() {
+                Ok(m) => m,
+                Err(TransportError::Closed { .. }) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            match msg {
+                Msg::Query { count } => {
+                    let digests = pages::decode_digests(&conn.recv_blob()?)
+                        .map_err(|e| self.bad(conn, e.to_string()))?;
+                    if digests.len() as u64 != count {
+                        return Err(self.bad(conn, "digest count mismatch".into()));
+                    }
+                    let missing: Vec<bool> =
+                        digests.iter().map(|d| !self.agent.store.contains(*d)).collect();
+                    conn.send_msg(&Msg::Missing { count })?;
+                    conn.send_blob(&pages::encode_bitmap(&missing))?;
+                }
+                Msg::Images { files } => {
+                    self.files.clear();
+                    for f in files {
+                        if f.name.contains('/') || f.name.starts_with('.') || f.name.is_empty() {
+                            return Err(self.bad(conn, format!("bad image name '{}'", f.name)));
+                        }
+                        let blob = conn.recv_blob()?;
+                        self.files.push((f, blob));
+                    }
+                }
+                Msg::Rebuild => {
+                    crate::fault::point("agent-before-rebuild");
+                    let reply = match self.rebuild() {
+                        Ok(r) => r,
+                        Err(message) => Msg::Error { message },
+                    };
+                    conn.send_msg(&reply)?;
+                }
+                Msg::Restore { opts } => {
+                    let reply = match self.restore(&opts) {
+                        Ok(r) => r,
+                        Err(message) => Msg::Error { message },
+                    };
+                    conn.send_msg(&reply)?;
+                    conn.set_read_timeout(Some(COMMIT_TIMEOUT))?;
+                }
+                Msg::Commit => {
+                    crate::fault::point("agent-before-commit");
+                    let Some(pid) = self.restored else {
+                        conn.send_msg(&Msg::Error {
+                            message: "commit before a restore".into(),
+                        })?;
+                        continue;
+                    };
+                    crate::process::resume_stopped(pid);
+                    conn.send_msg(&Msg::Committed)?;
+                    self.keep();
+                    return Ok(true);
+                }
+                other => {
+                    let m = format!("unexpected {} in a migration", msg_name(&other));
+                    return Err(self.bad(conn, m));
+                }
+            }
+        }
+    }
+
+    fn bad(&self, conn: &mut Conn, message: String) -> AgentError {
+        let _ = conn.send_msg(&Msg::Error {
+            message: message.clone(),
+        });
+        AgentError::Transport(TransportError::BadFrame {
+            peer: conn.peer().to_string(),
+            what: message,
+        })
+    }
+
+    /// Writes every image file, page files from the store, and checks
+    /// every checksum. Nothing is left behind on failure.
+    fn rebuild(&mut self) -> Result<Msg, String> {
+        let start = Instant::now();
+        let need: u64 = self.files.iter().map(|(f, _)| f.size).sum();
+        self.images = None;
+        let stage = staging::create("ferry-agent-", need, self.agent.config.staging.as_deref())
+            .map_err(|e| format!("cannot create a staging directory: {e}"))?;
+        let done = super::rebuild::rebuild(&self.agent.store, &self.files, stage.path())?;
+        tracing::info!(session = %self.id, files = self.files.len(), bytes = done.bytes, "images rebuilt and verified");
+        self.images = Some(stage);
+        Ok(Msg::Rebuilt {
+            ms: start.elapsed().as_secs_f64() * 1e3,
+            bytes: done.bytes,
+            pages_from_store: done.pages_from_store,
+        })
+    }
+
+    /// With `--keep-images`: the committed images go under the store.
+    fn keep(&self) {
+        let (true, Some(stage)) = (self.agent.config.keep_images, &self.images) else {
+            return;
+        };
+        let to = self.dir.join("images");
+        let copied = fs::create_dir_all(&to).and_then(|_| {
+            for e in fs::read_dir(stage.path())? {
+                let e = e?;
+                fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = copied {
+            tracing::warn!(session = %self.id, error = %e, "cannot keep the images");
+        }
+    }
+
+    fn restore(&mut self, opts: &RestoreOpts) -> Result<Msg, String> {
+        if self.restored.is_some() {
+            return Err("already restored".into());
+        }
+        let Some(images) = &self.images else {
+            return Err("restore before the images were rebuilt".into());
+        };
+        let criu = Criu::locate(
+            self.agent.config.criu.as_deref(),
+            self.agent.config.criu_service.as_deref(),
+        )
+        .map_err(|e| crate::units::chain(&e))?;
+        let req = RestoreRequest {
+            tcp_established: opts.tcp_established,
+            shell_job: opts.shell_job,
+            ext_unix_sk: opts.ext_unix_sk,
+            file_locks: opts.file_locks,
+            log_level: opts.log_level,
+            leave_stopped: true,
+            ..RestoreRequest::new(images.path())
+        };
+        let start = Instant::now();
+        let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {
+            let lines = e.criu().map(|c| c.log_errors().join("; ")).unwrap_or_default();
+            format!("{} {lines}", crate::units::chain(&e))
+        })?;
+        self.restored = Some(outcome.pid);
+        tracing::info!(session = %self.id, pid = outcome.pid, "restored (stopped until commit)");
+        Ok(Msg::Restored {
+            pid: outcome.pid,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+            stats: outcome
+                .stats
+                .as_ref()
+                .and_then(|s| serde_json::to_value(s).ok()),
+        })
+    }
+}
+
+fn kill_tree(pid: i32) {
+    let pids = crate::process::tree(pid).unwrap_or_else(|_| vec![pid]);
+    for p in pids {
+        let _ = crate::process::signal(p, Signal::SIGKILL);
+    }
+}
+
+/// A data connection: page batches, each checked, into the store.
+pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), AgentError> {
+    let counter = agent
+        .sessions
+        .lock()
+        .ok()
+        .and_then(|s| s.get(session).cloned());
+    let Some(counter) = counter else {
+        conn.send_msg(&Msg::Error {
+            message: format!("no open session '{session}'"),
+        })?;
+        return Ok(());
+    };
+    conn.send_msg(&Msg::Accepted {
+        host: agent.host.clone(),
+        boot_id: agent.boot_id.clone(),
+        free_bytes: free_bytes(&agent.config.store),
+    })?;
+    loop {
+        match conn.recv() {
+            Ok(Some(Incoming::Pages(batch))) => {
+                let (digests, data) = match pages::decode_batch(&batch) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let message = format!("bad page batch: {e}");
+                        conn.send_msg(&Msg::Error { message: message.clone() })?;
+                        return Err(TransportError::BadFrame {
+                            peer: conn.peer().to_string(),
+                            what: message,
+                        }
+                        .into());
+                    }
+                };
+                if let Err(e) = agent.store.put_batch(&digests, data) {
+                    let message = format!(
+                        "cannot store pages in {}: {e}",
+                        agent.store.path().display()
+                    );
+                    conn.send_msg(&Msg::Error { message })?;
+                    return Ok(());
+                }
+                counter.fetch_add(digests.len() as u64, Ordering::Relaxed);
+            }
+            Ok(Some(Incoming::Msg(Msg::Flush))) => {
+                conn.send_msg(&Msg::Flushed {
+                    pages: counter.load(Ordering::Relaxed),
+                })?;
+            }
+            Ok(Some(other)) => {
+                let what = format!("unexpected {other:?} on a data stream");
+                conn.send_msg(&Msg::Error { message: what.clone() })?;
+                return Err(TransportError::BadFrame {
+                    peer: conn.peer().to_string(),
+                    what,
+                }
+                .into());
+            }
+            Ok(None) | Err(TransportError::Closed { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

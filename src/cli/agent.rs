@@ -1,0 +1,60 @@
+//! `ferry agent` (receive migrations) and `ferry keygen` (its shared secret).
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{exit, CliError, GlobalArgs};
+use crate::agent::{self, AgentConfig};
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Address to listen on (port 0: any free port, printed at start).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// Shared secret file (same on every host; make one with `ferry keygen`).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Where received pages and checkpoints are kept.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent")]
+    pub store: PathBuf,
+    /// Where images are rebuilt before a restore (default: tmpfs when it fits).
+    #[arg(long, value_name = "DIR")]
+    pub staging: Option<PathBuf>,
+    /// Keep each committed migration's images under STORE/checkpoints/.
+    #[arg(long)]
+    pub keep_images: bool,
+}
+
+pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let config = AgentConfig {
+        listen: args.listen,
+        key: args.key.clone(),
+        store: args.store.clone(),
+        criu: global.criu.clone(),
+        criu_service: global.criu_service.clone(),
+        staging: args.staging.clone(),
+        keep_images: args.keep_images,
+    };
+    let mut printed: std::io::Result<()> = Ok(());
+    agent::run(config, &mut |addr| {
+        printed = writeln!(out, "ferry agent listening on {addr}").and_then(|_| out.flush());
+    })?;
+    printed?;
+    Ok(exit::OK)
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// File to create (mode 0600; never overwritten).
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+pub fn keygen(args: &KeygenArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    crate::transport::Secret::generate(&args.file)?;
+    writeln!(out, "wrote a new shared secret to {}", args.file.display())?;
+    Ok(exit::OK)
+}

@@ -1,0 +1,117 @@
+//! `ferry migrate`: move a running process tree to another host's agent.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
+use crate::migrate::{self, MigrateOptions};
+use crate::transport::msg::RestoreOpts;
+use crate::transport::Secret;
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Root of the process tree to move.
+    #[arg(short = 't', long = "pid", value_name = "PID")]
+    pub pid: i32,
+    /// The destination's `ferry agent`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// Shared secret file (the agent's).
+    #[arg(long, value_name = "FILE")]
+    pub key: PathBuf,
+    /// Stop pre-copy once the final transfer is predicted to fit this
+    /// (e.g. 300ms, 1s).
+    #[arg(long, value_name = "TIME", default_value = "300ms", value_parser = parse_duration)]
+    pub max_downtime: Duration,
+    /// Most pre-copy rounds before the final copy (1: send everything once).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_rounds: u32,
+    /// Parallel data streams (default: one per CPU).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub streams: Option<u16>,
+    /// Where the final dump is staged (default: tmpfs when it fits).
+    #[arg(long, value_name = "DIR")]
+    pub staging: Option<PathBuf>,
+    /// Keep a copy of the final dump's images in DIR.
+    #[arg(long, value_name = "DIR")]
+    pub keep_images: Option<PathBuf>,
+    /// Longest wait for the destination (a dead agent or a cut link fails
+    /// the migration, and the application resumes here, after this).
+    #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Migrate even if the tree holds GPU state that would be lost (loud).
+    #[arg(long)]
+    pub ignore_gpu: bool,
+    #[command(flatten)]
+    pub flags: CriuFlags,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// "300ms", "1.5s", "2m"; a bare number is milliseconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (e.g. 300ms, 1s)"))?;
+    let secs = match unit.trim() {
+        "" | "ms" => n / 1e3,
+        "s" => n,
+        "m" | "min" => n * 60.0,
+        "us" => n / 1e6,
+        other => return Err(format!("unknown time unit '{other}' (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let criu = global.criu()?;
+    let opts = MigrateOptions {
+        pid: args.pid,
+        to: args.to.clone(),
+        secret: Secret::from_file(&args.key)?,
+        max_downtime: args.max_downtime,
+        max_rounds: args.max_rounds,
+        streams: super::pack::threads(args.streams),
+        restore: RestoreOpts {
+            tcp_established: args.flags.tcp_established,
+            shell_job: args.flags.shell_job,
+            ext_unix_sk: args.flags.ext_unix_sk,
+            file_locks: args.flags.file_locks,
+            log_level: args.flags.log_level,
+        },
+        ignore_gpu: args.ignore_gpu,
+        staging: args.staging.clone(),
+        keep_images: args.keep_images.clone(),
+        io_timeout: args.timeout,
+    };
+    let report = migrate::migrate(&criu, &opts).map_err(Box::new)?;
+    if args.json {
+        write_json(out, &report)?;
+    } else {
+        report.render(out)?;
+    }
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3h").is_err());
+    }
+}

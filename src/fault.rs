@@ -1,0 +1,24 @@
+//! Fault injection for the fault tests: with `FERRY_FAULT=<point>` in its
+//! environment, a ferry process that reaches that named point says so on
+//! stderr and waits there (at most [`HOLD`]), so that a test can kill it,
+//! cut its link or let a timeout fire at exactly that moment. Without the
+//! variable a point costs one environment lookup.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+/// Environment variable naming the point to stop at.
+pub const ENV: &str = "FERRY_FAULT";
+/// How long a process waits at its fault point.
+pub const HOLD: Duration = Duration::from_secs(60);
+
+/// Points: `agent-before-rebuild` (final copy received, nothing rebuilt),
+/// `agent-before-commit` (restored and stopped, commit not yet handled),
+/// `migrate-after-round-1` (source, between pre-copy rounds).
+pub fn point(name: &str) {
+    if std::env::var(ENV).is_ok_and(|v| v == name) {
+        eprintln!("ferry: fault point {name} reached (pid {})", std::process::id());
+        std::thread::sleep(HOLD);
+    }
+}

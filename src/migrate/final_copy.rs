@@ -1,0 +1,282 @@
+//! The frozen phase: dump (left stopped), send what the destination lacks,
+//! rebuild there, restore there, commit; or put the application back.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use rayon::prelude::*;
+
+use super::report::FinalReport;
+use super::streams::PageSender;
+use super::{Fate, FinalError, MigrateError, MigrateOptions};
+use crate::checkpoint::{self, staging};
+use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
+use crate::image::dir::classify_name;
+use crate::image::FileClass;
+use crate::page::{self, Digest};
+use crate::process;
+use crate::transport::msg::ImageEntry;
+use crate::transport::pages::{self, ZERO_PAGE};
+use crate::transport::{Conn, Msg, TransportError};
+use crate::PAGE_SIZE;
+
+/// How long the source's killed pids may take to be reaped (same kernel).
+const PID_FREE_WAIT: Duration = Duration::from_secs(5);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(
+    criu: &Criu,
+    opts: &MigrateOptions,
+    control: &mut Conn,
+    sender: &mut PageSender,
+    known: &mut HashSet<Digest>,
+    same_kernel: bool,
+) -> Result<(FinalReport, i32), MigrateError> {
+    let pid = opts.pid;
+    let rss = process::tree_rss_bytes(pid).unwrap_or(0);
+    let stage = staging::create("ferry-migrate-", rss, opts.staging.as_deref()).map_err(|source| {
+        MigrateError::Staging {
+            path: staging::base_for(rss, opts.staging.as_deref()),
+            source,
+        }
+    })?;
+    let images = stage.path().join("images");
+    let req = DumpRequest {
+        leave_stopped: true,
+        tcp_established: opts.restore.tcp_established,
+        shell_job: opts.restore.shell_job,
+        ext_unix_sk: opts.restore.ext_unix_sk,
+        file_locks: opts.restore.file_locks,
+        log_level: opts.restore.log_level,
+        ignore_gpu: opts.ignore_gpu,
+        ..DumpRequest::new(pid, &images)
+    };
+    let mut report = FinalReport::default();
+    let frozen_at = Instant::now();
+    let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
+    let dumped = checkpoint::dump(criu, &req, &mut NoHooks).map_err(MigrateError::Dump)?;
+    report.dump_ms = ms(dumped.wall);
+    report.criu_dump = dumped.stats.as_ref().and_then(|s| serde_json::to_value(s).ok());
+
+    // From here the source is stopped: every failure path decides its fate.
+    let mut source_killed = false;
+    let result = transfer_and_restore(
+        opts,
+        control,
+        sender,
+        known,
+        &images,
+        &mut report,
+        same_kernel,
+        &pids,
+        &mut source_killed,
+    );
+    match result {
+        Ok(restored) => {
+            report.frozen_ms = ms(frozen_at.elapsed());
+            if !source_killed {
+                kill_all(&pids);
+            }
+            if let Some(keep) = &opts.keep_images {
+                copy_dir(&images, keep).map_err(|source| MigrateError::Final {
+                    after: Fate::ResumedHere,
+                    source: FinalError::Images {
+                        path: keep.clone(),
+                        source,
+                    },
+                })?;
+            }
+            Ok((report, restored))
+        }
+        Err(source) => {
+            let after = if !source_killed {
+                process::resume_stopped(pid);
+                Fate::ResumedHere
+            } else {
+                restore_here(criu, opts, &images, &pids)
+            };
+            if let Fate::Lost { .. } = after {
+                // Keep the images: they are all that is left.
+                let _ = stage.keep();
+            }
+            Err(MigrateError::Final { after, source })
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn transfer_and_restore(
+    opts: &MigrateOptions,
+    control: &mut Conn,
+    sender: &mut PageSender,
+    known: &mut HashSet<Digest>,
+    images: &Path,
+    report: &mut FinalReport,
+    same_kernel: bool,
+    pids: &[i32],
+    source_killed: &mut bool,
+) -> Result<i32, FinalError> {
+    let t = Instant::now();
+    let wire_before = sender.wire_bytes() + control.sent_bytes();
+    let files = image_files(images)?;
+    let mut entries = Vec::new();
+    let mut blobs = Vec::new();
+    for name in files {
+        let path = images.join(&name);
+        let io = |source| FinalError::Images {
+            path: path.clone(),
+            source,
+        };
+        let recipe = classify_name(&name) == FileClass::Pages;
+        let (checksum, blob) = if recipe {
+            let file = fs::File::open(&path).map_err(io)?;
+            let bytes = crate::sys::mmap::map_readonly(&file, true).map_err(io)?;
+            let digests: Vec<Digest> = bytes
+                .par_chunks(PAGE_SIZE)
+                .map(|p| page::fingerprint(p).unwrap_or(ZERO_PAGE))
+                .collect();
+            for (d, p) in digests.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
+                report.pages_in_images += 1;
+                if *d == ZERO_PAGE {
+                    report.zero_pages += 1;
+                } else if known.insert(*d) {
+                    sender.push(*d, p)?;
+                    report.pages_sent += 1;
+                }
+            }
+            (
+                xxhash_rust::xxh3::xxh3_128(&bytes),
+                pages::encode_digests(&digests),
+            )
+        } else {
+            let bytes = fs::read(&path).map_err(io)?;
+            (xxhash_rust::xxh3::xxh3_128(&bytes), bytes)
+        };
+        let checksum = format!("{checksum:032x}");
+        entries.push(ImageEntry {
+            name,
+            size: fs::metadata(&path).map_err(io)?.len(),
+            checksum,
+            recipe,
+        });
+        blobs.push(blob);
+    }
+    sender.flush()?;
+    control.send_msg(&Msg::Images { files: entries })?;
+    for b in &blobs {
+        control.send_blob(b)?;
+    }
+    report.wire_bytes = sender.wire_bytes() + control.sent_bytes() - wire_before;
+    report.transfer_ms = ms(t.elapsed());
+
+    control.send_msg(&Msg::Rebuild)?;
+    match control.recv_msg()? {
+        Msg::Rebuilt { ms, .. } => report.rebuild_ms = ms,
+        other => return Err(unexpected(control, other, "Rebuilt")),
+    }
+    if same_kernel {
+        // One pid space: the restore needs the source's pids.
+        let t = Instant::now();
+        kill_all(pids);
+        *source_killed = true;
+        for p in pids {
+            process::wait_pid_free(*p, PID_FREE_WAIT);
+        }
+        report.pid_wait_ms = ms(t.elapsed());
+    }
+    control.send_msg(&Msg::Restore {
+        opts: opts.restore.clone(),
+    })?;
+    let restored = match control.recv_msg()? {
+        Msg::Restored { pid, ms, stats } => {
+            report.restore_ms = ms;
+            report.criu_restore = stats;
+            pid
+        }
+        other => return Err(unexpected(control, other, "Restored")),
+    };
+    let t = Instant::now();
+    control.send_msg(&Msg::Commit)?;
+    match control.recv_msg()? {
+        Msg::Committed => {}
+        other => return Err(unexpected(control, other, "Committed")),
+    }
+    report.commit_ms = ms(t.elapsed());
+    Ok(restored)
+}
+
+fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> FinalError {
+    FinalError::Transport(TransportError::Unexpected {
+        peer: control.peer().to_string(),
+        got: format!("{got:?}"),
+        expected,
+    })
+}
+
+/// The image files to send (CRIU's logs stay here).
+fn image_files(dir: &Path) -> Result<Vec<String>, FinalError> {
+    let io = |source| FinalError::Images {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map_err(io)?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| classify_name(n) != FileClass::Log)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn kill_all(pids: &[i32]) {
+    for p in pids {
+        let _ = process::signal(*p, Signal::SIGKILL);
+    }
+}
+
+/// Same kernel, source already gone, the destination failed: restore here
+/// from the images that were sent. A stopped process holding one of the
+/// tree's pids can only be the destination's unfinished copy: it is killed.
+fn restore_here(criu: &Criu, opts: &MigrateOptions, images: &Path, pids: &[i32]) -> Fate {
+    for p in pids {
+        if matches!(process::ProcessInfo::read(*p), Ok(i) if i.is_stopped()) {
+            let _ = process::signal(*p, Signal::SIGKILL);
+        }
+        process::wait_pid_free(*p, PID_FREE_WAIT);
+    }
+    let req = RestoreRequest {
+        tcp_established: opts.restore.tcp_established,
+        shell_job: opts.restore.shell_job,
+        ext_unix_sk: opts.restore.ext_unix_sk,
+        file_locks: opts.restore.file_locks,
+        log_level: opts.restore.log_level,
+        log_file: "restore-fallback.log".into(),
+        ..RestoreRequest::new(images)
+    };
+    match checkpoint::restore(criu, &req, &mut NoHooks) {
+        Ok(o) => Fate::RestoredHere { pid: o.pid },
+        Err(e) => Fate::Lost {
+            images: images.to_path_buf(),
+            why: crate::units::chain(&e),
+        },
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}

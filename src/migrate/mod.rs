@@ -1,0 +1,246 @@
+//! `ferry migrate`: move a running process tree to another host's agent.
+//!
+//! 1. **Begin**: connect and authenticate (control stream), say what comes
+//!    and how big; the agent checks its room and GPUs. Open the data
+//!    streams ([`streams`]).
+//! 2. **Pre-copy** ([`precopy`]) while the application runs: read its
+//!    memory live ([`crate::live`]; no soft-dirty tracking needed), send
+//!    pages whose content the destination lacks, repeat while the changed
+//!    bytes shrink, stop when the predicted final transfer fits
+//!    `--max-downtime` or after `--max-rounds`.
+//! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree to local staging
+//!    and leaves it *stopped*; only pages the destination lacks are sent,
+//!    the rest is named by digest in page recipes; the agent rebuilds the
+//!    images byte-identical (checksums) and restores them, stopped; on
+//!    `Restored` ferry commits: the agent resumes its copy and the source's
+//!    is killed.
+//!
+//! **Nothing is lost.** Before the commit the source copy is only stopped,
+//! so any failure (agent gone, link cut, restore failed, no room) resumes
+//! it. One exception is forced by physics: when both ends share a kernel
+//! (lab namespaces; detected by equal boot ids) they share one pid space,
+//! and the restore needs the source's pids, so the source is killed just
+//! before the restore; if the restore then fails ferry restores the
+//! application locally from the same images it sent.
+
+#![forbid(unsafe_code)]
+
+mod final_copy;
+mod precopy;
+mod report;
+pub mod streams;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::CheckpointError;
+use crate::criu::Criu;
+use crate::live::LiveError;
+use crate::transport::msg::{RestoreOpts, Target};
+use crate::transport::{Conn, Msg, Secret, TransportError};
+
+pub use report::{FinalReport, MigrateReport, RoundReport, StopReason};
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub pid: i32,
+    /// The destination agent, HOST:PORT.
+    pub to: String,
+    pub secret: Secret,
+    pub max_downtime: Duration,
+    pub max_rounds: u32,
+    /// Data streams (default: one per core).
+    pub streams: usize,
+    pub restore: RestoreOpts,
+    pub ignore_gpu: bool,
+    /// Where the final dump is staged (default: tmpfs when it fits).
+    pub staging: Option<PathBuf>,
+    /// Keep a copy of the final dump's images here (for checks).
+    pub keep_images: Option<PathBuf>,
+    /// Longest wait for the destination's answer or for a send to go out
+    /// (a dead agent or a cut link fails the migration after this).
+    pub io_timeout: Duration,
+}
+
+/// Time allowed to connect and authenticate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("no process with pid {pid} to migrate")]
+    NoSuchProcess { pid: i32 },
+    #[error("pre-flight check refused the migration; nothing was frozen")]
+    Preflight(#[from] crate::target::preflight::PreflightError),
+    #[error("GPU check refused the migration; nothing was frozen")]
+    Gpu(#[from] crate::gpu::GpuError),
+    #[error("cannot reach the destination agent {to}; the application keeps running here")]
+    Connect {
+        to: String,
+        #[source]
+        source: TransportError,
+    },
+    #[error("the destination refused the migration; the application keeps running here")]
+    Refused(#[source] TransportError),
+    #[error("pre-copy failed; the application keeps running here")]
+    Precopy(#[source] PrecopyError),
+    #[error("the final dump failed; the application keeps running here")]
+    Dump(#[source] CheckpointError),
+    #[error("cannot create staging in {}", path.display())]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the final copy failed; {after}")]
+    Final {
+        after: Fate,
+        #[source]
+        source: FinalError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrecopyError {
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinalError {
+    #[error("cannot read the final dump's {}", path.display())]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+/// Where the application is after a failed final copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// The source copy was resumed.
+    ResumedHere,
+    /// Same kernel: the source was gone, ferry restored it here as `pid`.
+    RestoredHere { pid: i32 },
+    /// Everything failed; the images to restore by hand are at `images`.
+    Lost { images: PathBuf, why: String },
+}
+
+impl std::fmt::Display for Fate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fate::ResumedHere => f.write_str("the application was resumed here"),
+            Fate::RestoredHere { pid } => write!(
+                f,
+                "the application was restored here from the final dump as pid {pid}"
+            ),
+            Fate::Lost { images, why } => write!(
+                f,
+                "THE APPLICATION IS NOT RUNNING: the local restore failed too ({why}); its images are kept in {}",
+                images.display()
+            ),
+        }
+    }
+}
+
+/// Migrates `opts.pid` to the agent at `opts.to`.
+pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
+    let start = Instant::now();
+    let pid = opts.pid;
+    if !crate::process::is_alive(pid) {
+        return Err(MigrateError::NoSuchProcess { pid });
+    }
+    crate::target::preflight::check(
+        pid,
+        crate::target::preflight::Allow {
+            tcp_established: opts.restore.tcp_established,
+            ext_unix_sk: opts.restore.ext_unix_sk,
+        },
+    )?;
+    let pids = crate::process::tree(pid).map_err(|_| MigrateError::NoSuchProcess { pid })?;
+    let plan = crate::gpu::assess(&pids, opts.ignore_gpu)?;
+    let rss = crate::process::tree_rss_bytes(pid).unwrap_or(0);
+
+    let session = session_id();
+    let connect_err = |source| MigrateError::Connect {
+        to: opts.to.clone(),
+        source,
+    };
+    let mut control = Conn::connect(&opts.to, &opts.secret, CONNECT_TIMEOUT).map_err(connect_err)?;
+    control
+        .send_msg(&Msg::Begin {
+            session: session.clone(),
+            target: Target::Process { pid },
+            expected_bytes: rss,
+            boot_id: crate::agent::boot_id(),
+            host: crate::agent::hostname(),
+            gpu: plan.record().cloned(),
+        })
+        .map_err(connect_err)?;
+    let (dest_host, dest_boot) = match control.recv_msg() {
+        Ok(Msg::Accepted { host, boot_id, .. }) => (host, boot_id),
+        Ok(other) => {
+            return Err(MigrateError::Refused(TransportError::Unexpected {
+                peer: opts.to.clone(),
+                got: format!("{other:?}"),
+                expected: "Accepted",
+            }))
+        }
+        Err(e) => return Err(MigrateError::Refused(e)),
+    };
+    control
+        .set_read_timeout(Some(opts.io_timeout))
+        .map_err(connect_err)?;
+    let same_kernel = !dest_boot.is_empty() && dest_boot == crate::agent::boot_id();
+    let mut sender = streams::PageSender::open(
+        &opts.to,
+        &opts.secret,
+        &session,
+        opts.streams,
+        CONNECT_TIMEOUT,
+        opts.io_timeout,
+    )
+    .map_err(connect_err)?;
+    tracing::info!(%session, to = %opts.to, %dest_host, same_kernel, streams = sender.streams(), "migration begins");
+
+    let pre_start = Instant::now();
+    let mut pre = precopy::Precopy::new(pid);
+    let stop_reason = pre
+        .run(&mut control, &mut sender, opts)
+        .map_err(MigrateError::Precopy)?;
+    let precopy_ms = pre_start.elapsed().as_secs_f64() * 1e3;
+
+    let (final_phase, restored_pid) = final_copy::run(
+        criu,
+        opts,
+        &mut control,
+        &mut sender,
+        &mut pre.known,
+        same_kernel,
+    )?;
+    Ok(MigrateReport {
+        destination: opts.to.clone(),
+        destination_host: dest_host,
+        same_kernel,
+        streams: sender.streams(),
+        rounds: pre.rounds,
+        stop_reason,
+        precopy_ms,
+        final_phase,
+        restored_pid,
+        total_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+fn session_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("m{t:x}-{:x}-{:08x}", std::process::id(), fastrand::u32(..))
+}
