@@ -10,15 +10,24 @@ use std::time::Duration;
 
 /// Environment variable naming the point to stop at.
 pub const ENV: &str = "FERRY_FAULT";
-/// How long a process waits at its fault point.
+/// How long a process waits at its fault point, unless
+/// `FERRY_FAULT_HOLD_MS` says otherwise.
 pub const HOLD: Duration = Duration::from_secs(60);
+pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 
 /// Points: `agent-before-rebuild` (final copy received, nothing rebuilt),
 /// `agent-before-commit` (restored and stopped, commit not yet handled),
 /// `migrate-after-round-1` (source, between pre-copy rounds).
 pub fn point(name: &str) {
     if std::env::var(ENV).is_ok_and(|v| v == name) {
-        eprintln!("ferry: fault point {name} reached (pid {})", std::process::id());
-        std::thread::sleep(HOLD);
+        eprintln!(
+            "ferry: fault point {name} reached (pid {})",
+            std::process::id()
+        );
+        let hold = std::env::var(HOLD_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(HOLD, Duration::from_millis);
+        std::thread::sleep(hold.min(HOLD));
     }
 }

@@ -44,6 +44,18 @@ pub fn serde_micros<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S
     s.serialize_u64(d.as_micros() as u64)
 }
 
+/// An error and its causes on one line, `outer: inner: root`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,16 +70,4 @@ mod tests {
         assert_eq!(percent(1, 4), "25.0%");
         assert_eq!(percent(1, 0), "-");
     }
-}
-
-/// An error and its causes on one line, `outer: inner: root`.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cur = c.source();
-    }
-    out
 }

@@ -35,7 +35,6 @@ use std::path::PathBuf;
 pub use server::{boot_id, hostname, run, Agent};
 pub use store::PageStore;
 
-
 /// How an agent runs.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {

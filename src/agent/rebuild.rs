@@ -36,8 +36,7 @@ pub fn rebuild(
         let path = dir.join(&entry.name);
         let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
         let sum = if entry.recipe {
-            let recipe =
-                pages::decode_digests(blob).map_err(|e| format!("{}: {e}", entry.name))?;
+            let recipe = pages::decode_digests(blob).map_err(|e| format!("{}: {e}", entry.name))?;
             let file = fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -29,7 +29,10 @@ pub struct Agent {
 
 /// Runs an agent until SIGTERM/SIGINT. `ready` receives the bound address
 /// (useful with port 0).
-pub fn run(config: AgentConfig, ready: &mut dyn FnMut(std::net::SocketAddr)) -> Result<(), AgentError> {
+pub fn run(
+    config: AgentConfig,
+    ready: &mut dyn FnMut(std::net::SocketAddr),
+) -> Result<(), AgentError> {
     let secret = Secret::from_file(&config.key)?;
     let store = PageStore::open(&config.store).map_err(|source| AgentError::Store {
         path: config.store.clone(),

@@ -32,7 +32,7 @@ pub struct Begin {
     pub target: Target,
     pub expected_bytes: u64,
     pub source_host: String,
-    pub gpu: Option<crate::gpu::GpuRecord>,
+    pub gpu: Option<Box<crate::gpu::GpuRecord>>,
 }
 
 /// The session's directory under the store.
@@ -111,7 +111,7 @@ fn admit(agent: &Agent, begin: &Begin) -> Result<(), String> {
 pub fn free_bytes(dir: &Path) -> u64 {
     let _ = fs::create_dir_all(dir);
     nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64)
+        .map(|s| s.blocks_available() * s.fragment_size())
         .unwrap_or(0)
 }
 
@@ -146,8 +146,10 @@ impl Session<'_> {
                     if digests.len() as u64 != count {
                         return Err(self.bad(conn, "digest count mismatch".into()));
                     }
-                    let missing: Vec<bool> =
-                        digests.iter().map(|d| !self.agent.store.contains(*d)).collect();
+                    let missing: Vec<bool> = digests
+                        .iter()
+                        .map(|d| !self.agent.store.contains(*d))
+                        .collect();
                     conn.send_msg(&Msg::Missing { count })?;
                     conn.send_blob(&pages::encode_bitmap(&missing))?;
                 }
@@ -267,7 +269,10 @@ impl Session<'_> {
         };
         let start = Instant::now();
         let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {
-            let lines = e.criu().map(|c| c.log_errors().join("; ")).unwrap_or_default();
+            let lines = e
+                .criu()
+                .map(|c| c.log_errors().join("; "))
+                .unwrap_or_default();
             format!("{} {lines}", crate::units::chain(&e))
         })?;
         self.restored = Some(outcome.pid);
@@ -315,7 +320,9 @@ pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), Ag
                     Ok(x) => x,
                     Err(e) => {
                         let message = format!("bad page batch: {e}");
-                        conn.send_msg(&Msg::Error { message: message.clone() })?;
+                        conn.send_msg(&Msg::Error {
+                            message: message.clone(),
+                        })?;
                         return Err(TransportError::BadFrame {
                             peer: conn.peer().to_string(),
                             what: message,
@@ -340,7 +347,9 @@ pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), Ag
             }
             Ok(Some(other)) => {
                 let what = format!("unexpected {other:?} on a data stream");
-                conn.send_msg(&Msg::Error { message: what.clone() })?;
+                conn.send_msg(&Msg::Error {
+                    message: what.clone(),
+                })?;
                 return Err(TransportError::BadFrame {
                     peer: conn.peer().to_string(),
                     what,

@@ -85,7 +85,10 @@ impl PageStore {
     }
 
     pub fn contains(&self, d: Digest) -> bool {
-        self.index.read().map(|i| i.contains_key(&d)).unwrap_or(false)
+        self.index
+            .read()
+            .map(|i| i.contains_key(&d))
+            .unwrap_or(false)
     }
 
     /// Stores the pages not yet held; returns how many were new. The
@@ -150,6 +153,20 @@ impl PageStore {
     }
 }
 
+/// See [`PageStore::view`].
+pub struct StoreView<'a> {
+    map: memmap2::Mmap,
+    store: &'a PageStore,
+}
+
+impl StoreView<'_> {
+    /// Page `d`, if held (and written before the view was taken).
+    pub fn page(&self, d: Digest) -> Option<&[u8]> {
+        let off = self.store.index.read().ok()?.get(&d).copied()? as usize;
+        self.map.get(off..off + PAGE_SIZE)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,24 +187,14 @@ mod tests {
         assert!(s.read_page(ds[1], &mut out).unwrap());
         assert_eq!(out, page_of(2));
         drop(s);
-        let f = OpenOptions::new().append(true).open(dir.path().join(PAGES_FILE)).unwrap();
-        f.write_all_at(&[9u8; 100], 2 * RECORD_BYTES as u64).unwrap();
+        let f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(PAGES_FILE))
+            .unwrap();
+        f.write_all_at(&[9u8; 100], 2 * RECORD_BYTES as u64)
+            .unwrap();
         let s = PageStore::open(dir.path()).unwrap();
         assert_eq!(s.len(), 2);
         assert!(s.contains(ds[0]));
-    }
-}
-
-/// See [`PageStore::view`].
-pub struct StoreView<'a> {
-    map: memmap2::Mmap,
-    store: &'a PageStore,
-}
-
-impl StoreView<'_> {
-    /// Page `d`, if held (and written before the view was taken).
-    pub fn page(&self, d: Digest) -> Option<&[u8]> {
-        let off = self.store.index.read().ok()?.get(&d).copied()? as usize;
-        self.map.get(off..off + PAGE_SIZE)
     }
 }

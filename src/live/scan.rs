@@ -23,13 +23,16 @@ pub struct ScanStats {
     pub elapsed: Duration,
 }
 
+/// Receives each wanted page: `(digest, 4 KiB of content)`.
+pub type PageSink<'a, E> = dyn FnMut(Digest, &[u8]) -> Result<(), E> + 'a;
+
 /// Reads every populated page of every process in `pids`; for each non-zero
 /// page whose digest `wanted` accepts, calls `sink(digest, page)`.
 /// Processes or regions that vanish meanwhile are skipped.
 pub fn scan_tree<E: From<LiveError>>(
     pids: &[i32],
     wanted: &mut dyn FnMut(Digest) -> bool,
-    sink: &mut dyn FnMut(Digest, &[u8]) -> Result<(), E>,
+    sink: &mut PageSink<'_, E>,
 ) -> Result<ScanStats, E> {
     let start = Instant::now();
     let mut stats = ScanStats::default();

@@ -40,12 +40,13 @@ pub fn run(
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = opts.pid;
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
-    let stage = staging::create("ferry-migrate-", rss, opts.staging.as_deref()).map_err(|source| {
-        MigrateError::Staging {
-            path: staging::base_for(rss, opts.staging.as_deref()),
-            source,
-        }
-    })?;
+    let stage =
+        staging::create("ferry-migrate-", rss, opts.staging.as_deref()).map_err(|source| {
+            MigrateError::Staging {
+                path: staging::base_for(rss, opts.staging.as_deref()),
+                source,
+            }
+        })?;
     let images = stage.path().join("images");
     let req = DumpRequest {
         leave_stopped: true,
@@ -60,9 +61,13 @@ pub fn run(
     let mut report = FinalReport::default();
     let frozen_at = Instant::now();
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
-    let dumped = checkpoint::dump(criu, &req, &mut NoHooks).map_err(MigrateError::Dump)?;
+    let dumped =
+        checkpoint::dump(criu, &req, &mut NoHooks).map_err(|e| MigrateError::Dump(Box::new(e)))?;
     report.dump_ms = ms(dumped.wall);
-    report.criu_dump = dumped.stats.as_ref().and_then(|s| serde_json::to_value(s).ok());
+    report.criu_dump = dumped
+        .stats
+        .as_ref()
+        .and_then(|s| serde_json::to_value(s).ok());
 
     // From here the source is stopped: every failure path decides its fate.
     let mut source_killed = false;

@@ -85,7 +85,7 @@ pub enum MigrateError {
     #[error("pre-copy failed; the application keeps running here")]
     Precopy(#[source] PrecopyError),
     #[error("the final dump failed; the application keeps running here")]
-    Dump(#[source] CheckpointError),
+    Dump(#[source] Box<CheckpointError>),
     #[error("cannot create staging in {}", path.display())]
     Staging {
         path: PathBuf,
@@ -171,7 +171,8 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         to: opts.to.clone(),
         source,
     };
-    let mut control = Conn::connect(&opts.to, &opts.secret, CONNECT_TIMEOUT).map_err(connect_err)?;
+    let mut control =
+        Conn::connect(&opts.to, &opts.secret, CONNECT_TIMEOUT).map_err(connect_err)?;
     control
         .send_msg(&Msg::Begin {
             session: session.clone(),
@@ -179,7 +180,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             expected_bytes: rss,
             boot_id: crate::agent::boot_id(),
             host: crate::agent::hostname(),
-            gpu: plan.record().cloned(),
+            gpu: plan.record().cloned().map(Box::new),
         })
         .map_err(connect_err)?;
     let (dest_host, dest_boot) = match control.recv_msg() {

@@ -60,7 +60,14 @@ impl Precopy {
             if round == 1 {
                 crate::fault::point("migrate-after-round-1");
             }
-            tracing::info!(round, changed = r.changed_pages, sent = r.sent_pages, ms = r.ms, predicted_ms = r.predicted_final_ms, "pre-copy round");
+            tracing::info!(
+                round,
+                changed = r.changed_pages,
+                sent = r.sent_pages,
+                ms = r.ms,
+                predicted_ms = r.predicted_final_ms,
+                "pre-copy round"
+            );
             let prev_changed = self.rounds.last().map(|p| p.changed_pages);
             let (changed, predicted) = (r.changed_pages, r.predicted_final_ms);
             self.rounds.push(r);
@@ -117,12 +124,18 @@ impl Precopy {
         sender.flush()?;
         let secs = start.elapsed().as_secs_f64();
         let wire = sender.wire_bytes() - wire_before;
-        let bandwidth = if secs > 0.0 { wire as f64 / secs / 1e6 } else { 0.0 };
+        let bandwidth = if secs > 0.0 {
+            wire as f64 / secs / 1e6
+        } else {
+            0.0
+        };
         if round == 1 || bandwidth > self.bandwidth {
             self.bandwidth = bandwidth;
         }
         let changed_bytes = (stats.new_pages * PAGE_SIZE as u64) as f64;
-        let since_prev = prev_start.map(|p| p.elapsed().as_secs_f64()).unwrap_or(secs);
+        let since_prev = prev_start
+            .map(|p| p.elapsed().as_secs_f64())
+            .unwrap_or(secs);
         // Wire bytes per changed byte, as this round compressed them.
         let ratio = if sent > 0 {
             wire as f64 / (sent * PAGE_SIZE as u64) as f64
@@ -144,7 +157,11 @@ impl Precopy {
             scan_ms,
             ms: secs * 1e3,
             bandwidth_mb_s: bandwidth,
-            dirty_rate_mb_s: if round == 1 { 0.0 } else { changed_bytes / since_prev / 1e6 },
+            dirty_rate_mb_s: if round == 1 {
+                0.0
+            } else {
+                changed_bytes / since_prev / 1e6
+            },
             predicted_final_ms,
         })
     }
@@ -175,7 +192,11 @@ fn query_and_send(
         what: "bad answer to a page query".into(),
     })?;
     let mut sent = 0;
-    for ((d, page), missing) in digests.iter().zip(data.chunks_exact(PAGE_SIZE)).zip(missing) {
+    for ((d, page), missing) in digests
+        .iter()
+        .zip(data.chunks_exact(PAGE_SIZE))
+        .zip(missing)
+    {
         if missing {
             sender.push(*d, page)?;
             sent += 1;

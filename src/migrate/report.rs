@@ -95,7 +95,11 @@ impl MigrateReport {
             self.destination,
             self.destination_host,
             self.restored_pid,
-            if self.same_kernel { " [same kernel]" } else { "" }
+            if self.same_kernel {
+                " [same kernel]"
+            } else {
+                ""
+            }
         )?;
         writeln!(
             out,
@@ -108,7 +112,15 @@ impl MigrateReport {
         writeln!(
             out,
             "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>11} {:>10}",
-            "round", "populated", "changed", "sent", "wire", "ms", "bw MB/s", "dirty MB/s", "pred ms"
+            "round",
+            "populated",
+            "changed",
+            "sent",
+            "wire",
+            "ms",
+            "bw MB/s",
+            "dirty MB/s",
+            "pred ms"
         )?;
         for r in &self.rounds {
             writeln!(
@@ -132,6 +144,10 @@ impl MigrateReport {
             f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
             units::bytes(f.wire_bytes), f.rebuild_ms, f.pid_wait_ms, f.restore_ms, f.commit_ms
         )?;
-        writeln!(out, "frozen (downtime): {:.1} ms; total {:.1} ms", f.frozen_ms, self.total_ms)
+        writeln!(
+            out,
+            "frozen (downtime): {:.1} ms; total {:.1} ms",
+            f.frozen_ms, self.total_ms
+        )
     }
 }

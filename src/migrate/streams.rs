@@ -68,7 +68,9 @@ impl PageSender {
             let (tx, rx) = mpsc::sync_channel(QUEUE_BATCHES);
             let wire = Arc::clone(&wire);
             let failure = Arc::clone(&failure);
-            threads.push(std::thread::spawn(move || stream_loop(conn, rx, &wire, &failure)));
+            threads.push(std::thread::spawn(move || {
+                stream_loop(conn, rx, &wire, &failure)
+            }));
             txs.push(tx);
         }
         Ok(PageSender {

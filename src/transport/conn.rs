@@ -173,12 +173,8 @@ impl Conn {
             move |source| TransportError::Io { peer, source }
         };
         stream.set_nodelay(true).map_err(io(&peer))?;
-        stream
-            .set_read_timeout(Some(timeout))
-            .map_err(io(&peer))?;
-        stream
-            .set_write_timeout(Some(timeout))
-            .map_err(io(&peer))?;
+        stream.set_read_timeout(Some(timeout)).map_err(io(&peer))?;
+        stream.set_write_timeout(Some(timeout)).map_err(io(&peer))?;
         crate::sys::set_socket_buffers(&stream, SOCKET_BUFFER_BYTES);
         let writer_stream = stream.try_clone().map_err(io(&peer))?;
         let hs_key = secret.derive("handshake", &[]);
@@ -283,7 +279,12 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, kind: FrameKind, payload: &[u8], compress: bool) -> Result<(), TransportError> {
+    fn send(
+        &mut self,
+        kind: FrameKind,
+        payload: &[u8],
+        compress: bool,
+    ) -> Result<(), TransportError> {
         let (flags, body) = if compress && payload.len() >= COMPRESS_MIN_BYTES {
             match zstd::bulk::compress(payload, PAYLOAD_ZSTD_LEVEL) {
                 Ok(c) if c.len() < payload.len() => (FLAG_ZSTD, std::borrow::Cow::Owned(c)),
@@ -479,7 +480,10 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn pair(client_secret: &[u8], server_secret: &[u8]) -> (Result<Conn, TransportError>, Result<Conn, TransportError>) {
+    fn pair(
+        client_secret: &[u8],
+        server_secret: &[u8],
+    ) -> (Result<Conn, TransportError>, Result<Conn, TransportError>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let server_secret = Secret::from_bytes(server_secret);
@@ -487,7 +491,11 @@ mod tests {
             let (s, _) = listener.accept().unwrap();
             Conn::accept(s, &server_secret, Duration::from_secs(5))
         });
-        let client = Conn::connect(&addr, &Secret::from_bytes(client_secret), Duration::from_secs(5));
+        let client = Conn::connect(
+            &addr,
+            &Secret::from_bytes(client_secret),
+            Duration::from_secs(5),
+        );
         (client, server.join().unwrap())
     }
 
@@ -499,7 +507,10 @@ mod tests {
         c.send_blob(&vec![7u8; 10_000]).unwrap();
         assert!(matches!(s.recv_msg().unwrap(), Msg::Flush));
         assert_eq!(s.recv_blob().unwrap(), vec![7u8; 10_000]);
-        s.send_msg(&Msg::Error { message: "no".into() }).unwrap();
+        s.send_msg(&Msg::Error {
+            message: "no".into(),
+        })
+        .unwrap();
         assert!(matches!(c.recv_msg(), Err(TransportError::Remote { .. })));
     }
 
@@ -510,7 +521,10 @@ mod tests {
         let s = s.unwrap_err();
         assert!(matches!(s, TransportError::Auth { .. }), "{s}");
         assert!(
-            matches!(c, TransportError::Refused { .. } | TransportError::Auth { .. }),
+            matches!(
+                c,
+                TransportError::Refused { .. } | TransportError::Auth { .. }
+            ),
             "{c}"
         );
     }

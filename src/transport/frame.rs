@@ -175,8 +175,14 @@ mod tests {
     #[test]
     fn round_trips() {
         let buf = encoded(b"hello");
-        let f = read_frame(&mut buf.as_slice(), &KEY).unwrap().unwrap().unwrap();
-        assert_eq!((f.kind, f.seq, f.payload.as_slice()), (FrameKind::Msg, 5, &b"hello"[..]));
+        let f = read_frame(&mut buf.as_slice(), &KEY)
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (f.kind, f.seq, f.payload.as_slice()),
+            (FrameKind::Msg, 5, &b"hello"[..])
+        );
     }
 
     #[test]
@@ -186,10 +192,7 @@ mod tests {
             let mut b = good.clone();
             b[i] ^= 0x01;
             let r = read_frame(&mut b.as_slice(), &KEY);
-            assert!(
-                !matches!(r, Ok(Some(Ok(_)))),
-                "flip at byte {i} accepted"
-            );
+            assert!(!matches!(r, Ok(Some(Ok(_)))), "flip at byte {i} accepted");
         }
     }
 

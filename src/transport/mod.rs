@@ -54,7 +54,11 @@ pub enum TransportError {
         source: io::Error,
     },
     #[error("the shared secret in {} is too short ({len} bytes; at least {min})", path.display())]
-    SecretTooShort { path: PathBuf, len: usize, min: usize },
+    SecretTooShort {
+        path: PathBuf,
+        len: usize,
+        min: usize,
+    },
     #[error("cannot connect to {addr}")]
     Connect {
         addr: String,

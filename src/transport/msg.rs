@@ -63,7 +63,7 @@ pub enum Msg {
         boot_id: String,
         host: String,
         /// GPU state the application needs on the destination, if any.
-        gpu: Option<crate::gpu::GpuRecord>,
+        gpu: Option<Box<crate::gpu::GpuRecord>>,
     },
     Join {
         session: String,

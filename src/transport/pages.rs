@@ -64,7 +64,7 @@ pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
 }
 
 pub fn decode_digests(bytes: &[u8]) -> Result<Vec<Digest>, PagesFault> {
-    if bytes.len() % DIGEST_BYTES != 0 {
+    if !bytes.len().is_multiple_of(DIGEST_BYTES) {
         return Err(PagesFault::ListLength(bytes.len()));
     }
     Ok(bytes
@@ -86,8 +86,11 @@ pub fn encode_bitmap(bits: &[bool]) -> Vec<u8> {
 }
 
 pub fn decode_bitmap(bytes: &[u8], count: usize) -> Option<Vec<bool>> {
-    (bytes.len() == count.div_ceil(8))
-        .then(|| (0..count).map(|i| bytes[i / 8] & (1 << (i % 8)) != 0).collect())
+    (bytes.len() == count.div_ceil(8)).then(|| {
+        (0..count)
+            .map(|i| bytes[i / 8] & (1 << (i % 8)) != 0)
+            .collect()
+    })
 }
 
 #[cfg(test)]
@@ -115,7 +118,10 @@ mod tests {
     #[test]
     fn bitmaps_round_trip() {
         let bits = [true, false, false, true, true, false, false, false, true];
-        assert_eq!(decode_bitmap(&encode_bitmap(&bits), bits.len()).unwrap(), bits);
+        assert_eq!(
+            decode_bitmap(&encode_bitmap(&bits), bits.len()).unwrap(),
+            bits
+        );
         assert!(decode_bitmap(&[0], 9).is_none());
     }
 }

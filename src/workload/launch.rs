@@ -37,6 +37,9 @@ pub struct Launch {
     pub dirty_mib_s: f64,
     pub hold_tcp: Option<SocketAddr>,
     pub hold_unix: Option<PathBuf>,
+    /// Run inside this network namespace (`ip netns exec`, which execs the
+    /// workload: the pid is the workload's).
+    pub netns: Option<String>,
 }
 
 impl Launch {
@@ -53,12 +56,20 @@ impl Launch {
             dirty_mib_s: 0.0,
             hold_tcp: None,
             hold_unix: None,
+            netns: None,
         }
     }
 
     /// Starts the workload (its stdio on /dev/null, in a session of its own).
     pub fn spawn(&self) -> io::Result<Workload> {
-        let mut cmd = Command::new(&self.exe);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str()]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
         cmd.arg("--size-mib")
             .arg(self.size_mib.to_string())
             .arg("--zero-pct")

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+pub mod agent;
 pub mod containers;
 
 use ferry::workload::{Launch, Workload};
@@ -88,6 +89,7 @@ impl Run {
 pub struct Cmd {
     args: Vec<OsString>,
     env: Vec<(String, String)>,
+    netns: Option<String>,
 }
 
 /// Starts a `ferry` command line.
@@ -102,6 +104,7 @@ where
             .map(|a| a.as_ref().to_os_string())
             .collect(),
         env: Vec::new(),
+        netns: None,
     }
 }
 
@@ -114,8 +117,21 @@ impl Cmd {
         self.env.push((k.into(), v.into()));
         self
     }
+    /// Runs inside a network namespace (`ip netns exec`).
+    pub fn netns(mut self, ns: &str) -> Cmd {
+        self.netns = Some(ns.into());
+        self
+    }
     pub fn run(self) -> Run {
-        let output = Command::new(FERRY)
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.as_str(), FERRY]);
+                c
+            }
+            None => Command::new(FERRY),
+        };
+        let output = cmd
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .output()

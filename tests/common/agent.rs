@@ -1,0 +1,146 @@
+//! A real `ferry agent` process for the migration tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::FERRY;
+
+/// A running agent; killed (and reaped) when dropped.
+pub struct AgentProc {
+    pub child: Child,
+    pub addr: String,
+    pub store: PathBuf,
+    pub key: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+/// Makes a shared secret in `dir/key` (once).
+pub fn key(dir: &Path) -> PathBuf {
+    let key = dir.join("key");
+    if !key.exists() {
+        super::ferry(["keygen"]).arg(&key).ok();
+    }
+    key
+}
+
+impl AgentProc {
+    /// Starts `ferry agent` on `listen` (port 0: any), optionally inside a
+    /// network namespace and with a fault point armed.
+    pub fn start(dir: &Path, listen: &str, netns: Option<&str>, fault: Option<&str>) -> AgentProc {
+        Self::start_with_store(dir, &dir.join("store"), listen, netns, fault)
+    }
+
+    pub fn start_with_store(
+        dir: &Path,
+        store: &Path,
+        listen: &str,
+        netns: Option<&str>,
+        fault: Option<&str>,
+    ) -> AgentProc {
+        let key = key(dir);
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, FERRY]);
+                c
+            }
+            None => Command::new(FERRY),
+        };
+        cmd.args(["-v", "agent", "--keep-images", "--listen", listen, "--key"])
+            .arg(&key)
+            .arg("--store")
+            .arg(store)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(f) = fault {
+            cmd.env(ferry::fault::ENV, f);
+        }
+        let mut child = cmd.spawn().expect("spawn ferry agent");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("agent stderr");
+        let sink = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().expect("agent stdout"))
+            .read_line(&mut first)
+            .expect("agent stdout");
+        let addr = first
+            .trim()
+            .strip_prefix("ferry agent listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "agent did not start: stdout {first:?}, stderr {:?}",
+                    lines.lock().unwrap()
+                )
+            })
+            .to_string();
+        AgentProc {
+            child,
+            addr,
+            store: store.to_path_buf(),
+            key,
+            lines,
+        }
+    }
+
+    /// Waits until the agent logged a line containing `pat`.
+    pub fn wait_for(&self, pat: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.lines.lock().unwrap().iter().any(|l| l.contains(pat)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and the exit status within `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The images the agent kept for committed sessions.
+    pub fn kept_images(&self) -> Vec<PathBuf> {
+        let dir = self.store.join("checkpoints");
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path().join("images")).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,302 @@
+//! Live migration end to end: real agents, real CRIU, the bundled workload.
+//! On one machine both "hosts" share a kernel and a pid space, which ferry
+//! detects (boot ids): the source is killed just before the destination
+//! restores, and restored locally if the destination fails after that.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::agent::AgentProc;
+use common::*;
+use ferry::workload::{Launch, Workload};
+
+/// Runs `cmd` (a migration) while reaping the workload when the migration
+/// ends it, as its parent must for its pid to be free for the restore.
+fn migrate_reaping(w: &mut Workload, cmd: Cmd) -> Run {
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !h.is_finished() && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    h.join().expect("migrate thread")
+}
+
+fn migrate_cmd(agent: &AgentProc, pid: i32, extra: &[&str]) -> Cmd {
+    let mut c = ferry(["migrate", "--shell-job", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key);
+    for a in extra {
+        c = c.arg(a);
+    }
+    c
+}
+
+/// sha256 of every image file (CRIU's logs and restore stats excluded).
+fn checksums(dir: &Path) -> BTreeMap<String, String> {
+    let out = std::process::Command::new("sha256sum")
+        .args(
+            std::fs::read_dir(dir)
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap().to_string_lossy().into_owned();
+                    !n.ends_with(".log") && n != "stats-restore"
+                }),
+        )
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (sum, path) = l.split_once("  ")?;
+            Some((
+                Path::new(path).file_name()?.to_string_lossy().into_owned(),
+                sum.to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn workload(dir: &Path, size_mib: u64, dirty: f64) -> Workload {
+    let mut l = Launch::new(WORKLOAD, size_mib, dir.join("report"));
+    l.dirty_mib_s = dirty;
+    start_with(l)
+}
+
+#[test]
+fn a_process_migrates_continues_and_its_images_are_rebuilt_identical() {
+    require_criu();
+    let dir = scratch("migrate-ok");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = workload(dir.path(), 64, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let kept = dir.path().join("source-images");
+    let run = migrate_reaping(
+        &mut w,
+        migrate_cmd(&agent, pid, &["--json", "--keep-images"]).arg(&kept),
+    );
+    let report = run.json();
+    assert_eq!(
+        report["restored_pid"].as_i64(),
+        Some(pid as i64),
+        "{report}"
+    );
+    assert!(!report["rounds"].as_array().unwrap().is_empty());
+    assert!(report["final"]["frozen_ms"].as_f64().unwrap() > 0.0);
+    assert!(report["same_kernel"].as_bool().unwrap());
+    // The source is gone (our child exited); the restored copy counts on.
+    assert!(
+        w.reap(Duration::from_secs(1)).unwrap(),
+        "source still running"
+    );
+    let restored = Workload::adopt(pid, w.report_path());
+    let r = restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(r.counter > before);
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    // Byte-identical images on both sides.
+    let dest = agent.kept_images();
+    assert_eq!(dest.len(), 1, "{}", agent.log());
+    let (a, b) = (checksums(&kept), checksums(&dest[0]));
+    assert!(
+        a.len() > 5 && a.keys().any(|k| k.starts_with("pages-")),
+        "{a:?}"
+    );
+    assert_eq!(a, b);
+    drop(restored);
+}
+
+#[test]
+fn a_wrong_key_is_refused_and_nothing_is_stored() {
+    require_criu();
+    let dir = scratch("migrate-key");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let other = dir.path().join("other-key");
+    ferry(["keygen"]).arg(&other).ok();
+    let w = workload(dir.path(), 16, 0.0);
+    let err = ferry(["migrate", "--shell-job", "--pid"])
+        .arg(w.pid().to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&other)
+        .fails_with(1);
+    assert!(
+        err.contains("authentication") || err.contains("refused"),
+        "{err}"
+    );
+    assert!(err.contains("keeps running here"), "{err}");
+    assert_counting(&w);
+    let stored = std::fs::metadata(agent.store.join("pages.dat"))
+        .unwrap()
+        .len();
+    assert_eq!(stored, 0, "pages stored for an unauthenticated peer");
+    assert!(!agent.store.join("checkpoints").exists());
+    assert!(
+        agent.wait_for("authentication with", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+}
+
+/// A small tmpfs mounted for one test, unmounted even on failure.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "cannot mount a tmpfs at {}", at.display());
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_destination_without_room_refuses_and_the_application_keeps_running() {
+    require_criu();
+    let dir = scratch("migrate-room");
+    let small = SmallFs::mount(&dir.path().join("small"), "8m");
+    let agent = AgentProc::start_with_store(
+        dir.path(),
+        &small.0.join("store"),
+        "127.0.0.1:0",
+        None,
+        None,
+    );
+    let w = workload(dir.path(), 64, 0.0);
+    let err = migrate_cmd(&agent, w.pid(), &[]).fails_with(1);
+    assert!(err.contains("no room"), "{err}");
+    assert_counting(&w);
+    drop(agent);
+}
+
+#[test]
+fn the_agent_killed_during_precopy_leaves_the_application_running() {
+    require_criu();
+    let dir = scratch("migrate-kill-pre");
+    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = workload(dir.path(), 64, 4.0);
+    let cmd = migrate_cmd(
+        &agent,
+        w.pid(),
+        &["--max-rounds", "5", "--max-downtime", "1ms"],
+    )
+    .env(ferry::fault::ENV, "migrate-after-round-1")
+    .env(ferry::fault::HOLD_ENV, "3000");
+    let h = std::thread::spawn(move || cmd.run());
+    assert!(
+        agent.wait_for("migration begins", Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    agent.kill();
+    let run = h.join().unwrap();
+    let err = run.fails_with(1);
+    assert!(err.contains("keeps running here"), "{err}");
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+}
+
+#[test]
+fn the_agent_killed_during_the_final_copy_leaves_the_application_running() {
+    require_criu();
+    let dir = scratch("migrate-kill-final");
+    let mut agent = AgentProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        Some("agent-before-rebuild"),
+    );
+    let mut w = workload(dir.path(), 32, 0.0);
+    let cmd = migrate_cmd(&agent, w.pid(), &[]);
+    let h = std::thread::spawn(move || cmd.run());
+    assert!(
+        agent.wait_for(
+            "fault point agent-before-rebuild reached",
+            Duration::from_secs(60)
+        ),
+        "{}",
+        agent.log()
+    );
+    // The source is frozen now (dumped, left stopped).
+    agent.kill();
+    let err = h.join().unwrap().fails_with(1);
+    assert!(err.contains("resumed here"), "{err}");
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+}
+
+#[test]
+fn the_agent_killed_before_commit_leaves_exactly_one_running_copy() {
+    require_criu();
+    let dir = scratch("migrate-kill-commit");
+    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
+    let mut w = workload(dir.path(), 32, 0.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let cmd = migrate_cmd(&agent, pid, &[]);
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !agent
+        .log()
+        .contains("fault point agent-before-commit reached")
+        && Instant::now() < deadline
+    {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    assert!(
+        agent.log().contains("agent-before-commit reached"),
+        "{}",
+        agent.log()
+    );
+    // The destination's copy is restored and stopped; one kernel here, so
+    // the source was killed for its pids. Now the agent dies.
+    agent.kill();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !h.is_finished() && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    let err = h.join().unwrap().fails_with(1);
+    assert!(err.contains("restored here"), "{err}");
+    let restored = Workload::adopt(pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert_counting(&restored);
+    let copies = std::process::Command::new("pgrep")
+        .args(["-f", &format!("{}", dir.path().join("report").display())])
+        .output()
+        .unwrap();
+    let n = String::from_utf8_lossy(&copies.stdout).lines().count();
+    assert_eq!(n, 1, "expected exactly one copy running");
+}
+
+#[test]
+fn the_agent_stops_cleanly_on_sigterm() {
+    let dir = scratch("agent-term");
+    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let status = agent
+        .terminate(Duration::from_secs(10))
+        .expect("agent exits on SIGTERM");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert!(agent.log().contains("agent stopped"), "{}", agent.log());
+}
