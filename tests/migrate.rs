@@ -300,3 +300,30 @@ fn the_agent_stops_cleanly_on_sigterm() {
     assert!(status.success(), "{status:?}\n{}", agent.log());
     assert!(agent.log().contains("agent stopped"), "{}", agent.log());
 }
+
+#[test]
+fn post_copy_restarts_before_memory_is_resident_and_memory_arrives_intact() {
+    require_criu();
+    let dir = scratch("migrate-lazy");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = workload(dir.path(), 64, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let run = migrate_reaping(
+        &mut w,
+        migrate_cmd(&agent, pid, &["--json", "--lazy-pages"]),
+    );
+    let report = run.json();
+    assert_eq!(report["post_copy"].as_bool(), Some(true), "{report}");
+    let restored = Workload::adopt(pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(
+        restored.verify_memory(CONTINUE).unwrap().mem_ok,
+        "memory differs after post-copy"
+    );
+    assert!(
+        agent.wait_for("post-copy complete", Duration::from_secs(60)),
+        "{}",
+        agent.log()
+    );
+}

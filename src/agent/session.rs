@@ -24,6 +24,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a restored (stopped) copy waits for the source's commit
 /// before it is killed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time post-copy may take to make all memory resident.
+const LAZY_COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Room kept free beyond what a migration says it needs.
 const ROOM_MARGIN_BYTES: u64 = 64 << 20;
 
@@ -63,10 +65,20 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
         files: Vec::new(),
         images: None,
         restored: None,
+        lazy: None,
     };
     let result = session.run(&mut conn);
     if let Ok(mut s) = agent.sessions.lock() {
         s.remove(&begin.id);
+    }
+    if let (Ok(true), Some(lazy)) = (&result, session.lazy.as_mut()) {
+        // Post-copy: the images must outlive the daemon serving them.
+        let t = Instant::now();
+        if lazy.wait(LAZY_COMPLETION_TIMEOUT) {
+            tracing::info!(session = %begin.id, ms = t.elapsed().as_millis() as u64, "post-copy complete: all memory resident");
+        } else {
+            tracing::error!(session = %begin.id, log = %lazy.log().display(), "post-copy FAILED: the lazy-pages daemon did not deliver every page; the application is broken");
+        }
     }
     match (&result, session.restored) {
         (Ok(true), Some(pid)) => {
@@ -123,6 +135,8 @@ struct Session<'a> {
     /// The rebuilt images (staging, removed when the session ends).
     images: Option<tempfile::TempDir>,
     restored: Option<i32>,
+    /// Post-copy: the daemon still delivering the restored tree's memory.
+    lazy: Option<crate::criu::LazyPages>,
 }
 
 impl Session<'_> {
@@ -268,6 +282,16 @@ impl Session<'_> {
             ..RestoreRequest::new(images.path())
         };
         let start = Instant::now();
+        if opts.lazy_pages {
+            self.lazy = Some(
+                criu.lazy_pages(images.path())
+                    .map_err(|e| crate::units::chain(&e))?,
+            );
+        }
+        let req = RestoreRequest {
+            lazy_pages: opts.lazy_pages,
+            ..req
+        };
         let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {
             let lines = e
                 .criu()

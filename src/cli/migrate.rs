@@ -42,6 +42,12 @@ pub struct MigrateArgs {
     /// the migration, and the application resumes here, after this).
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Post-copy: restart on the destination before its memory is resident
+    /// (CRIU lazy restore through userfaultfd). Shorter downtime; riskier:
+    /// until every page is in place, the destination failing loses the
+    /// application.
+    #[arg(long)]
+    pub lazy_pages: bool,
     /// Migrate even if the tree holds GPU state that would be lost (loud).
     #[arg(long)]
     pub ignore_gpu: bool,
@@ -87,6 +93,7 @@ pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Resu
             ext_unix_sk: args.flags.ext_unix_sk,
             file_locks: args.flags.file_locks,
             log_level: args.flags.log_level,
+            lazy_pages: args.lazy_pages,
         },
         ignore_gpu: args.ignore_gpu,
         staging: args.staging.clone(),

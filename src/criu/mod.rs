@@ -23,6 +23,7 @@
 mod connection;
 mod dump;
 mod error;
+mod lazy;
 mod notify;
 mod restore;
 mod version;
@@ -34,6 +35,7 @@ use crate::probe::which;
 pub use connection::Connection;
 pub use dump::{ContainerDump, DumpOutcome, DumpRequest};
 pub use error::{CriuError, RequestKind};
+pub use lazy::LazyPages;
 pub use notify::{HookError, NoHooks, Notification, NotifyHook, Script, Timeline};
 pub use restore::{RestoreOutcome, RestoreRequest};
 pub use version::{Features, Version};

@@ -31,6 +31,9 @@ pub struct RestoreRequest {
     /// Leave the restored tree stopped (SIGSTOP) until the caller resumes
     /// it (CRIU `--leave-stopped`): a migration's two-phase commit.
     pub leave_stopped: bool,
+    /// Restore anonymous memory lazily (userfaultfd): a `criu lazy-pages`
+    /// daemon on the images directory must be running (CRIU `--lazy-pages`).
+    pub lazy_pages: bool,
 }
 
 impl RestoreRequest {
@@ -45,6 +48,7 @@ impl RestoreRequest {
             log_file: "restore.log".into(),
             consume_images: false,
             leave_stopped: false,
+            lazy_pages: false,
         }
     }
 
@@ -87,6 +91,7 @@ impl Criu {
             notify_scripts: Some(true),
             auto_dedup: Some(req.consume_images),
             leave_stopped: req.leave_stopped.then_some(true),
+            lazy_pages: req.lazy_pages.then_some(true),
             ..Default::default()
         };
         let msg = pb::CriuReq {

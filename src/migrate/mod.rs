@@ -228,6 +228,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         destination: opts.to.clone(),
         destination_host: dest_host,
         same_kernel,
+        post_copy: opts.restore.lazy_pages,
         streams: sender.streams(),
         rounds: pre.rounds,
         stop_reason,

@@ -77,6 +77,9 @@ pub struct MigrateReport {
     /// Both ends run on one kernel (lab namespaces): the source is stopped
     /// for good before the destination restores, pids being shared.
     pub same_kernel: bool,
+    /// Post-copy (`--lazy-pages`): the destination restored before the
+    /// application's memory was resident.
+    pub post_copy: bool,
     pub streams: usize,
     pub rounds: Vec<RoundReport>,
     pub stop_reason: StopReason,

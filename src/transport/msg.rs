@@ -50,6 +50,10 @@ pub struct RestoreOpts {
     pub ext_unix_sk: bool,
     pub file_locks: bool,
     pub log_level: u8,
+    /// Post-copy: restore before memory is resident (see `ferry migrate
+    /// --lazy-pages`).
+    #[serde(default)]
+    pub lazy_pages: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

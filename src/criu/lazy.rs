@@ -1,0 +1,97 @@
+//! The `criu lazy-pages` daemon that serves a lazy restore's memory from
+//! an images directory through userfaultfd (post-copy's receiving half).
+//! It listens on `lazy-pages.socket` in the images directory, answers page
+//! faults of the restored tasks, pushes the remaining pages in the
+//! background and exits once every page is in place.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{Criu, CriuError};
+
+/// The socket the daemon creates in the images directory.
+pub const SOCKET: &str = "lazy-pages.socket";
+/// How long the daemon may take to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running daemon; killed when dropped unless it finished.
+pub struct LazyPages {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Criu {
+    /// Starts `criu lazy-pages` on `images` and waits until it listens.
+    pub fn lazy_pages(&self, images: &Path) -> Result<LazyPages, CriuError> {
+        let binary = match self {
+            Criu::Swrk { binary } => binary.clone(),
+            Criu::Service { .. } => crate::probe::which("criu").ok_or(CriuError::NotFound {
+                name: PathBuf::from("criu"),
+            })?,
+        };
+        let log = images.join("lazy-pages.log");
+        let child = Command::new(&binary)
+            .arg("lazy-pages")
+            .arg("-D")
+            .arg(images)
+            .args(["-o", "lazy-pages.log", "-v2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| CriuError::Spawn {
+                binary: binary.clone(),
+                source,
+            })?;
+        let mut daemon = LazyPages { child, log };
+        let socket = images.join(SOCKET);
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                return Err(CriuError::LazyPages {
+                    why: format!("it exited ({status})"),
+                    log: daemon.log.clone(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(CriuError::LazyPages {
+                    why: format!("no {SOCKET} after {START_TIMEOUT:?}"),
+                    log: daemon.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(daemon)
+    }
+}
+
+impl LazyPages {
+    /// Waits until the daemon has delivered every page and exited; false
+    /// if it is still running after `timeout` or failed.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => return false,
+            }
+        }
+    }
+
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for LazyPages {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
