@@ -327,3 +327,69 @@ fn post_copy_restarts_before_memory_is_resident_and_memory_arrives_intact() {
         agent.log()
     );
 }
+
+/// Deletes a runc container from a given runc root when dropped.
+struct RuncIn(std::path::PathBuf, String);
+
+impl Drop for RuncIn {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("runc")
+            .arg("--root")
+            .arg(&self.0)
+            .args(["delete", "--force", &self.1])
+            .output();
+    }
+}
+
+#[test]
+fn a_runc_container_migrates_and_continues() {
+    use common::containers::{counter_above, require_runc, verify_memory, RuncContainer};
+    require_criu();
+    require_runc();
+    let dir = scratch("migrate-runc");
+    let agent_root = dir.path().join("agent-runc");
+    // The agent restores containers into its own runc root.
+    let agent = AgentProc::start_runc(dir.path(), &agent_root);
+    let c = RuncContainer::start(dir.path(), "mig", 16);
+    let _cleanup = RuncIn(agent_root.clone(), c.id.clone());
+    let before = counter_above(&c.report(), 50).counter;
+    let kept = dir.path().join("source-images");
+    let report = ferry([
+        "migrate",
+        "--json",
+        "--timeout",
+        "10s",
+        "--runc",
+        &c.id,
+        "--to",
+    ])
+    .arg(&agent.addr)
+    .arg("--key")
+    .arg(&agent.key)
+    .arg("--keep-images")
+    .arg(&kept)
+    .json();
+    let pid = report["restored_pid"].as_i64().unwrap() as i32;
+    // The source container is gone; the destination's runs and counts on.
+    assert!(
+        RuncContainer::status(&c.id).is_none(),
+        "source container still exists"
+    );
+    let st = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(&agent_root)
+        .args(["state", &c.id])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(String::from_utf8_lossy(&st.stdout).contains("\"running\""));
+    let after = counter_above(&c.report(), before).counter;
+    counter_above(&c.report(), after + 50);
+    assert!(verify_memory(&c.report(), pid));
+    let dest = agent.kept_images();
+    assert_eq!(checksums(&kept), checksums(&dest[0]));
+}

@@ -44,6 +44,8 @@ pub struct AgentConfig {
     /// CRIU binary (None: `criu` on PATH) and optional service socket.
     pub criu: Option<PathBuf>,
     pub criu_service: Option<PathBuf>,
+    /// runc's state directory for containers restored here.
+    pub runc_root: PathBuf,
     /// Where images are rebuilt for a restore (default: tmpfs when it fits).
     pub staging: Option<PathBuf>,
     /// Keep each committed migration's images under

@@ -14,6 +14,8 @@ use super::server::{msg_name, Agent};
 use super::AgentError;
 use crate::checkpoint::staging;
 use crate::criu::{Criu, NoHooks, RestoreRequest};
+use crate::target::runc::RestoreFlags;
+use crate::target::ContainerRef;
 use crate::transport::msg::{ImageEntry, RestoreOpts, Target};
 use crate::transport::pages;
 use crate::transport::{Conn, Incoming, Msg, TransportError};
@@ -60,6 +62,7 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
     tracing::info!(session = %begin.id, from = %begin.source_host, target = ?begin.target, "migration begins");
     let mut session = Session {
         agent,
+        target: begin.target.clone(),
         id: begin.id.clone(),
         dir: session_dir(agent, &begin.id),
         files: Vec::new(),
@@ -88,7 +91,7 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
             // Restored but never committed: the source may resume, so this
             // copy must not run.
             tracing::warn!(session = %begin.id, pid, "session ended before commit: killing the restored copy");
-            kill_tree(pid);
+            session.discard(pid);
         }
         (_, None) => tracing::info!(session = %begin.id, "session ended without a restore"),
     }
@@ -129,6 +132,7 @@ pub fn free_bytes(dir: &Path) -> u64 {
 
 struct Session<'a> {
     agent: &'a Agent,
+    target: Target,
     id: String,
     dir: PathBuf,
     files: Vec<(ImageEntry, Vec<u8>)>,
@@ -201,6 +205,8 @@ impl Session<'_> {
                         })?;
                         continue;
                     };
+                    // A process tree was restored stopped; runc restores
+                    // containers running (it has no leave-stopped).
                     crate::process::resume_stopped(pid);
                     conn.send_msg(&Msg::Committed)?;
                     self.keep();
@@ -282,6 +288,33 @@ impl Session<'_> {
             ..RestoreRequest::new(images.path())
         };
         let start = Instant::now();
+        if let Target::Runc { id, bundle } = &self.target {
+            if opts.lazy_pages {
+                return Err("post-copy is not supported for containers".into());
+            }
+            let restored = crate::checkpoint::restore_container(
+                &ContainerRef::Runc {
+                    id: id.clone(),
+                    root: self.agent.config.runc_root.clone(),
+                },
+                crate::checkpoint::Source::Dir(images.path()),
+                bundle.as_deref(),
+                RestoreFlags {
+                    tcp_established: opts.tcp_established,
+                    ext_unix_sk: opts.ext_unix_sk,
+                    file_locks: opts.file_locks,
+                    consume_images: false,
+                },
+            )
+            .map_err(|e| crate::units::chain(&e))?;
+            self.restored = Some(restored.pid);
+            tracing::info!(session = %self.id, container = %id, pid = restored.pid, "container restored through runc");
+            return Ok(Msg::Restored {
+                pid: restored.pid,
+                ms: start.elapsed().as_secs_f64() * 1e3,
+                stats: None,
+            });
+        }
         if opts.lazy_pages {
             self.lazy = Some(
                 criu.lazy_pages(images.path())
@@ -309,6 +342,21 @@ impl Session<'_> {
                 .as_ref()
                 .and_then(|s| serde_json::to_value(s).ok()),
         })
+    }
+}
+
+impl Session<'_> {
+    /// Removes an uncommitted restored copy.
+    fn discard(&self, pid: i32) {
+        if let Target::Runc { id, .. } = &self.target {
+            match crate::target::runc::delete(&self.agent.config.runc_root, id) {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete the restored container; killing its tasks")
+                }
+            }
+        }
+        kill_tree(pid);
     }
 }
 

@@ -54,7 +54,7 @@ pub fn dump_container(
         Err(e) => return Err(thawed(&state, e)),
     };
     write_records(&req, &state, &record)?;
-    if !req.leave_running {
+    if !req.leave_running && !req.leave_stopped {
         if let ContainerRef::Runc { id, root } = container {
             runc::delete(root, id)?;
         }

@@ -20,6 +20,9 @@ pub struct AgentArgs {
     /// Where received pages and checkpoints are kept.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent")]
     pub store: PathBuf,
+    /// runc's state directory for containers restored here.
+    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    pub runc_root: PathBuf,
     /// Where images are rebuilt before a restore (default: tmpfs when it fits).
     #[arg(long, value_name = "DIR")]
     pub staging: Option<PathBuf>,
@@ -35,6 +38,7 @@ pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result
         store: args.store.clone(),
         criu: global.criu.clone(),
         criu_service: global.criu_service.clone(),
+        runc_root: args.runc_root.clone(),
         staging: args.staging.clone(),
         keep_images: args.keep_images,
     };

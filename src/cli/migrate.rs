@@ -7,15 +7,31 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
-use crate::migrate::{self, MigrateOptions};
+use crate::migrate::{self, MigrateOptions, MigrateTarget};
 use crate::transport::msg::RestoreOpts;
 use crate::transport::Secret;
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// Root of the process tree to move.
-    #[arg(short = 't', long = "pid", value_name = "PID")]
-    pub pid: i32,
+    #[arg(
+        short = 't',
+        long = "pid",
+        value_name = "PID",
+        required_unless_present = "runc",
+        conflicts_with = "runc"
+    )]
+    pub pid: Option<i32>,
+    /// A runc container to move (restored under the same id in the
+    /// destination agent's runc root).
+    #[arg(long, value_name = "ID")]
+    pub runc: Option<String>,
+    /// runc's state directory here.
+    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    pub runc_root: PathBuf,
+    /// The container's bundle on the destination (default: the same path).
+    #[arg(long, value_name = "DIR", requires = "runc")]
+    pub bundle: Option<PathBuf>,
     /// The destination's `ferry agent`.
     #[arg(long, value_name = "HOST:PORT")]
     pub to: String,
@@ -81,7 +97,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let criu = global.criu()?;
     let opts = MigrateOptions {
-        pid: args.pid,
+        target: match (&args.runc, args.pid) {
+            (Some(id), _) => MigrateTarget::Runc {
+                id: id.clone(),
+                root: args.runc_root.clone(),
+                bundle: args.bundle.clone(),
+            },
+            (None, pid) => MigrateTarget::Process {
+                pid: pid.unwrap_or(0),
+            },
+        },
         to: args.to.clone(),
         secret: Secret::from_file(&args.key)?,
         max_downtime: args.max_downtime,

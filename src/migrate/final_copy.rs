@@ -11,13 +11,15 @@ use rayon::prelude::*;
 
 use super::report::FinalReport;
 use super::streams::PageSender;
-use super::{Fate, FinalError, MigrateError, MigrateOptions};
-use crate::checkpoint::{self, staging};
-use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
+use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
+use crate::checkpoint::{self, staging, CheckpointError};
+use crate::criu::{Criu, DumpOutcome, DumpRequest, NoHooks, RestoreRequest};
 use crate::image::dir::classify_name;
 use crate::image::FileClass;
 use crate::page::{self, Digest};
 use crate::process;
+use crate::target::runc::{self, RestoreFlags};
+use crate::target::ContainerRef;
 use crate::transport::msg::ImageEntry;
 use crate::transport::pages::{self, ZERO_PAGE};
 use crate::transport::{Conn, Msg, TransportError};
@@ -30,15 +32,108 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The application being moved, as the final phase acts on it.
+pub struct Source<'a> {
+    pub target: &'a MigrateTarget,
+    /// Root of its process tree (a container's init, as this host sees it).
+    pub pid: i32,
+}
+
+impl Source<'_> {
+    fn dump(&self, criu: &Criu, req: &DumpRequest) -> Result<DumpOutcome, CheckpointError> {
+        match self.target {
+            MigrateTarget::Process { .. } => checkpoint::dump(criu, req, &mut NoHooks),
+            MigrateTarget::Runc { id, root, .. } => checkpoint::dump_container(
+                criu,
+                &ContainerRef::Runc {
+                    id: id.clone(),
+                    root: root.clone(),
+                },
+                req,
+                &mut NoHooks,
+            )
+            .map(|o| o.dump),
+        }
+    }
+
+    /// Ends the (stopped) source copy for good.
+    fn kill(&self, pids: &[i32]) {
+        match self.target {
+            MigrateTarget::Process { .. } => kill_all(pids),
+            MigrateTarget::Runc { id, root, .. } => {
+                if let Err(e) = runc::delete(root, id) {
+                    tracing::warn!(error = %e, "cannot delete the source container; killing its tasks");
+                    kill_all(pids);
+                }
+            }
+        }
+    }
+
+    /// Same kernel, source gone, destination failed: restore here from the
+    /// images that were sent. A stopped process holding one of the tree's
+    /// pids can only be the destination's unfinished copy: it is killed.
+    fn restore_here(
+        &self,
+        criu: &Criu,
+        opts: &MigrateOptions,
+        images: &Path,
+        pids: &[i32],
+    ) -> Fate {
+        let restored = match self.target {
+            MigrateTarget::Process { .. } => {
+                for p in pids {
+                    if matches!(process::ProcessInfo::read(*p), Ok(i) if i.is_stopped()) {
+                        let _ = process::signal(*p, Signal::SIGKILL);
+                    }
+                    process::wait_pid_free(*p, PID_FREE_WAIT);
+                }
+                let req = RestoreRequest {
+                    tcp_established: opts.restore.tcp_established,
+                    shell_job: opts.restore.shell_job,
+                    ext_unix_sk: opts.restore.ext_unix_sk,
+                    file_locks: opts.restore.file_locks,
+                    log_level: opts.restore.log_level,
+                    log_file: "restore-fallback.log".into(),
+                    ..RestoreRequest::new(images)
+                };
+                checkpoint::restore(criu, &req, &mut NoHooks).map(|o| o.pid)
+            }
+            MigrateTarget::Runc { id, root, .. } => checkpoint::restore_container(
+                &ContainerRef::Runc {
+                    id: id.clone(),
+                    root: root.clone(),
+                },
+                checkpoint::Source::Dir(images),
+                None,
+                RestoreFlags {
+                    tcp_established: opts.restore.tcp_established,
+                    ext_unix_sk: opts.restore.ext_unix_sk,
+                    file_locks: opts.restore.file_locks,
+                    consume_images: false,
+                },
+            )
+            .map(|o| o.pid),
+        };
+        match restored {
+            Ok(pid) => Fate::RestoredHere { pid },
+            Err(e) => Fate::Lost {
+                images: images.to_path_buf(),
+                why: crate::units::chain(&e),
+            },
+        }
+    }
+}
+
 pub fn run(
     criu: &Criu,
+    source: &Source<'_>,
     opts: &MigrateOptions,
     control: &mut Conn,
     sender: &mut PageSender,
     known: &mut HashSet<Digest>,
     same_kernel: bool,
 ) -> Result<(FinalReport, i32), MigrateError> {
-    let pid = opts.pid;
+    let pid = source.pid;
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
     let stage =
         staging::create("ferry-migrate-", rss, opts.staging.as_deref()).map_err(|source| {
@@ -61,8 +156,9 @@ pub fn run(
     let mut report = FinalReport::default();
     let frozen_at = Instant::now();
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
-    let dumped =
-        checkpoint::dump(criu, &req, &mut NoHooks).map_err(|e| MigrateError::Dump(Box::new(e)))?;
+    let dumped = source
+        .dump(criu, &req)
+        .map_err(|e| MigrateError::Dump(Box::new(e)))?;
     report.dump_ms = ms(dumped.wall);
     report.criu_dump = dumped
         .stats
@@ -79,6 +175,7 @@ pub fn run(
         &images,
         &mut report,
         same_kernel,
+        source,
         &pids,
         &mut source_killed,
     );
@@ -86,7 +183,7 @@ pub fn run(
         Ok(restored) => {
             report.frozen_ms = ms(frozen_at.elapsed());
             if !source_killed {
-                kill_all(&pids);
+                source.kill(&pids);
             }
             if let Some(keep) = &opts.keep_images {
                 copy_dir(&images, keep).map_err(|source| MigrateError::Final {
@@ -99,18 +196,21 @@ pub fn run(
             }
             Ok((report, restored))
         }
-        Err(source) => {
+        Err(cause) => {
             let after = if !source_killed {
                 process::resume_stopped(pid);
                 Fate::ResumedHere
             } else {
-                restore_here(criu, opts, &images, &pids)
+                source.restore_here(criu, opts, &images, &pids)
             };
             if let Fate::Lost { .. } = after {
                 // Keep the images: they are all that is left.
                 let _ = stage.keep();
             }
-            Err(MigrateError::Final { after, source })
+            Err(MigrateError::Final {
+                after,
+                source: cause,
+            })
         }
     }
 }
@@ -124,6 +224,7 @@ fn transfer_and_restore(
     images: &Path,
     report: &mut FinalReport,
     same_kernel: bool,
+    source: &Source<'_>,
     pids: &[i32],
     source_killed: &mut bool,
 ) -> Result<i32, FinalError> {
@@ -186,9 +287,10 @@ fn transfer_and_restore(
         other => return Err(unexpected(control, other, "Rebuilt")),
     }
     if same_kernel {
-        // One pid space: the restore needs the source's pids.
+        // One pid space (a process tree needs its pids) and one cgroup
+        // tree (a container needs its cgroups): the source goes first.
         let t = Instant::now();
-        kill_all(pids);
+        source.kill(pids);
         *source_killed = true;
         for p in pids {
             process::wait_pid_free(*p, PID_FREE_WAIT);
@@ -244,34 +346,6 @@ fn image_files(dir: &Path) -> Result<Vec<String>, FinalError> {
 fn kill_all(pids: &[i32]) {
     for p in pids {
         let _ = process::signal(*p, Signal::SIGKILL);
-    }
-}
-
-/// Same kernel, source already gone, the destination failed: restore here
-/// from the images that were sent. A stopped process holding one of the
-/// tree's pids can only be the destination's unfinished copy: it is killed.
-fn restore_here(criu: &Criu, opts: &MigrateOptions, images: &Path, pids: &[i32]) -> Fate {
-    for p in pids {
-        if matches!(process::ProcessInfo::read(*p), Ok(i) if i.is_stopped()) {
-            let _ = process::signal(*p, Signal::SIGKILL);
-        }
-        process::wait_pid_free(*p, PID_FREE_WAIT);
-    }
-    let req = RestoreRequest {
-        tcp_established: opts.restore.tcp_established,
-        shell_job: opts.restore.shell_job,
-        ext_unix_sk: opts.restore.ext_unix_sk,
-        file_locks: opts.restore.file_locks,
-        log_level: opts.restore.log_level,
-        log_file: "restore-fallback.log".into(),
-        ..RestoreRequest::new(images)
-    };
-    match checkpoint::restore(criu, &req, &mut NoHooks) {
-        Ok(o) => Fate::RestoredHere { pid: o.pid },
-        Err(e) => Fate::Lost {
-            images: images.to_path_buf(),
-            why: crate::units::chain(&e),
-        },
     }
 }
 

@@ -41,10 +41,24 @@ use crate::transport::{Conn, Msg, Secret, TransportError};
 
 pub use report::{FinalReport, MigrateReport, RoundReport, StopReason};
 
+/// What moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrateTarget {
+    /// A process tree, by its root's pid.
+    Process { pid: i32 },
+    /// A runc container; `bundle` names its bundle on the destination
+    /// (default: the same path as here).
+    Runc {
+        id: String,
+        root: PathBuf,
+        bundle: Option<PathBuf>,
+    },
+}
+
 /// How to migrate.
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
-    pub pid: i32,
+    pub target: MigrateTarget,
     /// The destination agent, HOST:PORT.
     pub to: String,
     pub secret: Secret,
@@ -70,6 +84,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum MigrateError {
     #[error("no process with pid {pid} to migrate")]
     NoSuchProcess { pid: i32 },
+    #[error(transparent)]
+    Runc(#[from] crate::target::runc::RuncError),
+    #[error("post-copy (--lazy-pages) is not supported for containers yet: runc restores them")]
+    LazyContainer,
     #[error("pre-flight check refused the migration; nothing was frozen")]
     Preflight(#[from] crate::target::preflight::PreflightError),
     #[error("GPU check refused the migration; nothing was frozen")]
@@ -151,7 +169,22 @@ impl std::fmt::Display for Fate {
 /// Migrates `opts.pid` to the agent at `opts.to`.
 pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
     let start = Instant::now();
-    let pid = opts.pid;
+    let (pid, target) = match &opts.target {
+        MigrateTarget::Process { pid } => (*pid, Target::Process { pid: *pid }),
+        MigrateTarget::Runc { id, root, bundle } => {
+            if opts.restore.lazy_pages {
+                return Err(MigrateError::LazyContainer);
+            }
+            let state = crate::target::runc::locate(root, id)?;
+            (
+                state.init_pid,
+                Target::Runc {
+                    id: id.clone(),
+                    bundle: bundle.clone(),
+                },
+            )
+        }
+    };
     if !crate::process::is_alive(pid) {
         return Err(MigrateError::NoSuchProcess { pid });
     }
@@ -176,7 +209,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     control
         .send_msg(&Msg::Begin {
             session: session.clone(),
-            target: Target::Process { pid },
+            target,
             expected_bytes: rss,
             boot_id: crate::agent::boot_id(),
             host: crate::agent::hostname(),
@@ -211,6 +244,10 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
 
     let pre_start = Instant::now();
     let mut pre = precopy::Precopy::new(pid);
+    let source = final_copy::Source {
+        target: &opts.target,
+        pid,
+    };
     let stop_reason = pre
         .run(&mut control, &mut sender, opts)
         .map_err(MigrateError::Precopy)?;
@@ -218,6 +255,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
 
     let (final_phase, restored_pid) = final_copy::run(
         criu,
+        &source,
         opts,
         &mut control,
         &mut sender,

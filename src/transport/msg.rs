@@ -29,6 +29,12 @@ use serde::{Deserialize, Serialize};
 pub enum Target {
     /// A process tree (restored into the agent's own namespaces).
     Process { pid: i32 },
+    /// A runc container, restored through `runc restore` under this id in
+    /// the agent's runc root, with this bundle (None: the one recorded).
+    Runc {
+        id: String,
+        bundle: Option<std::path::PathBuf>,
+    },
 }
 
 /// One CRIU image file of the final dump.

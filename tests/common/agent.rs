@@ -33,12 +33,35 @@ impl AgentProc {
         Self::start_with_store(dir, &dir.join("store"), listen, netns, fault)
     }
 
+    /// An agent on loopback restoring containers into `runc_root`.
+    pub fn start_runc(dir: &Path, runc_root: &Path) -> AgentProc {
+        Self::start_full(
+            dir,
+            &dir.join("store"),
+            "127.0.0.1:0",
+            None,
+            None,
+            Some(runc_root),
+        )
+    }
+
     pub fn start_with_store(
         dir: &Path,
         store: &Path,
         listen: &str,
         netns: Option<&str>,
         fault: Option<&str>,
+    ) -> AgentProc {
+        Self::start_full(dir, store, listen, netns, fault, None)
+    }
+
+    pub fn start_full(
+        dir: &Path,
+        store: &Path,
+        listen: &str,
+        netns: Option<&str>,
+        fault: Option<&str>,
+        runc_root: Option<&Path>,
     ) -> AgentProc {
         let key = key(dir);
         let mut cmd = match netns {
@@ -58,6 +81,9 @@ impl AgentProc {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(r) = runc_root {
+            cmd.arg("--runc-root").arg(r);
+        }
         if let Some(f) = fault {
             cmd.env(ferry::fault::ENV, f);
         }
