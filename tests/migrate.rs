@@ -342,14 +342,23 @@ impl Drop for RuncIn {
 }
 
 #[test]
-fn a_runc_container_migrates_and_continues() {
+fn a_runc_container_migrates_between_namespace_hosts_and_continues() {
     use common::containers::{counter_above, require_runc, verify_memory, RuncContainer};
     require_criu();
     require_runc();
     let dir = scratch("migrate-runc");
     let agent_root = dir.path().join("agent-runc");
-    // The agent restores containers into its own runc root.
-    let agent = AgentProc::start_runc(dir.path(), &agent_root);
+    // Two namespace hosts; the agent in host 1 restores containers into
+    // its own runc root.
+    let lab = ferry::lab::Lab::create("runc", 2, Some(1000)).expect("lab");
+    let agent = AgentProc::start_full(
+        dir.path(),
+        &dir.path().join("store"),
+        &format!("{}:0", lab.host(1).addr),
+        Some(&lab.host(1).netns),
+        None,
+        Some(&agent_root),
+    );
     let c = RuncContainer::start(dir.path(), "mig", 16);
     let _cleanup = RuncIn(agent_root.clone(), c.id.clone());
     let before = counter_above(&c.report(), 50).counter;

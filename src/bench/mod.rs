@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod compress;
+pub mod migrate;
 
 use std::time::Duration;
 

@@ -18,6 +18,94 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Pack throughput and ratio against zstd; restore from archive vs directory.
     Compress(CompressArgs),
+    /// Application-observed downtime of ferry's migrations against cold
+    /// CRIU migration, between two namespace hosts over a shaped link.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Resident sizes of the workload, MiB.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1024])]
+    pub sizes: Vec<u64>,
+    /// Dirty rates, MiB of pages rewritten per second.
+    #[arg(long, value_delimiter = ',', default_values_t = [0.0, 10.24, 40.0])]
+    pub dirty: Vec<f64>,
+    /// Methods: precopy, postcopy, cold.
+    #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string(), "postcopy".to_string(), "cold".to_string()], value_parser = ["precopy", "postcopy", "cold"])]
+    pub methods: Vec<String>,
+    /// Link rate in Mbit/s (0: unshaped).
+    #[arg(long, default_value_t = 1000)]
+    pub rate_mbit: u64,
+    /// ferry's --max-downtime for its migrations.
+    #[arg(long, default_value = "300ms")]
+    pub max_downtime: String,
+    /// Work directory (default: a fresh one under /tmp).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Also write the results as CSV here.
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Also write an SVG plot of downtime against dirty rate here.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// Print the results as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn run_migrate(a: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    use crate::bench::migrate::{self, Method, MigrateBench};
+    let methods: Vec<Method> = a.methods.iter().filter_map(|m| Method::parse(m)).collect();
+    let tmp;
+    let workdir = match &a.workdir {
+        Some(d) => d.clone(),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("ferry-bench-migrate-")
+                .tempdir()?;
+            tmp.path().to_path_buf()
+        }
+    };
+    let bench = MigrateBench {
+        ferry_exe: std::env::current_exe()?,
+        workload_exe: crate::workload::find_exe().ok_or(super::DemoError::NoWorkload)?,
+        sizes_mib: a.sizes.clone(),
+        dirty_mib_s: a.dirty.clone(),
+        methods,
+        rate_mbit: (a.rate_mbit > 0).then_some(a.rate_mbit),
+        max_downtime: a.max_downtime.clone(),
+        workdir,
+    };
+    let cases = bench.run(&mut |c| {
+        let d = c.downtime_ms.map_or("-".into(), |d| format!("{d:.0} ms"));
+        eprintln!(
+            "bench: {} MiB, dirty {} MiB/s, {}: downtime {d}{}",
+            c.size_mib,
+            c.dirty_mib_s,
+            c.method.name(),
+            c.error
+                .as_ref()
+                .map(|e| format!(" (FAILED: {e})"))
+                .unwrap_or_default()
+        )
+    })?;
+    if let Some(p) = &a.csv {
+        std::fs::write(p, migrate::csv(&cases))?;
+    }
+    if let Some(p) = &a.svg {
+        std::fs::write(p, migrate::svg(&cases))?;
+    }
+    if a.json {
+        write_json(out, &cases)?;
+    } else {
+        migrate::render(&cases, out)?;
+    }
+    Ok(if cases.iter().any(|c| c.error.is_some()) {
+        exit::FAILED
+    } else {
+        exit::OK
+    })
 }
 
 #[derive(Debug, Args)]
@@ -50,7 +138,10 @@ pub struct CompressArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: &BenchArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    let BenchCommand::Compress(a) = &args.which;
+    let a = match &args.which {
+        BenchCommand::Compress(a) => a,
+        BenchCommand::Migrate(a) => return run_migrate(a, out),
+    };
     let criu = global.criu()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if a.threads.is_empty() {

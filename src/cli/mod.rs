@@ -178,6 +178,8 @@ pub enum CliError {
     #[error(transparent)]
     Agent(#[from] crate::agent::AgentError),
     #[error(transparent)]
+    BenchMigrate(#[from] crate::bench::migrate::MigrateBenchError),
+    #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
     #[error("cannot write output")]
     Output(#[from] io::Error),

@@ -37,8 +37,9 @@ pub struct Launch {
     pub dirty_mib_s: f64,
     pub hold_tcp: Option<SocketAddr>,
     pub hold_unix: Option<PathBuf>,
-    /// Run inside this network namespace (`ip netns exec`, which execs the
-    /// workload: the pid is the workload's).
+    /// Run inside this network namespace (named as `ip netns` names it;
+    /// entered with `nsenter`, which execs the workload: the pid is the
+    /// workload's).
     pub netns: Option<String>,
 }
 
@@ -64,8 +65,12 @@ impl Launch {
     pub fn spawn(&self) -> io::Result<Workload> {
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.as_str()]).arg(&self.exe);
+                // nsenter, not `ip netns exec`: the latter also unshares
+                // the mount namespace, which CRIU refuses to dump.
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(&self.exe);
                 c
             }
             None => Command::new(&self.exe),

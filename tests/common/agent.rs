@@ -66,8 +66,8 @@ impl AgentProc {
         let key = key(dir);
         let mut cmd = match netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, FERRY]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).args(["--", FERRY]);
                 c
             }
             None => Command::new(FERRY),
@@ -85,7 +85,9 @@ impl AgentProc {
             cmd.arg("--runc-root").arg(r);
         }
         if let Some(f) = fault {
-            cmd.env(ferry::fault::ENV, f);
+            // Held long enough for the test to act, short enough to go on.
+            cmd.env(ferry::fault::ENV, f)
+                .env(ferry::fault::HOLD_ENV, "8000");
         }
         let mut child = cmd.spawn().expect("spawn ferry agent");
         let lines = Arc::new(Mutex::new(Vec::new()));

@@ -117,7 +117,7 @@ impl Cmd {
         self.env.push((k.into(), v.into()));
         self
     }
-    /// Runs inside a network namespace (`ip netns exec`).
+    /// Runs inside a network namespace (`nsenter --net`).
     pub fn netns(mut self, ns: &str) -> Cmd {
         self.netns = Some(ns.into());
         self
@@ -125,8 +125,8 @@ impl Cmd {
     pub fn run(self) -> Run {
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.as_str(), FERRY]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).args(["--", FERRY]);
                 c
             }
             None => Command::new(FERRY),

@@ -1,0 +1,179 @@
+//! Migration between two "hosts" (network namespaces joined by a link
+//! shaped to 1 Gbit/s, see `ferry::lab`), watched by a heartbeat prober in
+//! the root namespace, and the faults a network brings: a cut link.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::agent::AgentProc;
+use common::*;
+use ferry::lab::{Lab, Prober};
+use ferry::workload::{Launch, Workload};
+
+const RATE_MBIT: u64 = 1000;
+
+fn net_ns_inode(path: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
+}
+
+fn heartbeating_workload(lab: &Lab, prober: &Prober, dir: &std::path::Path, mib: u64) -> Workload {
+    let mut l = Launch::new(WORKLOAD, mib, dir.join("report"));
+    l.netns = Some(lab.host(0).netns.clone());
+    l.heartbeat = Some(prober.local_addr());
+    l.dirty_mib_s = 1.0;
+    let w = start_with(l);
+    assert!(
+        prober.wait_received(200, Duration::from_secs(30)),
+        "no heartbeats from host 0"
+    );
+    w
+}
+
+#[test]
+fn a_process_migrates_between_namespace_hosts_and_its_client_sees_it_continue() {
+    require_criu();
+    let dir = scratch("lab-migrate");
+    let lab = Lab::create("mig", 2, Some(RATE_MBIT)).expect("lab");
+    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
+    let agent = AgentProc::start(
+        dir.path(),
+        &format!("{}:0", lab.host(1).addr),
+        Some(&lab.host(1).netns),
+        None,
+    );
+    let mut w = heartbeating_workload(&lab, &prober, dir.path(), 64);
+    let pid = w.pid();
+    let kept = dir.path().join("source-images");
+    let cmd = ferry([
+        "migrate",
+        "--json",
+        "--shell-job",
+        "--timeout",
+        "20s",
+        "--pid",
+    ])
+    .arg(pid.to_string())
+    .arg("--to")
+    .arg(&agent.addr)
+    .arg("--key")
+    .arg(&agent.key)
+    .arg("--keep-images")
+    .arg(&kept)
+    .netns(&lab.host(0).netns);
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !h.is_finished() && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    let report = h.join().unwrap().json();
+    assert_eq!(
+        report["restored_pid"].as_i64(),
+        Some(pid as i64),
+        "{report}"
+    );
+    // The copy runs in host 1's network namespace and its heartbeats go on.
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    let host1 = net_ns_inode(&format!("/run/netns/{}", lab.host(1).netns));
+    assert_eq!(ns.to_string_lossy(), format!("net:[{host1}]"));
+    let heard = prober.received();
+    assert!(
+        prober.wait_received(heard + 200, Duration::from_secs(30)),
+        "no heartbeats after the migration"
+    );
+    let restored = Workload::adopt(pid, w.report_path());
+    let probe = prober.stop();
+    let gap = probe.longest_gap.expect("a gap");
+    eprintln!(
+        "client-observed downtime {:?}; ferry frozen {} ms",
+        gap.length, report["final"]["frozen_ms"]
+    );
+    assert!(gap.after.counter > gap.before.counter, "{gap:?}");
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    let dest = agent.kept_images();
+    assert_eq!(dest.len(), 1);
+    let sums = |d: &std::path::Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                !n.ends_with(".log") && n != "stats-restore"
+            })
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        sums(&kept) == sums(&dest[0]),
+        "rebuilt images differ from the source's"
+    );
+}
+
+#[test]
+fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
+    require_criu();
+    let dir = scratch("lab-cut");
+    let lab = Lab::create("cut", 2, Some(RATE_MBIT)).expect("lab");
+    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
+    let agent = AgentProc::start(
+        dir.path(),
+        &format!("{}:0", lab.host(1).addr),
+        Some(&lab.host(1).netns),
+        Some("agent-before-rebuild"),
+    );
+    let mut w = heartbeating_workload(&lab, &prober, dir.path(), 32);
+    let pid = w.pid();
+    let cmd = ferry(["migrate", "--shell-job", "--timeout", "3s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .netns(&lab.host(0).netns);
+    let h = std::thread::spawn(move || cmd.run());
+    assert!(
+        agent.wait_for(
+            "fault point agent-before-rebuild reached",
+            Duration::from_secs(60)
+        ),
+        "{}",
+        agent.log()
+    );
+    // The application is frozen (dumped, left stopped); the link goes.
+    lab.cut(1).expect("cut");
+    let run = h.join().unwrap();
+    let err = run.fails_with(1);
+    assert!(err.contains("resumed here"), "{err}");
+    lab.heal(1).expect("heal");
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+    // The agent, once past its fault point, finds the source gone and
+    // restores nothing: one copy, on the source.
+    assert!(
+        agent.wait_for("session ended without a restore", Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
+    let n = std::process::Command::new("pgrep")
+        .args(["-f", &dir.path().join("report").display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&n.stdout).lines().count(),
+        1,
+        "expected one copy"
+    );
+    let heard = prober.received();
+    assert!(
+        prober.wait_received(heard + 100, Duration::from_secs(10)),
+        "the source's heartbeats stopped"
+    );
+}
