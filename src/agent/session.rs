@@ -69,6 +69,8 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
         images: None,
         restored: None,
         lazy: None,
+        ahead: Default::default(),
+        expected_bytes: begin.expected_bytes,
     };
     let result = session.run(&mut conn);
     if let Ok(mut s) = agent.sessions.lock() {
@@ -141,6 +143,9 @@ struct Session<'a> {
     restored: Option<i32>,
     /// Post-copy: the daemon still delivering the restored tree's memory.
     lazy: Option<crate::criu::LazyPages>,
+    /// Pages images laid out ahead, by pid.
+    ahead: std::collections::HashMap<i32, super::rebuild::Ahead>,
+    expected_bytes: u64,
 }
 
 impl Session<'_> {
@@ -170,6 +175,14 @@ impl Session<'_> {
                         .collect();
                     conn.send_msg(&Msg::Missing { count })?;
                     conn.send_blob(&pages::encode_bitmap(&missing))?;
+                }
+                Msg::Layout { pid, count } => {
+                    let blob = conn.recv_blob()?;
+                    let reply = match self.lay_out(pid, count, &blob) {
+                        Ok(r) => r,
+                        Err(message) => Msg::Error { message },
+                    };
+                    conn.send_msg(&reply)?;
                 }
                 Msg::Images { files } => {
                     self.files.clear();
@@ -230,21 +243,63 @@ impl Session<'_> {
         })
     }
 
+    /// The staging directory of this session's images, made on first use.
+    fn staging(&mut self, need: u64) -> Result<&Path, String> {
+        if self.images.is_none() {
+            let stage = staging::create("ferry-agent-", need, self.agent.config.staging.as_deref())
+                .map_err(|e| format!("cannot create a staging directory: {e}"))?;
+            self.images = Some(stage);
+        }
+        Ok(self
+            .images
+            .as_ref()
+            .map(|t| t.path())
+            .unwrap_or(Path::new("/")))
+    }
+
+    fn lay_out(&mut self, pid: i32, count: u64, blob: &[u8]) -> Result<Msg, String> {
+        let start = Instant::now();
+        let n = count as usize;
+        if blob.len() != n * 24 {
+            return Err(format!(
+                "layout of pid {pid}: {} bytes for {n} pages",
+                blob.len()
+            ));
+        }
+        let vaddrs = blob[..n * 8]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let digests = pages::decode_digests(&blob[n * 8..]).map_err(|e| e.to_string())?;
+        let need = self.expected_bytes;
+        let path = self.staging(need)?.join(format!("ahead-{pid}.pages"));
+        let ahead = super::rebuild::lay_out(&self.agent.store, &path, vaddrs, digests)?;
+        self.ahead.insert(pid, ahead);
+        Ok(Msg::LayoutReady {
+            ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
     /// Writes every image file, page files from the store, and checks
     /// every checksum. Nothing is left behind on failure.
     fn rebuild(&mut self) -> Result<Msg, String> {
         let start = Instant::now();
         let need: u64 = self.files.iter().map(|(f, _)| f.size).sum();
-        self.images = None;
-        let stage = staging::create("ferry-agent-", need, self.agent.config.staging.as_deref())
-            .map_err(|e| format!("cannot create a staging directory: {e}"))?;
-        let done = super::rebuild::rebuild(&self.agent.store, &self.files, stage.path())?;
-        tracing::info!(session = %self.id, files = self.files.len(), bytes = done.bytes, "images rebuilt and verified");
-        self.images = Some(stage);
+        let dir = self.staging(need)?.to_path_buf();
+        let done = super::rebuild::rebuild(&self.agent.store, &self.files, &dir, &mut self.ahead);
+        let done = match done {
+            Ok(d) => d,
+            Err(e) => {
+                self.images = None;
+                return Err(e);
+            }
+        };
+        tracing::info!(session = %self.id, files = self.files.len(), bytes = done.bytes, in_place = done.pages_in_place, from_store = done.pages_from_store, "images rebuilt and verified");
         Ok(Msg::Rebuilt {
             ms: start.elapsed().as_secs_f64() * 1e3,
             bytes: done.bytes,
             pages_from_store: done.pages_from_store,
+            pages_in_place: done.pages_in_place,
         })
     }
 

@@ -23,16 +23,7 @@ pub struct TreeProcess {
 impl TreeProcess {
     /// Reads what `/proc` says of `pid`.
     pub fn read(pid: i32) -> TreeProcess {
-        let ns_pids = fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
-                    v.split_whitespace()
-                        .filter_map(|p| p.parse().ok())
-                        .collect()
-                })
-            })
-            .unwrap_or_else(|| vec![pid as u32]);
+        let ns_pids = crate::process::ns_pids(pid);
         TreeProcess {
             pid,
             ns_pids,

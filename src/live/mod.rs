@@ -1,9 +1,12 @@
 //! Live memory of a running process tree, read without stopping it: the
 //! pre-copy source on kernels without soft-dirty tracking (like this one).
 //!
-//! Which pages: those of writable or anonymous mappings (what CRIU dumps),
-//! and of those only the pages the kernel says hold data (`pagemap` present
-//! or swapped), so untouched address space costs nothing. How: contiguous
+//! Which pages: exactly those CRIU would dump (criu/mem.c), so that the
+//! destination can lay out a pages image before the final dump: pages of
+//! private mappings that are present or swapped, of private file mappings
+//! only those copied on write, never the kernel's shared zero page; and the
+//! pages of shared anonymous mappings. Untouched address space costs
+//! nothing. How: contiguous
 //! runs of populated pages are copied with `process_vm_readv` into a buffer
 //! of up to [`READ_CHUNK_PAGES`] pages, and each page is digested there.
 //! Without dirty bits, "changed since the last round" means "its digest is
@@ -21,7 +24,7 @@ mod maps;
 mod scan;
 
 pub use maps::{dumpable_regions, Region};
-pub use scan::{scan_tree, ScanStats};
+pub use scan::{scan_tree, LayoutSink, PageSink, ScanStats};
 
 /// Pages copied per `process_vm_readv` (1 MiB).
 pub const READ_CHUNK_PAGES: usize = 256;

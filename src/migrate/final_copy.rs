@@ -283,7 +283,12 @@ fn transfer_and_restore(
 
     control.send_msg(&Msg::Rebuild)?;
     match control.recv_msg()? {
-        Msg::Rebuilt { ms, .. } => report.rebuild_ms = ms,
+        Msg::Rebuilt {
+            ms, pages_in_place, ..
+        } => {
+            report.rebuild_ms = ms;
+            report.pages_in_place = pages_in_place;
+        }
         other => return Err(unexpected(control, other, "Rebuilt")),
     }
     if same_kernel {

@@ -251,6 +251,8 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     let stop_reason = pre
         .run(&mut control, &mut sender, opts)
         .map_err(MigrateError::Precopy)?;
+    let layout_ms = precopy::send_layouts(&mut control, &pre.layout)
+        .map_err(|e| MigrateError::Precopy(e.into()))?;
     let precopy_ms = pre_start.elapsed().as_secs_f64() * 1e3;
 
     let (final_phase, restored_pid) = final_copy::run(
@@ -271,6 +273,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         rounds: pre.rounds,
         stop_reason,
         precopy_ms,
+        layout_ms,
         final_phase,
         restored_pid,
         total_ms: start.elapsed().as_secs_f64() * 1e3,

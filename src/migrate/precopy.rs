@@ -9,7 +9,7 @@
 //! the final copy, so its transfer takes `changed wire bytes / bandwidth`,
 //! with the bandwidth measured on round 1.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;
 
 use super::report::{RoundReport, StopReason};
@@ -17,6 +17,7 @@ use super::streams::PageSender;
 use super::{MigrateOptions, PrecopyError};
 use crate::live;
 use crate::page::Digest;
+use crate::transport::pages::ZERO_PAGE;
 use crate::transport::{pages, Conn, Msg, TransportError};
 use crate::PAGE_SIZE;
 
@@ -30,6 +31,9 @@ pub struct Precopy {
     pid: i32,
     /// Digests the destination holds (sent, or it said it had them).
     pub known: HashSet<Digest>,
+    /// The last round's view of each process's pages image: addresses and
+    /// digests (ZERO_PAGE for zeros) in the order CRIU will write them.
+    pub layout: BTreeMap<i32, (Vec<u64>, Vec<Digest>)>,
     pub rounds: Vec<RoundReport>,
     bandwidth: f64,
 }
@@ -39,6 +43,7 @@ impl Precopy {
         Precopy {
             pid,
             known: HashSet::new(),
+            layout: BTreeMap::new(),
             rounds: Vec::new(),
             bandwidth: 0.0,
         }
@@ -98,27 +103,44 @@ impl Precopy {
         let wire_before = sender.wire_bytes();
         let pids = crate::process::tree(self.pid).unwrap_or_else(|_| vec![self.pid]);
         let known = &mut self.known;
+        let layout = &mut self.layout;
+        layout.clear();
+        let mut record = |pid: i32, vaddr: u64, d: Option<Digest>| {
+            let (vaddrs, digests) = layout.entry(pid).or_default();
+            vaddrs.push(vaddr);
+            digests.push(d.unwrap_or(ZERO_PAGE));
+        };
         let mut sent = 0u64;
         let stats = if round == 1 {
             let mut pending: Vec<Digest> = Vec::new();
             let mut data: Vec<u8> = Vec::new();
-            let stats = live::scan_tree(&pids, &mut |d| known.insert(d), &mut |d, page| {
-                pending.push(d);
-                data.extend_from_slice(page);
-                if pending.len() >= QUERY_PAGES {
-                    sent += query_and_send(control, sender, &pending, &data)?;
-                    pending.clear();
-                    data.clear();
-                }
-                Ok::<(), PrecopyError>(())
-            })?;
+            let stats = live::scan_tree(
+                &pids,
+                &mut |d| known.insert(d),
+                &mut |d, page| {
+                    pending.push(d);
+                    data.extend_from_slice(page);
+                    if pending.len() >= QUERY_PAGES {
+                        sent += query_and_send(control, sender, &pending, &data)?;
+                        pending.clear();
+                        data.clear();
+                    }
+                    Ok::<(), PrecopyError>(())
+                },
+                &mut record,
+            )?;
             sent += query_and_send(control, sender, &pending, &data)?;
             stats
         } else {
-            live::scan_tree(&pids, &mut |d| known.insert(d), &mut |d, page| {
-                sent += 1;
-                sender.push(d, page).map_err(PrecopyError::from)
-            })?
+            live::scan_tree(
+                &pids,
+                &mut |d| known.insert(d),
+                &mut |d, page| {
+                    sent += 1;
+                    sender.push(d, page).map_err(PrecopyError::from)
+                },
+                &mut record,
+            )?
         };
         let scan_ms = stats.elapsed.as_secs_f64() * 1e3;
         sender.flush()?;
@@ -203,4 +225,38 @@ fn query_and_send(
         }
     }
     Ok(sent)
+}
+
+/// Sends the last round's layouts, so that the agent lays out the pages
+/// images now, while the application still runs; returns the agent's time.
+pub fn send_layouts(
+    control: &mut Conn,
+    layout: &BTreeMap<i32, (Vec<u64>, Vec<Digest>)>,
+) -> Result<f64, TransportError> {
+    let mut ms = 0.0;
+    for (pid, (vaddrs, digests)) in layout {
+        // Images name a container's processes by their pid inside it.
+        let pid = crate::process::ns_pids(*pid)
+            .last()
+            .map_or(*pid, |p| *p as i32);
+        control.send_msg(&Msg::Layout {
+            pid,
+            count: vaddrs.len() as u64,
+        })?;
+        let mut blob = Vec::with_capacity(vaddrs.len() * 24);
+        blob.extend(vaddrs.iter().flat_map(|v| v.to_le_bytes()));
+        blob.extend(pages::encode_digests(digests));
+        control.send_blob(&blob)?;
+        match control.recv_msg()? {
+            Msg::LayoutReady { ms: t } => ms += t,
+            other => {
+                return Err(TransportError::Unexpected {
+                    peer: control.peer().to_string(),
+                    got: format!("{other:?}"),
+                    expected: "LayoutReady",
+                })
+            }
+        }
+    }
+    Ok(ms)
 }

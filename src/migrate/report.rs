@@ -57,6 +57,8 @@ pub struct FinalReport {
     pub wire_bytes: u64,
     /// Destination: writing and verifying the images.
     pub rebuild_ms: f64,
+    /// Pages the destination found in place in images laid out ahead.
+    pub pages_in_place: u64,
     /// Source side, one kernel only: waiting for the source's pids to free.
     pub pid_wait_ms: f64,
     /// Destination: CRIU restore (left stopped).
@@ -84,6 +86,8 @@ pub struct MigrateReport {
     pub rounds: Vec<RoundReport>,
     pub stop_reason: StopReason,
     pub precopy_ms: f64,
+    /// Agent time laying out the pages images ahead (part of pre-copy).
+    pub layout_ms: f64,
     #[serde(rename = "final")]
     pub final_phase: FinalReport,
     pub restored_pid: i32,
@@ -143,9 +147,9 @@ impl MigrateReport {
         let f = &self.final_phase;
         writeln!(
             out,
-            "final: dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms, pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
+            "final: dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
             f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
-            units::bytes(f.wire_bytes), f.rebuild_ms, f.pid_wait_ms, f.restore_ms, f.commit_ms
+            units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
         )?;
         writeln!(
             out,

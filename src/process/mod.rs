@@ -181,6 +181,22 @@ pub fn resume_stopped(pid: i32) -> Vec<i32> {
     resumed
 }
 
+/// The pid of `pid` in each pid namespace it belongs to, outermost first
+/// (`NSpid` of `/proc/PID/status`); the last one is what a dump of its
+/// container's tree names it.
+pub fn ns_pids(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("NSpid:")).map(|v| {
+                v.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_else(|| vec![pid as u32])
+}
+
 /// Sends `signal` to `pid`.
 pub fn signal(pid: i32, signal: Signal) -> Result<(), ProcessError> {
     kill(Pid::from_raw(pid), signal).map_err(|source| match source {

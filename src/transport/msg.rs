@@ -8,7 +8,10 @@
 //!   (data streams: Join{session} -> Accepted, then Pages frames, Flush -> Flushed)
 //!   Query + Blob(digests) --------------->  which of these pages are missing?
 //!                           <-------------  Missing + Blob(bitmap)
-//!   ... pre-copy rounds, then the final dump ...
+//!   ... pre-copy rounds ...
+//!   Layout{pid} + Blob(addresses, digests) -> lays out the pages image ahead
+//!                           <-------------  LayoutReady{ms}
+//!   ... the final dump ...
 //!   Images{files} + one Blob per file --->  metadata files; page files as recipes
 //!   Rebuild ----------------------------->  writes the images, checks every checksum
 //!                           <-------------  Rebuilt{ms, bytes}
@@ -93,6 +96,16 @@ pub enum Msg {
     Flushed {
         pages: u64,
     },
+    /// A process's pages as pre-copy last saw them (then a blob: `count`
+    /// addresses u64, then `count` digests u128): the agent lays out its
+    /// pages image ahead of the final copy.
+    Layout {
+        pid: i32,
+        count: u64,
+    },
+    LayoutReady {
+        ms: f64,
+    },
     Images {
         files: Vec<ImageEntry>,
     },
@@ -101,6 +114,9 @@ pub enum Msg {
         ms: f64,
         bytes: u64,
         pages_from_store: u64,
+        /// Pages already in place in the images laid out ahead.
+        #[serde(default)]
+        pages_in_place: u64,
     },
     Restore {
         opts: RestoreOpts,
