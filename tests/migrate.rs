@@ -402,3 +402,39 @@ fn a_runc_container_migrates_between_namespace_hosts_and_continues() {
     let dest = agent.kept_images();
     assert_eq!(checksums(&kept), checksums(&dest[0]));
 }
+
+#[test]
+fn a_docker_container_migrates_into_a_new_container_and_continues() {
+    use common::containers::{counter_above, require_docker, unique, verify_memory, Docker};
+    require_criu();
+    require_docker();
+    let dir = scratch("migrate-docker");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut d = Docker::image(dir.path(), "mig");
+    let state = dir.path().join("state");
+    let name = d.run("mig", &state, 16);
+    let report = state.join("report");
+    let before = counter_above(&report, 50).counter;
+    let copy = unique("mig-copy");
+    d.adopt(&copy);
+    let run = ferry(["migrate", "--json", "--timeout", "20s", "--docker", &name])
+        .arg("--docker-name")
+        .arg(&copy)
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .json();
+    assert_eq!(Docker::status(&copy), "running");
+    assert_ne!(
+        Docker::status(&name),
+        "running",
+        "the source container still runs"
+    );
+    let after = counter_above(&report, before).counter;
+    counter_above(&report, after + 50);
+    assert!(verify_memory(
+        &report,
+        run["restored_pid"].as_i64().unwrap() as i32
+    ));
+}

@@ -46,6 +46,8 @@ pub struct AgentConfig {
     pub criu_service: Option<PathBuf>,
     /// runc's state directory for containers restored here.
     pub runc_root: PathBuf,
+    /// dockerd's API socket for Docker containers restored here.
+    pub docker_socket: PathBuf,
     /// Where images are rebuilt for a restore (default: tmpfs when it fits).
     pub staging: Option<PathBuf>,
     /// Keep each committed migration's images under

@@ -343,15 +343,12 @@ impl Session<'_> {
             ..RestoreRequest::new(images.path())
         };
         let start = Instant::now();
-        if let Target::Runc { id, bundle } = &self.target {
+        if let Some((container, bundle)) = self.container() {
             if opts.lazy_pages {
                 return Err("post-copy is not supported for containers".into());
             }
             let restored = crate::checkpoint::restore_container(
-                &ContainerRef::Runc {
-                    id: id.clone(),
-                    root: self.agent.config.runc_root.clone(),
-                },
+                &container,
                 crate::checkpoint::Source::Dir(images.path()),
                 bundle.as_deref(),
                 RestoreFlags {
@@ -363,7 +360,7 @@ impl Session<'_> {
             )
             .map_err(|e| crate::units::chain(&e))?;
             self.restored = Some(restored.pid);
-            tracing::info!(session = %self.id, container = %id, pid = restored.pid, "container restored through runc");
+            tracing::info!(session = %self.id, container = %container.describe(), pid = restored.pid, "container restored");
             return Ok(Msg::Restored {
                 pid: restored.pid,
                 ms: start.elapsed().as_secs_f64() * 1e3,
@@ -401,17 +398,45 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// The container to restore into (and the runc bundle), unless the
+    /// target is a process tree.
+    fn container(&self) -> Option<(ContainerRef, Option<std::path::PathBuf>)> {
+        match &self.target {
+            Target::Process { .. } => None,
+            Target::Runc { id, bundle } => Some((
+                ContainerRef::Runc {
+                    id: id.clone(),
+                    root: self.agent.config.runc_root.clone(),
+                },
+                bundle.clone(),
+            )),
+            Target::Docker { name } => Some((
+                ContainerRef::Docker {
+                    name: name.clone(),
+                    socket: self.agent.config.docker_socket.clone(),
+                },
+                None,
+            )),
+        }
+    }
+
     /// Removes an uncommitted restored copy.
     fn discard(&self, pid: i32) {
-        if let Target::Runc { id, .. } = &self.target {
-            match crate::target::runc::delete(&self.agent.config.runc_root, id) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot delete the restored container; killing its tasks")
-                }
+        let removed = match self.container() {
+            Some((ContainerRef::Runc { id, root }, _)) => {
+                crate::target::runc::delete(&root, &id).map_err(|e| e.to_string())
             }
+            Some((ContainerRef::Docker { name, socket }, _)) => {
+                crate::target::docker::remove(&socket, &name).map_err(|e| e.to_string())
+            }
+            None => Err(String::new()),
+        };
+        if let Err(e) = removed {
+            if !e.is_empty() {
+                tracing::warn!(error = %e, "cannot remove the restored container; killing its tasks");
+            }
+            kill_tree(pid);
         }
-        kill_tree(pid);
     }
 }
 

@@ -23,6 +23,9 @@ pub struct AgentArgs {
     /// runc's state directory for containers restored here.
     #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
     pub runc_root: PathBuf,
+    /// dockerd's API socket, for Docker containers restored here.
+    #[arg(long, value_name = "SOCKET", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    pub docker_socket: PathBuf,
     /// Where images are rebuilt before a restore (default: tmpfs when it fits).
     #[arg(long, value_name = "DIR")]
     pub staging: Option<PathBuf>,
@@ -39,6 +42,7 @@ pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result
         criu: global.criu.clone(),
         criu_service: global.criu_service.clone(),
         runc_root: args.runc_root.clone(),
+        docker_socket: args.docker_socket.clone(),
         staging: args.staging.clone(),
         keep_images: args.keep_images,
     };

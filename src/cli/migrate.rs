@@ -18,10 +18,20 @@ pub struct MigrateArgs {
         short = 't',
         long = "pid",
         value_name = "PID",
-        required_unless_present = "runc",
-        conflicts_with = "runc"
+        required_unless_present_any = ["runc", "docker"],
+        conflicts_with_all = ["runc", "docker"]
     )]
     pub pid: Option<i32>,
+    /// A Docker container to move (restored through the destination's
+    /// dockerd, under --docker-name or the same name).
+    #[arg(long, value_name = "NAME", conflicts_with = "runc")]
+    pub docker: Option<String>,
+    /// dockerd's API socket here.
+    #[arg(long, value_name = "SOCKET", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    pub docker_socket: PathBuf,
+    /// The Docker container's name on the destination.
+    #[arg(long, value_name = "NAME", requires = "docker")]
+    pub docker_name: Option<String>,
     /// A runc container to move (restored under the same id in the
     /// destination agent's runc root).
     #[arg(long, value_name = "ID")]
@@ -98,6 +108,11 @@ pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Resu
     let criu = global.criu()?;
     let opts = MigrateOptions {
         target: match (&args.runc, args.pid) {
+            _ if args.docker.is_some() => MigrateTarget::Docker {
+                name: args.docker.clone().unwrap_or_default(),
+                socket: args.docker_socket.clone(),
+                new_name: args.docker_name.clone(),
+            },
             (Some(id), _) => MigrateTarget::Runc {
                 id: id.clone(),
                 root: args.runc_root.clone(),

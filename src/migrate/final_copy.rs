@@ -41,18 +41,24 @@ pub struct Source<'a> {
 
 impl Source<'_> {
     fn dump(&self, criu: &Criu, req: &DumpRequest) -> Result<DumpOutcome, CheckpointError> {
+        match self.container() {
+            None => checkpoint::dump(criu, req, &mut NoHooks),
+            Some(c) => checkpoint::dump_container(criu, &c, req, &mut NoHooks).map(|o| o.dump),
+        }
+    }
+
+    /// The container, unless the target is a plain process tree.
+    fn container(&self) -> Option<ContainerRef> {
         match self.target {
-            MigrateTarget::Process { .. } => checkpoint::dump(criu, req, &mut NoHooks),
-            MigrateTarget::Runc { id, root, .. } => checkpoint::dump_container(
-                criu,
-                &ContainerRef::Runc {
-                    id: id.clone(),
-                    root: root.clone(),
-                },
-                req,
-                &mut NoHooks,
-            )
-            .map(|o| o.dump),
+            MigrateTarget::Process { .. } => None,
+            MigrateTarget::Runc { id, root, .. } => Some(ContainerRef::Runc {
+                id: id.clone(),
+                root: root.clone(),
+            }),
+            MigrateTarget::Docker { name, socket, .. } => Some(ContainerRef::Docker {
+                name: name.clone(),
+                socket: socket.clone(),
+            }),
         }
     }
 
@@ -63,6 +69,12 @@ impl Source<'_> {
             MigrateTarget::Runc { id, root, .. } => {
                 if let Err(e) = runc::delete(root, id) {
                     tracing::warn!(error = %e, "cannot delete the source container; killing its tasks");
+                    kill_all(pids);
+                }
+            }
+            MigrateTarget::Docker { name, socket, .. } => {
+                if let Err(e) = crate::target::docker::remove(socket, name) {
+                    tracing::warn!(error = %e, "cannot remove the source container; killing its tasks");
                     kill_all(pids);
                 }
             }
@@ -79,8 +91,8 @@ impl Source<'_> {
         images: &Path,
         pids: &[i32],
     ) -> Fate {
-        let restored = match self.target {
-            MigrateTarget::Process { .. } => {
+        let restored = match self.container() {
+            None => {
                 for p in pids {
                     if matches!(process::ProcessInfo::read(*p), Ok(i) if i.is_stopped()) {
                         let _ = process::signal(*p, Signal::SIGKILL);
@@ -98,11 +110,8 @@ impl Source<'_> {
                 };
                 checkpoint::restore(criu, &req, &mut NoHooks).map(|o| o.pid)
             }
-            MigrateTarget::Runc { id, root, .. } => checkpoint::restore_container(
-                &ContainerRef::Runc {
-                    id: id.clone(),
-                    root: root.clone(),
-                },
+            Some(c) => checkpoint::restore_container(
+                &c,
                 checkpoint::Source::Dir(images),
                 None,
                 RestoreFlags {

@@ -53,6 +53,13 @@ pub enum MigrateTarget {
         root: PathBuf,
         bundle: Option<PathBuf>,
     },
+    /// A Docker container (through `socket`), restored on the destination
+    /// under `new_name` (default: the same name).
+    Docker {
+        name: String,
+        socket: PathBuf,
+        new_name: Option<String>,
+    },
 }
 
 /// How to migrate.
@@ -86,7 +93,11 @@ pub enum MigrateError {
     NoSuchProcess { pid: i32 },
     #[error(transparent)]
     Runc(#[from] crate::target::runc::RuncError),
-    #[error("post-copy (--lazy-pages) is not supported for containers yet: runc restores them")]
+    #[error(transparent)]
+    Docker(#[from] crate::target::docker::DockerError),
+    #[error(
+        "post-copy (--lazy-pages) is not supported for containers yet: their engine restores them"
+    )]
     LazyContainer,
     #[error("pre-flight check refused the migration; nothing was frozen")]
     Preflight(#[from] crate::target::preflight::PreflightError),
@@ -181,6 +192,22 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
                 Target::Runc {
                     id: id.clone(),
                     bundle: bundle.clone(),
+                },
+            )
+        }
+        MigrateTarget::Docker {
+            name,
+            socket,
+            new_name,
+        } => {
+            if opts.restore.lazy_pages {
+                return Err(MigrateError::LazyContainer);
+            }
+            let c = crate::target::docker::locate(socket, name)?;
+            (
+                c.state.init_pid,
+                Target::Docker {
+                    name: new_name.clone().unwrap_or_else(|| name.clone()),
                 },
             )
         }

@@ -38,6 +38,9 @@ pub enum Target {
         id: String,
         bundle: Option<std::path::PathBuf>,
     },
+    /// A Docker container, restored through the agent's dockerd under this
+    /// name (created from the recorded configuration when it does not exist).
+    Docker { name: String },
 }
 
 /// One CRIU image file of the final dump.
