@@ -39,6 +39,8 @@ pub struct Ahead {
     pub vaddrs: Vec<u64>,
     /// What each page of the file holds (NOT_WRITTEN where the store lacked it).
     pub digests: Vec<Digest>,
+    /// The file's checksum leaves, computed from what was written.
+    pub leaves: Vec<u128>,
 }
 
 /// Marks a page of a file laid out ahead that could not be written.
@@ -65,8 +67,9 @@ pub fn lay_out(
         .map_err(err)?;
     file.set_len((digests.len() * PAGE_SIZE) as u64)
         .map_err(err)?;
+    let mut leaves = Vec::new();
     if !digests.is_empty() {
-        let mut map = crate::sys::mmap::map_writable(&file).map_err(err)?;
+        let mut map = crate::sys::mmap::map_writable(&file, false).map_err(err)?;
         map.par_chunks_mut(PAGE_SIZE)
             .zip(digests.par_iter_mut())
             .for_each(|(dst, d)| {
@@ -78,11 +81,13 @@ pub fn lay_out(
                     None => *d = NOT_WRITTEN,
                 }
             });
+        leaves = pages::leaf_hashes(&map);
     }
     Ok(Ahead {
         path: path.to_path_buf(),
         vaddrs,
         digests,
+        leaves,
     })
 }
 
@@ -133,6 +138,7 @@ pub fn rebuild(
         let path = dir.join(&entry.name);
         let err = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
         let sum = if entry.recipe {
+            let t0 = std::time::Instant::now();
             let recipe = pages::decode_digests(blob).map_err(|e| format!("{}: {e}", entry.name))?;
             // The file laid out ahead for this pages image, if it matches.
             let pages_id = entry
@@ -184,9 +190,10 @@ pub fn rebuild(
             file.set_len((recipe.len() * PAGE_SIZE) as u64)
                 .map_err(err)?;
             if recipe.is_empty() {
-                xxhash_rust::xxh3::xxh3_128(&[])
+                pages::file_checksum(&[])
             } else {
-                let mut map = crate::sys::mmap::map_writable(&file).map_err(err)?;
+                let mut map =
+                    crate::sys::mmap::map_writable(&file, matched.is_none()).map_err(err)?;
                 map.par_chunks_mut(PAGE_SIZE)
                     .zip(recipe.par_iter())
                     .enumerate()
@@ -214,11 +221,39 @@ pub fn rebuild(
                     .count() as u64;
                 out.pages_in_place += in_place;
                 out.pages_from_store += non_zero - in_place;
-                xxhash_rust::xxh3::xxh3_128(&map)
+                tracing::debug!(file = %entry.name, ms = t0.elapsed().as_millis() as u64, "pages written");
+                let sum = match &matched {
+                    // Laid out ahead: leaves of untouched MiBs are known.
+                    Some(a) if a.leaves.len() == map.len().div_ceil(pages::CHECKSUM_LEAF_BYTES) => {
+                        let per_leaf = pages::CHECKSUM_LEAF_BYTES / PAGE_SIZE;
+                        let mut leaves = a.leaves.clone();
+                        let stale: Vec<usize> = (0..leaves.len())
+                            .filter(|l| {
+                                let range = l * per_leaf..((l + 1) * per_leaf).min(recipe.len());
+                                range.clone().any(|i| before[i] != recipe[i])
+                            })
+                            .collect();
+                        let fresh: Vec<(usize, u128)> = stale
+                            .par_iter()
+                            .map(|&l| {
+                                let from = l * pages::CHECKSUM_LEAF_BYTES;
+                                let to = (from + pages::CHECKSUM_LEAF_BYTES).min(map.len());
+                                (l, xxhash_rust::xxh3::xxh3_128(&map[from..to]))
+                            })
+                            .collect();
+                        for (l, h) in fresh {
+                            leaves[l] = h;
+                        }
+                        pages::combine_leaves(&leaves)
+                    }
+                    _ => pages::file_checksum(&map),
+                };
+                tracing::debug!(file = %entry.name, ms = t0.elapsed().as_millis() as u64, "pages checked");
+                sum
             }
         } else {
             fs::write(&path, blob).map_err(err)?;
-            xxhash_rust::xxh3::xxh3_128(blob)
+            pages::file_checksum(blob)
         };
         let size = fs::metadata(&path).map_err(err)?.len();
         let sum = format!("{sum:032x}");

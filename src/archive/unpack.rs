@@ -119,7 +119,7 @@ pub fn unpack(
         file.set_len(f.size)
             .map_err(|e| ArchiveError::io("size", &path, e))?;
         let map = if f.pages && f.size > 0 {
-            Some(map_writable(&file).map_err(|e| ArchiveError::io("map", &path, e))?)
+            Some(map_writable(&file, false).map_err(|e| ArchiveError::io("map", &path, e))?)
         } else {
             None
         };

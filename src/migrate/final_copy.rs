@@ -252,10 +252,19 @@ fn transfer_and_restore(
         let (checksum, blob) = if recipe {
             let file = fs::File::open(&path).map_err(io)?;
             let bytes = crate::sys::mmap::map_readonly(&file, true).map_err(io)?;
-            let digests: Vec<Digest> = bytes
-                .par_chunks(PAGE_SIZE)
-                .map(|p| page::fingerprint(p).unwrap_or(ZERO_PAGE))
+            // One pass over the memory: page digests and checksum leaves.
+            let per_leaf: Vec<(Vec<Digest>, u128)> = bytes
+                .par_chunks(pages::CHECKSUM_LEAF_BYTES)
+                .map(|leaf| {
+                    let digests = leaf
+                        .chunks(PAGE_SIZE)
+                        .map(|p| page::fingerprint(p).unwrap_or(ZERO_PAGE))
+                        .collect();
+                    (digests, xxhash_rust::xxh3::xxh3_128(leaf))
+                })
                 .collect();
+            let leaves: Vec<u128> = per_leaf.iter().map(|(_, h)| *h).collect();
+            let digests: Vec<Digest> = per_leaf.into_iter().flat_map(|(d, _)| d).collect();
             for (d, p) in digests.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
                 report.pages_in_images += 1;
                 if *d == ZERO_PAGE {
@@ -266,12 +275,12 @@ fn transfer_and_restore(
                 }
             }
             (
-                xxhash_rust::xxh3::xxh3_128(&bytes),
+                pages::combine_leaves(&leaves),
                 pages::encode_digests(&digests),
             )
         } else {
             let bytes = fs::read(&path).map_err(io)?;
-            (xxhash_rust::xxh3::xxh3_128(&bytes), bytes)
+            (pages::file_checksum(&bytes), bytes)
         };
         let checksum = format!("{checksum:032x}");
         entries.push(ImageEntry {

@@ -26,9 +26,15 @@ pub fn map_readonly(file: &File, populate: bool) -> io::Result<Mmap> {
 ///
 /// The caller must own the file exclusively while the map lives (ferry maps
 /// files it has just created in a directory of its own).
-pub fn map_writable(file: &File) -> io::Result<memmap2::MmapMut> {
+/// `populate` maps (and allocates) every page at once, for files about to
+/// be written whole.
+pub fn map_writable(file: &File, populate: bool) -> io::Result<memmap2::MmapMut> {
+    let mut opts = MmapOptions::new();
+    if populate {
+        opts.populate();
+    }
     // SAFETY: memmap2 requires that no one else truncate or modify the file
     // while mapped; callers map only files they created themselves and keep
     // to themselves until the map is dropped.
-    unsafe { MmapOptions::new().map_mut(file) }
+    unsafe { opts.map_mut(file) }
 }

@@ -48,7 +48,7 @@ pub enum Target {
 pub struct ImageEntry {
     pub name: String,
     pub size: u64,
-    /// xxh3-128 of the whole file, 32 hex digits.
+    /// [`super::pages::file_checksum`] of the whole file, 32 hex digits.
     pub checksum: String,
     /// The blob is a page recipe (a page file), not the file's bytes.
     pub recipe: bool,

@@ -77,6 +77,30 @@ pub fn decode_digests(bytes: &[u8]) -> Result<Vec<Digest>, PagesFault> {
         .collect())
 }
 
+/// Bytes per leaf of [`file_checksum`].
+pub const CHECKSUM_LEAF_BYTES: usize = 1 << 20;
+
+/// The checksum both ends compute over a whole image file: xxh3-128 of
+/// the xxh3-128 of each 1 MiB of it (its leaves). Leaves are computed on
+/// every core, and a receiver that wrote most of a file earlier keeps their
+/// leaves and recomputes only those it changed since.
+pub fn file_checksum(bytes: &[u8]) -> u128 {
+    combine_leaves(&leaf_hashes(bytes))
+}
+
+pub fn leaf_hashes(bytes: &[u8]) -> Vec<u128> {
+    use rayon::prelude::*;
+    bytes
+        .par_chunks(CHECKSUM_LEAF_BYTES)
+        .map(xxhash_rust::xxh3::xxh3_128)
+        .collect()
+}
+
+pub fn combine_leaves(leaves: &[u128]) -> u128 {
+    let bytes: Vec<u8> = leaves.iter().flat_map(|h| h.to_le_bytes()).collect();
+    xxhash_rust::xxh3::xxh3_128(&bytes)
+}
+
 pub fn encode_bitmap(bits: &[bool]) -> Vec<u8> {
     let mut out = vec![0u8; bits.len().div_ceil(8)];
     for (i, _) in bits.iter().enumerate().filter(|(_, b)| **b) {
@@ -113,6 +137,22 @@ mod tests {
             decode_batch(&batch[..batch.len() - 1]),
             Err(PagesFault::BatchLength { .. })
         ));
+    }
+
+    #[test]
+    fn checksum_leaves_update_like_a_full_checksum() {
+        let mut file = vec![3u8; 3 * CHECKSUM_LEAF_BYTES + 5 * PAGE_SIZE];
+        let mut leaves = leaf_hashes(&file);
+        assert_eq!(leaves.len(), 4);
+        assert_eq!(combine_leaves(&leaves), file_checksum(&file));
+        let at = CHECKSUM_LEAF_BYTES + 7;
+        file[at] = 9;
+        assert_ne!(combine_leaves(&leaves), file_checksum(&file));
+        let l = at / CHECKSUM_LEAF_BYTES;
+        leaves[l] = xxhash_rust::xxh3::xxh3_128(
+            &file[l * CHECKSUM_LEAF_BYTES..(l + 1) * CHECKSUM_LEAF_BYTES],
+        );
+        assert_eq!(combine_leaves(&leaves), file_checksum(&file));
     }
 
     #[test]
