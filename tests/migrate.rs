@@ -231,14 +231,7 @@ fn the_agent_killed_during_the_final_copy_leaves_the_application_running() {
     let mut w = workload(dir.path(), 32, 0.0);
     let cmd = migrate_cmd(&agent, w.pid(), &[]);
     let h = std::thread::spawn(move || cmd.run());
-    assert!(
-        agent.wait_for(
-            "fault point agent-before-rebuild reached",
-            Duration::from_secs(60)
-        ),
-        "{}",
-        agent.log()
-    );
+    agent.wait_fault("agent-before-rebuild");
     // The source is frozen now (dumped, left stopped).
     agent.kill();
     let err = h.join().unwrap().fails_with(1);

@@ -139,14 +139,7 @@ fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
         .arg(&agent.key)
         .netns(&lab.host(0).netns);
     let h = std::thread::spawn(move || cmd.run());
-    assert!(
-        agent.wait_for(
-            "fault point agent-before-rebuild reached",
-            Duration::from_secs(60)
-        ),
-        "{}",
-        agent.log()
-    );
+    agent.wait_fault("agent-before-rebuild");
     // The application is frozen (dumped, left stopped); the link goes.
     lab.cut(1).expect("cut");
     let run = h.join().unwrap();

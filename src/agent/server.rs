@@ -52,6 +52,12 @@ pub fn run(
             addr: config.listen,
             source,
         })?;
+    for stale in crate::checkpoint::staging::sweep_stale(
+        super::session::STAGING_PREFIX,
+        config.staging.as_deref(),
+    ) {
+        tracing::info!(dir = %stale.display(), "removed the staging of a dead agent");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(AgentError::Signals)?;

@@ -26,6 +26,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a restored (stopped) copy waits for the source's commit
 /// before it is killed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Name prefix of the agent's staging directories.
+pub const STAGING_PREFIX: &str = "ferry-agent-";
 /// Longest time post-copy may take to make all memory resident.
 const LAZY_COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Room kept free beyond what a migration says it needs.
@@ -246,7 +248,7 @@ impl Session<'_> {
     /// The staging directory of this session's images, made on first use.
     fn staging(&mut self, need: u64) -> Result<&Path, String> {
         if self.images.is_none() {
-            let stage = staging::create("ferry-agent-", need, self.agent.config.staging.as_deref())
+            let stage = staging::create(STAGING_PREFIX, need, self.agent.config.staging.as_deref())
                 .map_err(|e| format!("cannot create a staging directory: {e}"))?;
             self.images = Some(stage);
         }

@@ -33,6 +33,8 @@ const SETTLE_HEARTBEATS: u64 = 300;
 /// Longest wait for the workload, a migration or the heartbeats.
 const CASE_TIMEOUT: Duration = Duration::from_secs(300);
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a case's agent may take to stop on SIGTERM.
+const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -303,7 +305,18 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// SIGTERM first, so that the agent removes its staging; SIGKILL if it
+    /// has not exited within [`AGENT_STOP_TIMEOUT`].
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + AGENT_STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

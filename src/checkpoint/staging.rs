@@ -32,7 +32,59 @@ pub fn base_for(bytes: u64, preferred: Option<&Path>) -> PathBuf {
 }
 
 /// A fresh staging directory under the chosen base, removed when dropped.
+/// Its name carries this process's pid (`PREFIX<pid>-XXXXXX`), so that
+/// [`sweep_stale`] can tell what a killed process left behind.
 pub fn create(prefix: &str, bytes: u64, preferred: Option<&Path>) -> io::Result<tempfile::TempDir> {
     let base = base_for(bytes, preferred);
-    tempfile::Builder::new().prefix(prefix).tempdir_in(&base)
+    tempfile::Builder::new()
+        .prefix(&format!("{prefix}{}-", std::process::id()))
+        .tempdir_in(&base)
+}
+
+/// Removes staging directories named `PREFIX<pid>-*` whose process is
+/// gone (killed before it could clean up), from every base [`create`]
+/// uses. Returns what it removed.
+pub fn sweep_stale(prefix: &str, preferred: Option<&Path>) -> Vec<PathBuf> {
+    let mut bases = vec![PathBuf::from(TMPFS_BASE), std::env::temp_dir()];
+    bases.extend(preferred.map(Path::to_path_buf));
+    let mut removed = Vec::new();
+    for base in bases {
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let owner = name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<i32>().ok());
+            if let Some(pid) = owner {
+                if !crate::process::pid_in_use(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+                    removed.push(e.path());
+                }
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweeping_removes_only_what_dead_processes_left() {
+        let base = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let prefix = "ferry-sweep-test-";
+        let stale = base.path().join(format!("{prefix}{dead}-abc"));
+        let mine = base.path().join(format!("{prefix}{}-def", std::process::id()));
+        std::fs::create_dir_all(stale.join("images")).unwrap();
+        std::fs::create_dir_all(&mine).unwrap();
+        let removed = sweep_stale(prefix, Some(base.path()));
+        assert_eq!(removed, vec![stale.clone()]);
+        assert!(!stale.exists() && mine.exists());
+    }
 }

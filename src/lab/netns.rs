@@ -212,15 +212,7 @@ impl Lab {
                 HOST_IF,
             ]))?;
             run(&mut ip(["-n", &netns, "link", "set", HOST_IF, "up"]))?;
-            run(&mut ip([
-                "-n",
-                &netns,
-                "route",
-                "replace",
-                "default",
-                "via",
-                &self.gateway.to_string(),
-            ]))?;
+            self.default_route(&netns)?;
             if let Some(rate) = self.rate_mbit {
                 shape(&netns, HOST_IF, rate)?;
                 shape(&sw, &port, rate)?;
@@ -338,9 +330,14 @@ impl Lab {
             &format!("p{index}"),
             "up",
         ]))?;
+        self.default_route(&host.netns)
+    }
+
+    /// Points `netns`'s default route at the gateway.
+    fn default_route(&self, netns: &str) -> Result<(), LabError> {
         run(&mut ip([
             "-n",
-            &host.netns,
+            netns,
             "route",
             "replace",
             "default",

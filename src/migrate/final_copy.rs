@@ -25,6 +25,8 @@ use crate::transport::pages::{self, ZERO_PAGE};
 use crate::transport::{Conn, Msg, TransportError};
 use crate::PAGE_SIZE;
 
+/// Name prefix of the source's staging directories.
+const STAGING_PREFIX: &str = "ferry-migrate-";
 /// How long the source's killed pids may take to be reaped (same kernel).
 const PID_FREE_WAIT: Duration = Duration::from_secs(5);
 
@@ -144,8 +146,9 @@ pub fn run(
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
+    staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
     let stage =
-        staging::create("ferry-migrate-", rss, opts.staging.as_deref()).map_err(|source| {
+        staging::create(STAGING_PREFIX, rss, opts.staging.as_deref()).map_err(|source| {
             MigrateError::Staging {
                 path: staging::base_for(rss, opts.staging.as_deref()),
                 source,

@@ -133,6 +133,18 @@ impl AgentProc {
         false
     }
 
+    /// Waits (60 s at most) until the agent stops at its fault point.
+    pub fn wait_fault(&self, point: &str) {
+        assert!(
+            self.wait_for(
+                &format!("fault point {point} reached"),
+                Duration::from_secs(60)
+            ),
+            "the agent never reached {point}:\n{}",
+            self.log()
+        );
+    }
+
     pub fn log(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
