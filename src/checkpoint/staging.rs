@@ -80,7 +80,9 @@ mod tests {
         child.wait().unwrap();
         let prefix = "ferry-sweep-test-";
         let stale = base.path().join(format!("{prefix}{dead}-abc"));
-        let mine = base.path().join(format!("{prefix}{}-def", std::process::id()));
+        let mine = base
+            .path()
+            .join(format!("{prefix}{}-def", std::process::id()));
         std::fs::create_dir_all(stale.join("images")).unwrap();
         std::fs::create_dir_all(&mine).unwrap();
         let removed = sweep_stale(prefix, Some(base.path()));
