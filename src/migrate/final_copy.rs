@@ -198,13 +198,10 @@ pub fn run(
                 source.kill(&pids);
             }
             if let Some(keep) = &opts.keep_images {
-                copy_dir(&images, keep).map_err(|source| MigrateError::Final {
-                    after: Fate::ResumedHere,
-                    source: FinalError::Images {
-                        path: keep.clone(),
-                        source,
-                    },
-                })?;
+                // The migration is done: a failed copy only costs the copy.
+                if let Err(e) = copy_dir(&images, keep) {
+                    tracing::error!(dir = %keep.display(), error = %e, "migrated, but cannot keep the images");
+                }
             }
             Ok((report, restored))
         }

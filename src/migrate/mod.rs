@@ -1,4 +1,5 @@
-//! `ferry migrate`: move a running process tree to another host's agent.
+//! `ferry migrate`: move a running process tree, runc container or Docker
+//! container to another host's agent.
 //!
 //! 1. **Begin**: connect and authenticate (control stream), say what comes
 //!    and how big; the agent checks its room and GPUs. Open the data
@@ -8,12 +9,16 @@
 //!    pages whose content the destination lacks, repeat while the changed
 //!    bytes shrink, stop when the predicted final transfer fits
 //!    `--max-downtime` or after `--max-rounds`.
+//!    Then the agent lays out each process's pages image ahead, in the
+//!    order CRIU writes it, from the last round's layout.
 //! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree to local staging
 //!    and leaves it *stopped*; only pages the destination lacks are sent,
-//!    the rest is named by digest in page recipes; the agent rebuilds the
-//!    images byte-identical (checksums) and restores them, stopped; on
-//!    `Restored` ferry commits: the agent resumes its copy and the source's
-//!    is killed.
+//!    the rest is named by digest in page recipes; the agent patches the
+//!    images laid out ahead (or rebuilds them), checks them byte-identical
+//!    (checksums) and restores them (a process tree stopped; a container
+//!    through its engine); on `Restored` ferry commits: the agent resumes
+//!    its copy and the source's is killed. With `--lazy-pages` (post-copy)
+//!    the restore is CRIU's lazy restore (userfaultfd).
 //!
 //! **Nothing is lost.** Before the commit the source copy is only stopped,
 //! so any failure (agent gone, link cut, restore failed, no room) resumes
