@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-
 use super::server::{msg_name, Agent};
 use super::AgentError;
 use crate::checkpoint::staging;
@@ -129,9 +127,7 @@ fn admit(agent: &Agent, begin: &Begin) -> Result<(), String> {
 
 pub fn free_bytes(dir: &Path) -> u64 {
     let _ = fs::create_dir_all(dir);
-    nix::sys::statvfs::statvfs(dir)
-        .map(|s| s.blocks_available() * s.fragment_size())
-        .unwrap_or(0)
+    staging::available(dir).unwrap_or(0)
 }
 
 struct Session<'a> {
@@ -443,10 +439,7 @@ impl Session<'_> {
 }
 
 fn kill_tree(pid: i32) {
-    let pids = crate::process::tree(pid).unwrap_or_else(|_| vec![pid]);
-    for p in pids {
-        let _ = crate::process::signal(p, Signal::SIGKILL);
-    }
+    crate::process::kill_all(&crate::process::tree(pid).unwrap_or_else(|_| vec![pid]));
 }
 
 /// A data connection: page batches, each checked, into the store.

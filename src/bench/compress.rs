@@ -100,6 +100,21 @@ pub struct BaselineResult {
     pub ratio: f64,
 }
 
+impl BaselineResult {
+    /// A tool's result from its timed runs over `pages` raw bytes.
+    fn of(tool: &str, level: i32, samples: Vec<Duration>, pages: u64, bytes: u64) -> Self {
+        let time = Timing::of(samples);
+        BaselineResult {
+            tool: tool.into(),
+            level,
+            mb_s: time.mb_s(pages),
+            time,
+            output_bytes: bytes,
+            ratio: bytes as f64 / pages as f64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Ceiling {
     pub level: i32,
@@ -381,15 +396,13 @@ impl CompressBench {
         if self.sink == Sink::File {
             let _ = fs::remove_file(&out);
         }
-        let time = Timing::of(samples);
-        Ok(BaselineResult {
-            tool: "zstd library, 1 thread".into(),
+        Ok(BaselineResult::of(
+            "zstd library, 1 thread",
             level,
-            mb_s: time.mb_s(pages),
-            time,
-            output_bytes: bytes,
-            ratio: bytes as f64 / pages as f64,
-        })
+            samples,
+            pages,
+            bytes,
+        ))
     }
 
     fn zstd_cli(
@@ -441,15 +454,13 @@ impl CompressBench {
         if self.sink == Sink::File {
             let _ = fs::remove_file(&out);
         }
-        let time = Timing::of(samples);
-        Ok(BaselineResult {
-            tool: "zstd CLI -T0".into(),
+        Ok(BaselineResult::of(
+            "zstd CLI -T0",
             level,
-            mb_s: time.mb_s(pages),
-            time,
-            output_bytes: bytes,
-            ratio: bytes as f64 / pages as f64,
-        })
+            samples,
+            pages,
+            bytes,
+        ))
     }
 
     fn restore(

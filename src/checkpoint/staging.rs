@@ -12,7 +12,7 @@ const TMPFS_BASE: &str = "/dev/shm";
 const MARGIN_BYTES: u64 = 64 << 20;
 
 /// Bytes free on the filesystem of `path`.
-fn available(path: &Path) -> Option<u64> {
+pub fn available(path: &Path) -> Option<u64> {
     let st = statvfs(path).ok()?;
     Some(st.blocks_available() as u64 * st.fragment_size() as u64)
 }

@@ -67,17 +67,17 @@ impl Source<'_> {
     /// Ends the (stopped) source copy for good.
     fn kill(&self, pids: &[i32]) {
         match self.target {
-            MigrateTarget::Process { .. } => kill_all(pids),
+            MigrateTarget::Process { .. } => process::kill_all(pids),
             MigrateTarget::Runc { id, root, .. } => {
                 if let Err(e) = runc::delete(root, id) {
                     tracing::warn!(error = %e, "cannot delete the source container; killing its tasks");
-                    kill_all(pids);
+                    process::kill_all(pids);
                 }
             }
             MigrateTarget::Docker { name, socket, .. } => {
                 if let Err(e) = crate::target::docker::remove(socket, name) {
                     tracing::warn!(error = %e, "cannot remove the source container; killing its tasks");
-                    kill_all(pids);
+                    process::kill_all(pids);
                 }
             }
         }
@@ -364,12 +364,6 @@ fn image_files(dir: &Path) -> Result<Vec<String>, FinalError> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-fn kill_all(pids: &[i32]) {
-    for p in pids {
-        let _ = process::signal(*p, Signal::SIGKILL);
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -197,6 +197,13 @@ pub fn ns_pids(pid: i32) -> Vec<u32> {
         .unwrap_or_else(|| vec![pid as u32])
 }
 
+/// SIGKILLs every pid of `pids` (those already gone are ignored).
+pub fn kill_all(pids: &[i32]) {
+    for p in pids {
+        let _ = signal(*p, Signal::SIGKILL);
+    }
+}
+
 /// Sends `signal` to `pid`.
 pub fn signal(pid: i32, signal: Signal) -> Result<(), ProcessError> {
     kill(Pid::from_raw(pid), signal).map_err(|source| match source {
