@@ -46,7 +46,7 @@ command -v apt-get >/dev/null || die "this script needs a Debian-based system (a
 # protobuf-compiler for the etcd client crate, docker.io/podman/etcd for the
 # container and HA suites, busybox-static for scratch test images, zstd for
 # the compression benchmark, iproute2 for namespace "hosts".
-PACKAGES=(runc iptables protobuf-compiler pkg-config docker.io podman etcd-server etcd-client
+PACKAGES=(runc iptables protobuf-compiler libprotobuf-dev pkg-config docker.io podman etcd-server etcd-client
           busybox-static zstd iproute2 procps psmisc ca-certificates curl)
 export DEBIAN_FRONTEND=noninteractive
 missing=()

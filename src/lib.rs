@@ -25,6 +25,7 @@ pub mod cli;
 pub mod criu;
 pub mod fault;
 pub mod gpu;
+pub mod ha;
 pub mod image;
 pub mod inspect;
 pub mod lab;

@@ -53,6 +53,8 @@ pub struct AgentConfig {
     /// Keep each committed migration's images under
     /// `STORE/checkpoints/<session>/images` (for checks; costs disk).
     pub keep_images: bool,
+    /// Join an HA cluster (see [`crate::ha`]).
+    pub ha: Option<crate::ha::HaConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +73,10 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    #[error("cannot join the HA cluster")]
+    Ha(#[from] crate::ha::HaError),
+    #[error(transparent)]
+    Criu(#[from] crate::criu::CriuError),
     #[error("cannot install the SIGTERM handler")]
     Signals(#[source] io::Error),
 }

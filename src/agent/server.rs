@@ -24,6 +24,8 @@ pub struct Agent {
     pub boot_id: String,
     /// Sessions open now: id -> pages received on its data streams.
     pub sessions: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Membership of an HA cluster, when the agent joined one.
+    pub ha: Option<Arc<crate::ha::Member>>,
     conns: Mutex<HashMap<u64, TcpStream>>,
 }
 
@@ -62,7 +64,21 @@ pub fn run(
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(AgentError::Signals)?;
     }
+    let ha = match &config.ha {
+        Some(ha) => Some(crate::ha::Member::join(
+            ha.clone(),
+            ha.agent_addr(local),
+            config.runc_root.clone(),
+            config.store.clone(),
+            secret.clone(),
+            crate::criu::Criu::locate(config.criu.as_deref(), config.criu_service.as_deref())?,
+            boot_id(),
+        )?),
+        None => None,
+    };
+    let ha_threads = ha.as_ref().map(|m| m.start()).unwrap_or_default();
     let agent = Arc::new(Agent {
+        ha,
         host: hostname(),
         boot_id: boot_id(),
         store,
@@ -100,6 +116,12 @@ pub fn run(
             Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
     }
+    if let Some(m) = &agent.ha {
+        m.shutdown();
+    }
+    for t in ha_threads {
+        let _ = t.join();
+    }
     tracing::info!(open = threads.len(), "shutting down: closing connections");
     if let Ok(conns) = agent.conns.lock() {
         for c in conns.values() {
@@ -136,9 +158,25 @@ fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentE
             },
         ),
         Msg::Join { session } => session::serve_data(agent, conn, &session),
+        Msg::Offer {
+            service,
+            checkpoint,
+        } => match &agent.ha {
+            Some(m) => {
+                // Refusals are logged and answered there.
+                let _ = crate::ha::replica::serve_offer(m, &mut conn, &service, checkpoint);
+                Ok(())
+            }
+            None => {
+                conn.send_msg(&Msg::Error {
+                    message: "this agent is not a member of an HA cluster".into(),
+                })?;
+                Ok(())
+            }
+        },
         other => {
             conn.send_msg(&Msg::Error {
-                message: format!("expected Begin or Join, got {}", msg_name(&other)),
+                message: format!("expected Begin, Join or Offer, got {}", msg_name(&other)),
             })?;
             Ok(())
         }

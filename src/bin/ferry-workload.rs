@@ -3,11 +3,12 @@
 //! See `ferry::workload` for the layout and the report format.
 
 use std::fs::{File, OpenOptions};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -60,6 +61,11 @@ struct Args {
     /// Connect to this unix socket at start and hold the connection.
     #[arg(long)]
     hold_unix: Option<PathBuf>,
+    /// Serve a request counter over TCP on this address: each connection
+    /// gets one line, `served=N ticks=T`, and N grows by one per request.
+    /// The count lives in memory only, so a restore shows what was saved.
+    #[arg(long)]
+    serve: Option<SocketAddr>,
     /// Child processes to start (each a small idle process), to make a tree.
     #[arg(long, default_value_t = 0)]
     children: u32,
@@ -201,6 +207,12 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
         .map(std::os::unix::net::UnixStream::connect)
         .transpose()
         .context("connect --hold-unix")?;
+    let ticks = Arc::new(AtomicU64::new(0));
+    if let Some(addr) = args.serve {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
+        let ticks = Arc::clone(&ticks);
+        thread::spawn(move || serve(listener, &ticks));
+    }
     let mut children = spawn_children(args.children)?;
     let mut report = Report {
         pid: std::process::id(),
@@ -230,6 +242,7 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
             next = now;
         }
         report.counter += 1;
+        ticks.store(report.counter, Ordering::Relaxed);
         dirty_debt += dirty_pages_per_tick;
         if dirty_debt >= 1.0 {
             let n = dirty_debt as u64;
@@ -257,6 +270,18 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
         let _ = c.wait();
     }
     Ok(())
+}
+
+/// The counter service: one line per connection, then close.
+fn serve(listener: TcpListener, ticks: &AtomicU64) {
+    let mut served = 0u64;
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        served += 1;
+        let line = format!("served={served} ticks={}\n", ticks.load(Ordering::Relaxed));
+        // A client that went away costs nothing but its request.
+        let _ = stream.write_all(line.as_bytes());
+    }
 }
 
 fn write_report(f: &File, report: &Report) -> Result<()> {

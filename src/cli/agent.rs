@@ -32,6 +32,22 @@ pub struct AgentArgs {
     /// Keep each committed migration's images under STORE/checkpoints/.
     #[arg(long)]
     pub keep_images: bool,
+    /// Join an HA cluster through these etcd endpoints (URLs, comma-separated).
+    #[arg(long, value_name = "URL", value_delimiter = ',', requires_all = ["cluster", "name", "advertise"])]
+    pub etcd: Vec<String>,
+    /// The HA cluster's name.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// This host's name in the cluster.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// The IP address peers and clients reach this host at.
+    #[arg(long, value_name = "IP")]
+    pub advertise: Option<std::net::IpAddr>,
+    /// TTL of this host's etcd lease: a dead host's services fail over
+    /// after about this long.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    pub lease_ttl: u64,
 }
 
 pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
@@ -45,6 +61,18 @@ pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result
         docker_socket: args.docker_socket.clone(),
         staging: args.staging.clone(),
         keep_images: args.keep_images,
+        ha: match (&args.cluster, &args.name, args.advertise) {
+            (Some(cluster), Some(name), Some(ip)) if !args.etcd.is_empty() => {
+                Some(crate::ha::HaConfig {
+                    etcd: args.etcd.clone(),
+                    cluster: cluster.clone(),
+                    name: name.clone(),
+                    ip,
+                    lease_ttl: std::time::Duration::from_secs(args.lease_ttl.max(1)),
+                })
+            }
+            _ => None,
+        },
     };
     let mut printed: std::io::Result<()> = Ok(());
     agent::run(config, &mut |addr| {

@@ -117,6 +117,7 @@ pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Resu
                 id: id.clone(),
                 root: args.runc_root.clone(),
                 bundle: args.bundle.clone(),
+                new_id: None,
             },
             (None, pid) => MigrateTarget::Process {
                 pid: pid.unwrap_or(0),

@@ -18,6 +18,7 @@ mod bench;
 mod check;
 mod demo;
 mod dump;
+mod ha;
 mod inspect;
 mod migrate;
 mod pack;
@@ -98,6 +99,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Receive migrations: listen, keep pages and checkpoints, restore.
     Agent(agent::AgentArgs),
+    /// High availability through etcd: declare services, show the cluster, move.
+    Ha(ha::HaArgs),
     /// Create a shared secret file for agents and migrations.
     Keygen(agent::KeygenArgs),
     /// Internal: the process `ferry check` dumps to probe socket support.
@@ -181,6 +184,10 @@ pub enum CliError {
     BenchMigrate(#[from] crate::bench::migrate::MigrateBenchError),
     #[error(transparent)]
     Transport(#[from] crate::transport::TransportError),
+    #[error(transparent)]
+    Ha(#[from] crate::ha::HaError),
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot write output")]
     Output(#[from] io::Error),
     #[error("cannot encode JSON output")]
@@ -229,6 +236,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Migrate(a) => migrate::run(&cli.global, a, out),
         Command::Agent(a) => agent::run(&cli.global, a, out),
         Command::Keygen(a) => agent::keygen(a, out),
+        Command::Ha(a) => ha::run(a, out),
         Command::ProbeSocketHolder => {
             crate::probe::hold_inet_socket()?;
             Ok(exit::OK)

@@ -34,6 +34,9 @@ pub struct DumpRequest {
     /// Leave the tree stopped (SIGSTOP) after the dump instead of killing
     /// or resuming it (CRIU `--leave-stopped`): a migration decides later.
     pub leave_stopped: bool,
+    /// Leave out TCP connections still being set up (in a listening
+    /// socket's accept queue): their clients retry (CRIU `--skip-in-flight`).
+    pub tcp_skip_in_flight: bool,
 }
 
 /// What CRIU needs to dump a container (the options runc gives it).
@@ -69,6 +72,7 @@ impl DumpRequest {
             container: None,
             ignore_gpu: false,
             leave_stopped: false,
+            tcp_skip_in_flight: false,
         }
     }
 
@@ -108,6 +112,7 @@ impl Criu {
             leave_running: Some(req.leave_running),
             leave_stopped: req.leave_stopped.then_some(true),
             tcp_established: Some(req.tcp_established),
+            tcp_skip_in_flight: req.tcp_skip_in_flight.then_some(true),
             shell_job: Some(req.shell_job),
             ext_unix_sk: Some(req.ext_unix_sk),
             file_locks: Some(req.file_locks),

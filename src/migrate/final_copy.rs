@@ -163,6 +163,8 @@ pub fn run(
         file_locks: opts.restore.file_locks,
         log_level: opts.restore.log_level,
         ignore_gpu: opts.ignore_gpu,
+        // Connections not yet accepted are left out; their clients retry.
+        tcp_skip_in_flight: true,
         ..DumpRequest::new(pid, &images)
     };
     let mut report = FinalReport::default();

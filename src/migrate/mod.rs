@@ -57,6 +57,8 @@ pub enum MigrateTarget {
         id: String,
         root: PathBuf,
         bundle: Option<PathBuf>,
+        /// The id on the destination (default: the same id).
+        new_id: Option<String>,
     },
     /// A Docker container (through `socket`), restored on the destination
     /// under `new_name` (default: the same name).
@@ -187,7 +189,12 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     let start = Instant::now();
     let (pid, target) = match &opts.target {
         MigrateTarget::Process { pid } => (*pid, Target::Process { pid: *pid }),
-        MigrateTarget::Runc { id, root, bundle } => {
+        MigrateTarget::Runc {
+            id,
+            root,
+            bundle,
+            new_id,
+        } => {
             if opts.restore.lazy_pages {
                 return Err(MigrateError::LazyContainer);
             }
@@ -195,7 +202,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             (
                 state.init_pid,
                 Target::Runc {
-                    id: id.clone(),
+                    id: new_id.clone().unwrap_or_else(|| id.clone()),
                     bundle: bundle.clone(),
                 },
             )

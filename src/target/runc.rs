@@ -173,3 +173,69 @@ pub fn bundle_rootfs(bundle: &Path) -> PathBuf {
         bundle.join(root)
     }
 }
+
+/// Starts container `id` from `bundle`, detached, its standard streams on
+/// /dev/null; returns its init's pid.
+pub fn run_detached(root: &Path, id: &str, bundle: &Path) -> Result<i32, RuncError> {
+    let command = format!("runc --root {} run --detach {id}", root.display());
+    // Not pipes: the container inherits them and `output()` would wait for
+    // as long as it runs. runc's own errors go to a log file.
+    let log = tempfile::NamedTempFile::new().map_err(|source| RuncError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    let status = Command::new(runc()?)
+        .arg("--root")
+        .arg(root)
+        .arg("--log")
+        .arg(log.path())
+        .args(["run", "--detach", "--bundle"])
+        .arg(bundle)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|source| RuncError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !status.success() {
+        let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+        return Err(RuncError::Failed {
+            command,
+            status: status.to_string(),
+            stderr: text.trim().chars().take(4096).collect(),
+        });
+    }
+    Ok(locate(root, id)?.init_pid)
+}
+
+/// Freezes every process of container `id` (`runc pause`).
+pub fn pause(root: &Path, id: &str) -> Result<(), RuncError> {
+    run(&[
+        "--root".as_ref(),
+        root.as_os_str(),
+        "pause".as_ref(),
+        id.as_ref(),
+    ])
+    .map(|_| ())
+}
+
+/// Thaws container `id` (`runc resume`).
+pub fn resume(root: &Path, id: &str) -> Result<(), RuncError> {
+    run(&[
+        "--root".as_ref(),
+        root.as_os_str(),
+        "resume".as_ref(),
+        id.as_ref(),
+    ])
+    .map(|_| ())
+}
+
+/// Whether container `id` exists in `root`, and its status.
+pub fn status(root: &Path, id: &str) -> Option<ContainerStatus> {
+    ContainerState::load(ENGINE, root, id)
+        .ok()
+        .map(|s| s.status())
+}

@@ -21,6 +21,16 @@
 //!                           <-------------  Committed
 //! ```
 //!
+//! HA replication (a leader to a standby, one connection per checkpoint):
+//!
+//! ```text
+//! leader                                   standby agent
+//!   Offer{service, checkpoint} ---------->  checks the token against etcd
+//!                           <-------------  Have{token, base, generation} | Error
+//!   Archives{files} + blobs per file ----->  writes, verifies the chain (unpacks it)
+//!                           <-------------  Replicated{generation} | Error
+//! ```
+//!
 //! If the control stream ends before `Commit`, the agent kills what it
 //! restored (still stopped) and the source resumes its own copy.
 
@@ -52,6 +62,13 @@ pub struct ImageEntry {
     pub checksum: String,
     /// The blob is a page recipe (a page file), not the file's bytes.
     pub recipe: bool,
+}
+
+/// One archive of a replicated checkpoint chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveFile {
+    pub generation: u64,
+    pub size: u64,
 }
 
 /// CRIU restore flags carried from the source's command line.
@@ -131,6 +148,27 @@ pub enum Msg {
     },
     Commit,
     Committed,
+    /// HA: a service's checkpoint, offered by its leader to a standby.
+    Offer {
+        service: String,
+        checkpoint: crate::ha::keys::CheckpointRecord,
+    },
+    /// HA: the newest generation the standby holds of the chain that starts
+    /// at `base` under `token` (zeros: none).
+    Have {
+        token: i64,
+        base: u64,
+        generation: u64,
+    },
+    /// HA: archives follow in this order, each as blobs totalling its size.
+    Archives {
+        files: Vec<ArchiveFile>,
+    },
+    /// HA: the standby verified the chain and holds this generation.
+    Replicated {
+        generation: u64,
+        verify_ms: f64,
+    },
     Error {
         message: String,
     },

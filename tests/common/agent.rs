@@ -63,6 +63,19 @@ impl AgentProc {
         fault: Option<&str>,
         runc_root: Option<&Path>,
     ) -> AgentProc {
+        Self::start_args(dir, store, listen, netns, fault, runc_root, &[])
+    }
+
+    /// An agent with further command-line arguments (e.g. HA membership).
+    pub fn start_args(
+        dir: &Path,
+        store: &Path,
+        listen: &str,
+        netns: Option<&str>,
+        fault: Option<&str>,
+        runc_root: Option<&Path>,
+        extra: &[String],
+    ) -> AgentProc {
         let key = key(dir);
         let mut cmd = match netns {
             Some(ns) => {
@@ -84,6 +97,7 @@ impl AgentProc {
         if let Some(r) = runc_root {
             cmd.arg("--runc-root").arg(r);
         }
+        cmd.args(extra);
         if let Some(f) = fault {
             // Held long enough for the test to act, short enough to go on.
             cmd.env(ferry::fault::ENV, f)

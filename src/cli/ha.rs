@@ -1,0 +1,126 @@
+//! `ferry ha run | status | move`: declare a service, show the cluster,
+//! ask for a planned switchover. The agents (`ferry agent --etcd ...`) do
+//! the work; these commands only talk to etcd.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use super::{exit, write_json, CliError};
+use crate::ha::etcd::Etcd;
+use crate::ha::keys::ServiceSpec;
+use crate::ha::status;
+
+#[derive(Debug, Args)]
+pub struct HaArgs {
+    /// etcd endpoints (URLs, comma-separated).
+    #[arg(
+        long,
+        value_name = "URL",
+        value_delimiter = ',',
+        global = true,
+        env = "FERRY_ETCD"
+    )]
+    pub etcd: Vec<String>,
+    /// The cluster's name.
+    #[arg(long, value_name = "NAME", global = true, env = "FERRY_CLUSTER")]
+    pub cluster: Option<String>,
+    #[command(subcommand)]
+    pub command: HaCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HaCommand {
+    /// Declare a service (a runc bundle) to keep available.
+    Run(RunArgs),
+    /// Hosts, their health, each service's leader, address, checkpoints.
+    Status(StatusArgs),
+    /// Planned switchover: live-migrate a service to another host.
+    Move(MoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The service's name.
+    #[arg(value_name = "SERVICE")]
+    pub name: String,
+    /// The runc bundle (config.json and rootfs), at this path on every host.
+    #[arg(long, value_name = "DIR")]
+    pub bundle: PathBuf,
+    /// The port the service listens on (its address: host IP and this port).
+    #[arg(long)]
+    pub port: u16,
+    /// Checkpoint interval in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub interval_ms: u64,
+    /// Standbys each checkpoint is replicated to.
+    #[arg(long, default_value_t = 2)]
+    pub standbys: usize,
+    /// Hosts allowed to run it (comma-separated; default: all).
+    #[arg(long, value_name = "HOST", value_delimiter = ',')]
+    pub hosts: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MoveArgs {
+    #[arg(value_name = "SERVICE")]
+    pub service: String,
+    /// The host to move it to.
+    #[arg(long, value_name = "HOST")]
+    pub to: String,
+}
+
+pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let (Some(cluster), false) = (args.cluster.clone(), args.etcd.is_empty()) else {
+        return Err(CliError::Usage(
+            "ferry ha needs --etcd URL and --cluster NAME (or FERRY_ETCD and FERRY_CLUSTER)".into(),
+        ));
+    };
+    let etcd = Etcd::connect(&args.etcd)?;
+    match &args.command {
+        HaCommand::Run(r) => {
+            let bundle = std::path::absolute(&r.bundle)?;
+            let spec = ServiceSpec {
+                name: r.name.clone(),
+                bundle,
+                port: r.port,
+                interval_ms: r.interval_ms.max(100),
+                standbys: r.standbys,
+                hosts: r.hosts.clone(),
+            };
+            status::declare(&etcd, &cluster, &spec)?;
+            writeln!(
+                out,
+                "service {} declared in cluster {cluster}; the agents elect its leader",
+                spec.name
+            )?;
+        }
+        HaCommand::Status(s) => {
+            let view = status::read(&etcd, &cluster)?;
+            if s.json {
+                let mut v = serde_json::to_value(&view)?;
+                v["format_version"] = 1.into();
+                v["cluster"] = cluster.into();
+                write_json(out, &v)?;
+            } else {
+                status::render(&cluster, &view, out)?;
+            }
+        }
+        HaCommand::Move(m) => {
+            status::request_move(&etcd, &cluster, &m.service, &m.to)?;
+            writeln!(
+                out,
+                "move of {} to {} requested; its leader migrates it live",
+                m.service, m.to
+            )?;
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,696 @@
+//! One service's role on this host, played by the member's loop every
+//! poll: lead it (run, publish, checkpoint, replicate, move), take it over
+//! when it has no leader and this host holds the newest checkpoint, or
+//! make sure no stale copy of it runs here.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::etcd::{delete_op, put_op};
+use super::keys::{
+    self, AddressRecord, CheckpointRecord, ClusterView, HostRecord, LeaderRecord, ServiceSpec,
+    ServiceView,
+};
+use super::member::{Led, Member};
+use super::replica::{self, Holding};
+use crate::archive::{NoProgress, PackOptions};
+use crate::checkpoint::{self, Source};
+use crate::criu::{DumpRequest, NoHooks};
+use crate::target::runc::{self, RestoreFlags};
+use crate::target::ContainerRef;
+
+/// Incremental archives per chain before the next full one.
+const CHAIN_LENGTH: usize = 8;
+/// A failed checkpoint (e.g. a client connection open at the freeze) is
+/// retried after this, not after a whole interval.
+const RETRY: Duration = Duration::from_millis(300);
+/// Without a leader for this long, any live eligible host campaigns, not
+/// only the one holding the newest checkpoint.
+const CAMPAIGN_GRACE: Duration = Duration::from_secs(3);
+/// zstd level of the periodic checkpoints (fast: they happen often).
+const LEVEL: i32 = 1;
+
+struct Leading {
+    token: i64,
+    container: String,
+    /// Archives of the current chain, oldest first.
+    chain: Vec<(CheckpointRecord, PathBuf)>,
+    next_generation: u64,
+    next_checkpoint: Instant,
+    /// What each standby acknowledged: (token, base, generation).
+    acked: HashMap<String, (i64, u64, u64)>,
+    address: AddressRecord,
+    address_published: bool,
+}
+
+pub struct ServiceRun {
+    name: String,
+    leading: Option<Leading>,
+    leaderless_since: Option<Instant>,
+}
+
+impl ServiceRun {
+    pub fn new(name: &str) -> ServiceRun {
+        ServiceRun {
+            name: name.to_string(),
+            leading: None,
+            leaderless_since: None,
+        }
+    }
+
+    pub fn step(&mut self, m: &Member, view: &ClusterView, sv: &ServiceView) {
+        let Some(spec) = sv.spec.as_ref() else { return };
+        if !spec.eligible(m.name()) {
+            return;
+        }
+        let container = container_id(m, spec);
+        // While this host cannot vouch for its lease (renewals failing),
+        // fencing alone acts; roles change only on what etcd says.
+        let Some(lease) = m.lease_id() else { return };
+        let mine = sv
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.host == m.name() && sv.leader_lease == lease);
+        if sv.leader.is_some() {
+            self.leaderless_since = None;
+        }
+        match (&self.leading, mine) {
+            (Some(l), true) if l.token == sv.token => self.lead(m, view, sv, spec),
+            (Some(_), _) => {
+                tracing::warn!(service = %self.name, "no longer the leader: stopping this copy");
+                self.stop_leading(m, &container);
+            }
+            (None, true) => {
+                // The key names this host: a handover by `ha move`, or a
+                // leader that lost track of itself. Adopt or restore.
+                let running = runc::status(&m.runc_root, &container).is_some();
+                tracing::info!(service = %self.name, token = sv.token, running, "this host holds the leader key");
+                self.become_leader(m, sv, spec, sv.token, Instant::now(), running);
+            }
+            (None, false) => {
+                // Never a copy here without the key: a healed partition or
+                // a crashed agent may have left one.
+                // (A planned switchover to this host restores the copy
+                // before the leader key is handed over: it stays.)
+                let moving_here = sv.move_to.as_ref().is_some_and(|mv| mv.to == m.name());
+                if !moving_here
+                    && runc::status(&m.runc_root, &container).is_some()
+                    && !m.led.lock().is_ok_and(|l| l.contains_key(&self.name))
+                {
+                    tracing::warn!(service = %self.name, "a copy runs here without leadership: deleting it");
+                    m.delete_container(&container);
+                }
+                if sv.leader.is_none() {
+                    self.maybe_campaign(m, view, sv, spec);
+                } else {
+                    self.keep_standby_record(m, sv);
+                }
+            }
+        }
+    }
+
+    fn stop_leading(&mut self, m: &Member, container: &str) {
+        if let Ok(mut led) = m.led.lock() {
+            led.remove(&self.name);
+        }
+        m.delete_container(container);
+        self.leading = None;
+    }
+
+    /// Re-publishes this host's verified checkpoint if etcd lost it (e.g.
+    /// the host's lease was renewed under a new id).
+    fn keep_standby_record(&self, m: &Member, sv: &ServiceView) {
+        let Ok(h) = m.holdings.lock() else { return };
+        let Some(held) = h.get(&self.name) else {
+            return;
+        };
+        let published = sv
+            .standbys
+            .get(m.name())
+            .is_some_and(|r| r.checkpoint == held.checkpoint);
+        if !published {
+            let record = keys::StandbyRecord {
+                host: m.name().to_string(),
+                checkpoint: held.checkpoint.clone(),
+                verified_unix_ms: keys::now_unix_ms(),
+            };
+            drop(h);
+            replica::publish(m, &self.name, &record);
+        }
+    }
+
+    /// Campaigns when this host holds the newest verified checkpoint among
+    /// the live eligible hosts (ties: the first name), or after a grace
+    /// period in any case.
+    fn maybe_campaign(
+        &mut self,
+        m: &Member,
+        view: &ClusterView,
+        sv: &ServiceView,
+        spec: &ServiceSpec,
+    ) {
+        let since = *self.leaderless_since.get_or_insert_with(Instant::now);
+        let generation_of =
+            |host: &str| sv.standbys.get(host).map_or(0, |r| r.checkpoint.generation);
+        let best = view
+            .hosts
+            .keys()
+            .filter(|h| spec.eligible(h))
+            .max_by(|a, b| {
+                generation_of(a)
+                    .cmp(&generation_of(b))
+                    .then_with(|| b.cmp(a))
+            });
+        let held = m
+            .holdings
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&self.name).map(|h| h.checkpoint.generation))
+            .unwrap_or(0);
+        let first_choice =
+            best.map(String::as_str) == Some(m.name()) && held >= generation_of(m.name());
+        if !first_choice && since.elapsed() < CAMPAIGN_GRACE {
+            return;
+        }
+        let Some(lease) = m.lease_id() else { return };
+        let record = LeaderRecord {
+            host: m.name().to_string(),
+            since_unix_ms: keys::now_unix_ms(),
+        };
+        let key = keys::service_key(m.cluster(), &self.name, "leader");
+        match m.etcd.create(&key, keys::to_json(&record), lease) {
+            Ok(Some(token)) => {
+                tracing::info!(service = %self.name, token, held, "elected leader");
+                self.become_leader(m, sv, spec, token, since, false);
+            }
+            Ok(None) => tracing::debug!(service = %self.name, "another host was elected first"),
+            Err(e) => tracing::warn!(service = %self.name, error = %e, "campaign failed"),
+        }
+    }
+
+    /// Starts leading: adopts the running container, or restores the
+    /// newest checkpoint held here, or starts the service fresh when the
+    /// cluster never checkpointed it.
+    fn become_leader(
+        &mut self,
+        m: &Member,
+        sv: &ServiceView,
+        spec: &ServiceSpec,
+        token: i64,
+        since: Instant,
+        running: bool,
+    ) {
+        let container = container_id(m, spec);
+        let holding: Option<Holding> = m
+            .holdings
+            .lock()
+            .ok()
+            .and_then(|mut h| h.remove(&self.name));
+        let mut restored = (0u64, 0u64);
+        let started = if running {
+            Ok(())
+        } else {
+            m.delete_container(&container);
+            match &holding {
+                Some(h) => checkpoint::restore_container(
+                    &ContainerRef::Runc {
+                        id: container.clone(),
+                        root: m.runc_root.clone(),
+                    },
+                    Source::Dir(h.ready.path()),
+                    Some(&spec.bundle),
+                    RestoreFlags::default(),
+                )
+                .map(|r| {
+                    restored = (h.checkpoint.generation, h.checkpoint.taken_unix_ms);
+                    tracing::info!(service = %self.name, generation = h.checkpoint.generation, pid = r.pid, restore_ms = r.wall.as_secs_f64() * 1e3, "restored from the newest checkpoint held here");
+                })
+                .map_err(|e| crate::units::chain(&e)),
+                None => {
+                    if sv.checkpoint.is_some() {
+                        tracing::error!(service = %self.name, "no checkpoint of the service survives on a live host: starting it fresh (its state is lost)");
+                    }
+                    runc::run_detached(&m.runc_root, &container, &spec.bundle)
+                        .map(|pid| tracing::info!(service = %self.name, pid, "started the service"))
+                        .map_err(|e| crate::units::chain(&e))
+                }
+            }
+        };
+        if let Err(why) = started {
+            tracing::error!(service = %self.name, error = %why, "cannot run the service here: resigning");
+            // Keep the checkpoint: another try, here or elsewhere.
+            if let (Some(h), Ok(mut hs)) = (holding, m.holdings.lock()) {
+                hs.insert(self.name.clone(), h);
+            }
+            let key = keys::service_key(m.cluster(), &self.name, "leader");
+            let _ = m.etcd.fenced(&key, token, vec![delete_op(&key)]);
+            return;
+        }
+        if let Ok(mut led) = m.led.lock() {
+            led.insert(
+                self.name.clone(),
+                Led {
+                    container: container.clone(),
+                    paused: false,
+                },
+            );
+        }
+        let _ = m
+            .etcd
+            .delete(&keys::standby_key(m.cluster(), &self.name, m.name()));
+        let next_generation = sv
+            .checkpoint
+            .as_ref()
+            .map_or(0, |c| c.generation)
+            .max(restored.0)
+            + 1;
+        let host_ip = m.config.ip;
+        self.leading = Some(Leading {
+            token,
+            container,
+            chain: Vec::new(),
+            next_generation,
+            // A first checkpoint soon, so standbys hold something.
+            next_checkpoint: Instant::now() + Duration::from_millis(200),
+            acked: HashMap::new(),
+            address: AddressRecord {
+                host: m.name().to_string(),
+                addr: std::net::SocketAddr::new(host_ip, spec.port).to_string(),
+                token,
+                restored_generation: restored.0,
+                restored_taken_unix_ms: restored.1,
+                takeover_ms: since.elapsed().as_secs_f64() * 1e3,
+                since_unix_ms: keys::now_unix_ms(),
+            },
+            address_published: false,
+        });
+        self.leaderless_since = None;
+        let dir = replica::leader_dir(m, &self.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::create_dir_all(&dir);
+    }
+
+    fn lead(&mut self, m: &Member, view: &ClusterView, sv: &ServiceView, spec: &ServiceSpec) {
+        let key = keys::service_key(m.cluster(), &self.name, "leader");
+        let Some(l) = self.leading.as_mut() else {
+            return;
+        };
+        if m.led.lock().is_ok_and(|led| !led.contains_key(&self.name)) {
+            // Fencing deleted this copy while the lease lapsed (etcd was
+            // unreachable), yet the lease is valid again and the key still
+            // names this host: nobody else took over. Bring the service
+            // back from the newest checkpoint taken here.
+            let since = Instant::now();
+            let token = l.token;
+            if !self.restore_own(m, spec) {
+                let _ = m.etcd.fenced(&key, token, vec![delete_op(&key)]);
+                self.leading = None;
+                return;
+            }
+            if let Some(l) = self.leading.as_mut() {
+                l.address.takeover_ms = since.elapsed().as_secs_f64() * 1e3;
+                l.address.since_unix_ms = keys::now_unix_ms();
+                l.address_published = false;
+            }
+            return;
+        }
+        if !l.address_published || sv.address.as_ref().map(|a| a.token) != Some(l.token) {
+            // Clients are sent only to a service that accepts connections
+            // (one just started may still be initialising).
+            if !l.address_published && !accepts(&l.address.addr) {
+                return;
+            }
+            let Some(lease) = m.lease_id() else { return };
+            let addr_key = keys::service_key(m.cluster(), &self.name, "address");
+            match m.etcd.fenced(
+                &key,
+                l.token,
+                vec![put_op(&addr_key, keys::to_json(&l.address), lease)],
+            ) {
+                Ok(true) => {
+                    l.address_published = true;
+                    tracing::info!(service = %self.name, addr = %l.address.addr, token = l.token, takeover_ms = l.address.takeover_ms, "service address published");
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot publish the address");
+                    return;
+                }
+            }
+        }
+        if let Some(mv) = &sv.move_to {
+            if mv.to != m.name() {
+                let to = view.hosts.get(&mv.to).cloned();
+                self.move_to(m, spec, &mv.to, to.as_ref());
+                return;
+            }
+            let _ = m
+                .etcd
+                .delete(&keys::service_key(m.cluster(), &self.name, "move"));
+        }
+        let Some(l) = self.leading.as_mut() else {
+            return;
+        };
+        if Instant::now() >= l.next_checkpoint && m.lease_valid_for(Duration::from_millis(100)) {
+            // Fixed rate: the interval runs from one checkpoint's start to
+            // the next (a slow one is followed at once by the next).
+            let started = Instant::now();
+            let ok = checkpoint_and_replicate(m, &self.name, spec, view, l);
+            l.next_checkpoint = if ok {
+                (started + Duration::from_millis(spec.interval_ms)).max(Instant::now())
+            } else {
+                Instant::now() + RETRY
+            };
+        }
+    }
+
+    /// After fencing: restores this host's own newest checkpoint (the
+    /// leader keeps its archives). Returns whether the service runs again.
+    fn restore_own(&mut self, m: &Member, spec: &ServiceSpec) -> bool {
+        let Some(l) = self.leading.as_mut() else {
+            return false;
+        };
+        let Some((cp, path)) = l.chain.last().cloned() else {
+            tracing::error!(service = %self.name, "fenced before any checkpoint: resigning");
+            return false;
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        m.delete_container(&l.container);
+        let restored = checkpoint::restore_container(
+            &ContainerRef::Runc {
+                id: l.container.clone(),
+                root: m.runc_root.clone(),
+            },
+            Source::Archive {
+                path: &path,
+                parent: None,
+                staging: None,
+                threads,
+                progress: &NoProgress,
+            },
+            Some(&spec.bundle),
+            RestoreFlags::default(),
+        );
+        match restored {
+            Ok(r) => {
+                tracing::warn!(service = %self.name, generation = cp.generation, pid = r.pid, "fenced copy brought back from this host's newest checkpoint");
+                l.address.restored_generation = cp.generation;
+                l.address.restored_taken_unix_ms = cp.taken_unix_ms;
+                if let Ok(mut led) = m.led.lock() {
+                    led.insert(
+                        self.name.clone(),
+                        Led {
+                            container: l.container.clone(),
+                            paused: false,
+                        },
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                tracing::error!(service = %self.name, error = %crate::units::chain(&e), "cannot restore this host's own checkpoint: resigning");
+                false
+            }
+        }
+    }
+
+    /// Planned switchover: live-migrate the container to `to`, then hand
+    /// the leader key over to that host's lease in one fenced transaction.
+    fn move_to(&mut self, m: &Member, spec: &ServiceSpec, to: &str, host: Option<&HostRecord>) {
+        let move_key = keys::service_key(m.cluster(), &self.name, "move");
+        let Some(host) = host else {
+            tracing::error!(service = %self.name, to, "move refused: the host is not a live member");
+            let _ = m.etcd.delete(&move_key);
+            return;
+        };
+        let Some(l) = self.leading.as_ref() else {
+            return;
+        };
+        let dest_id = format!("ferry-{}-{}-{}", m.cluster(), spec.name, host.name);
+        tracing::info!(service = %self.name, to, "planned switchover: live migration");
+        let opts = crate::migrate::MigrateOptions {
+            target: crate::migrate::MigrateTarget::Runc {
+                id: l.container.clone(),
+                root: m.runc_root.clone(),
+                bundle: Some(spec.bundle.clone()),
+                new_id: Some(dest_id),
+            },
+            to: host.agent.clone(),
+            secret: m.secret.clone(),
+            max_downtime: Duration::from_millis(300),
+            max_rounds: 8,
+            streams: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            restore: Default::default(),
+            ignore_gpu: false,
+            staging: None,
+            keep_images: None,
+            io_timeout: Duration::from_secs(30),
+        };
+        // While it moves, fencing must not pause it (the migration freezes
+        // it itself); it is re-registered if the move fails.
+        if let Ok(mut led) = m.led.lock() {
+            led.remove(&self.name);
+        }
+        let token = l.token;
+        let container = l.container.clone();
+        match crate::migrate::migrate(&m.criu, &opts) {
+            Ok(report) => {
+                let key = keys::service_key(m.cluster(), &self.name, "leader");
+                let record = LeaderRecord {
+                    host: host.name.clone(),
+                    since_unix_ms: keys::now_unix_ms(),
+                };
+                let handed = m.etcd.fenced(
+                    &key,
+                    token,
+                    vec![
+                        put_op(&key, keys::to_json(&record), host.lease),
+                        // Clients follow at once; the new leader re-publishes
+                        // it with its token when it adopts the service.
+                        put_op(
+                            &keys::service_key(m.cluster(), &self.name, "address"),
+                            keys::to_json(&AddressRecord {
+                                host: host.name.clone(),
+                                addr: std::net::SocketAddr::new(
+                                    host.ip.parse().unwrap_or(m.config.ip),
+                                    spec.port,
+                                )
+                                .to_string(),
+                                token: 0,
+                                restored_generation: 0,
+                                restored_taken_unix_ms: 0,
+                                takeover_ms: report.final_phase.frozen_ms,
+                                since_unix_ms: keys::now_unix_ms(),
+                            }),
+                            host.lease,
+                        ),
+                        delete_op(&move_key),
+                    ],
+                );
+                match handed {
+                    Ok(true) => {
+                        tracing::info!(service = %self.name, to = %host.name, frozen_ms = report.final_phase.frozen_ms, "moved live; leadership handed over")
+                    }
+                    other => {
+                        // Leadership was lost meanwhile: the moved copy must
+                        // not outlive the request (its host then deletes it).
+                        tracing::error!(service = %self.name, to = %host.name, outcome = ?other, "moved, but the leader key could not be handed over");
+                        let _ = m.etcd.delete(&move_key);
+                    }
+                }
+                self.leading = None;
+            }
+            Err(e) => {
+                tracing::error!(service = %self.name, to = %host.name, error = %crate::units::chain(&e), "move failed; the service keeps running here");
+                if let Ok(mut led) = m.led.lock() {
+                    led.insert(
+                        self.name.clone(),
+                        Led {
+                            container,
+                            paused: false,
+                        },
+                    );
+                }
+                let _ = m.etcd.delete(&move_key);
+            }
+        }
+    }
+}
+
+/// Whether the service accepts TCP connections at `addr`.
+fn accepts(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100)).ok())
+        .is_some()
+}
+
+/// The service's container id on this host.
+fn container_id(m: &Member, spec: &ServiceSpec) -> String {
+    format!("ferry-{}-{}-{}", m.cluster(), spec.name, m.name())
+}
+
+/// Takes one checkpoint while the service runs, records it (fenced) and
+/// sends it to the standbys. Returns whether the checkpoint was taken.
+fn checkpoint_and_replicate(
+    m: &Member,
+    service: &str,
+    spec: &ServiceSpec,
+    view: &ClusterView,
+    l: &mut Leading,
+) -> bool {
+    let generation = l.next_generation;
+    let dir = replica::leader_dir(m, service);
+    let path = replica::archive_path(&dir, generation);
+    let full = l.chain.len() >= CHAIN_LENGTH || l.chain.is_empty();
+    let parent = if full {
+        None
+    } else {
+        l.chain.last().map(|(_, p)| p.clone())
+    };
+    let mut req = DumpRequest::new(0, dir.join("unused"));
+    req.leave_running = true;
+    req.tcp_skip_in_flight = true;
+    let container = ContainerRef::Runc {
+        id: l.container.clone(),
+        root: m.runc_root.clone(),
+    };
+    let taken_unix_ms = keys::now_unix_ms();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pack = PackOptions {
+        level: LEVEL,
+        threads,
+        parent,
+        source: format!("ha service {service} generation {generation}"),
+        progress: &NoProgress,
+    };
+    let dumped = checkpoint::dump_to_archive(
+        &m.criu,
+        Some(&container),
+        &req,
+        false,
+        &path,
+        &pack,
+        &mut NoHooks,
+    );
+    let d = match dumped {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::warn!(service, generation, error = %crate::units::chain(&e), "checkpoint failed; the service keeps running; retrying soon");
+            // A retry comes soon: keep only the log line above, not a
+            // staging directory per failure.
+            if let Some(stage) = e
+                .criu()
+                .and_then(|c| c.log_path())
+                .and_then(|log| log.parent()?.parent())
+                .filter(|d| {
+                    d.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("ferry-dump-"))
+                })
+            {
+                let _ = std::fs::remove_dir_all(stage);
+            }
+            return false;
+        }
+    };
+    let frozen_ms = d
+        .dump
+        .stats
+        .as_ref()
+        .map_or(d.dump.wall.as_secs_f64() * 1e3, |s| {
+            s.frozen.as_secs_f64() * 1e3
+        });
+    if full {
+        for (_, old) in l.chain.drain(..) {
+            let _ = std::fs::remove_file(old);
+        }
+    }
+    let base = l.chain.first().map_or(generation, |(c, _)| c.generation);
+    let record = CheckpointRecord {
+        generation,
+        token: l.token,
+        leader: m.name().to_string(),
+        taken_unix_ms,
+        frozen_ms,
+        archive_bytes: d.pack.archive_bytes,
+        raw_bytes: d.pack.raw_bytes,
+        base,
+    };
+    l.chain.push((record.clone(), path));
+    l.next_generation += 1;
+    let key = keys::service_key(m.cluster(), service, "leader");
+    let cp_key = keys::service_key(m.cluster(), service, "checkpoint");
+    match m.etcd.fenced(
+        &key,
+        l.token,
+        vec![put_op(&cp_key, keys::to_json(&record), 0)],
+    ) {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::warn!(service, "the leader key changed: not replicating");
+            return true;
+        }
+        Err(e) => tracing::warn!(service, error = %e, "cannot record the checkpoint in etcd"),
+    }
+    let chain: Vec<(u64, PathBuf)> = l
+        .chain
+        .iter()
+        .map(|(c, p)| (c.generation, p.clone()))
+        .collect();
+    // Standbys: live eligible hosts other than this one, those already in
+    // sync first, then by name.
+    let mut targets: Vec<&HostRecord> = view
+        .hosts
+        .values()
+        .filter(|h| h.name != m.name() && spec.eligible(&h.name))
+        .collect();
+    targets.sort_by_key(|h| (!l.acked.contains_key(&h.name), h.name.clone()));
+    targets.truncate(spec.standbys);
+    // To every standby at once.
+    let outcomes: Vec<(String, Result<f64, super::HaError>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|host| {
+                let (record, chain) = (&record, &chain);
+                s.spawn(move || replica::send(m, host, service, record, chain))
+            })
+            .collect();
+        targets
+            .iter()
+            .zip(handles)
+            .map(|(h, t)| {
+                let r = t.join().unwrap_or_else(|_| {
+                    Err(super::HaError::Refused {
+                        why: "the replication thread panicked".into(),
+                    })
+                });
+                (h.name.clone(), r)
+            })
+            .collect()
+    });
+    let mut sent_to = Vec::new();
+    for (host, outcome) in outcomes {
+        match outcome {
+            Ok(verify_ms) => {
+                l.acked
+                    .insert(host.clone(), (record.token, base, generation));
+                sent_to.push(format!("{host}({verify_ms:.0} ms)"));
+            }
+            Err(e) => {
+                l.acked.remove(&host);
+                tracing::warn!(service, standby = %host, error = %crate::units::chain(&e), "replication failed");
+            }
+        }
+    }
+    tracing::info!(
+        service,
+        generation,
+        frozen_ms = format!("{frozen_ms:.1}"),
+        archive_bytes = record.archive_bytes,
+        base,
+        standbys = %sent_to.join(" "),
+        "checkpoint taken and replicated"
+    );
+    true
+}

@@ -1,0 +1,830 @@
+//! High availability end to end: a real etcd, three "hosts" (network
+//! namespaces, each with its own agent and runc root) and a stateful
+//! counter service in a runc container. A bounded loop of faults (the
+//! leader's agent and container killed, the leader's link cut, a standby
+//! killed, etcd restarted) with, throughout, at most one running copy, and
+//! after each failover a service restored from a checkpoint at least as new
+//! as the newest one a standby had verified.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::agent::AgentProc;
+use common::containers::{require_runc, rootfs, sh};
+use common::etcd::EtcdProc;
+use common::*;
+use ferry::ha::etcd::Etcd;
+use ferry::ha::keys::ClusterView;
+use ferry::lab::Lab;
+use ferry::target::container::ContainerStatus;
+
+const HOSTS: usize = 3;
+const SERVICE: &str = "counter";
+const PORT: u16 = 8080;
+const SIZE_MIB: u64 = 100;
+const INTERVAL_MS: u64 = 1000;
+/// Bound on any wait for the cluster to settle.
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn faults() -> usize {
+    std::env::var("FERRY_HA_FAULTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+        .clamp(1, 40)
+}
+
+/// The service's bundle: the workload serving its counter, sharing the
+/// host's network namespace (so it answers on the host's address) with its
+/// own pid namespace (so copies on two "hosts" of one machine never clash).
+fn bundle(dir: &Path) -> PathBuf {
+    let bundle = dir.join("bundle");
+    std::fs::create_dir_all(&bundle).unwrap();
+    rootfs(&bundle);
+    sh(Command::new("runc").arg("spec").current_dir(&bundle));
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = serde_json::json!([
+        "/bin/ferry-workload",
+        "--size-mib",
+        SIZE_MIB.to_string(),
+        "--tick-ms",
+        "10",
+        "--serve",
+        format!("0.0.0.0:{PORT}"),
+    ]);
+    cfg["root"]["readonly"] = false.into();
+    let ns = cfg["linux"]["namespaces"].as_array_mut().unwrap();
+    ns.retain(|n| n["type"] != "network");
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+    bundle
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    lab: Lab,
+    etcd: EtcdProc,
+    client: Etcd,
+    name: String,
+    agents: Vec<Option<AgentProc>>,
+}
+
+impl Cluster {
+    fn start(tag: &str) -> Cluster {
+        require_criu();
+        require_runc();
+        let dir = scratch(tag);
+        let lab = Lab::create(tag, HOSTS, Some(1000)).expect("lab");
+        let etcd = EtcdProc::start(dir.path(), lab.gateway().into());
+        let client = Etcd::connect(std::slice::from_ref(&etcd.url)).unwrap();
+        let name = format!("t{}-{tag}", std::process::id());
+        let mut c = Cluster {
+            dir,
+            lab,
+            etcd,
+            client,
+            name,
+            agents: (0..HOSTS).map(|_| None).collect(),
+        };
+        for i in 0..HOSTS {
+            c.start_agent(i);
+        }
+        c
+    }
+
+    fn host(i: usize) -> String {
+        format!("h{i}")
+    }
+
+    fn runc_root(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("runc-{i}"))
+    }
+
+    fn container(&self, i: usize) -> String {
+        format!("ferry-{}-{SERVICE}-{}", self.name, Self::host(i))
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let extra: Vec<String> = [
+            "--etcd",
+            &self.etcd.url,
+            "--cluster",
+            &self.name,
+            "--name",
+            &Self::host(i),
+            "--advertise",
+            &self.lab.host(i).addr.to_string(),
+            "--lease-ttl",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let store = self.dir.path().join(format!("store-{i}"));
+        let agent = AgentProc::start_args(
+            self.dir.path(),
+            &store,
+            &format!("{}:0", self.lab.host(i).addr),
+            Some(&self.lab.host(i).netns),
+            None,
+            Some(&self.runc_root(i)),
+            &extra,
+        );
+        self.agents[i] = Some(agent);
+    }
+
+    fn kill_agent(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            a.kill();
+            let log = a.log();
+            std::fs::write(self.dir.path().join(format!("agent-{i}.log")), log).unwrap();
+        }
+    }
+
+    fn kill_container(&self, i: usize) {
+        let _ = Command::new("runc")
+            .arg("--root")
+            .arg(self.runc_root(i))
+            .args(["delete", "--force", &self.container(i)])
+            .output();
+    }
+
+    fn view(&self) -> ClusterView {
+        ferry::ha::status::read(&self.client, &self.name).unwrap_or_default()
+    }
+
+    fn status_text(&self) -> String {
+        ferry([
+            "ha",
+            "status",
+            "--etcd",
+            &self.etcd.url,
+            "--cluster",
+            &self.name,
+        ])
+        .ok()
+    }
+
+    /// Hosts where the service's container runs (paused copies do not serve).
+    fn running(&self) -> Vec<usize> {
+        (0..HOSTS)
+            .filter(|&i| {
+                ferry::target::runc::status(&self.runc_root(i), &self.container(i))
+                    == Some(ContainerStatus::Running)
+            })
+            .collect()
+    }
+
+    fn leader(&self) -> Option<(usize, i64)> {
+        let v = self.view();
+        let s = v.services.get(SERVICE)?;
+        let l = s.leader.as_ref()?;
+        Some((l.host[1..].parse().ok()?, s.token))
+    }
+
+    /// Waits for a leader with a published address and `standbys` standbys
+    /// holding a checkpoint under its token; returns (leader, token).
+    fn settled(&self, standbys: usize) -> (usize, i64) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let v = self.view();
+            if let Some(s) = v.services.get(SERVICE) {
+                let ok = s.leader.is_some()
+                    && s.address.as_ref().is_some_and(|a| a.token == s.token)
+                    && s.standbys
+                        .values()
+                        .filter(|r| r.checkpoint.token == s.token)
+                        .count()
+                        >= standbys
+                    && v.hosts.len() == HOSTS;
+                if ok {
+                    let l = s.leader.as_ref().unwrap();
+                    return (l.host[1..].parse().unwrap(), s.token);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not settle within {SETTLE:?}:\n{}\n{}",
+                self.status_text(),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            if let Some(a) = a {
+                let log = a.log();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .rev()
+                    .filter(|l| {
+                        !l.contains("checkpoint verified") && !l.contains("checkpoint taken")
+                    })
+                    .take(40)
+                    .collect();
+                s += &format!("--- agent h{i}\n");
+                for l in tail.iter().rev() {
+                    s += l;
+                    s += "\n";
+                }
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..HOSTS {
+            self.kill_agent(i);
+        }
+        for i in 0..HOSTS {
+            self.kill_container(i);
+        }
+    }
+}
+
+/// One client request's outcome.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    unix_ms: u64,
+    /// (address, served count) on success.
+    ok: Option<(String, u64)>,
+    /// Why it failed.
+    why: String,
+}
+
+/// A client that finds the service through etcd and asks it for its
+/// counter every 10 ms (bounded by `MAX_SAMPLES`).
+struct Client {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+const MAX_SAMPLES: usize = 200_000;
+
+fn ask(addr: &str) -> Result<u64, String> {
+    let a: SocketAddr = addr.parse().map_err(|_| "bad address".to_string())?;
+    let s = TcpStream::connect_timeout(&a, Duration::from_millis(200))
+        .map_err(|e| format!("connect {addr}: {:?}", e.kind()))?;
+    s.set_read_timeout(Some(Duration::from_millis(1000))).ok();
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read {addr}: {:?}", e.kind()))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("served="))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| format!("bad answer {line:?}"))
+}
+
+impl Client {
+    fn start(url: &str, cluster: &str) -> Client {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s2, st2) = (Arc::clone(&samples), Arc::clone(&stop));
+        let etcd = Etcd::connect(&[url.to_string()]).unwrap();
+        let key = ferry::ha::keys::service_key(cluster, SERVICE, "address");
+        let handle = std::thread::spawn(move || {
+            let mut addr: Option<String> = None;
+            let mut n = 0;
+            while !st2.load(Ordering::Relaxed) && n < MAX_SAMPLES {
+                n += 1;
+                if addr.is_none() {
+                    addr = etcd.get_prefix(&key).ok().and_then(|(e, _)| {
+                        e.first().and_then(|e| {
+                            serde_json::from_slice::<ferry::ha::keys::AddressRecord>(&e.value)
+                                .ok()
+                                .map(|a| a.addr)
+                        })
+                    });
+                }
+                let r = match addr.as_deref() {
+                    Some(a) => ask(a).map(|v| (a.to_string(), v)),
+                    None => Err("no address in etcd".into()),
+                };
+                let (ok, why) = match r {
+                    Ok(v) => (Some(v), String::new()),
+                    Err(e) => {
+                        addr = None;
+                        (None, e)
+                    }
+                };
+                s2.lock().unwrap().push(Sample {
+                    at: Instant::now(),
+                    unix_ms: ferry::ha::keys::now_unix_ms(),
+                    ok,
+                    why,
+                });
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Client {
+            samples,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap().clone()
+    }
+
+    /// The first success from `addr` (any address: None) after `t`.
+    fn first_ok_after(
+        &self,
+        t: Instant,
+        not_addr: Option<&str>,
+        timeout: Duration,
+    ) -> Option<Sample> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.samples().into_iter().find(|s| {
+                s.at > t
+                    && s.ok
+                        .as_ref()
+                        .is_some_and(|(a, _)| Some(a.as_str()) != not_addr)
+            }) {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Watches the runc roots: the most copies ever seen running at once.
+struct SplitBrainWatch {
+    max: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SplitBrainWatch {
+    fn start(roots: Vec<(PathBuf, String)>) -> SplitBrainWatch {
+        let max = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (m2, s2) = (Arc::clone(&max), Arc::clone(&stop));
+        let handle = std::thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(1800);
+            while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let n = roots
+                    .iter()
+                    .filter(|(r, id)| {
+                        ferry::target::runc::status(r, id) == Some(ContainerStatus::Running)
+                    })
+                    .count();
+                m2.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        SplitBrainWatch {
+            max,
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for SplitBrainWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    KillLeader,
+    CutLeader,
+    KillStandby,
+    RestartEtcd,
+}
+
+#[test]
+fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpoint() {
+    let mut c = Cluster::start("ha");
+    let b = bundle(c.dir.path());
+    let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
+    ferry([
+        "ha",
+        "run",
+        SERVICE,
+        "--etcd",
+        &c.etcd.url,
+        "--cluster",
+        &c.name,
+        "--port",
+        &port,
+        "--interval-ms",
+        &interval,
+        "--standbys",
+        "2",
+    ])
+    .arg("--bundle")
+    .arg(&b)
+    .ok();
+    let (leader, _) = c.settled(2);
+    let status = c.status_text();
+    eprintln!("{status}");
+    assert!(status.contains(&format!("leader h{leader}")), "{status}");
+    assert!(status.contains("standby h"), "{status}");
+    let roots = (0..HOSTS)
+        .map(|i| (c.runc_root(i), c.container(i)))
+        .collect();
+    let watch = SplitBrainWatch::start(roots);
+    let client = Client::start(&c.etcd.url, &c.name);
+    assert!(
+        client
+            .first_ok_after(Instant::now(), None, Duration::from_secs(10))
+            .is_some(),
+        "the client never reached the service"
+    );
+    let kinds = [
+        Fault::KillLeader,
+        Fault::CutLeader,
+        Fault::KillStandby,
+        Fault::RestartEtcd,
+    ];
+    let mut results = Vec::new();
+    for round in 0..faults() {
+        let kind = kinds[round % kinds.len()];
+        let (leader, token) = c.settled(2);
+        let v = c.view();
+        let s = &v.services[SERVICE];
+        let old_addr = s.address.as_ref().unwrap().addr.clone();
+        let newest_verified = s
+            .standbys
+            .values()
+            .map(|r| r.checkpoint.generation)
+            .max()
+            .unwrap();
+        // The counter must never fall to or below what the client saw
+        // before the newest verified checkpoint was taken.
+        let verified_taken = s
+            .standbys
+            .values()
+            .filter(|r| r.checkpoint.generation == newest_verified)
+            .map(|r| r.checkpoint.taken_unix_ms)
+            .max()
+            .unwrap();
+        let floor = client
+            .samples()
+            .iter()
+            .filter(|x| x.unix_ms < verified_taken)
+            .filter_map(|x| x.ok.as_ref().map(|o| o.1))
+            .next_back()
+            .unwrap_or(0);
+        let t0 = Instant::now();
+        eprintln!(
+            "round {round}: {kind:?} at unix ms {}",
+            ferry::ha::keys::now_unix_ms()
+        );
+        match kind {
+            Fault::KillLeader => {
+                c.kill_agent(leader);
+                c.kill_container(leader);
+            }
+            Fault::CutLeader => c.lab.cut(leader).unwrap(),
+            Fault::KillStandby => c.kill_agent((leader + 1) % HOSTS),
+            Fault::RestartEtcd => c.etcd.restart(Duration::from_millis(500)),
+        }
+        let failover = matches!(kind, Fault::KillLeader | Fault::CutLeader);
+        let first = client
+            .first_ok_after(
+                t0,
+                failover.then_some(old_addr.as_str()),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|| {
+                panic!(
+                    "round {round} ({kind:?}): no answer from the service within 30 s:\n{}\n{}",
+                    c.status_text(),
+                    c.logs()
+                )
+            });
+        let recovery = first.at - t0;
+        if recovery > Duration::from_millis(1500) {
+            // What the client saw, to explain a slow recovery.
+            let mut line = String::new();
+            let mut last = String::new();
+            for x in client
+                .samples()
+                .iter()
+                .filter(|x| x.at > t0 && x.at <= first.at)
+            {
+                let what = match &x.ok {
+                    Some((a, _)) => format!("ok {a}"),
+                    None => format!("fail({})", x.why),
+                };
+                if what != last {
+                    line += &format!(" +{}ms:{what}", (x.at - t0).as_millis());
+                    last = what;
+                }
+            }
+            eprintln!("  client timeline:{line}");
+        }
+        let served_after = first.ok.as_ref().unwrap().1;
+        let v = c.view();
+        let s = &v.services[SERVICE];
+        let addr = s.address.clone().unwrap();
+        let samples = client.samples();
+        let last_before = samples
+            .iter()
+            .filter(|x| x.at < t0)
+            .filter_map(|x| x.ok.as_ref().map(|o| o.1))
+            .next_back()
+            .unwrap_or(0);
+        let mut detail = String::new();
+        if failover {
+            let (new_leader, new_token) = c.leader().expect("a new leader");
+            assert_ne!(
+                new_leader, leader,
+                "round {round}: the dead leader still leads"
+            );
+            assert!(new_token > token, "round {round}: the token did not grow");
+            // RPO: restored from a checkpoint at least as new as the newest
+            // any standby had verified before the fault...
+            assert!(
+                addr.restored_generation >= newest_verified,
+                "round {round}: restored generation {} older than verified {newest_verified}",
+                addr.restored_generation
+            );
+            // ...and the counter carries on from that checkpoint.
+            let at_checkpoint = samples
+                .iter()
+                .filter(|x| x.unix_ms < addr.restored_taken_unix_ms)
+                .filter_map(|x| x.ok.as_ref().map(|o| o.1))
+                .next_back()
+                .unwrap_or(0);
+            assert!(
+                served_after > at_checkpoint,
+                "round {round}: counter {served_after} older than the checkpoint's {at_checkpoint}"
+            );
+            detail = format!(
+                "h{leader} -> h{new_leader}, restored generation {} (newest verified {newest_verified}), takeover {:.0} ms, lost {} requests",
+                addr.restored_generation,
+                addr.takeover_ms,
+                last_before.saturating_sub(served_after - 1)
+            );
+        } else {
+            assert!(served_after > 0);
+        }
+        if kind == Fault::KillStandby {
+            assert_eq!(
+                c.leader().map(|l| l.0),
+                Some(leader),
+                "round {round}: a standby's death moved the leader"
+            );
+            let failed = samples
+                .iter()
+                .filter(|x| x.at > t0 && x.ok.is_none())
+                .count();
+            assert_eq!(
+                failed, 0,
+                "round {round}: clients saw failures when a standby died"
+            );
+        }
+        eprintln!(
+            "round {round:2} {kind:?}: first answer after {:.0} ms (served={served_after}) {detail}",
+            recovery.as_secs_f64() * 1e3
+        );
+        if failover {
+            let new_leader = c.leader().unwrap().0;
+            if let Some(line) = c.agents[new_leader].as_ref().and_then(|a| {
+                a.log()
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("elected leader"))
+                    .map(str::to_string)
+            }) {
+                eprintln!("  {line}");
+            }
+        }
+        results.push((kind, recovery, floor, t0));
+        // `ferry ha status` shows the state this fault left.
+        let status = c.status_text();
+        let (now_leader, _) = c.leader().expect("a leader");
+        assert!(
+            status.contains(&format!("leader h{now_leader}")),
+            "{status}"
+        );
+        if failover {
+            assert!(status.contains("restored from generation"), "{status}");
+        }
+        // Repair: the old leader's copy must be gone before it is healed.
+        match kind {
+            Fault::KillLeader | Fault::KillStandby => {
+                let i = if kind == Fault::KillLeader {
+                    leader
+                } else {
+                    (leader + 1) % HOSTS
+                };
+                c.start_agent(i);
+            }
+            Fault::CutLeader => {
+                assert!(
+                    !c.running().contains(&leader),
+                    "round {round}: the cut-off leader still runs its copy"
+                );
+                c.lab.heal(leader).unwrap();
+            }
+            Fault::RestartEtcd => {}
+        }
+        assert!(
+            watch.max() <= 1,
+            "round {round} ({kind:?}): two copies ran at once\n{}",
+            c.status_text()
+        );
+    }
+    let (_, _) = c.settled(2);
+    std::thread::sleep(Duration::from_millis(1500));
+    // No restore ever went back past a verified checkpoint.
+    let samples = client.samples();
+    for (i, (kind, _, floor, t0)) in results.iter().enumerate() {
+        let end = results.get(i + 1).map(|r| r.3);
+        let worst = samples
+            .iter()
+            .filter(|x| x.at > *t0 && end.is_none_or(|e| x.at < e))
+            .filter_map(|x| x.ok.as_ref().map(|o| o.1))
+            .min();
+        assert!(
+            worst.is_none_or(|w| w > *floor),
+            "round {i} ({kind:?}): the counter fell to {worst:?}, at or below {floor}, what the client saw before the newest verified checkpoint"
+        );
+    }
+    assert_eq!(c.running().len(), 1, "{}", c.status_text());
+    assert!(watch.max() <= 1, "two copies ran at once");
+    let status = c.status_text();
+    eprintln!("{status}");
+    if std::env::var_os("FERRY_HA_LOGS").is_some() {
+        for (i, a) in c.agents.iter().enumerate() {
+            if let Some(a) = a {
+                eprintln!("--- agent h{i}\n{}", a.log());
+            }
+        }
+    }
+    for kind in kinds {
+        let r: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == kind)
+            .map(|r| r.1.as_secs_f64() * 1e3)
+            .collect();
+        if !r.is_empty() {
+            eprintln!(
+                "{kind:?}: {} runs, client-observed recovery min {:.0} / max {:.0} ms",
+                r.len(),
+                r.iter().cloned().fold(f64::MAX, f64::min),
+                r.iter().cloned().fold(0.0, f64::max)
+            );
+        }
+    }
+}
+
+#[test]
+fn a_planned_switchover_moves_the_service_live_without_losing_a_request() {
+    let c = Cluster::start("hamv");
+    let b = bundle(c.dir.path());
+    let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
+    ferry([
+        "ha",
+        "run",
+        SERVICE,
+        "--etcd",
+        &c.etcd.url,
+        "--cluster",
+        &c.name,
+        "--port",
+        &port,
+        "--interval-ms",
+        &interval,
+        "--standbys",
+        "2",
+    ])
+    .arg("--bundle")
+    .arg(&b)
+    .ok();
+    let (leader, token) = c.settled(2);
+    let client = Client::start(&c.etcd.url, &c.name);
+    assert!(client
+        .first_ok_after(Instant::now(), None, Duration::from_secs(10))
+        .is_some());
+    let to = (leader + 1) % HOSTS;
+    let t0 = Instant::now();
+    let out = ferry([
+        "ha",
+        "move",
+        SERVICE,
+        "--to",
+        &Cluster::host(to),
+        "--etcd",
+        &c.etcd.url,
+        "--cluster",
+        &c.name,
+    ])
+    .ok();
+    assert!(out.contains("requested"), "{out}");
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let v = c.view();
+        let Some(s) = v.services.get(SERVICE) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let moved = s
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.host == Cluster::host(to))
+            && s.address
+                .as_ref()
+                .is_some_and(|a| a.host == Cluster::host(to));
+        if moved && c.running() == vec![to] {
+            assert!(
+                s.token > token,
+                "the handover must issue a new fencing token"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service did not move to h{to}:\n{}\n{}",
+            c.status_text(),
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let first = client
+        .first_ok_after(
+            t0,
+            Some(&format!("{}:{PORT}", c.lab.host(leader).addr)),
+            SETTLE,
+        )
+        .expect("an answer from the new host");
+    let samples = client.samples();
+    let before = samples
+        .iter()
+        .filter(|x| {
+            x.at < first.at
+                && x.ok
+                    .as_ref()
+                    .is_some_and(|o| o.0 != first.ok.as_ref().unwrap().0)
+        })
+        .filter_map(|x| x.ok.as_ref().map(|o| o.1))
+        .next_back()
+        .unwrap();
+    let after = first.ok.as_ref().unwrap().1;
+    // Live migration: the moved copy carries on from the last answer (the
+    // new leader's readiness probe may count as one more request).
+    assert!(
+        after > before && after <= before + 3,
+        "the moved service lost its state: served {before} before, {after} after"
+    );
+    let mut gap = Duration::ZERO;
+    let mut last_ok = None;
+    for x in samples.iter().filter(|x| x.at > t0) {
+        if x.ok.is_some() {
+            if let Some(l) = last_ok {
+                gap = gap.max(x.at - l);
+            }
+            last_ok = Some(x.at);
+        }
+    }
+    let status = c.status_text();
+    eprintln!(
+        "{status}\nmove h{leader} -> h{to}: longest client gap {} ms, served {before} -> {after}",
+        gap.as_millis()
+    );
+    assert!(status.contains(&format!("leader h{to}")), "{status}");
+    assert!(c.settled(2).0 == to);
+}
