@@ -37,8 +37,8 @@ fn faults() -> usize {
     std::env::var("FERRY_HA_FAULTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(8)
-        .clamp(1, 40)
+        .unwrap_or(20)
+        .clamp(1, 100)
 }
 
 /// The service's bundle: the workload serving its counter, sharing the
@@ -158,8 +158,17 @@ impl Cluster {
             .output();
     }
 
+    /// The cluster as etcd has it (a read that times out is retried, for
+    /// 10 s at most).
     fn view(&self) -> ClusterView {
-        ferry::ha::status::read(&self.client, &self.name).unwrap_or_default()
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match ferry::ha::status::read(&self.client, &self.name) {
+                Ok(v) => return v,
+                Err(e) if Instant::now() > deadline => panic!("cannot read etcd: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
     }
 
     fn status_text(&self) -> String {
@@ -249,6 +258,18 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..HOSTS {
             self.kill_agent(i);
+        }
+        if std::thread::panicking() {
+            // Keep every agent's log for the post-mortem.
+            let keep = std::env::temp_dir().join(format!("ferry-ha-logs-{}", self.name));
+            let _ = std::fs::create_dir_all(&keep);
+            for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.ends_with(".log") {
+                    let _ = std::fs::copy(e.path(), keep.join(&n));
+                }
+            }
+            eprintln!("agent and etcd logs kept in {}", keep.display());
         }
         for i in 0..HOSTS {
             self.kill_container(i);
@@ -507,6 +528,7 @@ fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpo
             .next_back()
             .unwrap_or(0);
         let t0 = Instant::now();
+        let fault_unix_ms = ferry::ha::keys::now_unix_ms();
         eprintln!(
             "round {round}: {kind:?} at unix ms {}",
             ferry::ha::keys::now_unix_ms()
@@ -590,13 +612,15 @@ fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpo
                 .unwrap_or(0);
             assert!(
                 served_after > at_checkpoint,
-                "round {round}: counter {served_after} older than the checkpoint's {at_checkpoint}"
+                "round {round}: counter {served_after} older than the checkpoint's {at_checkpoint} (address {addr:?})\n{}",
+                c.logs()
             );
             detail = format!(
-                "h{leader} -> h{new_leader}, restored generation {} (newest verified {newest_verified}), takeover {:.0} ms, lost {} requests",
+                "h{leader} -> h{new_leader}, restored generation {} (newest verified {newest_verified}), takeover {:.0} ms, lost {} requests = the last {} ms before the fault",
                 addr.restored_generation,
                 addr.takeover_ms,
-                last_before.saturating_sub(served_after - 1)
+                last_before.saturating_sub(served_after - 1),
+                fault_unix_ms.saturating_sub(addr.restored_taken_unix_ms)
             );
         } else {
             assert!(served_after > 0);

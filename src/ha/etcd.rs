@@ -11,7 +11,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use super::HaError;
 
 /// Longest wait for one etcd call.
-pub const CALL_TIMEOUT: Duration = Duration::from_millis(800);
+pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// One key as read from etcd.
 #[derive(Debug, Clone)]

@@ -145,6 +145,10 @@ pub struct ServiceView {
     pub address: Option<AddressRecord>,
     pub checkpoint: Option<CheckpointRecord>,
     pub standbys: BTreeMap<String, StandbyRecord>,
+    /// The lease each standby record hangs on (a record left by a dead
+    /// agent outlives it until its old lease expires).
+    #[serde(skip)]
+    pub standby_leases: BTreeMap<String, i64>,
     #[serde(rename = "move")]
     pub move_to: Option<MoveRequest>,
 }
@@ -189,6 +193,7 @@ impl ClusterView {
                         ["move"] => parse_into(&e.value, |r| svc.move_to = Some(r)),
                         ["standbys", h] => parse_into(&e.value, |r: StandbyRecord| {
                             svc.standbys.insert(h.to_string(), r);
+                            svc.standby_leases.insert(h.to_string(), e.lease);
                         }),
                         _ => true,
                     }

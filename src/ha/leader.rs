@@ -48,6 +48,7 @@ pub struct ServiceRun {
     name: String,
     leading: Option<Leading>,
     leaderless_since: Option<Instant>,
+    waiting_logged: bool,
 }
 
 impl ServiceRun {
@@ -56,6 +57,7 @@ impl ServiceRun {
             name: name.to_string(),
             leading: None,
             leaderless_since: None,
+            waiting_logged: false,
         }
     }
 
@@ -151,8 +153,25 @@ impl ServiceRun {
         spec: &ServiceSpec,
     ) {
         let since = *self.leaderless_since.get_or_insert_with(Instant::now);
-        let generation_of =
-            |host: &str| sv.standbys.get(host).map_or(0, |r| r.checkpoint.generation);
+        let held = m
+            .holdings
+            .lock()
+            .ok()
+            .and_then(|h| h.get(&self.name).map(|h| h.checkpoint.generation))
+            .unwrap_or(0);
+        // What each live host holds: this host knows; for the others, their
+        // record counts only under their current lease (a restarted agent's
+        // old record lingers until its old lease expires).
+        let generation_of = |host: &str| {
+            if host == m.name() {
+                return held;
+            }
+            let current = view.hosts.get(host).map(|h| h.lease);
+            match (sv.standbys.get(host), sv.standby_leases.get(host)) {
+                (Some(r), Some(lease)) if Some(*lease) == current => r.checkpoint.generation,
+                _ => 0,
+            }
+        };
         let best = view
             .hosts
             .keys()
@@ -162,17 +181,15 @@ impl ServiceRun {
                     .cmp(&generation_of(b))
                     .then_with(|| b.cmp(a))
             });
-        let held = m
-            .holdings
-            .lock()
-            .ok()
-            .and_then(|h| h.get(&self.name).map(|h| h.checkpoint.generation))
-            .unwrap_or(0);
-        let first_choice =
-            best.map(String::as_str) == Some(m.name()) && held >= generation_of(m.name());
+        let first_choice = best.map(String::as_str) == Some(m.name());
         if !first_choice && since.elapsed() < CAMPAIGN_GRACE {
+            if !self.waiting_logged {
+                tracing::info!(service = %self.name, best = ?best, best_generation = best.map_or(0, |b| generation_of(b)), held, "no leader: waiting for the host with the newest checkpoint");
+                self.waiting_logged = true;
+            }
             return;
         }
+        self.waiting_logged = false;
         let Some(lease) = m.lease_id() else { return };
         let record = LeaderRecord {
             host: m.name().to_string(),
@@ -184,7 +201,7 @@ impl ServiceRun {
                 tracing::info!(service = %self.name, token, held, "elected leader");
                 self.become_leader(m, sv, spec, token, since, false);
             }
-            Ok(None) => tracing::debug!(service = %self.name, "another host was elected first"),
+            Ok(None) => tracing::info!(service = %self.name, "another host was elected first"),
             Err(e) => tracing::warn!(service = %self.name, error = %e, "campaign failed"),
         }
     }

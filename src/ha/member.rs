@@ -21,6 +21,8 @@ use crate::transport::Secret;
 const POLL: Duration = Duration::from_millis(100);
 /// How often fencing looks at the lease.
 const FENCE_POLL: Duration = Duration::from_millis(20);
+/// A poll longer than this is logged (etcd slow or unreachable).
+const SLOW_POLL: Duration = Duration::from_millis(300);
 /// How often the host's health record is rewritten.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -345,7 +347,16 @@ impl Member {
                     }
                 }
             }
-            match self.view() {
+            let t_view = Instant::now();
+            let read = self.view();
+            if t_view.elapsed() > SLOW_POLL {
+                tracing::info!(
+                    ms = t_view.elapsed().as_millis() as u64,
+                    ok = read.is_ok(),
+                    "slow read of the cluster state"
+                );
+            }
+            match read {
                 Ok(view) => {
                     for (name, sv) in &view.services {
                         if sv.spec.is_none() {
@@ -360,6 +371,9 @@ impl Member {
                 Err(e) => tracing::debug!(error = %e, "cannot read the cluster"),
             }
             let spent = tick.elapsed();
+            if spent > SLOW_POLL {
+                tracing::debug!(ms = spent.as_millis() as u64, "slow HA poll");
+            }
             if spent < POLL {
                 std::thread::sleep(POLL - spent);
             }
