@@ -263,7 +263,11 @@ impl Drop for Cluster {
             // Keep every agent's log for the post-mortem.
             let keep = std::env::temp_dir().join(format!("ferry-ha-logs-{}", self.name));
             let _ = std::fs::create_dir_all(&keep);
-            for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
+            for e in std::fs::read_dir(self.dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if n.ends_with(".log") {
                     let _ = std::fs::copy(e.path(), keep.join(&n));
