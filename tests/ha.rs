@@ -838,6 +838,39 @@ fn a_planned_switchover_moves_the_service_live_without_losing_a_request() {
         after > before && after <= before + 3,
         "the moved service lost its state: served {before} before, {after} after"
     );
+    // Fencing: the old leader's token no longer opens a standby's door.
+    let standby = (0..HOSTS).find(|&i| i != to).unwrap();
+    let agent = c.agents[standby].as_ref().unwrap();
+    let secret = ferry::transport::Secret::from_file(&agent.key).unwrap();
+    let mut conn =
+        ferry::transport::Conn::connect(&agent.addr, &secret, Duration::from_secs(5)).unwrap();
+    let stale = ferry::ha::keys::CheckpointRecord {
+        generation: 1_000_000,
+        token,
+        leader: Cluster::host(leader),
+        taken_unix_ms: ferry::ha::keys::now_unix_ms(),
+        frozen_ms: 0.0,
+        archive_bytes: 0,
+        raw_bytes: 0,
+        base: 1_000_000,
+    };
+    conn.send_msg(&ferry::transport::Msg::Offer {
+        service: SERVICE.into(),
+        checkpoint: stale,
+    })
+    .unwrap();
+    let refused = conn
+        .recv_msg()
+        .expect_err("a stale leader's checkpoint must be refused");
+    let why = format!("{refused}");
+    assert!(why.contains("stale leader"), "{why}");
+    assert!(
+        c.view().services[SERVICE]
+            .standbys
+            .values()
+            .all(|r| r.checkpoint.generation < 1_000_000),
+        "a refused checkpoint was published"
+    );
     let mut gap = Duration::ZERO;
     let mut last_ok = None;
     for x in samples.iter().filter(|x| x.at > t0) {
