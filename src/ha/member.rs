@@ -19,6 +19,8 @@ use crate::transport::Secret;
 
 /// How often the member reads the cluster and acts.
 const POLL: Duration = Duration::from_millis(100);
+/// How long joining may wait for etcd.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often fencing looks at the lease.
 const FENCE_POLL: Duration = Duration::from_millis(20);
 /// A poll longer than this is logged (etcd slow or unreachable).
@@ -65,6 +67,8 @@ pub struct Member {
     pub holdings: Mutex<HashMap<String, Holding>>,
     /// Highest fencing token seen per service.
     pub tokens: Mutex<HashMap<String, i64>>,
+    /// Services whose checkpoint is being received now.
+    pub receiving: Mutex<std::collections::HashSet<String>>,
     stop: AtomicBool,
 }
 
@@ -85,8 +89,19 @@ impl Member {
         super::valid_name(&config.name)?;
         let etcd = Etcd::connect(&config.etcd)?;
         let want = config.lease_ttl.as_secs().max(1) as i64;
-        let renewed = Instant::now();
-        let (id, granted) = etcd.grant(want)?;
+        // etcd may be starting or busy: keep asking for a while.
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let (renewed, (id, granted)) = loop {
+            let sent = Instant::now();
+            match etcd.grant(want) {
+                Ok(g) => break (sent, g),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::info!(error = %e, "etcd not answering yet; retrying");
+                    std::thread::sleep(POLL);
+                }
+            }
+        };
         if granted != want {
             tracing::warn!(
                 asked = want,
@@ -117,6 +132,7 @@ impl Member {
             led: Mutex::new(HashMap::new()),
             holdings: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
+            receiving: Mutex::new(std::collections::HashSet::new()),
             stop: AtomicBool::new(false),
         }))
     }

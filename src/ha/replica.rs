@@ -48,8 +48,14 @@ pub fn leader_dir(member: &Member, service: &str) -> PathBuf {
     member.service_dir(service).join("leader")
 }
 
-fn standby_dir(member: &Member, service: &str) -> PathBuf {
-    member.service_dir(service).join("standby")
+/// A standby keeps each leader's chain apart (one directory per fencing
+/// token): generations of two leaders may share numbers, and a late
+/// transfer from a deposed leader must never overwrite the current chain.
+fn standby_dir(member: &Member, service: &str, token: i64) -> PathBuf {
+    member
+        .service_dir(service)
+        .join("standby")
+        .join(format!("t{token}"))
 }
 
 /// The path of generation `g`'s archive in `dir`.
@@ -165,6 +171,8 @@ fn receive(
     cp: &CheckpointRecord,
 ) -> Result<f64, HaError> {
     super::valid_name(service)?;
+    // One transfer per service at a time.
+    let _busy = Busy::claim(member, service)?;
     admit(member, service, cp)?;
     let (have_token, have_base, have_gen, mut chain) = match member.holdings.lock() {
         Ok(h) => match h.get(service) {
@@ -208,7 +216,7 @@ fn receive(
             ),
         });
     }
-    let dir = standby_dir(member, service);
+    let dir = standby_dir(member, service, cp.token);
     fs::create_dir_all(&dir).map_err(|source| HaError::Io {
         path: dir.clone(),
         source,
@@ -249,6 +257,9 @@ fn receive(
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     archive::unpack(&opened, ready.path(), threads, &NoProgress).map_err(bad)?;
     let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    // The leader may have changed while the chain travelled: check again,
+    // and never replace a newer holding with an older one.
+    admit(member, service, cp)?;
     let keep: Vec<PathBuf> = chain.iter().map(|(_, p)| p.clone()).collect();
     let record = StandbyRecord {
         host: member.name().to_string(),
@@ -256,6 +267,19 @@ fn receive(
         verified_unix_ms: keys::now_unix_ms(),
     };
     if let Ok(mut h) = member.holdings.lock() {
+        if let Some(cur) = h.get(service) {
+            let (have, offered) = (
+                (cur.checkpoint.token, cur.checkpoint.generation),
+                (cp.token, cp.generation),
+            );
+            if have > offered {
+                return Err(HaError::Refused {
+                    why: format!(
+                        "a newer checkpoint {have:?} is held than the offered {offered:?}"
+                    ),
+                });
+            }
+        }
         h.insert(
             service.to_string(),
             Holding {
@@ -362,7 +386,47 @@ fn write_archive(conn: &mut Conn, dir: &Path, path: &Path, size: u64) -> Result<
     Ok(())
 }
 
+/// Marks a service's transfer in progress on this standby.
+struct Busy<'a> {
+    member: &'a Member,
+    service: String,
+}
+
+impl<'a> Busy<'a> {
+    fn claim(member: &'a Member, service: &str) -> Result<Busy<'a>, HaError> {
+        let mut set = member.receiving.lock().map_err(|_| HaError::Refused {
+            why: "internal lock poisoned".into(),
+        })?;
+        if !set.insert(service.to_string()) {
+            return Err(HaError::Refused {
+                why: format!("another checkpoint of {service} is being received"),
+            });
+        }
+        Ok(Busy {
+            member,
+            service: service.to_string(),
+        })
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.member.receiving.lock() {
+            set.remove(&self.service);
+        }
+    }
+}
+
+/// Removes the archives in `dir` outside `keep`, and the directories of
+/// other leaders' chains beside it.
 fn remove_other_archives(dir: &Path, keep: &[PathBuf]) {
+    if let Some(parent) = dir.parent() {
+        for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+            if e.path() != dir && e.file_name().to_string_lossy().starts_with('t') {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let p = e.path();
