@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
-use common::containers::{require_runc, rootfs, sh};
+use common::containers::{bundle_running, require_runc};
 use common::etcd::EtcdProc;
 use common::*;
 use ferry::ha::etcd::Etcd;
@@ -46,26 +46,22 @@ fn faults() -> usize {
 /// own pid namespace (so copies on two "hosts" of one machine never clash).
 fn bundle(dir: &Path) -> PathBuf {
     let bundle = dir.join("bundle");
-    std::fs::create_dir_all(&bundle).unwrap();
-    rootfs(&bundle);
-    sh(Command::new("runc").arg("spec").current_dir(&bundle));
-    let cfg_path = bundle.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["process"]["terminal"] = false.into();
-    cfg["process"]["args"] = serde_json::json!([
+    let args = [
         "/bin/ferry-workload",
         "--size-mib",
-        SIZE_MIB.to_string(),
+        &SIZE_MIB.to_string(),
         "--tick-ms",
         "10",
         "--serve",
-        format!("0.0.0.0:{PORT}"),
-    ]);
-    cfg["root"]["readonly"] = false.into();
-    let ns = cfg["linux"]["namespaces"].as_array_mut().unwrap();
-    ns.retain(|n| n["type"] != "network");
-    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        &format!("0.0.0.0:{PORT}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    bundle_running(&bundle, args, |cfg| {
+        let ns = cfg["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+    });
     bundle
 }
 
@@ -111,6 +107,30 @@ impl Cluster {
 
     fn container(&self, i: usize) -> String {
         format!("ferry-{}-{SERVICE}-{}", self.name, Self::host(i))
+    }
+
+    /// `ferry ha run` for the counter service (2 standbys).
+    fn declare_service(&self) {
+        let b = bundle(self.dir.path());
+        let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
+        ferry([
+            "ha",
+            "run",
+            SERVICE,
+            "--etcd",
+            &self.etcd.url,
+            "--cluster",
+            &self.name,
+            "--port",
+            &port,
+            "--interval-ms",
+            &interval,
+            "--standbys",
+            "2",
+        ])
+        .arg("--bundle")
+        .arg(&b)
+        .ok();
     }
 
     fn start_agent(&mut self, i: usize) {
@@ -460,26 +480,7 @@ enum Fault {
 #[test]
 fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpoint() {
     let mut c = Cluster::start("ha");
-    let b = bundle(c.dir.path());
-    let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
-    ferry([
-        "ha",
-        "run",
-        SERVICE,
-        "--etcd",
-        &c.etcd.url,
-        "--cluster",
-        &c.name,
-        "--port",
-        &port,
-        "--interval-ms",
-        &interval,
-        "--standbys",
-        "2",
-    ])
-    .arg("--bundle")
-    .arg(&b)
-    .ok();
+    c.declare_service();
     let (leader, _) = c.settled(2);
     let status = c.status_text();
     eprintln!("{status}");
@@ -749,26 +750,7 @@ fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpo
 #[test]
 fn a_planned_switchover_moves_the_service_live_without_losing_a_request() {
     let c = Cluster::start("hamv");
-    let b = bundle(c.dir.path());
-    let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
-    ferry([
-        "ha",
-        "run",
-        SERVICE,
-        "--etcd",
-        &c.etcd.url,
-        "--cluster",
-        &c.name,
-        "--port",
-        &port,
-        "--interval-ms",
-        &interval,
-        "--standbys",
-        "2",
-    ])
-    .arg("--bundle")
-    .arg(&b)
-    .ok();
+    c.declare_service();
     let (leader, token) = c.settled(2);
     let client = Client::start(&c.etcd.url, &c.name);
     assert!(client

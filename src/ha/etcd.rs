@@ -141,7 +141,7 @@ impl Etcd {
         // Opening the keep-alive stream sends the first renewal and reads
         // its answer; etcd answers TTL 0 for an expired lease, which the
         // client reports as "lease not found".
-        let r = self.call_within("renew the lease", timeout, async move {
+        self.call_within("renew the lease", timeout, async move {
             match c.lease_keep_alive(id).await {
                 Ok(_) => Ok(true),
                 Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => {
@@ -149,8 +149,7 @@ impl Etcd {
                 }
                 Err(e) => Err(e),
             }
-        });
-        r
+        })
     }
 
     pub fn revoke(&self, id: i64) -> Result<(), HaError> {

@@ -23,7 +23,7 @@ const POLL: Duration = Duration::from_millis(100);
 const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often fencing looks at the lease.
 const FENCE_POLL: Duration = Duration::from_millis(20);
-/// A poll longer than this is logged (etcd slow or unreachable).
+/// A read of the cluster longer than this is logged (etcd slow or unreachable).
 const SLOW_POLL: Duration = Duration::from_millis(300);
 /// How often the host's health record is rewritten.
 const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -387,9 +387,6 @@ impl Member {
                 Err(e) => tracing::debug!(error = %e, "cannot read the cluster"),
             }
             let spent = tick.elapsed();
-            if spent > SLOW_POLL {
-                tracing::debug!(ms = spent.as_millis() as u64, "slow HA poll");
-            }
             if spent < POLL {
                 std::thread::sleep(POLL - spent);
             }

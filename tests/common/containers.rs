@@ -108,27 +108,32 @@ pub struct RuncContainer {
     pub state: PathBuf,
 }
 
+/// Builds `bundle` (rootfs and `runc spec`'s config) running `args`, no
+/// terminal, writable root; `edit` changes the config before it is written.
+pub fn bundle_running(bundle: &Path, args: Vec<String>, edit: impl FnOnce(&mut serde_json::Value)) {
+    std::fs::create_dir_all(bundle).unwrap();
+    rootfs(bundle);
+    sh(Command::new("runc").arg("spec").current_dir(bundle));
+    let cfg_path = bundle.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["process"]["terminal"] = false.into();
+    cfg["process"]["args"] = args.into();
+    cfg["root"]["readonly"] = false.into();
+    edit(&mut cfg);
+    std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+}
+
 impl RuncContainer {
     pub fn start(dir: &Path, name: &str, size_mib: u64) -> RuncContainer {
         let bundle = dir.join("bundle");
         let state = dir.join("state");
-        std::fs::create_dir_all(&bundle).unwrap();
         std::fs::create_dir_all(&state).unwrap();
-        rootfs(&bundle);
-        sh(Command::new("runc").arg("spec").current_dir(&bundle));
-        let cfg_path = bundle.join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-        cfg["process"]["terminal"] = false.into();
-        cfg["process"]["args"] = workload_args(size_mib).into();
-        cfg["root"]["readonly"] = false.into();
-        cfg["mounts"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
+        bundle_running(&bundle, workload_args(size_mib), |cfg| {
+            cfg["mounts"].as_array_mut().unwrap().push(serde_json::json!({
                 "destination": "/state", "type": "bind", "source": state, "options": ["rbind", "rw"]
             }));
-        std::fs::write(&cfg_path, serde_json::to_vec_pretty(&cfg).unwrap()).unwrap();
+        });
         let c = RuncContainer {
             id: unique(name),
             bundle,
