@@ -66,7 +66,7 @@ pub use chain::Chain;
 pub use format::{ArchiveId, Index};
 pub use pack::{pack_dir, pack_to_file, PackOptions, PackReport};
 pub use read::{Archive, ChunkBuf, ReadAt};
-pub use unpack::{unpack, unpack_to_dir, UnpackReport};
+pub use unpack::{unpack, unpack_to_dir, update, UnpackReport};
 
 /// Pages per chunk (1 MiB raw): large enough for zstd to find redundancy,
 /// small enough to spread a 1 GiB image over all cores and to bound what a

@@ -277,3 +277,62 @@ fn a_pages_image_of_partial_pages_is_refused() {
     );
     assert!(!t.path().join("a.ferry").exists());
 }
+
+#[test]
+fn update_patches_an_unpacked_directory_to_the_next_generation() {
+    let t = tempfile::tempdir().unwrap();
+    let (d0, d1) = (t.path().join("d0"), t.path().join("d1"));
+    images(&d0, 2000, 0);
+    images(&d1, 2000, 1); // random pages changed
+                          // Some pages of the first image become zero, one zero page data, a
+                          // file goes, another comes, a pages image changes size.
+    let mut p = fs::read(d1.join("pages-1.img")).unwrap();
+    p[..3 * PAGE_SIZE].fill(0);
+    let zero_at = p
+        .chunks(PAGE_SIZE)
+        .position(|c| c.iter().all(|&b| b == 0) && c.as_ptr() != p.as_ptr())
+        .unwrap();
+    p[zero_at * PAGE_SIZE] = 7;
+    fs::write(d1.join("pages-1.img"), &p).unwrap();
+    fs::write(d1.join("pages-2.img"), vec![3u8; 2 * PAGE_SIZE]).unwrap();
+    fs::remove_file(d1.join("empty.img")).unwrap();
+    fs::write(d1.join("new.img"), b"a new file").unwrap();
+    let (a0, a1) = (t.path().join("a0.ferry"), t.path().join("a1.ferry"));
+    pack_to_file(&d0, &a0, &opts(None, 2)).unwrap();
+    pack_to_file(&d1, &a1, &opts(Some(a0.clone()), 2)).unwrap();
+    let out = t.path().join("out");
+    unpack_to(&a0, &out).unwrap();
+    let (held, next) = (
+        Chain::open(&a0, None).unwrap(),
+        Chain::open(&a1, None).unwrap(),
+    );
+    let full = fs::metadata(d1.join("pages-1.img")).unwrap().len();
+    let r = update(&next, &held, &out, 2, &NoProgress).unwrap();
+    same_files(&d1, &out);
+    assert!(
+        r.bytes_written < full,
+        "{} written of a {full}-byte image",
+        r.bytes_written
+    );
+}
+
+#[test]
+fn update_refuses_a_damaged_chunk() {
+    let t = tempfile::tempdir().unwrap();
+    let (d0, d1) = (t.path().join("d0"), t.path().join("d1"));
+    images(&d0, 500, 0);
+    images(&d1, 500, 1);
+    let (a0, a1) = (t.path().join("a0.ferry"), t.path().join("a1.ferry"));
+    pack_to_file(&d0, &a0, &opts(None, 2)).unwrap();
+    pack_to_file(&d1, &a1, &opts(Some(a0.clone()), 2)).unwrap();
+    let out = t.path().join("out");
+    unpack_to(&a0, &out).unwrap();
+    let mut bytes = fs::read(&a1).unwrap();
+    bytes[HEADER_LEN + 40] ^= 1;
+    fs::write(&a1, &bytes).unwrap();
+    let held = Chain::open(&a0, None).unwrap();
+    let err = Chain::open(&a1, None)
+        .and_then(|next| update(&next, &held, &out, 2, &NoProgress))
+        .unwrap_err();
+    assert!(err.to_string().contains("a1.ferry"), "{err}");
+}

@@ -76,6 +76,47 @@ pub fn unpack(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<UnpackReport, ArchiveError> {
+    place(chain, None, dest, threads, progress)
+}
+
+/// Brings `dest`, which holds an unpack of `held`'s head (checked when it
+/// was made), to an unpack of `chain`'s head: a pages image of the same
+/// name and size is patched where its pages differ by digest, every other
+/// file is written afresh, files of `held` absent from `chain` are removed.
+/// Everything written is checked as [`unpack`] checks it; the pages left in
+/// place were checked when `held` was unpacked. On error `dest` is left
+/// half-updated: callers must not restore from it.
+pub fn update(
+    chain: &Chain,
+    held: &Chain,
+    dest: &Path,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<UnpackReport, ArchiveError> {
+    let report = place(chain, Some(held), dest, threads, progress)?;
+    let keep: std::collections::HashSet<&str> = chain
+        .head()
+        .index()
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    for f in &held.head().index().files {
+        if !keep.contains(f.name.as_str()) {
+            let p = dest.join(&f.name);
+            fs::remove_file(&p).map_err(|e| ArchiveError::io("remove", &p, e))?;
+        }
+    }
+    Ok(report)
+}
+
+fn place(
+    chain: &Chain,
+    held: Option<&Chain>,
+    dest: &Path,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<UnpackReport, ArchiveError> {
     let start = Instant::now();
     let threads = threads.max(1);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -84,20 +125,45 @@ pub fn unpack(
         .map_err(|source| ArchiveError::Threads { threads, source })?;
     let head = chain.head();
     let files = &head.index().files;
+    // A pages image of `held` with the same name and size is patched in
+    // place: its page digests say which pages to leave.
+    let mut kept: Vec<Option<Vec<Digest>>> = vec![None; files.len()];
+    if let Some(held) = held {
+        let old = &held.head().index().files;
+        for (fi, f) in files.iter().enumerate().filter(|(_, f)| f.pages) {
+            if let Some(oi) = old
+                .iter()
+                .position(|o| o.pages && o.name == f.name && o.size == f.size)
+            {
+                kept[fi] = Some(layout_digests(held, oi)?);
+            }
+        }
+    }
+    let zero = zero_page_digest();
     let mut refs = Vec::new();
+    // Pages that were data in `held` and are zero now.
+    let mut zeroed: Vec<(usize, usize)> = Vec::new();
     for (fi, f) in files.iter().enumerate().filter(|(_, f)| f.pages) {
-        check_layout(chain, fi)?;
+        let digests = check_layout(chain, fi)?;
+        let old = kept[fi].as_deref();
+        let same = |p: usize| old.is_some_and(|o| o[p] == digests[p]);
         let mut page = 0u32;
         for r in 0..f.run_sources.len() {
             let (src, len, slot) = (f.run_sources[r], f.run_lens[r], f.run_slots[r]);
-            if src >= SOURCE_GEN_BASE {
-                for k in 0..len {
+            for k in 0..len {
+                let p = (page + k) as usize;
+                if same(p) {
+                    continue;
+                }
+                if src >= SOURCE_GEN_BASE {
                     refs.push(PageRef {
                         gen: src - SOURCE_GEN_BASE,
                         slot: slot + k,
                         file: fi as u32,
                         page: page + k,
                     });
+                } else if old.is_some_and(|o| o[p] != zero) {
+                    zeroed.push((fi, p));
                 }
             }
             page += len;
@@ -108,16 +174,33 @@ pub fn unpack(
 
     let mut handles = Vec::with_capacity(files.len());
     let mut maps: Vec<Option<memmap2::MmapMut>> = Vec::with_capacity(files.len());
-    for f in files {
+    for (fi, f) in files.iter().enumerate() {
         let path = dest.join(&f.name);
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| ArchiveError::io("create", &path, e))?;
-        file.set_len(f.size)
-            .map_err(|e| ArchiveError::io("size", &path, e))?;
+        let file = if kept[fi].is_some() {
+            File::options()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(|e| ArchiveError::io("open", &path, e))?
+        } else {
+            if held.is_some() {
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(ArchiveError::io("replace", &path, e))
+                    }
+                    _ => {}
+                }
+            }
+            let file = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| ArchiveError::io("create", &path, e))?;
+            file.set_len(f.size)
+                .map_err(|e| ArchiveError::io("size", &path, e))?;
+            file
+        };
         let map = if f.pages && f.size > 0 {
             Some(map_writable(&file, false).map_err(|e| ArchiveError::io("map", &path, e))?)
         } else {
@@ -133,9 +216,16 @@ pub fn unpack(
             None => Vec::new(),
         })
         .collect();
+    for &(fi, p) in &zeroed {
+        if let Some(v) = views[fi].get_mut(p).and_then(Option::take) {
+            v.fill(0);
+        }
+    }
+    let mut written = (refs.len() + zeroed.len()) as u64 * PAGE_SIZE as u64;
 
     let mut jobs = Vec::new();
     for (fi, f) in files.iter().enumerate().filter(|(_, f)| !f.pages) {
+        written += f.size;
         let mut offset = 0u64;
         for (seq, &c) in f.data_chunks.iter().enumerate() {
             jobs.push(Job::Data {
@@ -194,22 +284,12 @@ pub fn unpack(
     tracing::debug!(elapsed = ?start.elapsed(), "unpack: written");
 
     let bytes = files.iter().map(|f| f.size).sum();
-    let zero_bytes: u64 = files
-        .iter()
-        .filter(|f| f.pages)
-        .map(|f| {
-            (0..f.run_sources.len())
-                .filter(|&r| f.run_sources[r] < SOURCE_GEN_BASE)
-                .map(|r| u64::from(f.run_lens[r]) * PAGE_SIZE as u64)
-                .sum::<u64>()
-        })
-        .sum();
     Ok(UnpackReport {
         wall: start.elapsed(),
         threads,
         files: files.len(),
         bytes,
-        bytes_written: bytes - zero_bytes,
+        bytes_written: written,
         chunks_read,
         generations: chain.generations(),
     })
@@ -228,8 +308,24 @@ fn missing_slot(chain: &Chain, r: PageRef) -> ArchiveError {
 }
 
 /// The pages image's manifest checksum must match its layout and the
-/// recorded page digests, before anything is written.
-fn check_layout(chain: &Chain, fi: usize) -> Result<(), ArchiveError> {
+/// recorded page digests, before anything is written. Returns the digest of
+/// each page.
+fn check_layout(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError> {
+    let f = &chain.head().index().files[fi];
+    let digests = layout_digests(chain, fi)?;
+    if file_checksum(digests.iter().copied(), f.size).to_le_bytes()[..] != f.checksum[..] {
+        return Err(ArchiveError::corrupt(
+            chain.head().path(),
+            Corruption::FileChecksum {
+                file: f.name.clone(),
+            },
+        ));
+    }
+    Ok(digests)
+}
+
+/// The digest of each page of the head's pages image `fi`, from its layout.
+fn layout_digests(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError> {
     let f = &chain.head().index().files[fi];
     let zero = zero_page_digest();
     let mut digests = Vec::with_capacity((f.size / PAGE_SIZE as u64) as usize);
@@ -253,15 +349,7 @@ fn check_layout(chain: &Chain, fi: usize) -> Result<(), ArchiveError> {
             digests.push(d);
         }
     }
-    if file_checksum(digests, f.size).to_le_bytes()[..] != f.checksum[..] {
-        return Err(ArchiveError::corrupt(
-            chain.head().path(),
-            Corruption::FileChecksum {
-                file: f.name.clone(),
-            },
-        ));
-    }
-    Ok(())
+    Ok(digests)
 }
 
 /// Runs one job; data jobs return their block digests for the file check.

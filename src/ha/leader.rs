@@ -3,8 +3,7 @@
 //! when it has no leader and this host holds the newest checkpoint, or
 //! make sure no stale copy of it runs here.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::etcd::{delete_op, put_op};
@@ -13,15 +12,18 @@ use super::keys::{
     ServiceView,
 };
 use super::member::{Led, Member};
-use super::replica::{self, Holding};
+use super::replica::{self, Holding, Link};
+use super::replicator::Replicator;
 use crate::archive::{NoProgress, PackOptions};
 use crate::checkpoint::{self, Source};
 use crate::criu::{DumpRequest, NoHooks};
 use crate::target::runc::{self, RestoreFlags};
 use crate::target::ContainerRef;
 
-/// Incremental archives per chain before the next full one.
-const CHAIN_LENGTH: usize = 8;
+/// Archives per chain before the next full one. A standby applies a full
+/// archive as cheaply as an incremental one (only changed pages are
+/// written), but the leader compresses and sends all of the memory.
+const CHAIN_LENGTH: usize = 30;
 /// A failed checkpoint (e.g. a client connection open at the freeze) is
 /// retried after this, not after a whole interval.
 const RETRY: Duration = Duration::from_millis(300);
@@ -34,12 +36,15 @@ const LEVEL: i32 = 1;
 struct Leading {
     token: i64,
     container: String,
-    /// Archives of the current chain, oldest first.
-    chain: Vec<(CheckpointRecord, PathBuf)>,
+    /// Archives of the current chain, oldest first (a chain restored from
+    /// a standby's holding goes on here).
+    chain: Vec<Link>,
+    /// The newest checkpoint of the chain.
+    last: Option<CheckpointRecord>,
     next_generation: u64,
     next_checkpoint: Instant,
-    /// What each standby acknowledged: (token, base, generation).
-    acked: HashMap<String, (i64, u64, u64)>,
+    /// Sends each checkpoint to the standbys.
+    replicator: Replicator,
     address: AddressRecord,
     address_published: bool,
 }
@@ -61,7 +66,7 @@ impl ServiceRun {
         }
     }
 
-    pub fn step(&mut self, m: &Member, view: &ClusterView, sv: &ServiceView) {
+    pub fn step(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView) {
         let Some(spec) = sv.spec.as_ref() else { return };
         if !spec.eligible(m.name()) {
             return;
@@ -282,15 +287,29 @@ impl ServiceRun {
             .map_or(0, |c| c.generation)
             .max(restored.0)
             + 1;
+        // The chain restored from goes on: the first checkpoint is
+        // incremental on it, and the standbys keep what they hold of it.
+        let dir = replica::leader_dir(m, &self.name);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::create_dir_all(&dir);
+        let (chain, last) = match holding.filter(|_| restored.0 > 0) {
+            Some(h) => {
+                let chain = adopt(&h.chain, &dir);
+                let _ = std::fs::remove_dir_all(m.service_dir(&self.name).join("standby"));
+                (chain, Some(h.checkpoint.clone()))
+            }
+            None => (Vec::new(), None),
+        };
         let host_ip = m.config.ip;
         self.leading = Some(Leading {
             token,
             container,
-            chain: Vec::new(),
+            chain,
+            last,
             next_generation,
             // A first checkpoint soon, so standbys hold something.
             next_checkpoint: Instant::now() + Duration::from_millis(200),
-            acked: HashMap::new(),
+            replicator: Replicator::new(&self.name),
             address: AddressRecord {
                 host: m.name().to_string(),
                 addr: std::net::SocketAddr::new(host_ip, spec.port).to_string(),
@@ -303,12 +322,9 @@ impl ServiceRun {
             address_published: false,
         });
         self.leaderless_since = None;
-        let dir = replica::leader_dir(m, &self.name);
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::create_dir_all(&dir);
     }
 
-    fn lead(&mut self, m: &Member, view: &ClusterView, sv: &ServiceView, spec: &ServiceSpec) {
+    fn lead(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView, spec: &ServiceSpec) {
         let key = keys::service_key(m.cluster(), &self.name, "leader");
         let Some(l) = self.leading.as_mut() else {
             return;
@@ -388,7 +404,8 @@ impl ServiceRun {
         let Some(l) = self.leading.as_mut() else {
             return false;
         };
-        let Some((cp, path)) = l.chain.last().cloned() else {
+        let (Some(cp), Some(path)) = (l.last.clone(), l.chain.last().map(|k| k.path.clone()))
+        else {
             tracing::error!(service = %self.name, "fenced before any checkpoint: resigning");
             return false;
         };
@@ -551,7 +568,7 @@ fn container_id(m: &Member, spec: &ServiceSpec) -> String {
 /// Takes one checkpoint while the service runs, records it (fenced) and
 /// sends it to the standbys. Returns whether the checkpoint was taken.
 fn checkpoint_and_replicate(
-    m: &Member,
+    m: &Arc<Member>,
     service: &str,
     spec: &ServiceSpec,
     view: &ClusterView,
@@ -564,7 +581,7 @@ fn checkpoint_and_replicate(
     let parent = if full {
         None
     } else {
-        l.chain.last().map(|(_, p)| p.clone())
+        l.chain.last().map(|k| k.path.clone())
     };
     let mut req = DumpRequest::new(0, dir.join("unused"));
     req.leave_running = true;
@@ -619,11 +636,11 @@ fn checkpoint_and_replicate(
             s.frozen.as_secs_f64() * 1e3
         });
     if full {
-        for (_, old) in l.chain.drain(..) {
-            let _ = std::fs::remove_file(old);
+        for old in l.chain.drain(..) {
+            let _ = std::fs::remove_file(old.path);
         }
     }
-    let base = l.chain.first().map_or(generation, |(c, _)| c.generation);
+    let base = l.chain.first().map_or(generation, |k| k.generation);
     let record = CheckpointRecord {
         generation,
         token: l.token,
@@ -634,7 +651,12 @@ fn checkpoint_and_replicate(
         raw_bytes: d.pack.raw_bytes,
         base,
     };
-    l.chain.push((record.clone(), path));
+    l.chain.push(Link {
+        generation,
+        id: d.pack.id.clone(),
+        path,
+    });
+    l.last = Some(record.clone());
     l.next_generation += 1;
     let key = keys::service_key(m.cluster(), service, "leader");
     let cp_key = keys::service_key(m.cluster(), service, "checkpoint");
@@ -650,64 +672,47 @@ fn checkpoint_and_replicate(
         }
         Err(e) => tracing::warn!(service, error = %e, "cannot record the checkpoint in etcd"),
     }
-    let chain: Vec<(u64, PathBuf)> = l
-        .chain
-        .iter()
-        .map(|(c, p)| (c.generation, p.clone()))
-        .collect();
     // Standbys: live eligible hosts other than this one, those already in
-    // sync first, then by name.
+    // sync first, then by name. Each gets the checkpoint from its own
+    // worker: checkpoints never wait for a transfer.
     let mut targets: Vec<&HostRecord> = view
         .hosts
         .values()
         .filter(|h| h.name != m.name() && spec.eligible(&h.name))
         .collect();
-    targets.sort_by_key(|h| (!l.acked.contains_key(&h.name), h.name.clone()));
+    targets.sort_by_key(|h| (!l.replicator.in_sync(&h.name), h.name.clone()));
     targets.truncate(spec.standbys);
-    // To every standby at once.
-    let outcomes: Vec<(String, Result<f64, super::HaError>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = targets
-            .iter()
-            .map(|host| {
-                let (record, chain) = (&record, &chain);
-                s.spawn(move || replica::send(m, host, service, record, chain))
-            })
-            .collect();
-        targets
-            .iter()
-            .zip(handles)
-            .map(|(h, t)| {
-                let r = t.join().unwrap_or_else(|_| {
-                    Err(super::HaError::Refused {
-                        why: "the replication thread panicked".into(),
-                    })
-                });
-                (h.name.clone(), r)
-            })
-            .collect()
-    });
-    let mut sent_to = Vec::new();
-    for (host, outcome) in outcomes {
-        match outcome {
-            Ok(verify_ms) => {
-                l.acked
-                    .insert(host.clone(), (record.token, base, generation));
-                sent_to.push(format!("{host}({verify_ms:.0} ms)"));
-            }
-            Err(e) => {
-                l.acked.remove(&host);
-                tracing::warn!(service, standby = %host, error = %crate::units::chain(&e), "replication failed");
-            }
-        }
+    for host in &targets {
+        l.replicator.post(m, host, &record, &l.chain);
     }
     tracing::info!(
         service,
         generation,
         frozen_ms = format!("{frozen_ms:.1}"),
+        dump_ms = d.dump.wall.as_millis() as u64,
+        pack_ms = d.pack.wall.as_millis() as u64,
         archive_bytes = record.archive_bytes,
         base,
-        standbys = %sent_to.join(" "),
-        "checkpoint taken and replicated"
+        standbys = %targets.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(" "),
+        "checkpoint taken"
     );
     true
+}
+
+/// Links a chain's archives into `dir` (the leader's own), under the same
+/// names; stops at the first that cannot be linked or copied (a chain is
+/// only good up to a missing archive).
+fn adopt(chain: &[Link], dir: &std::path::Path) -> Vec<Link> {
+    let mut out = Vec::new();
+    for k in chain {
+        let path = replica::archive_path(dir, k.generation);
+        let linked =
+            std::fs::hard_link(&k.path, &path).or_else(|_| std::fs::copy(&k.path, &path).map(drop));
+        if let Err(e) = linked {
+            tracing::warn!(archive = %k.path.display(), error = %e, "cannot keep the restored chain: the next checkpoint is a full one");
+            return Vec::new();
+        }
+        out.push(Link { path, ..k.clone() });
+    }
+    out
 }

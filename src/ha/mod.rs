@@ -41,6 +41,7 @@ pub mod keys;
 mod leader;
 pub mod member;
 pub mod replica;
+mod replicator;
 pub mod status;
 
 use std::io;

@@ -2,12 +2,19 @@
 //!
 //! The leader offers each new checkpoint ([`send`]); the standby
 //! ([`serve_offer`]) refuses it unless its fencing token is the leader key's
-//! current revision in etcd (a deposed leader cannot replicate),
-//! says what it already holds of the chain, receives the missing archives
-//! (each written under a temporary name, renamed when complete), verifies
-//! the whole chain by unpacking it (every chunk's checksum) into a ready
-//! directory, and only then makes it its newest checkpoint and publishes it
-//! in etcd. A failover restores straight from the ready directory.
+//! current revision in etcd (a deposed leader cannot replicate), says which
+//! archives it holds (by id), receives the missing ones (each written under
+//! a temporary name, renamed when complete), and verifies the chain by
+//! bringing its ready directory (the CRIU images of its newest checkpoint,
+//! restorable as they are) to the new checkpoint: only the pages that
+//! changed are read, checked against their checksums and digests, and
+//! written ([`archive::update`]); the first checkpoint is unpacked whole.
+//! Only then is it the standby's newest checkpoint, published in etcd. A
+//! failover restores straight from the ready directory.
+//!
+//! A chain outlives its leader: a new leader restored from a standby's
+//! chain continues it (its first checkpoint is incremental on that chain's
+//! newest archive), and the other standbys keep what they hold of it.
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -30,11 +37,20 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Prefix of the ready directories (swept like the agent's staging).
 const READY_PREFIX: &str = "ferry-agent-";
 
+/// One archive of a checkpoint chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub generation: u64,
+    /// The archive's id (hex).
+    pub id: String,
+    pub path: PathBuf,
+}
+
 /// A standby's newest verified checkpoint of one service.
 pub struct Holding {
     pub checkpoint: CheckpointRecord,
     /// Archives of the chain, oldest (the full one) first.
-    pub chain: Vec<(u64, PathBuf)>,
+    pub chain: Vec<Link>,
     /// The chain unpacked and verified: CRIU images ready to restore.
     pub ready: tempfile::TempDir,
 }
@@ -63,50 +79,61 @@ pub fn archive_path(dir: &Path, g: u64) -> PathBuf {
     dir.join(archive_name(g))
 }
 
+/// What one replication sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub archives: usize,
+    pub bytes: u64,
+    /// The standby's verification time.
+    pub verify_ms: f64,
+}
+
 /// Leader side: offers `checkpoint` to `host` and sends what it lacks of
-/// `chain` (generation, path; oldest first, ending with the checkpoint).
-/// Returns the verification time the standby reported.
+/// `chain` (oldest first, ending with the checkpoint).
 pub fn send(
     member: &Member,
     host: &HostRecord,
     service: &str,
     checkpoint: &CheckpointRecord,
-    chain: &[(u64, PathBuf)],
-) -> Result<f64, HaError> {
+    chain: &[Link],
+) -> Result<Sent, HaError> {
     let mut conn = Conn::connect(&host.agent, &member.secret, CONNECT_TIMEOUT)?;
     conn.set_read_timeout(Some(ANSWER_TIMEOUT))?;
     conn.send_msg(&Msg::Offer {
         service: service.to_string(),
         checkpoint: checkpoint.clone(),
     })?;
-    let have = match conn.recv_msg()? {
-        Msg::Have {
-            token,
-            base,
-            generation,
-        } => (token == checkpoint.token && base == checkpoint.base).then_some(generation),
+    let held = match conn.recv_msg()? {
+        Msg::Have { ids } => ids,
         other => return Err(unexpected("Have", &other)),
     };
-    let send: Vec<&(u64, PathBuf)> = chain
+    // The standby keeps the longest start of the chain it already holds.
+    let keep = chain
         .iter()
-        .filter(|(g, _)| have.is_none_or(|h| *g > h))
-        .collect();
+        .zip(&held)
+        .take_while(|(l, id)| l.id == **id)
+        .count()
+        .min(chain.len().saturating_sub(1));
+    let send = &chain[keep..];
     let mut files = Vec::new();
-    for (g, path) in &send {
-        let size = fs::metadata(path)
+    for l in send {
+        let size = fs::metadata(&l.path)
             .map_err(|source| HaError::Io {
-                path: path.clone(),
+                path: l.path.clone(),
                 source,
             })?
             .len();
         files.push(ArchiveFile {
-            generation: *g,
+            generation: l.generation,
             size,
+            id: l.id.clone(),
         });
     }
-    conn.send_msg(&Msg::Archives { files })?;
+    let sent = (files.len(), files.iter().map(|f| f.size).sum::<u64>());
+    conn.send_msg(&Msg::Archives { keep, files })?;
     let mut buf = vec![0u8; PIECE];
-    for (_, path) in send {
+    for l in send {
+        let path = &l.path;
         let mut f = File::open(path).map_err(|source| HaError::Io {
             path: path.clone(),
             source,
@@ -126,7 +153,11 @@ pub fn send(
         Msg::Replicated {
             generation,
             verify_ms,
-        } if generation == checkpoint.generation => Ok(verify_ms),
+        } if generation == checkpoint.generation => Ok(Sent {
+            archives: sent.0,
+            bytes: sent.1,
+            verify_ms,
+        }),
         other => Err(unexpected("Replicated", &other)),
     }
 }
@@ -174,44 +205,37 @@ fn receive(
     // One transfer per service at a time.
     let _busy = Busy::claim(member, service)?;
     admit(member, service, cp)?;
-    let (have_token, have_base, have_gen, mut chain) = match member.holdings.lock() {
-        Ok(h) => match h.get(service) {
-            Some(h) => (
-                h.checkpoint.token,
-                h.checkpoint.base,
-                h.checkpoint.generation,
-                h.chain.clone(),
-            ),
-            None => (0, 0, 0, Vec::new()),
-        },
-        Err(_) => (0, 0, 0, Vec::new()),
-    };
-    let continues = have_token == cp.token && have_base == cp.base;
+    let held: Vec<Link> = member
+        .holdings
+        .lock()
+        .ok()
+        .and_then(|h| h.get(service).map(|h| h.chain.clone()))
+        .unwrap_or_default();
     conn.send_msg(&Msg::Have {
-        token: have_token,
-        base: have_base,
-        generation: have_gen,
+        ids: held.iter().map(|l| l.id.clone()).collect(),
     })?;
-    let files = match conn.recv_msg()? {
-        Msg::Archives { files } => files,
+    let (keep, files) = match conn.recv_msg()? {
+        Msg::Archives { keep, files } => (keep, files),
         other => return Err(unexpected("Archives", &other)),
     };
-    // The files must extend what is held (or start the chain afresh) and
-    // end with the offered generation.
-    let first = files.first().map(|f| f.generation);
-    let starts_ok = match first {
-        Some(g) if continues => g == have_gen + 1 || g == cp.base,
-        Some(g) => g == cp.base,
-        None => false,
-    };
-    let consecutive = files
-        .windows(2)
-        .all(|w| w[1].generation == w[0].generation + 1);
-    if !starts_ok || !consecutive || files.last().map(|f| f.generation) != Some(cp.generation) {
+    // The chain: what is kept of the one held, then the files, in
+    // increasing generations, ending with the offered one.
+    let mut gens = held
+        .iter()
+        .take(keep)
+        .map(|l| l.generation)
+        .chain(files.iter().map(|f| f.generation));
+    let increasing = gens.clone().zip(gens.clone().skip(1)).all(|(a, b)| b > a);
+    if keep > held.len()
+        || files.is_empty()
+        || !increasing
+        || gens.next_back() != Some(cp.generation)
+    {
         return Err(HaError::Refused {
             why: format!(
-                "archives {:?} do not extend the chain held (base {have_base}, generation {have_gen}) to generation {}",
+                "archives {:?} after {keep} of the {} held do not make a chain ending with generation {}",
                 files.iter().map(|f| f.generation).collect::<Vec<_>>(),
+                held.len(),
                 cp.generation
             ),
         });
@@ -221,9 +245,6 @@ fn receive(
         path: dir.clone(),
         source,
     })?;
-    if first == Some(cp.base) {
-        chain.clear();
-    }
     let need: u64 = files.iter().map(|f| f.size).sum();
     let free = staging::available(&dir).unwrap_or(0);
     if free < need.saturating_mul(2) {
@@ -236,62 +257,139 @@ fn receive(
             ),
         });
     }
+    // The archives kept from another leader's chain join this one's
+    // directory (they name each other by file name).
+    let mut chain = Vec::with_capacity(keep + files.len());
+    for l in &held[..keep] {
+        let path = archive_path(&dir, l.generation);
+        if path != l.path {
+            let _ = fs::remove_file(&path);
+            fs::hard_link(&l.path, &path)
+                .or_else(|_| fs::copy(&l.path, &path).map(drop))
+                .map_err(|source| HaError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        chain.push(Link { path, ..l.clone() });
+    }
     for f in &files {
         let path = archive_path(&dir, f.generation);
         write_archive(conn, &dir, &path, f.size)?;
-        chain.push((f.generation, path));
+        chain.push(Link {
+            generation: f.generation,
+            id: f.id.clone(),
+            path,
+        });
     }
-    // Verify: open the chain and unpack it (every chunk is checked).
+    // Verify: the chain's ids, then every page that changed.
     let t = Instant::now();
-    let head = &chain.last().expect("the chain holds the offered archive").1;
+    let head = chain.last().expect("the chain holds the offered archive");
     let bad = |source| HaError::Archive {
-        path: head.clone(),
+        path: head.path.clone(),
         source,
     };
-    let opened = Chain::open(head, None).map_err(bad)?;
-    let size: u64 = opened.head().index().files.iter().map(|f| f.size).sum();
-    let ready = staging::create(READY_PREFIX, size, None).map_err(|source| HaError::Io {
-        path: staging::base_for(size, None),
-        source,
-    })?;
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    archive::unpack(&opened, ready.path(), threads, &NoProgress).map_err(bad)?;
-    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
-    // The leader may have changed while the chain travelled: check again,
-    // and never replace a newer holding with an older one.
+    let opened = Chain::open(&head.path, None).map_err(bad)?;
+    let ids_match = (0..opened.generations())
+        .all(|g| chain[chain.len() - 1 - g].id == archive::id_hex(&opened.generation(g).id()));
+    if opened.generations() != chain.len() || !ids_match {
+        return Err(HaError::Refused {
+            why: format!(
+                "the archives received do not form the announced chain of {} ending with {}",
+                chain.len(),
+                head.path.display()
+            ),
+        });
+    }
+    // The leader may have changed while the chain travelled: check again.
     admit(member, service, cp)?;
-    let keep: Vec<PathBuf> = chain.iter().map(|(_, p)| p.clone()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let record = StandbyRecord {
         host: member.name().to_string(),
         checkpoint: cp.clone(),
-        verified_unix_ms: keys::now_unix_ms(),
+        verified_unix_ms: 0,
     };
-    if let Ok(mut h) = member.holdings.lock() {
-        if let Some(cur) = h.get(service) {
-            let (have, offered) = (
-                (cur.checkpoint.token, cur.checkpoint.generation),
-                (cp.token, cp.generation),
-            );
-            if have > offered {
+    // Patch the held images in place, under the lock: a failover waits for
+    // it rather than restore half-patched images.
+    let mut holdings = member.holdings.lock().map_err(|_| HaError::Refused {
+        why: "internal lock poisoned".into(),
+    })?;
+    if let Some(cur) = holdings.get(service) {
+        let (have, offered) = (
+            (cur.checkpoint.token, cur.checkpoint.generation),
+            (cp.token, cp.generation),
+        );
+        if have > offered {
+            return Err(HaError::Refused {
+                why: format!("a newer checkpoint {have:?} is held than the offered {offered:?}"),
+            });
+        }
+    }
+    let mut patched = None;
+    if let Some(cur) = holdings.get_mut(service) {
+        let updated = cur
+            .chain
+            .last()
+            .ok_or_else(|| "an empty chain is held".to_string())
+            .and_then(|h| Chain::open(&h.path, None).map_err(|e| crate::units::chain(&e)))
+            .and_then(|held| {
+                archive::update(&opened, &held, cur.ready.path(), threads, &NoProgress)
+                    .map_err(|e| crate::units::chain(&e))
+            });
+        match updated {
+            Ok(_) => {
+                cur.checkpoint = cp.clone();
+                cur.chain = chain.clone();
+                patched = Some(());
+            }
+            Err(why) => {
+                // Never restore from half-patched images: unpack afresh.
+                tracing::warn!(service, error = %why, "cannot update the held images: unpacking the chain whole");
+                holdings.remove(service);
+            }
+        }
+    }
+    if patched.is_none() {
+        drop(holdings);
+        let size: u64 = opened.head().index().files.iter().map(|f| f.size).sum();
+        let ready = staging::create(READY_PREFIX, size, None).map_err(|source| HaError::Io {
+            path: staging::base_for(size, None),
+            source,
+        })?;
+        archive::unpack(&opened, ready.path(), threads, &NoProgress).map_err(bad)?;
+        admit(member, service, cp)?;
+        holdings = member.holdings.lock().map_err(|_| HaError::Refused {
+            why: "internal lock poisoned".into(),
+        })?;
+        if let Some(cur) = holdings.get(service) {
+            if (cur.checkpoint.token, cur.checkpoint.generation) > (cp.token, cp.generation) {
                 return Err(HaError::Refused {
-                    why: format!(
-                        "a newer checkpoint {have:?} is held than the offered {offered:?}"
-                    ),
+                    why: "a newer checkpoint arrived meanwhile".into(),
                 });
             }
         }
-        h.insert(
+        holdings.insert(
             service.to_string(),
             Holding {
                 checkpoint: cp.clone(),
-                chain,
+                chain: chain.clone(),
                 ready,
             },
         );
     }
+    drop(holdings);
+    let verify_ms = t.elapsed().as_secs_f64() * 1e3;
+    let keep: Vec<PathBuf> = chain.iter().map(|l| l.path.clone()).collect();
     remove_other_archives(&dir, &keep);
-    publish(member, service, &record);
-    tracing::info!(service, generation = cp.generation, token = cp.token, leader = %cp.leader, verify_ms, "checkpoint verified; newest held here");
+    publish(
+        member,
+        service,
+        &StandbyRecord {
+            verified_unix_ms: keys::now_unix_ms(),
+            ..record
+        },
+    );
+    tracing::info!(service, generation = cp.generation, token = cp.token, leader = %cp.leader, kept = keep.len() - files.len(), received = files.len(), verify_ms, "checkpoint verified; newest held here");
     Ok(verify_ms)
 }
 

@@ -26,8 +26,10 @@
 //! ```text
 //! leader                                   standby agent
 //!   Offer{service, checkpoint} ---------->  checks the token against etcd
-//!                           <-------------  Have{token, base, generation} | Error
-//!   Archives{files} + blobs per file ----->  writes, verifies the chain (unpacks it)
+//!                           <-------------  Have{ids of the chain held} | Error
+//!   Archives{keep, files} + blobs -------->  keeps the first `keep` archives it holds,
+//!                                            writes the rest, verifies the chain by
+//!                                            updating its restorable images
 //!                           <-------------  Replicated{generation} | Error
 //! ```
 //!
@@ -69,6 +71,8 @@ pub struct ImageEntry {
 pub struct ArchiveFile {
     pub generation: u64,
     pub size: u64,
+    /// The archive's id (hex): what its children name it by.
+    pub id: String,
 }
 
 /// CRIU restore flags carried from the source's command line.
@@ -153,15 +157,16 @@ pub enum Msg {
         service: String,
         checkpoint: crate::ha::keys::CheckpointRecord,
     },
-    /// HA: the newest generation the standby holds of the chain that starts
-    /// at `base` under `token` (zeros: none).
+    /// HA: the ids of the archives of the chain the standby holds, oldest
+    /// (the full one) first; empty when it holds none.
     Have {
-        token: i64,
-        base: u64,
-        generation: u64,
+        ids: Vec<String>,
     },
-    /// HA: archives follow in this order, each as blobs totalling its size.
+    /// HA: the chain offered is the first `keep` archives the standby holds
+    /// followed by `files`, which follow in this order, each as blobs
+    /// totalling its size.
     Archives {
+        keep: usize,
         files: Vec<ArchiveFile>,
     },
     /// HA: the standby verified the chain and holds this generation.

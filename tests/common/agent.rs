@@ -89,7 +89,10 @@ impl AgentProc {
             .arg(&key)
             .arg("--store")
             .arg(store)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("FERRY_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
