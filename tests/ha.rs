@@ -1,6 +1,7 @@
 //! High availability end to end: a real etcd, three "hosts" (network
 //! namespaces, each with its own agent and runc root) and a stateful
-//! counter service in a runc container. A bounded loop of faults (the
+//! counter service, in a runc container or as a process tree. A bounded
+//! loop of faults (the
 //! leader's agent and container killed, the leader's link cut, a standby
 //! killed, etcd restarted) with, throughout, at most one running copy, and
 //! after each failover a service restored from a checkpoint at least as new
@@ -17,7 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
-use common::containers::{bundle_running, require_runc};
+use common::containers::{bundle_running, require_runc, rootfs, sh};
+use common::dockerd::DockerdProc;
 use common::etcd::EtcdProc;
 use common::*;
 use ferry::ha::etcd::Etcd;
@@ -46,8 +48,104 @@ fn faults() -> usize {
 /// own pid namespace (so copies on two "hosts" of one machine never clash).
 fn bundle(dir: &Path) -> PathBuf {
     let bundle = dir.join("bundle");
-    let args = [
-        "/bin/ferry-workload",
+    let args = std::iter::once("/bin/ferry-workload".to_string())
+        .chain(workload_args())
+        .collect();
+    bundle_running(&bundle, args, |cfg| {
+        let ns = cfg["linux"]["namespaces"].as_array_mut().unwrap();
+        ns.retain(|n| n["type"] != "network");
+    });
+    bundle
+}
+
+/// What the service runs as.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Runc,
+    Process,
+    Docker,
+}
+
+/// The image Docker services run (imported into every host's engine).
+const IMAGE: &str = "ferry-ha-test:1";
+
+/// Where one host's copy of the service shows.
+#[derive(Clone)]
+struct CopyProbe {
+    kind: Kind,
+    runc_root: PathBuf,
+    container: String,
+    /// The agent's record of its process tree, and the host's netns.
+    pid_file: PathBuf,
+    netns: PathBuf,
+    docker_socket: PathBuf,
+}
+
+impl CopyProbe {
+    /// The copy's pid when it is a process tree of this host.
+    fn pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(&self.pid_file).ok()?;
+        let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
+        use std::os::unix::fs::MetadataExt;
+        let host_ns = std::fs::metadata(&self.netns).ok()?.ino();
+        let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+        (ns.to_string_lossy() == format!("net:[{host_ns}]")).then_some(pid)
+    }
+
+    /// Whether the copy runs (a paused copy does not serve).
+    fn running(&self) -> bool {
+        match self.kind {
+            Kind::Runc => {
+                ferry::target::runc::status(&self.runc_root, &self.container)
+                    == Some(ContainerStatus::Running)
+            }
+            Kind::Docker => {
+                ferry::target::docker::status(&self.docker_socket, &self.container)
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    == Some("running")
+            }
+            Kind::Process => self.pid().is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit(')')
+                            .next()
+                            .and_then(|r| r.split_whitespace().next())
+                            .map(|st| !matches!(st, "T" | "t" | "Z" | "X"))
+                    })
+                    .unwrap_or(false)
+            }),
+        }
+    }
+
+    fn kill(&self) {
+        match self.kind {
+            Kind::Runc => {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&self.runc_root)
+                    .args(["delete", "--force", &self.container])
+                    .output();
+            }
+            Kind::Docker => {
+                let _ = ferry::target::docker::remove(&self.docker_socket, &self.container);
+            }
+            Kind::Process => {
+                if let Some(pid) = self.pid() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .output();
+                }
+            }
+        }
+    }
+}
+
+/// The workload serving its counter.
+fn workload_args() -> Vec<String> {
+    [
         "--size-mib",
         &SIZE_MIB.to_string(),
         "--tick-ms",
@@ -57,33 +155,66 @@ fn bundle(dir: &Path) -> PathBuf {
     ]
     .iter()
     .map(|s| s.to_string())
-    .collect();
-    bundle_running(&bundle, args, |cfg| {
-        let ns = cfg["linux"]["namespaces"].as_array_mut().unwrap();
-        ns.retain(|n| n["type"] != "network");
-    });
-    bundle
+    .collect()
 }
 
 struct Cluster {
+    /// Each host's Docker engine (Docker services only); first field:
+    /// stopped before the directory and namespaces it lives in go.
+    dockerds: Vec<DockerdProc>,
+    kind: Kind,
     dir: tempfile::TempDir,
     lab: Lab,
     etcd: EtcdProc,
     client: Etcd,
     name: String,
     agents: Vec<Option<AgentProc>>,
+    /// Last field: released after everything above is gone.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
+/// One cluster at a time: three agents, etcd and a 100 MiB service each
+/// load this 2-core machine enough that two clusters side by side would
+/// measure each other.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
 impl Cluster {
-    fn start(tag: &str) -> Cluster {
+    fn start(tag: &str, kind: Kind) -> Cluster {
         require_criu();
         require_runc();
+        let turn = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
         let dir = scratch(tag);
         let lab = Lab::create(tag, HOSTS, Some(1000)).expect("lab");
         let etcd = EtcdProc::start(dir.path(), lab.gateway().into());
         let client = Etcd::connect(std::slice::from_ref(&etcd.url)).unwrap();
         let name = format!("t{}-{tag}", std::process::id());
+        let dockerds = match kind {
+            Kind::Docker => {
+                let root = rootfs(dir.path());
+                let tar = dir.path().join("rootfs.tar");
+                sh(Command::new("tar")
+                    .arg("-C")
+                    .arg(&root)
+                    .arg("-cf")
+                    .arg(&tar)
+                    .arg("."));
+                (0..HOSTS)
+                    .map(|i| {
+                        DockerdProc::start(
+                            &dir.path().join(format!("docker-{i}")),
+                            &lab.host(i).netns,
+                            &tar,
+                            IMAGE,
+                        )
+                    })
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let mut c = Cluster {
+            dockerds,
+            _turn: turn,
+            kind,
             dir,
             lab,
             etcd,
@@ -109,11 +240,33 @@ impl Cluster {
         format!("ferry-{}-{SERVICE}-{}", self.name, Self::host(i))
     }
 
+    fn probe(&self, i: usize) -> CopyProbe {
+        CopyProbe {
+            kind: self.kind,
+            runc_root: self.runc_root(i),
+            container: self.container(i),
+            pid_file: self
+                .dir
+                .path()
+                .join(format!("store-{i}"))
+                .join("ha")
+                .join(SERVICE)
+                .join("copy.pid"),
+            netns: PathBuf::from("/run/netns").join(&self.lab.host(i).netns),
+            docker_socket: self.docker_socket(i),
+        }
+    }
+
+    fn docker_socket(&self, i: usize) -> PathBuf {
+        self.dockerds
+            .get(i)
+            .map_or_else(|| PathBuf::from("/nonexistent"), |d| d.socket.clone())
+    }
+
     /// `ferry ha run` for the counter service (2 standbys).
     fn declare_service(&self) {
-        let b = bundle(self.dir.path());
         let (port, interval) = (PORT.to_string(), INTERVAL_MS.to_string());
-        ferry([
+        let cmd = ferry([
             "ha",
             "run",
             SERVICE,
@@ -127,10 +280,21 @@ impl Cluster {
             &interval,
             "--standbys",
             "2",
-        ])
-        .arg("--bundle")
-        .arg(&b)
-        .ok();
+        ]);
+        let cmd = match self.kind {
+            Kind::Runc => cmd.arg("--bundle").arg(bundle(self.dir.path())),
+            Kind::Process => workload_args()
+                .into_iter()
+                .fold(cmd.arg("--").arg(WORKLOAD), Cmd::arg),
+            Kind::Docker => workload_args().into_iter().fold(
+                cmd.arg("--docker-image")
+                    .arg(IMAGE)
+                    .arg("--")
+                    .arg("/bin/ferry-workload"),
+                Cmd::arg,
+            ),
+        };
+        cmd.ok();
     }
 
     fn start_agent(&mut self, i: usize) {
@@ -145,6 +309,8 @@ impl Cluster {
             &self.lab.host(i).addr.to_string(),
             "--lease-ttl",
             "1",
+            "--docker-socket",
+            &self.docker_socket(i).to_string_lossy(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -171,11 +337,7 @@ impl Cluster {
     }
 
     fn kill_container(&self, i: usize) {
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(self.runc_root(i))
-            .args(["delete", "--force", &self.container(i)])
-            .output();
+        self.probe(i).kill();
     }
 
     /// The cluster as etcd has it (a read that times out is retried, for
@@ -205,12 +367,7 @@ impl Cluster {
 
     /// Hosts where the service's container runs (paused copies do not serve).
     fn running(&self) -> Vec<usize> {
-        (0..HOSTS)
-            .filter(|&i| {
-                ferry::target::runc::status(&self.runc_root(i), &self.container(i))
-                    == Some(ContainerStatus::Running)
-            })
-            .collect()
+        (0..HOSTS).filter(|&i| self.probe(i).running()).collect()
     }
 
     fn leader(&self) -> Option<(usize, i64)> {
@@ -423,7 +580,7 @@ impl Drop for Client {
     }
 }
 
-/// Watches the runc roots: the most copies ever seen running at once.
+/// Watches every host's copy: the most ever seen running at once.
 struct SplitBrainWatch {
     max: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
@@ -431,19 +588,14 @@ struct SplitBrainWatch {
 }
 
 impl SplitBrainWatch {
-    fn start(roots: Vec<(PathBuf, String)>) -> SplitBrainWatch {
+    fn start(probes: Vec<CopyProbe>) -> SplitBrainWatch {
         let max = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (m2, s2) = (Arc::clone(&max), Arc::clone(&stop));
         let handle = std::thread::spawn(move || {
             let deadline = Instant::now() + Duration::from_secs(1800);
             while !s2.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let n = roots
-                    .iter()
-                    .filter(|(r, id)| {
-                        ferry::target::runc::status(r, id) == Some(ContainerStatus::Running)
-                    })
-                    .count();
+                let n = probes.iter().filter(|p| p.running()).count();
                 m2.fetch_max(n, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -479,17 +631,28 @@ enum Fault {
 
 #[test]
 fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpoint() {
-    let mut c = Cluster::start("ha");
+    fault_loop("ha", Kind::Runc, faults());
+}
+
+#[test]
+fn a_process_tree_service_survives_the_same_faults() {
+    fault_loop("hapt", Kind::Process, faults().div_ceil(2));
+}
+
+#[test]
+fn a_docker_service_survives_the_same_faults() {
+    fault_loop("hadk", Kind::Docker, faults().div_ceil(4));
+}
+
+fn fault_loop(tag: &str, kind: Kind, faults: usize) {
+    let mut c = Cluster::start(tag, kind);
     c.declare_service();
     let (leader, _) = c.settled(2);
     let status = c.status_text();
     eprintln!("{status}");
     assert!(status.contains(&format!("leader h{leader}")), "{status}");
     assert!(status.contains("standby h"), "{status}");
-    let roots = (0..HOSTS)
-        .map(|i| (c.runc_root(i), c.container(i)))
-        .collect();
-    let watch = SplitBrainWatch::start(roots);
+    let watch = SplitBrainWatch::start((0..HOSTS).map(|i| c.probe(i)).collect());
     let client = Client::start(&c.etcd.url, &c.name);
     assert!(
         client
@@ -504,7 +667,7 @@ fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpo
         Fault::RestartEtcd,
     ];
     let mut results = Vec::new();
-    for round in 0..faults() {
+    for round in 0..faults {
         let kind = kinds[round % kinds.len()];
         let (leader, token) = c.settled(2);
         let v = c.view();
@@ -749,7 +912,13 @@ fn a_service_survives_a_bounded_loop_of_faults_with_one_copy_and_no_lost_checkpo
 
 #[test]
 fn a_planned_switchover_moves_the_service_live_without_losing_a_request() {
-    let c = Cluster::start("hamv");
+    for kind in [Kind::Runc, Kind::Process, Kind::Docker] {
+        switchover(&format!("hamv{}", kind as u8), kind);
+    }
+}
+
+fn switchover(tag: &str, kind: Kind) {
+    let c = Cluster::start(tag, kind);
     c.declare_service();
     let (leader, token) = c.settled(2);
     let client = Client::start(&c.etcd.url, &c.name);

@@ -27,7 +27,10 @@ pub fn restore(
         .and_then(|d| d.validate())
         .map_err(bad)?;
     let gpu_record = gpu_gate(&req.images_dir)?;
-    for entry in &validated.tree {
+    // A tree whose root was pid 1 is a pid namespace of its own: CRIU
+    // restores it in a new one, where its pids are free.
+    let own_pid_ns = validated.tree.iter().any(|e| e.pid == 1);
+    for entry in validated.tree.iter().filter(|_| !own_pid_ns) {
         let mut ids = entry.threads.clone();
         ids.push(entry.pid);
         for id in ids {

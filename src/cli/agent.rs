@@ -69,6 +69,7 @@ pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result
                     name: name.clone(),
                     ip,
                     lease_ttl: std::time::Duration::from_secs(args.lease_ttl.max(1)),
+                    docker_socket: args.docker_socket.clone(),
                 })
             }
             _ => None,

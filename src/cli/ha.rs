@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::{exit, write_json, CliError};
 use crate::ha::etcd::Etcd;
-use crate::ha::keys::ServiceSpec;
+use crate::ha::keys::{App, ServiceSpec};
 use crate::ha::status;
 
 #[derive(Debug, Args)]
@@ -32,7 +32,8 @@ pub struct HaArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum HaCommand {
-    /// Declare a service (a runc bundle) to keep available.
+    /// Declare a service (a runc bundle, or a process tree) to keep
+    /// available.
     Run(RunArgs),
     /// Hosts, their health, each service's leader, address, checkpoints.
     Status(StatusArgs),
@@ -41,13 +42,25 @@ pub enum HaCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("app").required(true).multiple(true).args(["bundle", "docker_image", "command"]))]
 pub struct RunArgs {
     /// The service's name.
     #[arg(value_name = "SERVICE")]
     pub name: String,
-    /// The runc bundle (config.json and rootfs), at this path on every host.
-    #[arg(long, value_name = "DIR")]
-    pub bundle: PathBuf,
+    /// A runc container: its bundle (config.json and rootfs), at this path
+    /// on every host.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["docker_image", "command"])]
+    pub bundle: Option<PathBuf>,
+    /// A Docker container: its image (present on every host's engine),
+    /// run in the host's network; a command after `--` replaces the
+    /// image's own.
+    #[arg(long, value_name = "IMAGE")]
+    pub docker_image: Option<String>,
+    /// A process tree (without --bundle or --docker-image): the command
+    /// (after `--`), started as pid 1 of a pid namespace of its own, stdio
+    /// on /dev/null; its files must be at the same paths on every host.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
     /// The port the service listens on (its address: host IP and this port).
     #[arg(long)]
     pub port: u16,
@@ -86,10 +99,21 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let etcd = Etcd::connect(&args.etcd)?;
     match &args.command {
         HaCommand::Run(r) => {
-            let bundle = std::path::absolute(&r.bundle)?;
+            let app = match (&r.bundle, &r.docker_image) {
+                (Some(b), _) => App::Runc {
+                    bundle: std::path::absolute(b)?,
+                },
+                (None, Some(image)) => App::Docker {
+                    image: image.clone(),
+                    command: r.command.clone(),
+                },
+                (None, None) => App::Process {
+                    command: r.command.clone(),
+                },
+            };
             let spec = ServiceSpec {
                 name: r.name.clone(),
-                bundle,
+                app,
                 port: r.port,
                 interval_ms: r.interval_ms.max(100),
                 standbys: r.standbys,

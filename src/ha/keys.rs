@@ -62,9 +62,8 @@ pub struct HostRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
-    /// The runc bundle (config.json and rootfs), at the same path on every
-    /// eligible host.
-    pub bundle: std::path::PathBuf,
+    /// What runs.
+    pub app: App,
     /// The port the service listens on; its address is `<host ip>:<port>`.
     pub port: u16,
     pub interval_ms: u64,
@@ -77,10 +76,38 @@ impl ServiceSpec {
     pub fn eligible(&self, host: &str) -> bool {
         self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
     }
+}
 
-    /// The runc container id of the service on every host.
-    pub fn container_id(&self, cluster: &str) -> String {
-        format!("ferry-ha-{cluster}-{}", self.name)
+/// What a service runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum App {
+    /// A runc container from this bundle (config.json and rootfs), at the
+    /// same path on every eligible host.
+    Runc { bundle: std::path::PathBuf },
+    /// A process tree: this command, started as pid 1 of a pid namespace
+    /// and the leader of a session of its own, stdio on /dev/null. Its
+    /// files must be at the same paths on every eligible host.
+    Process { command: Vec<String> },
+    /// A Docker container from this image (on every eligible host's
+    /// engine) running this command (the image's own when empty), in the
+    /// host's network.
+    Docker { image: String, command: Vec<String> },
+}
+
+impl std::fmt::Display for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            App::Runc { bundle } => write!(f, "runc bundle {}", bundle.display()),
+            App::Process { command } => write!(f, "process tree `{}`", command.join(" ")),
+            App::Docker { image, command } => {
+                write!(f, "Docker image {image}")?;
+                if !command.is_empty() {
+                    write!(f, " running `{}`", command.join(" "))?;
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -88,6 +115,10 @@ impl ServiceSpec {
 pub struct LeaderRecord {
     pub host: String,
     pub since_unix_ms: u64,
+    /// A process-tree service handed over by `ha move`: the pid of the
+    /// copy the destination runs (it adopts it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +292,7 @@ mod tests {
                 LeaderRecord {
                     host: "a".into(),
                     since_unix_ms: 5,
+                    pid: None,
                 },
                 7,
             ),

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::copy::{self, HostCopy};
 use super::etcd::{delete_op, put_op};
 use super::keys::{
     self, AddressRecord, CheckpointRecord, ClusterView, HostRecord, LeaderRecord, ServiceSpec,
@@ -16,9 +17,7 @@ use super::replica::{self, Holding, Link};
 use super::replicator::Replicator;
 use crate::archive::{NoProgress, PackOptions};
 use crate::checkpoint::{self, Source};
-use crate::criu::{DumpRequest, NoHooks};
-use crate::target::runc::{self, RestoreFlags};
-use crate::target::ContainerRef;
+use crate::criu::NoHooks;
 
 /// Archives per chain before the next full one. A standby applies a full
 /// archive as cheaply as an incremental one (only changed pages are
@@ -35,7 +34,7 @@ const LEVEL: i32 = 1;
 
 struct Leading {
     token: i64,
-    container: String,
+    copy: HostCopy,
     /// Archives of the current chain, oldest first (a chain restored from
     /// a standby's holding goes on here).
     chain: Vec<Link>,
@@ -71,7 +70,7 @@ impl ServiceRun {
         if !spec.eligible(m.name()) {
             return;
         }
-        let container = container_id(m, spec);
+        let copy = HostCopy::of(m, spec);
         // While this host cannot vouch for its lease (renewals failing),
         // fencing alone acts; roles change only on what etcd says.
         let Some(lease) = m.lease_id() else { return };
@@ -86,12 +85,20 @@ impl ServiceRun {
             (Some(l), true) if l.token == sv.token => self.lead(m, view, sv, spec),
             (Some(_), _) => {
                 tracing::warn!(service = %self.name, "no longer the leader: stopping this copy");
-                self.stop_leading(m, &container);
+                self.stop_leading(m, &copy);
             }
             (None, true) => {
                 // The key names this host: a handover by `ha move`, or a
                 // leader that lost track of itself. Adopt or restore.
-                let running = runc::status(&m.runc_root, &container).is_some();
+                if let (Some(pid), false) = (sv.leader.as_ref().and_then(|l| l.pid), copy.exists())
+                {
+                    // A process tree moved here live: its pid came with
+                    // the key.
+                    if let Err(e) = copy.adopt(pid) {
+                        tracing::warn!(service = %self.name, pid, error = %crate::units::chain(&e), "cannot adopt the moved process tree");
+                    }
+                }
+                let running = copy.exists();
                 tracing::info!(service = %self.name, token = sv.token, running, "this host holds the leader key");
                 self.become_leader(m, sv, spec, sv.token, Instant::now(), running);
             }
@@ -102,11 +109,11 @@ impl ServiceRun {
                 // before the leader key is handed over: it stays.)
                 let moving_here = sv.move_to.as_ref().is_some_and(|mv| mv.to == m.name());
                 if !moving_here
-                    && runc::status(&m.runc_root, &container).is_some()
                     && !m.led.lock().is_ok_and(|l| l.contains_key(&self.name))
+                    && copy.exists()
                 {
                     tracing::warn!(service = %self.name, "a copy runs here without leadership: deleting it");
-                    m.delete_container(&container);
+                    copy.delete();
                 }
                 if sv.leader.is_none() {
                     self.maybe_campaign(m, view, sv, spec);
@@ -117,11 +124,11 @@ impl ServiceRun {
         }
     }
 
-    fn stop_leading(&mut self, m: &Member, container: &str) {
+    fn stop_leading(&mut self, m: &Member, copy: &HostCopy) {
         if let Ok(mut led) = m.led.lock() {
             led.remove(&self.name);
         }
-        m.delete_container(container);
+        copy.delete();
         self.leading = None;
     }
 
@@ -199,6 +206,7 @@ impl ServiceRun {
         let record = LeaderRecord {
             host: m.name().to_string(),
             since_unix_ms: keys::now_unix_ms(),
+            pid: None,
         };
         let key = keys::service_key(m.cluster(), &self.name, "leader");
         match m.etcd.create(&key, keys::to_json(&record), lease) {
@@ -223,7 +231,7 @@ impl ServiceRun {
         since: Instant,
         running: bool,
     ) {
-        let container = container_id(m, spec);
+        let copy = HostCopy::of(m, spec);
         let holding: Option<Holding> = m
             .holdings
             .lock()
@@ -233,27 +241,20 @@ impl ServiceRun {
         let started = if running {
             Ok(())
         } else {
-            m.delete_container(&container);
+            copy.delete();
             match &holding {
-                Some(h) => checkpoint::restore_container(
-                    &ContainerRef::Runc {
-                        id: container.clone(),
-                        root: m.runc_root.clone(),
-                    },
-                    Source::Dir(h.ready.path()),
-                    Some(&spec.bundle),
-                    RestoreFlags::default(),
-                )
-                .map(|r| {
-                    restored = (h.checkpoint.generation, h.checkpoint.taken_unix_ms);
-                    tracing::info!(service = %self.name, generation = h.checkpoint.generation, pid = r.pid, restore_ms = r.wall.as_secs_f64() * 1e3, "restored from the newest checkpoint held here");
-                })
+                Some(h) => copy
+                    .restore_from(spec, Source::Dir(h.ready.path()), Some(&m.criu))
+                    .map(|(pid, wall)| {
+                        restored = (h.checkpoint.generation, h.checkpoint.taken_unix_ms);
+                        tracing::info!(service = %self.name, generation = h.checkpoint.generation, pid, restore_ms = wall.as_secs_f64() * 1e3, "restored from the newest checkpoint held here");
+                    })
                 .map_err(|e| crate::units::chain(&e)),
                 None => {
                     if sv.checkpoint.is_some() {
                         tracing::error!(service = %self.name, "no checkpoint of the service survives on a live host: starting it fresh (its state is lost)");
                     }
-                    runc::run_detached(&m.runc_root, &container, &spec.bundle)
+                    copy.start(spec)
                         .map(|pid| tracing::info!(service = %self.name, pid, "started the service"))
                         .map_err(|e| crate::units::chain(&e))
                 }
@@ -273,7 +274,7 @@ impl ServiceRun {
             led.insert(
                 self.name.clone(),
                 Led {
-                    container: container.clone(),
+                    copy: copy.clone(),
                     paused: false,
                 },
             );
@@ -303,7 +304,7 @@ impl ServiceRun {
         let host_ip = m.config.ip;
         self.leading = Some(Leading {
             token,
-            container,
+            copy,
             chain,
             last,
             next_generation,
@@ -410,12 +411,9 @@ impl ServiceRun {
             return false;
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        m.delete_container(&l.container);
-        let restored = checkpoint::restore_container(
-            &ContainerRef::Runc {
-                id: l.container.clone(),
-                root: m.runc_root.clone(),
-            },
+        l.copy.delete();
+        let restored = l.copy.restore_from(
+            spec,
             Source::Archive {
                 path: &path,
                 parent: None,
@@ -423,19 +421,18 @@ impl ServiceRun {
                 threads,
                 progress: &NoProgress,
             },
-            Some(&spec.bundle),
-            RestoreFlags::default(),
+            Some(&m.criu),
         );
         match restored {
-            Ok(r) => {
-                tracing::warn!(service = %self.name, generation = cp.generation, pid = r.pid, "fenced copy brought back from this host's newest checkpoint");
+            Ok((pid, _)) => {
+                tracing::warn!(service = %self.name, generation = cp.generation, pid, "fenced copy brought back from this host's newest checkpoint");
                 l.address.restored_generation = cp.generation;
                 l.address.restored_taken_unix_ms = cp.taken_unix_ms;
                 if let Ok(mut led) = m.led.lock() {
                     led.insert(
                         self.name.clone(),
                         Led {
-                            container: l.container.clone(),
+                            copy: l.copy.clone(),
                             paused: false,
                         },
                     );
@@ -462,14 +459,18 @@ impl ServiceRun {
             return;
         };
         let dest_id = format!("ferry-{}-{}-{}", m.cluster(), spec.name, host.name);
+        let Some(target) = l.copy.migrate_target(spec, dest_id) else {
+            tracing::error!(service = %self.name, to, "move refused: no copy runs here");
+            let _ = m.etcd.delete(&move_key);
+            return;
+        };
+        let moved_pid = match target {
+            crate::migrate::MigrateTarget::Process { pid } => Some(pid),
+            _ => None,
+        };
         tracing::info!(service = %self.name, to, "planned switchover: live migration");
         let opts = crate::migrate::MigrateOptions {
-            target: crate::migrate::MigrateTarget::Runc {
-                id: l.container.clone(),
-                root: m.runc_root.clone(),
-                bundle: Some(spec.bundle.clone()),
-                new_id: Some(dest_id),
-            },
+            target,
             to: host.agent.clone(),
             secret: m.secret.clone(),
             max_downtime: Duration::from_millis(300),
@@ -487,13 +488,14 @@ impl ServiceRun {
             led.remove(&self.name);
         }
         let token = l.token;
-        let container = l.container.clone();
+        let copy = l.copy.clone();
         match crate::migrate::migrate(&m.criu, &opts) {
             Ok(report) => {
                 let key = keys::service_key(m.cluster(), &self.name, "leader");
                 let record = LeaderRecord {
                     host: host.name.clone(),
                     since_unix_ms: keys::now_unix_ms(),
+                    pid: moved_pid,
                 };
                 let handed = m.etcd.fenced(
                     &key,
@@ -541,7 +543,7 @@ impl ServiceRun {
                     led.insert(
                         self.name.clone(),
                         Led {
-                            container,
+                            copy,
                             paused: false,
                         },
                     );
@@ -558,11 +560,6 @@ fn accepts(addr: &str) -> bool {
         .ok()
         .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100)).ok())
         .is_some()
-}
-
-/// The service's container id on this host.
-fn container_id(m: &Member, spec: &ServiceSpec) -> String {
-    format!("ferry-{}-{}-{}", m.cluster(), spec.name, m.name())
 }
 
 /// Takes one checkpoint while the service runs, records it (fenced) and
@@ -583,13 +580,14 @@ fn checkpoint_and_replicate(
     } else {
         l.chain.last().map(|k| k.path.clone())
     };
-    let mut req = DumpRequest::new(0, dir.join("unused"));
-    req.leave_running = true;
-    req.tcp_skip_in_flight = true;
-    let container = ContainerRef::Runc {
-        id: l.container.clone(),
-        root: m.runc_root.clone(),
+    let (container, pid) = match l.copy.dump_target() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(service, generation, error = %crate::units::chain(&e), "nothing to checkpoint");
+            return false;
+        }
     };
+    let req = copy::running_dump(pid, &dir.join("unused"));
     let taken_unix_ms = keys::now_unix_ms();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pack = PackOptions {
@@ -601,7 +599,7 @@ fn checkpoint_and_replicate(
     };
     let dumped = checkpoint::dump_to_archive(
         &m.criu,
-        Some(&container),
+        container.as_ref(),
         &req,
         false,
         &path,

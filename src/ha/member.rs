@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::copy::HostCopy;
 use super::etcd::Etcd;
 use super::keys::{self, ClusterView, HostRecord};
 use super::leader::ServiceRun;
 use super::replica::Holding;
 use super::{HaConfig, HaError};
 use crate::criu::Criu;
-use crate::target::runc;
 use crate::transport::Secret;
 
 /// How often the member reads the cluster and acts.
@@ -46,7 +46,7 @@ impl Lease {
 /// A service this host leads, as the fencing sees it.
 #[derive(Debug, Clone)]
 pub struct Led {
-    pub container: String,
+    pub copy: HostCopy,
     pub paused: bool,
 }
 
@@ -203,21 +203,12 @@ impl Member {
             .unwrap_or_default();
         for (svc, l) in led {
             tracing::info!(service = %svc, "agent stopping: stopping the service it leads");
-            self.delete_container(&l.container);
+            l.copy.delete();
         }
         if let Some(id) = self.lease.lock().ok().and_then(|l| l.map(|l| l.id)) {
             if let Err(e) = self.etcd.revoke(id) {
                 tracing::warn!(error = %e, "cannot revoke the lease; it expires by itself");
             }
-        }
-    }
-
-    pub fn delete_container(&self, id: &str) {
-        if runc::status(&self.runc_root, id).is_none() {
-            return;
-        }
-        if let Err(e) = runc::delete(&self.runc_root, id) {
-            tracing::error!(container = id, error = %e, "cannot delete the container");
         }
     }
 
@@ -300,17 +291,17 @@ impl Member {
         for (svc, l) in led.iter_mut() {
             if lost {
                 tracing::error!(service = %svc, "lease lost: deleting this copy of the service (fencing)");
-                self.delete_container(&l.container);
+                l.copy.delete();
                 gone.push(svc.clone());
             } else if doubt && !l.paused {
                 tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
-                match runc::pause(&self.runc_root, &l.container) {
+                match l.copy.pause() {
                     Ok(()) => l.paused = true,
                     Err(e) => tracing::error!(service = %svc, error = %e, "cannot pause"),
                 }
             } else if !doubt && l.paused {
                 tracing::info!(service = %svc, "lease renewed: resuming the service");
-                match runc::resume(&self.runc_root, &l.container) {
+                match l.copy.resume() {
                     Ok(()) => l.paused = false,
                     Err(e) => tracing::error!(service = %svc, error = %e, "cannot resume"),
                 }

@@ -36,6 +36,7 @@
 //! it with `--election-timeout 500 --heartbeat-interval 50` for 1 s leases.
 //! The agent logs the TTL etcd granted.
 
+mod copy;
 pub mod etcd;
 pub mod keys;
 mod leader;
@@ -62,6 +63,8 @@ pub struct HaConfig {
     /// at, with the agent's port).
     pub ip: std::net::IpAddr,
     pub lease_ttl: Duration,
+    /// dockerd's API socket, for Docker services.
+    pub docker_socket: PathBuf,
 }
 
 impl HaConfig {
@@ -95,6 +98,12 @@ pub enum HaError {
         path: PathBuf,
         #[source]
         source: crate::archive::ArchiveError,
+    },
+    #[error("cannot {what}")]
+    Copy {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error("cannot write {}", path.display())]
     Io {

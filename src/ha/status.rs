@@ -7,11 +7,21 @@ use super::etcd::Etcd;
 use super::keys::{self, ClusterView, MoveRequest, ServiceSpec};
 use super::HaError;
 
-/// Reads cluster `cluster`.
+/// How long a command line's read keeps trying a slow or restarting etcd
+/// (each try times out as the agents' calls do).
+const READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads cluster `cluster`, retrying a failed read for up to 5 s.
 pub fn read(etcd: &Etcd, cluster: &str) -> Result<ClusterView, HaError> {
     super::valid_name(cluster)?;
-    let (entries, revision) = etcd.get_prefix(&keys::cluster_prefix(cluster))?;
-    Ok(ClusterView::parse(cluster, &entries, revision))
+    let deadline = std::time::Instant::now() + READ_PATIENCE;
+    loop {
+        match etcd.get_prefix(&keys::cluster_prefix(cluster)) {
+            Ok((entries, revision)) => return Ok(ClusterView::parse(cluster, &entries, revision)),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Declares (or redeclares) a service.
@@ -75,8 +85,8 @@ pub fn render(cluster: &str, view: &ClusterView, out: &mut dyn Write) -> io::Res
         if let Some(spec) = &s.spec {
             writeln!(
                 out,
-                "  runc bundle {}, port {}, checkpoint every {} ms, {} standby(s), hosts {}",
-                spec.bundle.display(),
+                "  {}, port {}, checkpoint every {} ms, {} standby(s), hosts {}",
+                spec.app,
                 spec.port,
                 spec.interval_ms,
                 spec.standbys,

@@ -10,6 +10,7 @@ pub mod net;
 pub mod procmem;
 pub mod seqpacket;
 pub mod sockdiag;
+pub mod spawn;
 
 pub use net::set_socket_buffers;
 pub use seqpacket::{Packet, SeqPacket};

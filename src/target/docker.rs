@@ -139,7 +139,8 @@ pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError>
         .inspect(name)?
         .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
     let id = c.id.clone().unwrap_or_default();
-    let state = ContainerState::load(ENGINE, Path::new(RUNC_ROOT), &id)?;
+    let pid = c.state.as_ref().and_then(|s| s.pid).unwrap_or(0) as i32;
+    let state = ContainerState::load(ENGINE, &runc_root_of(pid), &id)?;
     state.require_running(ENGINE)?;
     let config = c
         .config
@@ -168,6 +169,38 @@ pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError>
         },
         state,
     })
+}
+
+/// The runc state directory of the engine running the container whose
+/// init is `pid`: its containerd shim is started with `-namespace NS
+/// -address EXEC_ROOT/containerd/containerd.sock`, and the engine keeps
+/// runc's state under `EXEC_ROOT/runtime-runc/NS`. An engine started with
+/// its own `--exec-root` is found this way; otherwise [`RUNC_ROOT`].
+fn runc_root_of(pid: i32) -> PathBuf {
+    let shim_args = crate::process::ProcessInfo::read(pid)
+        .ok()
+        .and_then(|p| std::fs::read(format!("/proc/{}/cmdline", p.ppid)).ok())
+        .map(|c| {
+            c.split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let value = |flag: &str| {
+        shim_args
+            .iter()
+            .position(|a| a == flag)
+            .and_then(|i| shim_args.get(i + 1))
+    };
+    match (value("-address"), value("-namespace")) {
+        (Some(address), Some(ns)) => Path::new(address)
+            .parent()
+            .and_then(Path::parent)
+            .map(|exec_root| exec_root.join("runtime-runc").join(ns))
+            .filter(|root| root.is_dir())
+            .unwrap_or_else(|| PathBuf::from(RUNC_ROOT)),
+        _ => PathBuf::from(RUNC_ROOT),
+    }
 }
 
 /// Restores into container `name` from `images` (which hold ferry's images
@@ -285,4 +318,71 @@ pub fn remove(socket: &Path, name: &str) -> Result<(), DockerError> {
             detail: e.to_string(),
         })?;
     Ok(())
+}
+
+/// Creates and starts container `name` from `image` running `cmd` (the
+/// image's own command when empty) in the engine's host network, so that
+/// it answers on the host's addresses. Returns its init's pid.
+pub fn run(socket: &Path, name: &str, image: &str, cmd: &[String]) -> Result<i32, DockerError> {
+    let api = Api::connect(socket)?;
+    let body = ContainerCreateBody {
+        image: Some(image.to_string()),
+        cmd: (!cmd.is_empty()).then(|| cmd.to_vec()),
+        host_config: Some(bollard::models::HostConfig {
+            network_mode: Some("host".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let opts = CreateContainerOptionsBuilder::default().name(name).build();
+    let created = api
+        .rt
+        .block_on(api.docker.create_container(Some(opts), body))
+        .map_err(|e| DockerError::Api {
+            call: "create container",
+            detail: e.to_string(),
+        })?;
+    api.rt
+        .block_on(api.docker.start_container(
+            &created.id,
+            None::<bollard::query_parameters::StartContainerOptions>,
+        ))
+        .map_err(|e| DockerError::Api {
+            call: "start container",
+            detail: e.to_string(),
+        })?;
+    let c = api
+        .inspect(&created.id)?
+        .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+    Ok(c.state.and_then(|s| s.pid).unwrap_or(0) as i32)
+}
+
+/// The container's state ("running", "paused", "exited", ...), None when
+/// there is no such container.
+pub fn status(socket: &Path, name: &str) -> Result<Option<String>, DockerError> {
+    let api = Api::connect(socket)?;
+    Ok(api.inspect(name)?.map(|c| {
+        c.state
+            .and_then(|s| s.status)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    }))
+}
+
+/// Freezes (`pause`) or thaws a container.
+pub fn set_paused(socket: &Path, name: &str, paused: bool) -> Result<(), DockerError> {
+    let api = Api::connect(socket)?;
+    let call = if paused {
+        api.rt.block_on(api.docker.pause_container(name))
+    } else {
+        api.rt.block_on(api.docker.unpause_container(name))
+    };
+    call.map_err(|e| DockerError::Api {
+        call: if paused {
+            "pause container"
+        } else {
+            "unpause container"
+        },
+        detail: e.to_string(),
+    })
 }

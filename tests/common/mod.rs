@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub mod agent;
 pub mod containers;
+pub mod dockerd;
 pub mod etcd;
 
 use ferry::workload::{Launch, Workload};

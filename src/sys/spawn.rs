@@ -1,0 +1,64 @@
+//! Starting a command as the init of a pid namespace of its own, in a
+//! session of its own.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the namespace's init may take to appear.
+const INIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Starts `argv` as pid 1 of a new pid namespace (util-linux `unshare
+/// --pid --fork`, whose process stays outside as its waiter), in a new
+/// session, stdio on `/dev/null`. Its pids are its own, so a checkpoint of
+/// it restores on any host whatever pids are in use there. A thread reaps
+/// the waiter when the namespace ends. Returns the init's pid (as this
+/// namespace sees it).
+pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
+    if argv.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty command",
+        ));
+    }
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--"])
+        .args(argv)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the
+    // parent; it is all the child runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(drop).map_err(io::Error::from));
+    }
+    let mut waiter = cmd.spawn()?;
+    let wpid = waiter.id();
+    let children = format!("/proc/{wpid}/task/{wpid}/children");
+    let deadline = Instant::now() + INIT_WAIT;
+    let init = loop {
+        let found = std::fs::read_to_string(&children)
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
+        if let Some(pid) = found {
+            break Ok(pid);
+        }
+        if let Ok(Some(status)) = waiter.try_wait() {
+            break Err(io::Error::other(format!(
+                "unshare --pid --fork exited ({status}) before starting the command"
+            )));
+        }
+        if Instant::now() >= deadline {
+            let _ = waiter.kill();
+            break Err(io::Error::other("the namespace's init did not appear"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    std::thread::Builder::new()
+        .name(format!("ferry-reap-{wpid}"))
+        .spawn(move || {
+            let _ = waiter.wait();
+        })?;
+    init
+}
