@@ -7,13 +7,14 @@
 //! - for each service ([`keys::ServiceSpec`], put by `ferry ha run`) it may
 //!   run, it takes part in the election: the leader is whoever created
 //!   `services/<svc>/leader` under its own lease. The revision of that key's
-//!   last write
-//!   is the **fencing token**;
-//! - the leader ([`leader`]) runs the service (a runc container), publishes
+//!   last write is the **fencing token**;
+//! - the leader ([`leader`]) runs the service (a runc or Docker container,
+//!   or a process tree in a pid namespace of its own: [`copy`]), publishes
 //!   its address, checkpoints it every interval while it runs (incremental,
-//!   compressed archives), and sends each checkpoint to the standbys
-//!   ([`replica`]), which check the token against etcd, verify the archive
-//!   chain by unpacking it, and only then publish it as their newest;
+//!   compressed archives), and hands each checkpoint to one worker per
+//!   standby ([`replicator`]); the standbys ([`replica`]) check the token
+//!   against etcd, verify the checkpoint by patching the changed pages into
+//!   their restorable images, and only then publish it as their newest;
 //! - when the leader key disappears (the leader's lease expired: host or
 //!   agent dead, or cut off), the standby holding the newest verified
 //!   checkpoint creates the key, restores the service from that checkpoint
@@ -23,8 +24,9 @@
 //! **Fencing.** A leader counts its lease as valid until the send time of
 //! its last successful renewal plus the TTL, which is never later than when
 //! etcd expires it. Once three quarters of that time has passed without a
-//! renewal it freezes the service (`runc pause`); at the deadline it deletes
-//! it; if a renewal gets through first it thaws it. So the old copy is
+//! renewal it freezes the service (`runc pause`, `docker pause`, SIGSTOP);
+//! at the deadline it deletes it; if a renewal gets through first it thaws
+//! it. So the old copy is
 //! stopped before etcd can let anyone else take over, and a healed
 //! partition finds it gone. Every replicated checkpoint carries the token;
 //! a standby refuses one whose token is not the leader key's current create
