@@ -416,7 +416,9 @@ impl Cluster {
                     .lines()
                     .rev()
                     .filter(|l| {
-                        !l.contains("checkpoint verified") && !l.contains("checkpoint taken")
+                        !l.contains("checkpoint verified")
+                            && !l.contains("checkpoint taken")
+                            && !l.contains("checkpoint replicated")
                     })
                     .take(40)
                     .collect();
@@ -455,6 +457,9 @@ impl Drop for Cluster {
         for i in 0..HOSTS {
             self.kill_container(i);
         }
+        // What agents killed mid-checkpoint left in tmpfs (a restarted
+        // agent sweeps it; the last ones are not restarted).
+        ferry::checkpoint::staging::sweep_stale("ferry-agent-", None);
     }
 }
 

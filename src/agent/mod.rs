@@ -25,7 +25,7 @@
 
 mod rebuild;
 mod server;
-mod session;
+pub(crate) mod session;
 pub mod store;
 
 use std::io;

@@ -85,79 +85,43 @@ impl HostCopy {
     }
 
     /// Restores the service from CRIU images in `images` (left as they
-    /// are: runc and CRIU only read them). Returns the pid and the time.
-    pub fn restore(&self, spec: &ServiceSpec, images: &Path) -> Result<(i32, Duration), HaError> {
-        self.restore_from(spec, Source::Dir(images), None)
-    }
-
-    /// Restores the service from `source` (images or an archive); process
-    /// trees restore through `criu`.
-    pub fn restore_from(
+    /// are: runc, Docker and CRIU only read them); process trees restore
+    /// through `criu`. Returns the pid and the time it took.
+    pub fn restore(
         &self,
         spec: &ServiceSpec,
-        source: Source,
-        criu: Option<&crate::criu::Criu>,
+        images: &Path,
+        criu: &crate::criu::Criu,
     ) -> Result<(i32, Duration), HaError> {
+        let container = |c: ContainerRef, bundle: Option<&Path>| {
+            checkpoint::restore_container(&c, Source::Dir(images), bundle, RestoreFlags::default())
+                .map(|r| (r.pid, r.wall))
+                .map_err(|e| copy_error("restore", e))
+        };
         match (self, &spec.app) {
-            (HostCopy::Runc { root, id }, App::Runc { bundle }) => checkpoint::restore_container(
-                &ContainerRef::Runc {
+            (HostCopy::Runc { root, id }, App::Runc { bundle }) => container(
+                ContainerRef::Runc {
                     id: id.clone(),
                     root: root.clone(),
                 },
-                source,
                 Some(bundle),
-                RestoreFlags::default(),
-            )
-            .map(|r| (r.pid, r.wall))
-            .map_err(|e| copy_error("restore", e)),
+            ),
             (HostCopy::Docker { socket, name }, App::Docker { .. }) => {
                 // Docker restores into a stopped or absent container.
                 let _ = docker::remove(socket, name);
-                checkpoint::restore_container(
-                    &ContainerRef::Docker {
+                container(
+                    ContainerRef::Docker {
                         name: name.clone(),
                         socket: socket.clone(),
                     },
-                    source,
                     None,
-                    RestoreFlags::default(),
                 )
-                .map(|r| (r.pid, r.wall))
-                .map_err(|e| copy_error("restore", e))
             }
             (HostCopy::Process { record }, App::Process { .. }) => {
-                let criu = criu.ok_or_else(|| HaError::Copy {
-                    what: "restore the process tree".into(),
-                    source: "no CRIU handle".into(),
-                })?;
                 let t = Instant::now();
-                let pid = match source {
-                    Source::Dir(dir) => {
-                        checkpoint::restore(criu, &RestoreRequest::new(dir), &mut NoHooks)
-                            .map(|o| o.pid)
-                            .map_err(|e| copy_error("restore", e))?
-                    }
-                    Source::Archive {
-                        path,
-                        parent,
-                        staging,
-                        threads,
-                        progress,
-                    } => checkpoint::restore_from_archive(
-                        criu,
-                        path,
-                        &RestoreRequest::new(path.with_extension("unused")),
-                        &checkpoint::ArchiveRestoreOptions {
-                            parent,
-                            threads,
-                            staging,
-                            progress,
-                        },
-                        &mut NoHooks,
-                    )
-                    .map(|r| r.restore.pid)
-                    .map_err(|e| copy_error("restore", e))?,
-                };
+                let pid = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)
+                    .map(|o| o.pid)
+                    .map_err(|e| copy_error("restore", e))?;
                 write_record(record, pid)?;
                 Ok((pid, t.elapsed()))
             }

@@ -16,7 +16,7 @@ use super::member::{Led, Member};
 use super::replica::{self, Holding, Link};
 use super::replicator::Replicator;
 use crate::archive::{NoProgress, PackOptions};
-use crate::checkpoint::{self, Source};
+use crate::checkpoint;
 use crate::criu::NoHooks;
 
 /// Archives per chain before the next full one. A standby applies a full
@@ -26,6 +26,8 @@ const CHAIN_LENGTH: usize = 30;
 /// A failed checkpoint (e.g. a client connection open at the freeze) is
 /// retried after this, not after a whole interval.
 const RETRY: Duration = Duration::from_millis(300);
+/// Tries of a planned switchover's live migration before it is given up.
+const MOVE_TRIES: u32 = 3;
 /// Without a leader for this long, any live eligible host campaigns, not
 /// only the one holding the newest checkpoint.
 const CAMPAIGN_GRACE: Duration = Duration::from_secs(3);
@@ -244,7 +246,7 @@ impl ServiceRun {
             copy.delete();
             match &holding {
                 Some(h) => copy
-                    .restore_from(spec, Source::Dir(h.ready.path()), Some(&m.criu))
+                    .restore(spec, h.ready.path(), &m.criu)
                     .map(|(pid, wall)| {
                         restored = (h.checkpoint.generation, h.checkpoint.taken_unix_ms);
                         tracing::info!(service = %self.name, generation = h.checkpoint.generation, pid, restore_ms = wall.as_secs_f64() * 1e3, "restored from the newest checkpoint held here");
@@ -412,17 +414,19 @@ impl ServiceRun {
         };
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         l.copy.delete();
-        let restored = l.copy.restore_from(
-            spec,
-            Source::Archive {
-                path: &path,
-                parent: None,
-                staging: None,
-                threads,
-                progress: &NoProgress,
-            },
-            Some(&m.criu),
-        );
+        // Unpacked under the agent's staging prefix (swept if it is killed).
+        let restored = crate::archive::Chain::open(&path, None)
+            .map_err(|e| crate::units::chain(&e))
+            .and_then(|chain| {
+                let size = chain.head().index().files.iter().map(|f| f.size).sum();
+                let stage = crate::checkpoint::staging::create(replica::STAGING_PREFIX, size, None)
+                    .map_err(|e| e.to_string())?;
+                crate::archive::unpack(&chain, stage.path(), threads, &NoProgress)
+                    .map_err(|e| crate::units::chain(&e))?;
+                l.copy
+                    .restore(spec, stage.path(), &m.criu)
+                    .map_err(|e| crate::units::chain(&e))
+            });
         match restored {
             Ok((pid, _)) => {
                 tracing::warn!(service = %self.name, generation = cp.generation, pid, "fenced copy brought back from this host's newest checkpoint");
@@ -440,7 +444,7 @@ impl ServiceRun {
                 true
             }
             Err(e) => {
-                tracing::error!(service = %self.name, error = %crate::units::chain(&e), "cannot restore this host's own checkpoint: resigning");
+                tracing::error!(service = %self.name, error = %e, "cannot restore this host's own checkpoint: resigning");
                 false
             }
         }
@@ -489,7 +493,17 @@ impl ServiceRun {
         }
         let token = l.token;
         let copy = l.copy.clone();
-        match crate::migrate::migrate(&m.criu, &opts) {
+        // A failed migration leaves the service running here, so a few
+        // tries are safe: one fails when, say, a client connection is open
+        // at the freeze.
+        let mut outcome = crate::migrate::migrate(&m.criu, &opts);
+        for attempt in 2..=MOVE_TRIES {
+            let Err(e) = &outcome else { break };
+            tracing::warn!(service = %self.name, to = %host.name, attempt, error = %crate::units::chain(e), "move failed; the service runs here; trying again");
+            std::thread::sleep(RETRY);
+            outcome = crate::migrate::migrate(&m.criu, &opts);
+        }
+        match outcome {
             Ok(report) => {
                 let key = keys::service_key(m.cluster(), &self.name, "leader");
                 let record = LeaderRecord {
@@ -587,7 +601,16 @@ fn checkpoint_and_replicate(
             return false;
         }
     };
-    let req = copy::running_dump(pid, &dir.join("unused"));
+    // Staged under the agent's prefix: a killed agent's leftovers are swept
+    // when it starts again.
+    let stage = match crate::checkpoint::staging::create(replica::STAGING_PREFIX, 0, None) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(service, generation, error = %e, "no staging directory for the checkpoint");
+            return false;
+        }
+    };
+    let req = copy::running_dump(pid, &stage.path().join("images"));
     let taken_unix_ms = keys::now_unix_ms();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pack = PackOptions {
@@ -601,7 +624,7 @@ fn checkpoint_and_replicate(
         &m.criu,
         container.as_ref(),
         &req,
-        false,
+        true,
         &path,
         &pack,
         &mut NoHooks,
@@ -609,20 +632,9 @@ fn checkpoint_and_replicate(
     let d = match dumped {
         Ok(d) => d,
         Err(e) => {
+            // A retry comes soon: the log line is all that is kept (the
+            // staging directory goes with `stage`).
             tracing::warn!(service, generation, error = %crate::units::chain(&e), "checkpoint failed; the service keeps running; retrying soon");
-            // A retry comes soon: keep only the log line above, not a
-            // staging directory per failure.
-            if let Some(stage) = e
-                .criu()
-                .and_then(|c| c.log_path())
-                .and_then(|log| log.parent()?.parent())
-                .filter(|d| {
-                    d.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("ferry-dump-"))
-                })
-            {
-                let _ = std::fs::remove_dir_all(stage);
-            }
             return false;
         }
     };

@@ -34,8 +34,10 @@ const PIECE: usize = 8 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for a standby's answer (it verifies the chain first).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
-/// Prefix of the ready directories (swept like the agent's staging).
-const READY_PREFIX: &str = "ferry-agent-";
+/// Prefix of the ready directories and of the leader's dump staging: the
+/// agent's own, so that an agent restarted after being killed sweeps what
+/// it left.
+pub const STAGING_PREFIX: &str = crate::agent::session::STAGING_PREFIX;
 
 /// One archive of a checkpoint chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,7 +354,7 @@ fn receive(
     if patched.is_none() {
         drop(holdings);
         let size: u64 = opened.head().index().files.iter().map(|f| f.size).sum();
-        let ready = staging::create(READY_PREFIX, size, None).map_err(|source| HaError::Io {
+        let ready = staging::create(STAGING_PREFIX, size, None).map_err(|source| HaError::Io {
             path: staging::base_for(size, None),
             source,
         })?;
