@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
-use common::containers::{bundle_running, require_runc, rootfs, sh};
+use common::containers::{bundle_running, require_runc, rootfs_tar};
 use common::dockerd::DockerdProc;
 use common::etcd::EtcdProc;
 use common::*;
@@ -190,14 +190,7 @@ impl Cluster {
         let name = format!("t{}-{tag}", std::process::id());
         let dockerds = match kind {
             Kind::Docker => {
-                let root = rootfs(dir.path());
-                let tar = dir.path().join("rootfs.tar");
-                sh(Command::new("tar")
-                    .arg("-C")
-                    .arg(&root)
-                    .arg("-cf")
-                    .arg(&tar)
-                    .arg("."));
+                let tar = rootfs_tar(dir.path());
                 (0..HOSTS)
                     .map(|i| {
                         DockerdProc::start(

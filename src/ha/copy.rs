@@ -33,20 +33,25 @@ pub enum HostCopy {
     Docker { socket: PathBuf, name: String },
 }
 
+/// The container id (runc) or name (Docker) of `service` on `host`.
+pub fn container_name(cluster: &str, service: &str, host: &str) -> String {
+    format!("ferry-{cluster}-{service}-{host}")
+}
+
 impl HostCopy {
     /// The copy of `spec` on `m`'s host.
     pub fn of(m: &Member, spec: &ServiceSpec) -> HostCopy {
         match spec.app {
             App::Runc { .. } => HostCopy::Runc {
                 root: m.runc_root.clone(),
-                id: format!("ferry-{}-{}-{}", m.cluster(), spec.name, m.name()),
+                id: container_name(m.cluster(), &spec.name, m.name()),
             },
             App::Process { .. } => HostCopy::Process {
                 record: m.service_dir(&spec.name).join("copy.pid"),
             },
             App::Docker { .. } => HostCopy::Docker {
                 socket: m.config.docker_socket.clone(),
-                name: format!("ferry-{}-{}-{}", m.cluster(), spec.name, m.name()),
+                name: container_name(m.cluster(), &spec.name, m.name()),
             },
         }
     }

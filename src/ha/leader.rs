@@ -462,7 +462,7 @@ impl ServiceRun {
         let Some(l) = self.leading.as_ref() else {
             return;
         };
-        let dest_id = format!("ferry-{}-{}-{}", m.cluster(), spec.name, host.name);
+        let dest_id = copy::container_name(m.cluster(), &spec.name, &host.name);
         let Some(target) = l.copy.migrate_target(spec, dest_id) else {
             tracing::error!(service = %self.name, to, "move refused: no copy runs here");
             let _ = m.etcd.delete(&move_key);
@@ -709,20 +709,11 @@ fn checkpoint_and_replicate(
     true
 }
 
-/// Links a chain's archives into `dir` (the leader's own), under the same
-/// names; stops at the first that cannot be linked or copied (a chain is
-/// only good up to a missing archive).
+/// Keeps a restored chain in `dir` (the leader's own); empty when it
+/// cannot (the next checkpoint is then a full one).
 fn adopt(chain: &[Link], dir: &std::path::Path) -> Vec<Link> {
-    let mut out = Vec::new();
-    for k in chain {
-        let path = replica::archive_path(dir, k.generation);
-        let linked =
-            std::fs::hard_link(&k.path, &path).or_else(|_| std::fs::copy(&k.path, &path).map(drop));
-        if let Err(e) = linked {
-            tracing::warn!(archive = %k.path.display(), error = %e, "cannot keep the restored chain: the next checkpoint is a full one");
-            return Vec::new();
-        }
-        out.push(Link { path, ..k.clone() });
-    }
-    out
+    replica::link_into(chain, dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %crate::units::chain(&e), "cannot keep the restored chain: the next checkpoint is a full one");
+        Vec::new()
+    })
 }

@@ -76,6 +76,26 @@ fn standby_dir(member: &Member, service: &str, token: i64) -> PathBuf {
         .join(format!("t{token}"))
 }
 
+/// Links (or copies) a chain's archives into `dir` under their usual
+/// names; returns the chain as it lies there.
+pub fn link_into(chain: &[Link], dir: &Path) -> Result<Vec<Link>, HaError> {
+    let mut out = Vec::with_capacity(chain.len());
+    for l in chain {
+        let path = archive_path(dir, l.generation);
+        if path != l.path {
+            let _ = fs::remove_file(&path);
+            fs::hard_link(&l.path, &path)
+                .or_else(|_| fs::copy(&l.path, &path).map(drop))
+                .map_err(|source| HaError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        out.push(Link { path, ..l.clone() });
+    }
+    Ok(out)
+}
+
 /// The path of generation `g`'s archive in `dir`.
 pub fn archive_path(dir: &Path, g: u64) -> PathBuf {
     dir.join(archive_name(g))
@@ -261,20 +281,7 @@ fn receive(
     }
     // The archives kept from another leader's chain join this one's
     // directory (they name each other by file name).
-    let mut chain = Vec::with_capacity(keep + files.len());
-    for l in &held[..keep] {
-        let path = archive_path(&dir, l.generation);
-        if path != l.path {
-            let _ = fs::remove_file(&path);
-            fs::hard_link(&l.path, &path)
-                .or_else(|_| fs::copy(&l.path, &path).map(drop))
-                .map_err(|source| HaError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-        }
-        chain.push(Link { path, ..l.clone() });
-    }
+    let mut chain = link_into(&held[..keep], &dir)?;
     for f in &files {
         let path = archive_path(&dir, f.generation);
         write_archive(conn, &dir, &path, f.size)?;

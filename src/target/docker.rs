@@ -258,6 +258,11 @@ fn create(api: &Api, name: &str, spec: &DockerSpec) -> Result<String, DockerErro
             call: "create container",
             detail: format!("recorded configuration does not fit: {e}"),
         })?;
+    create_with(api, name, body)
+}
+
+/// Creates container `name` from `body`; returns its id.
+fn create_with(api: &Api, name: &str, body: ContainerCreateBody) -> Result<String, DockerError> {
     let opts = CreateContainerOptionsBuilder::default().name(name).build();
     let r = api
         .rt
@@ -375,17 +380,10 @@ pub fn run(socket: &Path, name: &str, image: &str, cmd: &[String]) -> Result<i32
         }),
         ..Default::default()
     };
-    let opts = CreateContainerOptionsBuilder::default().name(name).build();
-    let created = api
-        .rt
-        .block_on(api.docker.create_container(Some(opts), body))
-        .map_err(|e| DockerError::Api {
-            call: "create container",
-            detail: e.to_string(),
-        })?;
+    let id = create_with(&api, name, body)?;
     api.rt
         .block_on(api.docker.start_container(
-            &created.id,
+            &id,
             None::<bollard::query_parameters::StartContainerOptions>,
         ))
         .map_err(|e| DockerError::Api {
@@ -393,7 +391,7 @@ pub fn run(socket: &Path, name: &str, image: &str, cmd: &[String]) -> Result<i32
             detail: e.to_string(),
         })?;
     let c = api
-        .inspect(&created.id)?
+        .inspect(&id)?
         .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
     Ok(c.state.and_then(|s| s.pid).unwrap_or(0) as i32)
 }

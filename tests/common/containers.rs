@@ -81,6 +81,19 @@ pub fn rootfs(dir: &Path) -> PathBuf {
     root
 }
 
+/// [`rootfs`] as a tar archive (`dir/rootfs.tar`), for `docker import`.
+pub fn rootfs_tar(dir: &Path) -> PathBuf {
+    let root = rootfs(dir);
+    let tar = dir.join("rootfs.tar");
+    sh(Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg("."));
+    tar
+}
+
 /// The workload's arguments inside a container (its report in /state).
 pub fn workload_args(size_mib: u64) -> Vec<String> {
     [
@@ -194,14 +207,7 @@ pub struct Docker {
 
 impl Docker {
     pub fn image(dir: &Path, name: &str) -> Docker {
-        let root = rootfs(dir);
-        let tar = dir.join("rootfs.tar");
-        sh(Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("."));
+        let tar = rootfs_tar(dir);
         let image = format!("{}:latest", unique(name));
         sh(Command::new("docker").arg("import").arg(&tar).arg(&image));
         Docker {
