@@ -15,6 +15,7 @@ use super::keys::{
 use super::member::{Led, Member};
 use super::replica::{self, Holding, Link};
 use super::replicator::Replicator;
+use super::schedule;
 use crate::archive::{NoProgress, PackOptions};
 use crate::checkpoint;
 use crate::criu::NoHooks;
@@ -33,6 +34,11 @@ const MOVE_TRIES: u32 = 3;
 const CAMPAIGN_GRACE: Duration = Duration::from_secs(3);
 /// zstd level of the periodic checkpoints (fast: they happen often).
 const LEVEL: i32 = 1;
+/// How long a new leader waits for its copy to accept connections before
+/// it leaves the publishing of the address to the role loop.
+const ACCEPT_WAIT: Duration = Duration::from_millis(500);
+/// How often it tries meanwhile.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
 
 struct Leading {
     token: i64,
@@ -44,6 +50,9 @@ struct Leading {
     last: Option<CheckpointRecord>,
     next_generation: u64,
     next_checkpoint: Instant,
+    /// Whether the last schedule kept the interval as a bound on lost work
+    /// (a change is logged).
+    interval_holds: bool,
     /// Sends each checkpoint to the standbys.
     replicator: Replicator,
     address: AddressRecord,
@@ -312,6 +321,7 @@ impl ServiceRun {
             next_generation,
             // A first checkpoint soon, so standbys hold something.
             next_checkpoint: Instant::now() + Duration::from_millis(200),
+            interval_holds: true,
             replicator: Replicator::new(&self.name),
             address: AddressRecord {
                 host: m.name().to_string(),
@@ -325,6 +335,9 @@ impl ServiceRun {
             address_published: false,
         });
         self.leaderless_since = None;
+        // Clients wait for this: publish now rather than on the role
+        // loop's next round (which first reads the whole cluster).
+        self.publish_address(m, ACCEPT_WAIT);
     }
 
     fn lead(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView, spec: &ServiceSpec) {
@@ -351,29 +364,10 @@ impl ServiceRun {
             }
             return;
         }
-        if !l.address_published || sv.address.as_ref().map(|a| a.token) != Some(l.token) {
-            // Clients are sent only to a service that accepts connections
-            // (one just started may still be initialising).
-            if !l.address_published && !accepts(&l.address.addr) {
-                return;
-            }
-            let Some(lease) = m.lease_id() else { return };
-            let addr_key = keys::service_key(m.cluster(), &self.name, "address");
-            match m.etcd.fenced(
-                &key,
-                l.token,
-                vec![put_op(&addr_key, keys::to_json(&l.address), lease)],
-            ) {
-                Ok(true) => {
-                    l.address_published = true;
-                    tracing::info!(service = %self.name, addr = %l.address.addr, token = l.token, takeover_ms = l.address.takeover_ms, "service address published");
-                }
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot publish the address");
-                    return;
-                }
-            }
+        if (!l.address_published || sv.address.as_ref().map(|a| a.token) != Some(l.token))
+            && !self.publish_address(m, Duration::ZERO)
+        {
+            return;
         }
         if let Some(mv) = &sv.move_to {
             if mv.to != m.name() {
@@ -389,15 +383,68 @@ impl ServiceRun {
             return;
         };
         if Instant::now() >= l.next_checkpoint && m.lease_valid_for(Duration::from_millis(100)) {
-            // Fixed rate: the interval runs from one checkpoint's start to
-            // the next (a slow one is followed at once by the next).
+            // The interval bounds lost work: the next checkpoint starts
+            // early enough to be verified by a standby before this one is
+            // an interval old ([`schedule`]).
             let started = Instant::now();
             let ok = checkpoint_and_replicate(m, &self.name, spec, view, l);
+            let interval = Duration::from_millis(spec.interval_ms);
+            let lag = l.replicator.lag_estimate();
+            let plan = schedule::period(interval, lag);
+            if plan.holds != l.interval_holds {
+                l.interval_holds = plan.holds;
+                let lag_ms = lag.map_or(0, |d| d.as_millis() as u64);
+                if plan.holds {
+                    tracing::info!(service = %self.name, lag_ms, period_ms = plan.period.as_millis() as u64, "replication is fast enough again to bound lost work by the interval");
+                } else {
+                    tracing::warn!(service = %self.name, lag_ms, interval_ms = spec.interval_ms, period_ms = plan.period.as_millis() as u64, "replication lag too long for the interval: lost work may exceed it (checkpoints come at a quarter of the interval)");
+                }
+            }
             l.next_checkpoint = if ok {
-                (started + Duration::from_millis(spec.interval_ms)).max(Instant::now())
+                (started + plan.period).max(Instant::now())
             } else {
                 Instant::now() + RETRY
             };
+        }
+    }
+
+    /// Publishes the service's address (fenced by the token) once the
+    /// copy accepts connections: clients are sent only to a service that
+    /// answers (one just started may still be initialising). Waits up to
+    /// `wait` for it to accept. Returns whether the address is published.
+    fn publish_address(&mut self, m: &Member, wait: Duration) -> bool {
+        let Some(l) = self.leading.as_mut() else {
+            return false;
+        };
+        if !l.address_published {
+            let deadline = Instant::now() + wait;
+            while !accepts(&l.address.addr) {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(ACCEPT_POLL);
+            }
+        }
+        let Some(lease) = m.lease_id() else {
+            return false;
+        };
+        let key = keys::service_key(m.cluster(), &self.name, "leader");
+        let addr_key = keys::service_key(m.cluster(), &self.name, "address");
+        match m.etcd.fenced(
+            &key,
+            l.token,
+            vec![put_op(&addr_key, keys::to_json(&l.address), lease)],
+        ) {
+            Ok(true) => {
+                l.address_published = true;
+                tracing::info!(service = %self.name, addr = %l.address.addr, token = l.token, takeover_ms = l.address.takeover_ms, "service address published");
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot publish the address");
+                false
+            }
         }
     }
 

@@ -18,7 +18,7 @@ use crate::criu::Criu;
 use crate::transport::Secret;
 
 /// How often the member reads the cluster and acts.
-const POLL: Duration = Duration::from_millis(100);
+pub(super) const POLL: Duration = Duration::from_millis(100);
 /// How long joining may wait for etcd.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often fencing looks at the lease.

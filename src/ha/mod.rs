@@ -45,6 +45,7 @@ mod leader;
 pub mod member;
 pub mod replica;
 mod replicator;
+mod schedule;
 pub mod status;
 
 use std::io;

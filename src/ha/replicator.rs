@@ -8,9 +8,9 @@
 //! (a chain is sent from the first archive the standby lacks). The others
 //! keep receiving every checkpoint.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::keys::{self, CheckpointRecord, HostRecord};
 use super::replica::{self, Link};
@@ -31,7 +31,16 @@ struct State {
     /// Per standby, the newest generation it verified; absent after a
     /// failed transfer.
     acked: HashMap<String, u64>,
+    /// The newest generation whose lag is in `lags`.
+    lag_generation: u64,
+    /// Of the last [`LAG_WINDOW`] checkpoints verified by a standby in
+    /// sync, the time from each one's taking to the first such
+    /// verification, oldest first.
+    lags: VecDeque<Duration>,
 }
+
+/// How many recent replication lags the estimate looks at.
+const LAG_WINDOW: usize = 10;
 
 #[derive(Default)]
 struct Shared {
@@ -109,6 +118,15 @@ impl Replicator {
             .lock()
             .is_ok_and(|s| s.acked.contains_key(host))
     }
+
+    /// The replication lag to plan with: the longest of the recent times
+    /// from a checkpoint's taking to its verification by a standby in sync
+    /// (the first one: from then on a failover restores it). None before
+    /// any.
+    pub fn lag_estimate(&self) -> Option<Duration> {
+        let s = self.shared.state.lock().ok()?;
+        s.lags.iter().max().copied()
+    }
 }
 
 impl Drop for Replicator {
@@ -150,6 +168,17 @@ fn work(m: &Member, shared: &Shared, service: &str, standby: &str) {
         match outcome {
             Ok(sent) => {
                 s.acked.insert(standby.to_string(), job.record.generation);
+                let lag_ms = keys::now_unix_ms().saturating_sub(job.record.taken_unix_ms);
+                // The lag to plan with is that of a standby in sync, sent
+                // this checkpoint alone: one catching up (it restarted, or
+                // a new leader's chain) says nothing of the next one's.
+                if sent.archives == 1 && job.record.generation > s.lag_generation {
+                    s.lag_generation = job.record.generation;
+                    if s.lags.len() == LAG_WINDOW {
+                        s.lags.pop_front();
+                    }
+                    s.lags.push_back(Duration::from_millis(lag_ms));
+                }
                 tracing::info!(
                     service,
                     standby,
@@ -158,7 +187,7 @@ fn work(m: &Member, shared: &Shared, service: &str, standby: &str) {
                     bytes = sent.bytes,
                     ms = t.elapsed().as_millis() as u64,
                     verify_ms = format!("{:.0}", sent.verify_ms),
-                    lag_ms = keys::now_unix_ms().saturating_sub(job.record.taken_unix_ms),
+                    lag_ms,
                     "checkpoint replicated"
                 );
             }

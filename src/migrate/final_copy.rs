@@ -314,11 +314,21 @@ fn transfer_and_restore(
     if same_kernel {
         // One pid space (a process tree needs its pids) and one cgroup
         // tree (a container needs its cgroups): the source goes first.
+        // A tree whose root is the init of a pid namespace of its own (a
+        // container, or a process tree started so) comes back in a new
+        // namespace: its pids here need not be free, and waiting for them
+        // would wait for whoever reaps the killed init (a slow PID 1 here
+        // took about 1.3 s).
         let t = Instant::now();
+        let own_pid_ns = pids
+            .first()
+            .is_some_and(|&p| process::is_pid_namespace_init(p));
         source.kill(pids);
         *source_killed = true;
-        for p in pids {
-            process::wait_pid_free(*p, PID_FREE_WAIT);
+        if !own_pid_ns {
+            for p in pids {
+                process::wait_pid_free(*p, PID_FREE_WAIT);
+            }
         }
         report.pid_wait_ms = ms(t.elapsed());
     }

@@ -197,6 +197,14 @@ pub fn ns_pids(pid: i32) -> Vec<u32> {
         .unwrap_or_else(|| vec![pid as u32])
 }
 
+/// Whether `pid` is the init (pid 1) of a pid namespace below this
+/// process's own: a container's init, or a tree started in a pid namespace
+/// of its own.
+pub fn is_pid_namespace_init(pid: i32) -> bool {
+    let ns = ns_pids(pid);
+    ns.len() > 1 && ns.last() == Some(&1)
+}
+
 /// SIGKILLs every pid of `pids` (those already gone are ignored).
 pub fn kill_all(pids: &[i32]) {
     for p in pids {
