@@ -119,13 +119,26 @@ impl Replicator {
             .is_ok_and(|s| s.acked.contains_key(host))
     }
 
-    /// The replication lag to plan with: the longest of the recent times
-    /// from a checkpoint's taking to its verification by a standby in sync
-    /// (the first one: from then on a failover restores it). None before
-    /// any.
+    /// The replication lag to plan with, from the recent times from a
+    /// checkpoint's taking to its verification by a standby in sync (the
+    /// first one: from then on a failover restores it). None before any.
     pub fn lag_estimate(&self) -> Option<Duration> {
         let s = self.shared.state.lock().ok()?;
-        s.lags.iter().max().copied()
+        plan_lag(s.lags.iter().copied())
+    }
+}
+
+/// The longest of `lags` but one, when there are at least three: a single
+/// outlier (a transfer held up while etcd was away, since a standby admits
+/// a checkpoint only after reading the leader key) says nothing of the
+/// next checkpoint, while two slow ones in ten do.
+fn plan_lag(lags: impl Iterator<Item = Duration>) -> Option<Duration> {
+    let mut v: Vec<Duration> = lags.collect();
+    v.sort_unstable();
+    match v.len() {
+        0 => None,
+        1 | 2 => v.last().copied(),
+        n => Some(v[n - 2]),
     }
 }
 
@@ -198,5 +211,31 @@ fn work(m: &Member, shared: &Shared, service: &str, standby: &str) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: &[u64]) -> Vec<Duration> {
+        v.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[test]
+    fn one_outlier_is_ignored_two_are_not() {
+        assert_eq!(plan_lag(ms(&[]).into_iter()), None);
+        assert_eq!(
+            plan_lag(ms(&[400, 4000]).into_iter()),
+            Some(Duration::from_millis(4000))
+        );
+        assert_eq!(
+            plan_lag(ms(&[400, 450, 4000, 420]).into_iter()),
+            Some(Duration::from_millis(450))
+        );
+        assert_eq!(
+            plan_lag(ms(&[400, 3000, 4000, 420]).into_iter()),
+            Some(Duration::from_millis(3000))
+        );
     }
 }

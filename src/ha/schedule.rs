@@ -8,7 +8,8 @@
 //! verify: ~0.3-0.5 s for 100 MiB on a small machine). Checkpoints taken
 //! one interval apart would leave up to interval + lag of work exposed, so
 //! the leader starts each one early by the lag it measured (the longest of
-//! the recent ones) plus the role loop's own delay.
+//! the last ten but one: a single outlier is ignored) plus the role loop's
+//! own delay.
 
 use std::time::Duration;
 
