@@ -223,7 +223,7 @@ pub fn rebuild(
                 out.pages_from_store += non_zero - in_place;
                 tracing::debug!(file = %entry.name, ms = t0.elapsed().as_millis() as u64, "pages written");
                 let sum = match &matched {
-                    // Laid out ahead: leaves of untouched MiBs are known.
+                    // Laid out ahead: leaves of untouched pages are known.
                     Some(a) if a.leaves.len() == map.len().div_ceil(pages::CHECKSUM_LEAF_BYTES) => {
                         let per_leaf = pages::CHECKSUM_LEAF_BYTES / PAGE_SIZE;
                         let mut leaves = a.leaves.clone();
@@ -238,7 +238,7 @@ pub fn rebuild(
                             .map(|&l| {
                                 let from = l * pages::CHECKSUM_LEAF_BYTES;
                                 let to = (from + pages::CHECKSUM_LEAF_BYTES).min(map.len());
-                                (l, xxhash_rust::xxh3::xxh3_128(&map[from..to]))
+                                (l, pages::leaf_hash(&map[from..to]))
                             })
                             .collect();
                         for (l, h) in fresh {

@@ -214,6 +214,11 @@ impl MigrateBench {
                 }
                 let out = reaping(&mut w, move || cmd.output().map_err(|e| e.to_string()))?;
                 drop(agent);
+                // Its log (as verbose as RUST_LOG asks), for the curious.
+                tracing::debug!(
+                    "ferry migrate's log:\n{}",
+                    String::from_utf8_lossy(&out.stderr).trim_end()
+                );
                 if !out.status.success() {
                     return Err(format!(
                         "ferry migrate failed: {}",

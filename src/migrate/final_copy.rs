@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,11 @@ use crate::PAGE_SIZE;
 
 /// Name prefix of the source's staging directories.
 const STAGING_PREFIX: &str = "ferry-migrate-";
+/// How much of a pages image is hashed before its new pages are handed
+/// to the senders (the next block is hashed while they send).
+const SEND_BLOCK: usize = 16 << 20;
+/// How much of a block one task reads and hashes.
+const HASH_CHUNK: usize = 1 << 20;
 /// How long the source's killed pids may take to be reaped (same kernel).
 const PID_FREE_WAIT: Duration = Duration::from_secs(5);
 
@@ -253,28 +259,48 @@ fn transfer_and_restore(
         let recipe = classify_name(&name) == FileClass::Pages;
         let (checksum, blob) = if recipe {
             let file = fs::File::open(&path).map_err(io)?;
-            let bytes = crate::sys::mmap::map_readonly(&file, true).map_err(io)?;
-            // One pass over the memory: page digests and checksum leaves.
-            let per_leaf: Vec<(Vec<Digest>, u128)> = bytes
-                .par_chunks(pages::CHECKSUM_LEAF_BYTES)
-                .map(|leaf| {
-                    let digests = leaf
-                        .chunks(PAGE_SIZE)
-                        .map(|p| page::fingerprint(p).unwrap_or(ZERO_PAGE))
-                        .collect();
-                    (digests, xxhash_rust::xxh3::xxh3_128(leaf))
-                })
-                .collect();
-            let leaves: Vec<u128> = per_leaf.iter().map(|(_, h)| *h).collect();
-            let digests: Vec<Digest> = per_leaf.into_iter().flat_map(|(d, _)| d).collect();
-            for (d, p) in digests.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
-                report.pages_in_images += 1;
-                if *d == ZERO_PAGE {
-                    report.zero_pages += 1;
-                } else if known.insert(*d) {
-                    sender.push(*d, p)?;
-                    report.pages_sent += 1;
+            let len = file.metadata().map_err(io)?.len() as usize;
+            // One pass over the dump: each page's digest is also its
+            // checksum leaf. Block by block, so that the pages of one block
+            // are on the wire while the next is read and hashed; read with
+            // pread, each MiB hashed while it is in cache (mapping the
+            // whole image cost more than hashing it: ~0.1 s per GiB here).
+            let mut leaves: Vec<u128> = Vec::with_capacity(len / PAGE_SIZE + 1);
+            let mut digests: Vec<Digest> = Vec::with_capacity(len / PAGE_SIZE);
+            let mut buf = vec![0u8; SEND_BLOCK.min(len)];
+            let mut offset = 0;
+            while offset < len {
+                let block = &mut buf[..SEND_BLOCK.min(len - offset)];
+                let hashed: Vec<Vec<(Digest, u128)>> = block
+                    .par_chunks_mut(HASH_CHUNK)
+                    .enumerate()
+                    .map(|(i, chunk)| {
+                        file.read_exact_at(chunk, (offset + i * HASH_CHUNK) as u64)?;
+                        Ok(chunk
+                            .chunks(pages::CHECKSUM_LEAF_BYTES)
+                            .map(|p| match page::fingerprint(p) {
+                                Some(d) if p.len() == PAGE_SIZE => (d, d),
+                                d => (d.unwrap_or(ZERO_PAGE), pages::leaf_hash(p)),
+                            })
+                            .collect())
+                    })
+                    .collect::<std::io::Result<_>>()
+                    .map_err(io)?;
+                for ((d, leaf), p) in hashed.into_iter().flatten().zip(block.chunks(PAGE_SIZE)) {
+                    leaves.push(leaf);
+                    if p.len() < PAGE_SIZE {
+                        continue; // a tail: not a page
+                    }
+                    digests.push(d);
+                    report.pages_in_images += 1;
+                    if d == ZERO_PAGE {
+                        report.zero_pages += 1;
+                    } else if known.insert(d) {
+                        sender.push(d, p)?;
+                        report.pages_sent += 1;
+                    }
                 }
+                offset += block.len();
             }
             (
                 pages::combine_leaves(&leaves),
@@ -293,7 +319,13 @@ fn transfer_and_restore(
         });
         blobs.push(blob);
     }
+    let queued = t.elapsed();
     sender.flush()?;
+    tracing::debug!(
+        queued_ms = ms(queued),
+        flushed_ms = ms(t.elapsed()),
+        "final copy: pages hashed and queued, then all sent"
+    );
     control.send_msg(&Msg::Images { files: entries })?;
     for b in &blobs {
         control.send_blob(b)?;

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 
 /// First bytes of every frame.
 pub const MAGIC: &[u8; 4] = b"FRY1";
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 20;
 pub const TAG_LEN: usize = 16;
 /// Largest payload a peer accepts (a batch of pages is at most ~4 MiB).

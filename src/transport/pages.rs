@@ -77,24 +77,42 @@ pub fn decode_digests(bytes: &[u8]) -> Result<Vec<Digest>, PagesFault> {
         .collect())
 }
 
-/// Bytes per leaf of [`file_checksum`].
-pub const CHECKSUM_LEAF_BYTES: usize = 1 << 20;
+/// Bytes per leaf of [`file_checksum`]: one page, so that a leaf of a
+/// pages image is its page's digest ([`crate::page::digest`]) and a
+/// receiver that patches a few pages into a file laid out earlier rehashes
+/// only those pages.
+pub const CHECKSUM_LEAF_BYTES: usize = PAGE_SIZE;
 
 /// The checksum both ends compute over a whole image file: xxh3-128 of
-/// the xxh3-128 of each 1 MiB of it (its leaves). Leaves are computed on
-/// every core, and a receiver that wrote most of a file earlier keeps their
-/// leaves and recomputes only those it changed since.
+/// the xxh3-128 of each page of it (its leaves; a short tail is a leaf of
+/// its own). Leaves are computed on every core, and a receiver that wrote
+/// most of a file earlier keeps their leaves and recomputes only those it
+/// changed since.
 pub fn file_checksum(bytes: &[u8]) -> u128 {
     combine_leaves(&leaf_hashes(bytes))
 }
 
+/// The leaves of [`file_checksum`], hashed on every core.
 pub fn leaf_hashes(bytes: &[u8]) -> Vec<u128> {
     use rayon::prelude::*;
-    bytes
-        .par_chunks(CHECKSUM_LEAF_BYTES)
-        .map(xxhash_rust::xxh3::xxh3_128)
-        .collect()
+    let per_chunk: Vec<Vec<u128>> = bytes
+        .par_chunks(PARALLEL_CHUNK)
+        .map(|c| c.chunks(CHECKSUM_LEAF_BYTES).map(leaf_hash).collect())
+        .collect();
+    per_chunk.concat()
 }
+
+/// One leaf: the page's digest (a zero page's is known without hashing).
+pub fn leaf_hash(leaf: &[u8]) -> u128 {
+    if leaf.len() == PAGE_SIZE && crate::page::is_zero(leaf) {
+        crate::page::zero_page_digest()
+    } else {
+        crate::page::digest(leaf)
+    }
+}
+
+/// How much of a file one task hashes.
+const PARALLEL_CHUNK: usize = 1 << 20;
 
 pub fn combine_leaves(leaves: &[u128]) -> u128 {
     let bytes: Vec<u8> = leaves.iter().flat_map(|h| h.to_le_bytes()).collect();
@@ -141,17 +159,18 @@ mod tests {
 
     #[test]
     fn checksum_leaves_update_like_a_full_checksum() {
-        let mut file = vec![3u8; 3 * CHECKSUM_LEAF_BYTES + 5 * PAGE_SIZE];
+        let mut file = vec![3u8; 3 * (1 << 20) + 5 * PAGE_SIZE + 100];
+        file[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
         let mut leaves = leaf_hashes(&file);
-        assert_eq!(leaves.len(), 4);
+        assert_eq!(leaves.len(), 3 * 256 + 5 + 1);
+        assert_eq!(leaves[1], crate::page::zero_page_digest());
+        assert_eq!(leaves[0], crate::page::digest(&file[..PAGE_SIZE]));
         assert_eq!(combine_leaves(&leaves), file_checksum(&file));
-        let at = CHECKSUM_LEAF_BYTES + 7;
+        let at = (1 << 20) + 7;
         file[at] = 9;
         assert_ne!(combine_leaves(&leaves), file_checksum(&file));
         let l = at / CHECKSUM_LEAF_BYTES;
-        leaves[l] = xxhash_rust::xxh3::xxh3_128(
-            &file[l * CHECKSUM_LEAF_BYTES..(l + 1) * CHECKSUM_LEAF_BYTES],
-        );
+        leaves[l] = leaf_hash(&file[l * CHECKSUM_LEAF_BYTES..(l + 1) * CHECKSUM_LEAF_BYTES]);
         assert_eq!(combine_leaves(&leaves), file_checksum(&file));
     }
 
