@@ -64,7 +64,10 @@ pub struct RunArgs {
     /// The port the service listens on (its address: host IP and this port).
     #[arg(long)]
     pub port: u16,
-    /// Checkpoint interval in milliseconds.
+    /// Bound on lost work, in milliseconds: the newest checkpoint a standby
+    /// has verified is never older (checkpoints start earlier by the
+    /// measured replication lag; the leader warns when the lag is too long
+    /// for it).
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub interval_ms: u64,
     /// Standbys each checkpoint is replicated to.

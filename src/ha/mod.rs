@@ -10,8 +10,10 @@
 //!   last write is the **fencing token**;
 //! - the leader ([`leader`]) runs the service (a runc or Docker container,
 //!   or a process tree in a pid namespace of its own: [`copy`]), publishes
-//!   its address, checkpoints it every interval while it runs (incremental,
-//!   compressed archives), and hands each checkpoint to one worker per
+//!   its address, checkpoints it while it runs (incremental, compressed
+//!   archives) often enough that the newest checkpoint a standby verified
+//!   is never older than the service's interval ([`schedule`]), and hands
+//!   each checkpoint to one worker per
 //!   standby ([`replicator`]); the standbys ([`replica`]) check the token
 //!   against etcd, verify the checkpoint by patching the changed pages into
 //!   their restorable images, and only then publish it as their newest;
