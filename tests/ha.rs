@@ -661,6 +661,7 @@ fn fault_loop(tag: &str, kind: Kind, faults: usize) {
     eprintln!("{status}");
     assert!(status.contains(&format!("leader h{leader}")), "{status}");
     assert!(status.contains("standby h"), "{status}");
+    assert!(status.contains("schedule: a checkpoint every"), "{status}");
     let watch = SplitBrainWatch::start((0..HOSTS).map(|i| c.probe(i)).collect());
     let client = Client::start(&c.etcd.url, &c.name);
     assert!(
@@ -1055,6 +1056,7 @@ fn switchover(tag: &str, kind: Kind) {
         archive_bytes: 0,
         raw_bytes: 0,
         base: 1_000_000,
+        schedule: None,
     };
     conn.send_msg(&ferry::transport::Msg::Offer {
         service: SERVICE.into(),

@@ -149,6 +149,22 @@ pub struct CheckpointRecord {
     pub raw_bytes: u64,
     /// Generation of the full archive this one's chain starts at.
     pub base: u64,
+    /// How the leader was scheduling checkpoints when it took this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<ScheduleRecord>,
+}
+
+/// The leader's checkpoint schedule ([`super::schedule`]), as recorded
+/// with each checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleRecord {
+    /// From one checkpoint's start to the next one's.
+    pub period_ms: u64,
+    /// The replication lag planned with (none before a standby verified a
+    /// checkpoint of this leader's).
+    pub lag_ms: Option<u64>,
+    /// Whether the interval bounds lost work with that lag.
+    pub holds: bool,
 }
 
 /// A standby's newest verified checkpoint of a service.
@@ -274,6 +290,23 @@ mod tests {
     }
 
     #[test]
+    fn a_checkpoint_record_without_a_schedule_still_parses() {
+        let json = r#"{"generation":1,"token":2,"leader":"a","taken_unix_ms":3,"frozen_ms":4.0,"archive_bytes":5,"raw_bytes":6,"base":1}"#;
+        let cp: CheckpointRecord = serde_json::from_str(json).unwrap();
+        assert_eq!(cp.schedule, None);
+        let with = CheckpointRecord {
+            schedule: Some(ScheduleRecord {
+                period_ms: 1500,
+                lag_ms: Some(400),
+                holds: true,
+            }),
+            ..cp
+        };
+        let back: CheckpointRecord = serde_json::from_slice(&to_json(&with)).unwrap();
+        assert_eq!(back, with);
+    }
+
+    #[test]
     fn parses_a_cluster() {
         let c = "c1";
         let cp = CheckpointRecord {
@@ -285,6 +318,7 @@ mod tests {
             archive_bytes: 3,
             raw_bytes: 4,
             base: 1,
+            schedule: None,
         };
         let entries = vec![
             entry(

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use super::copy::{self, HostCopy};
 use super::etcd::{delete_op, put_op};
 use super::keys::{
-    self, AddressRecord, CheckpointRecord, ClusterView, HostRecord, LeaderRecord, ServiceSpec,
-    ServiceView,
+    self, AddressRecord, CheckpointRecord, ClusterView, HostRecord, LeaderRecord, ScheduleRecord,
+    ServiceSpec, ServiceView,
 };
 use super::member::{Led, Member};
 use super::replica::{self, Holding, Link};
@@ -387,19 +387,24 @@ impl ServiceRun {
             // early enough to be verified by a standby before this one is
             // an interval old ([`schedule`]).
             let started = Instant::now();
-            let ok = checkpoint_and_replicate(m, &self.name, spec, view, l);
             let interval = Duration::from_millis(spec.interval_ms);
             let lag = l.replicator.lag_estimate();
             let plan = schedule::period(interval, lag);
+            let planned = ScheduleRecord {
+                period_ms: plan.period.as_millis() as u64,
+                lag_ms: lag.map(|d| d.as_millis() as u64),
+                holds: plan.holds,
+            };
             if plan.holds != l.interval_holds {
                 l.interval_holds = plan.holds;
-                let lag_ms = lag.map_or(0, |d| d.as_millis() as u64);
+                let lag_ms = planned.lag_ms.unwrap_or(0);
                 if plan.holds {
-                    tracing::info!(service = %self.name, lag_ms, period_ms = plan.period.as_millis() as u64, "replication is fast enough again to bound lost work by the interval");
+                    tracing::info!(service = %self.name, lag_ms, period_ms = planned.period_ms, "replication is fast enough again to bound lost work by the interval");
                 } else {
-                    tracing::warn!(service = %self.name, lag_ms, interval_ms = spec.interval_ms, period_ms = plan.period.as_millis() as u64, "replication lag too long for the interval: lost work may exceed it (checkpoints come at a quarter of the interval)");
+                    tracing::warn!(service = %self.name, lag_ms, interval_ms = spec.interval_ms, period_ms = planned.period_ms, "replication lag too long for the interval: lost work may exceed it (checkpoints come at a quarter of the interval)");
                 }
             }
+            let ok = checkpoint_and_replicate(m, &self.name, spec, view, l, planned);
             l.next_checkpoint = if ok {
                 (started + plan.period).max(Instant::now())
             } else {
@@ -631,6 +636,7 @@ fn checkpoint_and_replicate(
     spec: &ServiceSpec,
     view: &ClusterView,
     l: &mut Leading,
+    schedule: ScheduleRecord,
 ) -> bool {
     let generation = l.next_generation;
     let dir = replica::leader_dir(m, service);
@@ -707,6 +713,7 @@ fn checkpoint_and_replicate(
         archive_bytes: d.pack.archive_bytes,
         raw_bytes: d.pack.raw_bytes,
         base,
+        schedule: Some(schedule),
     };
     l.chain.push(Link {
         generation,

@@ -135,6 +135,24 @@ pub fn render(cluster: &str, view: &ClusterView, out: &mut dyn Write) -> io::Res
                 c.frozen_ms,
                 crate::units::bytes(c.archive_bytes)
             )?;
+            if let (Some(p), Some(spec)) = (&c.schedule, &s.spec) {
+                let plan = match (p.lag_ms, p.holds) {
+                    (None, _) => "no replication lag measured yet".to_string(),
+                    (Some(l), true) => format!(
+                        "planned for a replication lag of {l} ms: lost work stays within the {} ms interval",
+                        spec.interval_ms
+                    ),
+                    (Some(l), false) => format!(
+                        "replication lag {l} ms, too long for the {} ms interval: lost work may exceed it",
+                        spec.interval_ms
+                    ),
+                };
+                writeln!(
+                    out,
+                    "  schedule: a checkpoint every {} ms, {plan}",
+                    p.period_ms
+                )?;
+            }
         }
         if s.standbys.is_empty() {
             writeln!(out, "  standbys: none holds a checkpoint")?;
