@@ -37,21 +37,23 @@ const SIZE_MIB: u64 = 100;
 /// earlier than that by the replication lag: at 1 s with 100 MiB on a
 /// 2-core machine, the service would be frozen about half of the time.
 fn interval_ms() -> u64 {
-    std::env::var("FERRY_HA_INTERVAL_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
-        .clamp(200, 60_000)
+    env_number("FERRY_HA_INTERVAL_MS", 2000, 200, 60_000)
 }
 /// Bound on any wait for the cluster to settle.
 const SETTLE: Duration = Duration::from_secs(60);
 
 fn faults() -> usize {
-    std::env::var("FERRY_HA_FAULTS")
+    env_number("FERRY_HA_FAULTS", 20, 1, 100) as usize
+}
+
+/// A number from the environment variable `name`, `default` when unset or
+/// not a number, kept within `min..=max`.
+fn env_number(name: &str, default: u64, min: u64, max: u64) -> u64 {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(20)
-        .clamp(1, 100)
+        .unwrap_or(default)
+        .clamp(min, max)
 }
 
 /// The service's bundle: the workload serving its counter, sharing the

@@ -279,8 +279,9 @@ fn transfer_and_restore(
                         Ok(chunk
                             .chunks(pages::CHECKSUM_LEAF_BYTES)
                             .map(|p| match page::fingerprint(p) {
-                                Some(d) if p.len() == PAGE_SIZE => (d, d),
-                                d => (d.unwrap_or(ZERO_PAGE), pages::leaf_hash(p)),
+                                _ if p.len() < PAGE_SIZE => (ZERO_PAGE, pages::leaf_hash(p)),
+                                Some(d) => (d, d),
+                                None => (ZERO_PAGE, page::zero_page_digest()),
                             })
                             .collect())
                     })
