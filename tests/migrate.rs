@@ -309,16 +309,51 @@ fn post_copy_restarts_before_memory_is_resident_and_memory_arrives_intact() {
     let report = run.json();
     assert_eq!(report["post_copy"].as_bool(), Some(true), "{report}");
     let restored = Workload::adopt(pid, w.report_path());
-    restored.wait_counter_above(before, CONTINUE).unwrap();
-    assert!(
-        restored.verify_memory(CONTINUE).unwrap().mem_ok,
-        "memory differs after post-copy"
-    );
+    // The source kept counting during pre-copy: only a counter beyond its
+    // last report shows the restored copy runs.
+    let last = restored.report().unwrap().counter.max(before);
+    let why = |e: std::io::Error| post_copy_diagnosis(&agent, pid, &e);
+    restored
+        .wait_counter_above(last, CONTINUE)
+        .unwrap_or_else(|e| panic!("{}", why(e)));
+    let verified = restored
+        .verify_memory(CONTINUE)
+        .unwrap_or_else(|e| panic!("{}", why(e)));
+    assert!(verified.mem_ok, "memory differs after post-copy");
     assert!(
         agent.wait_for("post-copy complete", Duration::from_secs(60)),
         "{}",
         agent.log()
     );
+}
+
+/// What a stalled post-copy left behind: the restored task's state and
+/// kernel wait channel, the agent's log and the lazy-pages daemon's log.
+fn post_copy_diagnosis(agent: &AgentProc, pid: i32, e: &std::io::Error) -> String {
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| format!("({e})"));
+    let proc = Path::new("/proc").join(pid.to_string());
+    let state = read(&proc.join("status"))
+        .lines()
+        .filter(|l| l.starts_with("State:"))
+        .collect::<String>();
+    let lazy: String = agent
+        .kept_images()
+        .iter()
+        .map(|d| {
+            let log = read(&d.join("lazy-pages.log"));
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            format!(
+                "{}:\n{}",
+                d.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        })
+        .collect();
+    format!(
+        "post-copy: the restored copy stalled: {e}\n{state} wchan={}\nagent log:\n{}\nlazy-pages log (tail):\n{lazy}",
+        read(&proc.join("wchan")),
+        agent.log()
+    )
 }
 
 /// Deletes a runc container from a given runc root when dropped.

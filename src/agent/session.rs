@@ -218,7 +218,7 @@ impl Session<'_> {
                     };
                     // A process tree was restored stopped; runc restores
                     // containers running (it has no leave-stopped).
-                    crate::process::resume_stopped(pid);
+                    crate::process::continue_tree(pid);
                     conn.send_msg(&Msg::Committed)?;
                     self.keep();
                     return Ok(true);

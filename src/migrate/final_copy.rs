@@ -215,7 +215,7 @@ pub fn run(
         }
         Err(cause) => {
             let after = if !source_killed {
-                process::resume_stopped(pid);
+                process::continue_tree(pid);
                 Fate::ResumedHere
             } else {
                 source.restore_here(criu, opts, &images, &pids)

@@ -181,6 +181,22 @@ pub fn resume_stopped(pid: i32) -> Vec<i32> {
     resumed
 }
 
+/// Sends SIGCONT to every process of the tree rooted at `pid`, stopped or
+/// not; returns the pids signalled. For a tree CRIU left stopped: CRIU
+/// queues SIGSTOP and detaches, so a task may not have stopped yet when
+/// CRIU returns (a post-copy task faulting in its memory can take a
+/// while). SIGCONT discards a pending stop signal, so this resumes the tree
+/// whichever side of its stop each task is on, where [`resume_stopped`]
+/// would miss a task that stops after it looked.
+pub fn continue_tree(pid: i32) -> Vec<i32> {
+    let Ok(pids) = tree(pid) else {
+        return Vec::new();
+    };
+    pids.into_iter()
+        .filter(|p| kill(Pid::from_raw(*p), Signal::SIGCONT).is_ok())
+        .collect()
+}
+
 /// The pid of `pid` in each pid namespace it belongs to, outermost first
 /// (`NSpid` of `/proc/PID/status`); the last one is what a dump of its
 /// container's tree names it.
