@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "pstree.proto",
     "core.proto",
     "mm.proto",
+    "img-streamer.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -57,6 +57,7 @@ pub mod chain;
 pub mod format;
 pub mod pack;
 pub mod read;
+pub mod stream;
 pub mod unpack;
 
 use std::io;

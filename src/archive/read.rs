@@ -57,6 +57,16 @@ pub struct ChunkBuf {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
 }
 
+impl ChunkBuf {
+    /// Takes the last chunk read, leaving `spare` (cleared) to read into
+    /// next: lets a caller keep chunks without copying them or touching
+    /// fresh memory for each.
+    pub fn swap_raw(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
+        spare.clear();
+        std::mem::replace(&mut self.raw, spare)
+    }
+}
+
 /// An open, structurally valid archive.
 #[derive(Debug)]
 pub struct Archive<R: ReadAt + ?Sized = File> {
@@ -222,24 +232,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             )
         };
         let ChunkBuf { stored, raw, dctx } = buf;
-        stored.resize(CHUNK_HEADER_LEN + e.stored_len as usize, 0);
-        self.reader
-            .read_exact_at(stored, e.offset)
-            .map_err(|err| fail(format!("cannot read: {err}")))?;
-        let (hb, payload) = stored.split_at(CHUNK_HEADER_LEN);
-        let hb: &[u8; CHUNK_HEADER_LEN] = hb.try_into().map_err(|_| fail("short header".into()))?;
-        let h = ChunkHeader::decode(hb).ok_or_else(|| fail("chunk header damaged".into()))?;
-        if h.stored_len != e.stored_len
-            || h.raw_len != e.raw_len
-            || h.checksum != e.checksum
-            || h.codec as u32 != e.codec
-            || h.kind as u32 != e.kind
-        {
-            return Err(fail("chunk header does not match the index".into()));
-        }
-        if ChunkHeader::checksum_of(h.codec, h.kind, h.raw_len, payload) != h.checksum {
-            return Err(fail("checksum mismatch".into()));
-        }
+        let (h, payload) = self.read_stored(chunk, stored)?;
         raw.clear();
         match h.codec {
             Codec::Raw => raw.extend_from_slice(payload),
@@ -264,6 +257,57 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             )));
         }
         Ok(raw)
+    }
+
+    /// Reads one chunk as stored and checks its header against the index
+    /// and its checksum, without decompressing it.
+    fn read_stored<'b>(
+        &self,
+        chunk: usize,
+        stored: &'b mut Vec<u8>,
+    ) -> Result<(ChunkHeader, &'b [u8]), ArchiveError> {
+        let e = &self.index.chunks[chunk];
+        let fail = |detail: String| {
+            ArchiveError::corrupt(
+                &self.path,
+                Corruption::Chunk {
+                    chunk,
+                    file: self.chunk_file_name(chunk),
+                    offset: e.offset,
+                    detail,
+                },
+            )
+        };
+        stored.resize(CHUNK_HEADER_LEN + e.stored_len as usize, 0);
+        self.reader
+            .read_exact_at(stored, e.offset)
+            .map_err(|err| fail(format!("cannot read: {err}")))?;
+        let (hb, payload) = stored.split_at(CHUNK_HEADER_LEN);
+        let hb: &[u8; CHUNK_HEADER_LEN] = hb.try_into().map_err(|_| fail("short header".into()))?;
+        let h = ChunkHeader::decode(hb).ok_or_else(|| fail("chunk header damaged".into()))?;
+        if h.stored_len != e.stored_len
+            || h.raw_len != e.raw_len
+            || h.checksum != e.checksum
+            || h.codec as u32 != e.codec
+            || h.kind as u32 != e.kind
+        {
+            return Err(fail("chunk header does not match the index".into()));
+        }
+        if ChunkHeader::checksum_of(h.codec, h.kind, h.raw_len, payload) != h.checksum {
+            return Err(fail("checksum mismatch".into()));
+        }
+        Ok((h, payload))
+    }
+
+    /// Checks every chunk's header and checksum as stored, on all threads
+    /// of the current pool, without decompressing anything: what a reader
+    /// that decompresses later (streaming) checks up front.
+    pub fn check_stored_chunks(&self) -> Result<(), ArchiveError> {
+        (0..self.index.chunks.len())
+            .into_par_iter()
+            .try_for_each_init(Vec::new, |stored, c| {
+                self.read_stored(c, stored).map(|_| ())
+            })
     }
 
     /// The content of a non-pages file, verified against its checksum.

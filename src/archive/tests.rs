@@ -336,3 +336,61 @@ fn update_refuses_a_damaged_chunk() {
         .unwrap_err();
     assert!(err.to_string().contains("a1.ferry"), "{err}");
 }
+
+/// What a streamed restore would read: every image, byte for byte, over
+/// several windows (so that chunks are evicted and loaded again) and
+/// through a chain of three generations.
+#[test]
+fn streaming_gives_every_image_byte_identical() {
+    use crate::criu::streamer::ImageSource;
+    let t = tempfile::tempdir().unwrap();
+    let pages = stream::WINDOW_PAGES * 2 + 777;
+    let (d0, d1, d2) = (
+        t.path().join("d0"),
+        t.path().join("d1"),
+        t.path().join("d2"),
+    );
+    images(&d0, pages, 0);
+    images(&d1, pages, 1);
+    images(&d2, pages, 2);
+    let (a0, a1, a2) = (
+        t.path().join("a0.ferry"),
+        t.path().join("a1.ferry"),
+        t.path().join("a2.ferry"),
+    );
+    pack_to_file(&d0, &a0, &opts(None, 2)).unwrap();
+    pack_to_file(&d1, &a1, &opts(Some(a0.clone()), 2)).unwrap();
+    pack_to_file(&d2, &a2, &opts(Some(a1.clone()), 2)).unwrap();
+    for (archive, dir) in [(&a0, &d0), (&a2, &d2)] {
+        let chain = Chain::open(archive, None).unwrap();
+        let source = stream::StreamSource::new(&chain, 2, &NoProgress).unwrap();
+        for e in fs::read_dir(dir).unwrap() {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(source.has(&name), "{name}");
+            let mut out = Vec::new();
+            let n = source.write_image(&name, &mut out).unwrap();
+            assert_eq!(n as usize, out.len());
+            assert!(out == fs::read(dir.join(&name)).unwrap(), "{name} differs");
+        }
+        assert!(!source.has("pstree.img"));
+    }
+}
+
+/// A damaged chunk is found before anything is streamed.
+#[test]
+fn streaming_refuses_a_damaged_chunk_up_front() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    images(&src, 600, 0);
+    let a = t.path().join("a.ferry");
+    pack_to_file(&src, &a, &opts(None, 1)).unwrap();
+    let mut bytes = fs::read(&a).unwrap();
+    bytes[HEADER_LEN + 100] ^= 0x40;
+    fs::write(&a, &bytes).unwrap();
+    let chain = Chain::open(&a, None).unwrap();
+    let err = stream::StreamSource::new(&chain, 2, &NoProgress)
+        .err()
+        .expect("a damaged chunk is refused")
+        .to_string();
+    assert!(err.contains("checksum mismatch") && err.contains("chunk"), "{err}");
+}

@@ -310,7 +310,7 @@ fn missing_slot(chain: &Chain, r: PageRef) -> ArchiveError {
 /// The pages image's manifest checksum must match its layout and the
 /// recorded page digests, before anything is written. Returns the digest of
 /// each page.
-fn check_layout(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError> {
+pub(super) fn check_layout(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError> {
     let f = &chain.head().index().files[fi];
     let digests = layout_digests(chain, fi)?;
     if file_checksum(digests.iter().copied(), f.size).to_le_bytes()[..] != f.checksum[..] {

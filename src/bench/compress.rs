@@ -127,7 +127,8 @@ pub struct Ceiling {
 pub struct RestoreResult {
     pub from_dir: Timing,
     pub from_archive: Timing,
-    /// Of the archive restores: unpacking alone.
+    /// Of the archive restores: checking the archive and streaming its
+    /// images to CRIU (overlaps CRIU's restore).
     pub unpack: Timing,
     pub archive_level: i32,
     /// (archive median / dir median) - 1, in percent.
@@ -698,7 +699,7 @@ pub fn render(r: &CompressResults) -> String {
     }
     if let Some(rs) = &r.restore {
         s += &format!(
-            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; unpack {}); {:+.1}%\n",
+            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; check + stream {}); {:+.1}%\n",
             millis(rs.from_dir.median),
             millis(rs.from_dir.min),
             millis(rs.from_dir.max),

@@ -115,6 +115,8 @@ pub enum CheckpointError {
         #[source]
         source: ArchiveError,
     },
+    #[error("cannot stream the images of archive {} to CRIU: {detail}", path.display())]
+    Stream { path: PathBuf, detail: String },
     #[error("cannot pack the images in {} into an archive; the images are kept there", images.display())]
     Pack {
         images: PathBuf,

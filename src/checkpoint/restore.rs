@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::CheckpointError;
 use crate::criu::{Criu, NotifyHook, RestoreOutcome, RestoreRequest};
 use crate::gpu::{self, Carrier, GpuRecord};
-use crate::image::ImagesDir;
+use crate::image::{ImagesDir, Validated};
 use crate::process::{self, ProcessInfo};
 
 /// How long a restore waits for a pid held by a zombie to be reaped. PID 1
@@ -27,6 +27,19 @@ pub fn restore(
         .and_then(|d| d.validate())
         .map_err(bad)?;
     let gpu_record = gpu_gate(&req.images_dir)?;
+    restore_validated(criu, req, &validated, gpu_record, hooks)
+}
+
+/// Restores images already validated (from a directory, or streamed from
+/// an archive): checks that their pids are free, restores, gives GPU state
+/// back.
+pub(super) fn restore_validated(
+    criu: &Criu,
+    req: &RestoreRequest,
+    validated: &Validated,
+    gpu_record: Option<GpuRecord>,
+    hooks: &mut dyn NotifyHook,
+) -> Result<RestoreOutcome, CheckpointError> {
     // A tree whose root was pid 1 is a pid namespace of its own: CRIU
     // restores it in a new one, where its pids are free.
     let own_pid_ns = validated.tree.iter().any(|e| e.pid == 1);

@@ -1,23 +1,44 @@
-//! Restoring from an archive: resolve and check the whole chain, unpack it
-//! in parallel into a staging directory (tmpfs when it has room), restore,
-//! remove the staging directory. A damaged archive or a missing parent is
-//! refused before anything is restored, and leaves no staging behind.
+//! Restoring from an archive without unpacking it: resolve and check the
+//! whole chain (every chunk's checksum, every pages image's layout, every
+//! metadata image), validate the images as a directory restore would, then
+//! restore with CRIU reading its images from ferry's image streamer
+//! ([`crate::criu::streamer`]): the pages go from the archive, decompressed
+//! in parallel and checked page by page, through a pipe straight into
+//! CRIU's copy of the process memory. No pages image is written anywhere,
+//! so the restore touches the memory it restores and little else.
+//! A damaged archive or a missing parent is refused before anything is
+//! restored. The staging directory holds only the metadata images, the
+//! streamer's socket and CRIU's log, and is removed afterwards.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{restore, staging, CheckpointError};
-use crate::archive::{self, Chain, Progress, UnpackReport};
+use super::restore::{gpu_gate, restore_validated};
+use super::{staging, CheckpointError};
+use crate::archive::stream::StreamSource;
+use crate::archive::{Chain, Progress, UnpackReport};
+use crate::criu::streamer::{StreamError, Streamer};
 use crate::criu::{Criu, NotifyHook, RestoreOutcome, RestoreRequest};
+use crate::image::dir::classify_name;
+use crate::image::{ImageFile, ImagesDir};
+
+/// Room the staging directory needs beyond the metadata images.
+const STAGING_SLACK: u64 = 16 << 20;
 
 /// A restore from an archive.
 #[derive(Debug, Clone)]
 pub struct ArchiveRestore {
+    /// How the images reached CRIU: `wall` is the time from checking the
+    /// archive to the last image streamed, `bytes_written` what was
+    /// streamed (nothing is unpacked to disk).
     pub unpack: UnpackReport,
     pub restore: RestoreOutcome,
     /// From opening the archive to the restored tree running.
     pub wall: Duration,
-    /// Where the images were staged (removed afterwards).
+    /// Where the metadata images and CRIU's log were staged (removed
+    /// afterwards).
     pub staging: PathBuf,
 }
 
@@ -48,7 +69,27 @@ pub fn restore_from_archive(
         source,
     };
     let chain = Chain::open(archive, opts.parent).map_err(bad)?;
-    let need: u64 = chain.head().index().files.iter().map(|f| f.size).sum();
+    let source = StreamSource::new(&chain, opts.threads, opts.progress).map_err(bad)?;
+    let head = chain.head();
+    let mut listing = Vec::new();
+    let mut contents = BTreeMap::new();
+    for (fi, f) in head.index().files.iter().enumerate() {
+        listing.push(ImageFile {
+            name: f.name.clone(),
+            bytes: f.size,
+            class: classify_name(&f.name),
+        });
+        if !f.pages {
+            contents.insert(f.name.clone(), head.file_data(fi).map_err(bad)?);
+        }
+    }
+    let validated = ImagesDir::in_memory(archive.to_path_buf(), listing, contents.clone())
+        .and_then(|d| d.validate())
+        .map_err(|source| CheckpointError::BadImages {
+            path: archive.to_path_buf(),
+            source,
+        })?;
+    let need = contents.values().map(|c| c.len() as u64).sum::<u64>() + STAGING_SLACK;
     let dir = staging::create("ferry-restore-", need, opts.staging).map_err(|source| {
         CheckpointError::Staging {
             path: staging::base_for(need, opts.staging),
@@ -56,29 +97,79 @@ pub fn restore_from_archive(
         }
     })?;
     let images = dir.path().to_path_buf();
-    let unpack = archive::unpack(&chain, &images, opts.threads, opts.progress).map_err(bad)?;
-    drop(chain);
+    for (name, bytes) in &contents {
+        let path = images.join(name);
+        std::fs::write(&path, bytes).map_err(|source| CheckpointError::Staging {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let gpu_record = gpu_gate(&images)?;
+    let streamer = Streamer::listen(&images).map_err(stream_error(archive))?;
     let mut req = req.clone();
     req.images_dir = images.clone();
-    req.consume_images = true;
-    match restore(criu, &req, hooks) {
-        Ok(outcome) => Ok(ArchiveRestore {
-            unpack,
-            restore: outcome,
-            wall: start.elapsed(),
-            staging: images,
-        }),
+    req.consume_images = false;
+    req.stream = true;
+    let ended = AtomicBool::new(false);
+    let (restored, served) = std::thread::scope(|s| {
+        let serving = s.spawn(|| streamer.serve(&source, &ended));
+        let restored = restore_validated(criu, &req, &validated, gpu_record, hooks);
+        ended.store(true, Ordering::Release);
+        let served = serving.join().unwrap_or_else(|_| {
+            Err(StreamError::Protocol {
+                what: "the streaming thread panicked".into(),
+                source: std::io::Error::other("panic"),
+            })
+        });
+        (restored, served)
+    });
+    // A page that failed its check says more than CRIU's short read; a
+    // broken pipe only echoes CRIU's own failure, reported below.
+    let served = match served {
+        Err(StreamError::Source {
+            source: source @ crate::archive::ArchiveError::Corrupt { .. },
+            ..
+        }) => return Err(bad(source)),
+        other => other,
+    };
+    let outcome = match restored {
+        Ok(outcome) => outcome,
         Err(CheckpointError::RestoreFailed { source, .. }) => {
             let source = match keep_log(&req, archive) {
                 Some(kept) => source.with_log(kept),
                 None => source,
             };
-            Err(CheckpointError::RestoreFailed {
+            return Err(CheckpointError::RestoreFailed {
                 path: archive.to_path_buf(),
                 source,
-            })
+            });
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let served = served.map_err(stream_error(archive))?;
+    let unpack = UnpackReport {
+        wall: served.wall + source.check_wall,
+        threads: source.threads(),
+        files: served.files,
+        bytes: head.index().files.iter().map(|f| f.size).sum(),
+        bytes_written: served.bytes,
+        chunks_read: source.chunks_read(),
+        generations: chain.generations(),
+    };
+    Ok(ArchiveRestore {
+        unpack,
+        restore: outcome,
+        wall: start.elapsed(),
+        staging: images,
+    })
+}
+
+fn stream_error(
+    archive: &Path,
+) -> impl Fn(StreamError<crate::archive::ArchiveError>) -> CheckpointError + '_ {
+    move |e| CheckpointError::Stream {
+        path: archive.to_path_buf(),
+        detail: e.to_string(),
     }
 }
 

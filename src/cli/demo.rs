@@ -192,7 +192,7 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
     let mut w = workload::Workload::adopt(restored.restore.pid, &report);
     writeln!(
         out,
-        "   restored pid {} in {} (unpack {}, CRIU restore {})",
+        "   restored pid {} in {} (images streamed from the archive in {}, CRIU restore {})",
         restored.restore.pid,
         millis(restored.wall),
         millis(restored.unpack.wall),

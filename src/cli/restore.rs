@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 
-use super::pack::{describe_unpack, threads};
+use super::pack::threads;
 use super::progress::Bar;
 use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
 use crate::archive::UnpackReport;
@@ -83,7 +83,7 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
     let (outcome, unpack, wall) = match &args.archive {
         Some(archive) => {
             let total = std::fs::metadata(archive).map(|m| m.len()).unwrap_or(0);
-            let bar = Bar::new(total, "unpacking");
+            let bar = Bar::new(total, "streaming");
             let opts = ArchiveRestoreOptions {
                 parent: args.parent.as_deref(),
                 threads: threads(args.threads),
@@ -134,8 +134,13 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
     if let Some(u) = &report.unpack {
         writeln!(
             out,
-            "  {}",
-            describe_unpack(u, "a staging directory (removed)")
+            "  Streamed {} images ({}) from the archive to CRIU in {}, nothing unpacked ({} threads, {} chunks, {} generation(s))",
+            u.files,
+            crate::units::bytes(u.bytes_written),
+            millis(u.wall),
+            u.threads,
+            u.chunks_read,
+            u.generations
         )?;
         writeln!(out, "  CRIU restore {}", millis(outcome.wall))?;
     }

@@ -26,6 +26,7 @@ mod error;
 mod lazy;
 mod notify;
 mod restore;
+pub mod streamer;
 mod version;
 
 use std::env;

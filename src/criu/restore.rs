@@ -34,7 +34,16 @@ pub struct RestoreRequest {
     /// Restore anonymous memory lazily (userfaultfd): a `criu lazy-pages`
     /// daemon on the images directory must be running (CRIU `--lazy-pages`).
     pub lazy_pages: bool,
+    /// Read the images from an image streamer listening in `images_dir`
+    /// (CRIU `--stream`; see [`super::streamer`]) instead of from files.
+    /// CRIU's RPC refuses streaming (it opens the images directory with no
+    /// mode, and aborts), so this one request runs `criu restore` itself:
+    /// no NOTIFY hooks, and the timeline holds only the total.
+    pub stream: bool,
 }
+
+/// Where a streamed restore's CRIU writes the restored root's pid.
+const STREAM_PIDFILE: &str = "restored.pid";
 
 impl RestoreRequest {
     pub fn new(images_dir: impl Into<PathBuf>) -> Self {
@@ -49,6 +58,7 @@ impl RestoreRequest {
             consume_images: false,
             leave_stopped: false,
             lazy_pages: false,
+            stream: false,
         }
     }
 
@@ -80,6 +90,9 @@ impl Criu {
             path: req.images_dir.clone(),
             source,
         })?;
+        if req.stream {
+            return self.restore_streamed(req);
+        }
         let opts = pb::CriuOpts {
             images_dir_fd: dir.as_raw_fd(),
             tcp_established: Some(req.tcp_established),
@@ -122,6 +135,78 @@ impl Criu {
             wall,
             stats,
             timeline: exchange.timeline,
+            log,
+        })
+    }
+}
+
+impl Criu {
+    /// `criu restore --stream --restore-detached`, for [`RestoreRequest::stream`].
+    fn restore_streamed(&self, req: &RestoreRequest) -> Result<RestoreOutcome, CriuError> {
+        let binary = match self {
+            Criu::Swrk { binary } => binary.clone(),
+            Criu::Service { .. } => crate::probe::which("criu").ok_or(CriuError::NotFound {
+                name: PathBuf::from("criu"),
+            })?,
+        };
+        let log = req.log_path();
+        let pidfile = req.images_dir.join(STREAM_PIDFILE);
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.arg("restore")
+            .arg("--stream")
+            .arg("--restore-detached")
+            .arg("-D")
+            .arg(&req.images_dir)
+            .arg("-o")
+            .arg(&req.log_file)
+            .arg(format!("-v{}", req.log_level))
+            .arg("--pidfile")
+            .arg(&pidfile);
+        for (on, flag) in [
+            (req.tcp_established, "--tcp-established"),
+            (req.shell_job, "--shell-job"),
+            (req.ext_unix_sk, "--ext-unix-sk"),
+            (req.file_locks, "--file-locks"),
+            (req.leave_stopped, "--leave-stopped"),
+            (req.lazy_pages, "--lazy-pages"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let start = Instant::now();
+        let status = cmd.status().map_err(|source| CriuError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+        let wall = start.elapsed();
+        if !status.success() {
+            return Err(CriuError::Failed {
+                request: RequestKind::Restore,
+                errno: None,
+                errmsg: Some(format!("criu restore --stream: {status}")),
+                log: Some(log.clone()),
+                log_errors: super::error::log_errors(&log),
+            });
+        }
+        let pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .ok_or_else(|| CriuError::UnexpectedResponse {
+                request: RequestKind::Restore,
+                got: format!("no pid in {}", pidfile.display()),
+            })?;
+        let stats = RestoreStats::read(&req.images_dir.join("stats-restore"))
+            .ok()
+            .flatten();
+        Ok(RestoreOutcome {
+            pid,
+            wall,
+            stats,
+            timeline: Timeline::default(),
             log,
         })
     }

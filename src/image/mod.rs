@@ -34,7 +34,7 @@ use std::io;
 use std::path::PathBuf;
 
 pub use self::core::TaskCore;
-pub use dir::{FileClass, ImageFile, ImagesDir};
+pub use dir::{FileClass, ImageFile, ImagesDir, Validated};
 pub use framing::Magic;
 pub use inventory::Inventory;
 pub use mm::{MemoryMap, Vma};

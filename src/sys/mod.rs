@@ -11,6 +11,7 @@ pub mod procmem;
 pub mod seqpacket;
 pub mod sockdiag;
 pub mod spawn;
+pub mod unix_fd;
 
 pub use net::set_socket_buffers;
 pub use seqpacket::{Packet, SeqPacket};

@@ -150,7 +150,7 @@ impl AsFd for SeqPacket {
     }
 }
 
-fn owned_fd_from_scm_rights(fd: RawFd) -> OwnedFd {
+pub(super) fn owned_fd_from_scm_rights(fd: RawFd) -> OwnedFd {
     // SAFETY: the kernel installed `fd` in this process's table for this
     // SCM_RIGHTS message; nothing else owns it, so taking ownership is sound.
     unsafe { OwnedFd::from_raw_fd(fd) }
