@@ -392,5 +392,8 @@ fn streaming_refuses_a_damaged_chunk_up_front() {
         .err()
         .expect("a damaged chunk is refused")
         .to_string();
-    assert!(err.contains("checksum mismatch") && err.contains("chunk"), "{err}");
+    assert!(
+        err.contains("checksum mismatch") && err.contains("chunk"),
+        "{err}"
+    );
 }

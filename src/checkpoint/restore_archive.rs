@@ -147,6 +147,7 @@ pub fn restore_from_archive(
         Err(e) => return Err(e),
     };
     let served = served.map_err(stream_error(archive))?;
+    tracing::debug!(check = ?source.check_wall, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
     let unpack = UnpackReport {
         wall: served.wall + source.check_wall,
         threads: source.threads(),
