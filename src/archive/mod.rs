@@ -78,6 +78,15 @@ pub const CHUNK_PAGES: usize = 256;
 pub const DEFAULT_LEVEL: i32 = 1;
 
 /// Receives progress (raw bytes done) from long packs and unpacks.
+/// A pool of `threads` threads (at least one) for packing or reading.
+fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, ArchiveError> {
+    let threads = threads.max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|source| ArchiveError::Threads { threads, source })
+}
+
 pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
 }

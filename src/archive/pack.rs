@@ -140,11 +140,8 @@ pub fn pack_dir<W: Write + Send>(
     opts: &PackOptions,
 ) -> Result<PackReport, ArchiveError> {
     let start = Instant::now();
-    let threads = opts.threads.max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|source| ArchiveError::Threads { threads, source })?;
+    let pool = super::thread_pool(opts.threads)?;
+    let threads = pool.current_num_threads();
     let parent = opts
         .parent
         .as_deref()

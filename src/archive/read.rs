@@ -219,18 +219,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         chunk: usize,
         buf: &'b mut ChunkBuf,
     ) -> Result<&'b [u8], ArchiveError> {
-        let e = &self.index.chunks[chunk];
-        let fail = |detail: String| {
-            ArchiveError::corrupt(
-                &self.path,
-                Corruption::Chunk {
-                    chunk,
-                    file: self.chunk_file_name(chunk),
-                    offset: e.offset,
-                    detail,
-                },
-            )
-        };
+        let fail = |detail: String| self.chunk_error(chunk, detail);
         let ChunkBuf { stored, raw, dctx } = buf;
         let (h, payload) = self.read_stored(chunk, stored)?;
         raw.clear();
@@ -259,6 +248,19 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         Ok(raw)
     }
 
+    /// Chunk `chunk` is damaged: `detail` says how.
+    fn chunk_error(&self, chunk: usize, detail: String) -> ArchiveError {
+        ArchiveError::corrupt(
+            &self.path,
+            Corruption::Chunk {
+                chunk,
+                file: self.chunk_file_name(chunk),
+                offset: self.index.chunks[chunk].offset,
+                detail,
+            },
+        )
+    }
+
     /// Reads one chunk as stored and checks its header against the index
     /// and its checksum, without decompressing it.
     fn read_stored<'b>(
@@ -267,17 +269,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         stored: &'b mut Vec<u8>,
     ) -> Result<(ChunkHeader, &'b [u8]), ArchiveError> {
         let e = &self.index.chunks[chunk];
-        let fail = |detail: String| {
-            ArchiveError::corrupt(
-                &self.path,
-                Corruption::Chunk {
-                    chunk,
-                    file: self.chunk_file_name(chunk),
-                    offset: e.offset,
-                    detail,
-                },
-            )
-        };
+        let fail = |detail: String| self.chunk_error(chunk, detail);
         stored.resize(CHUNK_HEADER_LEN + e.stored_len as usize, 0);
         self.reader
             .read_exact_at(stored, e.offset)

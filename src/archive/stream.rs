@@ -60,11 +60,7 @@ impl<'c> StreamSource<'c> {
         progress: &'c dyn Progress,
     ) -> Result<StreamSource<'c>, ArchiveError> {
         let start = Instant::now();
-        let threads = threads.max(1);
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .map_err(|source| ArchiveError::Threads { threads, source })?;
+        let pool = super::thread_pool(threads)?;
         pool.install(|| {
             (0..chain.generations()).try_for_each(|g| chain.generation(g).check_stored_chunks())
         })?;

@@ -118,11 +118,8 @@ fn place(
     progress: &dyn Progress,
 ) -> Result<UnpackReport, ArchiveError> {
     let start = Instant::now();
-    let threads = threads.max(1);
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|source| ArchiveError::Threads { threads, source })?;
+    let pool = super::thread_pool(threads)?;
+    let threads = pool.current_num_threads();
     let head = chain.head();
     let files = &head.index().files;
     // A pages image of `held` with the same name and size is patched in

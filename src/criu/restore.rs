@@ -127,9 +127,7 @@ impl Criu {
                 got: "RESTORE response without a pid".into(),
             }
         })?;
-        let stats = RestoreStats::read(&req.images_dir.join("stats-restore"))
-            .ok()
-            .flatten();
+        let stats = stats_of(req);
         Ok(RestoreOutcome {
             pid,
             wall,
@@ -199,9 +197,7 @@ impl Criu {
                 request: RequestKind::Restore,
                 got: format!("no pid in {}", pidfile.display()),
             })?;
-        let stats = RestoreStats::read(&req.images_dir.join("stats-restore"))
-            .ok()
-            .flatten();
+        let stats = stats_of(req);
         Ok(RestoreOutcome {
             pid,
             wall,
@@ -210,4 +206,11 @@ impl Criu {
             log,
         })
     }
+}
+
+/// CRIU's restore statistics, when it wrote them.
+fn stats_of(req: &RestoreRequest) -> Option<RestoreStats> {
+    RestoreStats::read(&req.images_dir.join("stats-restore"))
+        .ok()
+        .flatten()
 }
