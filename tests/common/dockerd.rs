@@ -98,5 +98,25 @@ impl Drop for DockerdProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // dockerd leaves the bind mount of its namespace (exec/netns/default)
+        // behind; while it is mounted the test's scratch dir cannot be removed.
+        unmount_under(&self.dir);
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
