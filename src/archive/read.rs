@@ -23,6 +23,46 @@ use crate::PAGE_SIZE;
 pub trait ReadAt: Sync {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
     fn size(&self) -> io::Result<u64>;
+    /// The bytes at `offset`, in place, where the reader holds them in
+    /// memory (None: read them with [`ReadAt::read_exact_at`]).
+    fn bytes_at(&self, _offset: u64, _len: usize) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// An archive file: memory-mapped where it can be, so that chunks are
+/// checked and decompressed where they lie instead of being copied out
+/// first; read with positioned reads otherwise (a pipe, a file that cannot
+/// be mapped).
+#[derive(Debug)]
+pub struct ArchiveFile {
+    file: File,
+    map: Option<memmap2::Mmap>,
+}
+
+impl ArchiveFile {
+    pub fn new(file: File) -> ArchiveFile {
+        let map = crate::sys::mmap::map_readonly(&file, false).ok();
+        ArchiveFile { file, map }
+    }
+}
+
+impl ReadAt for ArchiveFile {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        match &self.map {
+            Some(map) => map[..].read_exact_at(buf, offset),
+            None => FileExt::read_exact_at(&self.file, buf, offset),
+        }
+    }
+    fn size(&self) -> io::Result<u64> {
+        match &self.map {
+            Some(map) => Ok(map.len() as u64),
+            None => Ok(self.file.metadata()?.len()),
+        }
+    }
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.map.as_ref()?.bytes_at(offset, len)
+    }
 }
 
 impl ReadAt for File {
@@ -47,6 +87,10 @@ impl ReadAt for [u8] {
     fn size(&self) -> io::Result<u64> {
         Ok(self.len() as u64)
     }
+    fn bytes_at(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let start = usize::try_from(offset).ok()?;
+        self.get(start..start.checked_add(len)?)
+    }
 }
 
 /// Reusable buffers and decompression state for reading chunks.
@@ -57,19 +101,9 @@ pub struct ChunkBuf {
     dctx: Option<zstd::bulk::Decompressor<'static>>,
 }
 
-impl ChunkBuf {
-    /// Takes the last chunk read, leaving `spare` (cleared) to read into
-    /// next: lets a caller keep chunks without copying them or touching
-    /// fresh memory for each.
-    pub fn swap_raw(&mut self, mut spare: Vec<u8>) -> Vec<u8> {
-        spare.clear();
-        std::mem::replace(&mut self.raw, spare)
-    }
-}
-
 /// An open, structurally valid archive.
 #[derive(Debug)]
-pub struct Archive<R: ReadAt + ?Sized = File> {
+pub struct Archive<R: ReadAt + ?Sized = ArchiveFile> {
     path: PathBuf,
     header: Header,
     index: Index,
@@ -80,11 +114,11 @@ pub struct Archive<R: ReadAt + ?Sized = File> {
     reader: Box<R>,
 }
 
-impl Archive<File> {
+impl Archive<ArchiveFile> {
     /// Opens an archive file and checks its header, trailer and index.
-    pub fn open(path: &Path) -> Result<Archive<File>, ArchiveError> {
+    pub fn open(path: &Path) -> Result<Archive<ArchiveFile>, ArchiveError> {
         let file = File::open(path).map_err(|e| ArchiveError::io("open archive", path, e))?;
-        Archive::from_reader(path, Box::new(file))
+        Archive::from_reader(path, Box::new(ArchiveFile::new(file)))
     }
 }
 
@@ -219,9 +253,73 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         chunk: usize,
         buf: &'b mut ChunkBuf,
     ) -> Result<&'b [u8], ArchiveError> {
+        self.decompress_into(chunk, buf, true)
+    }
+
+    /// Like [`Archive::read_chunk_into`], for a chunk whose stored checksum
+    /// [`Archive::check_stored_chunks`] has already checked (the header is
+    /// still checked against the index): a streaming reader, which checks
+    /// every page's digest as well, does not hash the chunk twice.
+    pub fn read_checked_chunk_into<'b>(
+        &self,
+        chunk: usize,
+        buf: &'b mut ChunkBuf,
+    ) -> Result<&'b [u8], ArchiveError> {
+        self.decompress_into(chunk, buf, false)
+    }
+
+    /// Decompresses a chunk whose stored checksum
+    /// [`Archive::check_stored_chunks`] has already checked into `dst`
+    /// (at least its raw length); returns that length.
+    pub fn read_checked_chunk_to(
+        &self,
+        chunk: usize,
+        buf: &mut ChunkBuf,
+        dst: &mut [u8],
+    ) -> Result<usize, ArchiveError> {
+        let fail = |detail: String| self.chunk_error(chunk, detail);
+        let ChunkBuf { stored, dctx, .. } = buf;
+        let (h, payload) = self.read_stored(chunk, stored, false)?;
+        let raw_len = h.raw_len as usize;
+        let room = dst.len();
+        let dst = dst
+            .get_mut(..raw_len)
+            .ok_or_else(|| fail(format!("{raw_len} bytes do not fit a buffer of {room}")))?;
+        let n = match h.codec {
+            Codec::Raw if payload.len() == raw_len => {
+                dst.copy_from_slice(payload);
+                raw_len
+            }
+            Codec::Raw => payload.len(),
+            Codec::Zstd => {
+                let d = match dctx {
+                    Some(d) => d,
+                    None => dctx.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|err| fail(format!("cannot start zstd: {err}")))?,
+                    ),
+                };
+                d.decompress_to_buffer(payload, dst)
+                    .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?
+            }
+        };
+        if n != raw_len {
+            return Err(fail(format!(
+                "decompressed to {n} bytes, expected {raw_len}"
+            )));
+        }
+        Ok(n)
+    }
+
+    fn decompress_into<'b>(
+        &self,
+        chunk: usize,
+        buf: &'b mut ChunkBuf,
+        verify: bool,
+    ) -> Result<&'b [u8], ArchiveError> {
         let fail = |detail: String| self.chunk_error(chunk, detail);
         let ChunkBuf { stored, raw, dctx } = buf;
-        let (h, payload) = self.read_stored(chunk, stored)?;
+        let (h, payload) = self.read_stored(chunk, stored, verify)?;
         raw.clear();
         match h.codec {
             Codec::Raw => raw.extend_from_slice(payload),
@@ -262,18 +360,26 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
 
     /// Reads one chunk as stored and checks its header against the index
-    /// and its checksum, without decompressing it.
+    /// and (with `verify`) its checksum, without decompressing it.
     fn read_stored<'b>(
-        &self,
+        &'b self,
         chunk: usize,
         stored: &'b mut Vec<u8>,
+        verify: bool,
     ) -> Result<(ChunkHeader, &'b [u8]), ArchiveError> {
         let e = &self.index.chunks[chunk];
         let fail = |detail: String| self.chunk_error(chunk, detail);
-        stored.resize(CHUNK_HEADER_LEN + e.stored_len as usize, 0);
-        self.reader
-            .read_exact_at(stored, e.offset)
-            .map_err(|err| fail(format!("cannot read: {err}")))?;
+        let len = CHUNK_HEADER_LEN + e.stored_len as usize;
+        let stored: &[u8] = match self.reader.bytes_at(e.offset, len) {
+            Some(bytes) => bytes,
+            None => {
+                stored.resize(len, 0);
+                self.reader
+                    .read_exact_at(stored, e.offset)
+                    .map_err(|err| fail(format!("cannot read: {err}")))?;
+                stored
+            }
+        };
         let (hb, payload) = stored.split_at(CHUNK_HEADER_LEN);
         let hb: &[u8; CHUNK_HEADER_LEN] = hb.try_into().map_err(|_| fail("short header".into()))?;
         let h = ChunkHeader::decode(hb).ok_or_else(|| fail("chunk header damaged".into()))?;
@@ -285,7 +391,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         {
             return Err(fail("chunk header does not match the index".into()));
         }
-        if ChunkHeader::checksum_of(h.codec, h.kind, h.raw_len, payload) != h.checksum {
+        if verify && ChunkHeader::checksum_of(h.codec, h.kind, h.raw_len, payload) != h.checksum {
             return Err(fail("checksum mismatch".into()));
         }
         Ok((h, payload))
@@ -298,7 +404,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         (0..self.index.chunks.len())
             .into_par_iter()
             .try_for_each_init(Vec::new, |stored, c| {
-                self.read_stored(c, stored).map(|_| ())
+                self.read_stored(c, stored, true).map(|_| ())
             })
     }
 

@@ -2,12 +2,16 @@
 //! [`crate::criu::streamer`]), so that a restore from an archive writes no
 //! images anywhere: each pages image goes out in windows of
 //! [`WINDOW_PAGES`] pages, whose chunks are decompressed on all threads
-//! while the previous window is in the pipe, into buffers that are reused
-//! (fresh memory is the slowest thing a restore touches).
+//! while the previous window goes into the pipe. Pages are spliced into
+//! the pipe straight from the decompressed chunks, and zero pages from a
+//! static zero block ([`crate::sys::pipe`]): no page is copied by ferry, only
+//! by CRIU as it reads. Chunk buffers are reused once the pipe is done with
+//! them (fresh memory is the slowest thing a restore touches here).
 //!
-//! What is checked, and when: before CRIU is started, every chunk of every
-//! generation against its checksum as stored and every pages image's layout
-//! against its manifest checksum ([`StreamSource::new`]); while streaming,
+//! What is checked, and when: every pages image's layout against its
+//! manifest checksum ([`StreamSource::new`]) and every chunk of every
+//! generation against its checksum as stored ([`StreamSource::check_chunks`])
+//! before the first image goes to CRIU; while streaming,
 //! each page against its digest as its chunk is decompressed, and each
 //! other file against its checksum before a byte of it is sent. A damaged
 //! archive is therefore refused before anything is restored; a page that
@@ -15,9 +19,8 @@
 //! closes the stream, and CRIU's restore fails and kills what it began.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -26,14 +29,17 @@ use super::chain::Chain;
 use super::format::{digest, SOURCE_GEN_BASE};
 use super::read::ChunkBuf;
 use super::{ArchiveError, Corruption, Progress};
-use crate::criu::streamer::ImageSource;
+use crate::criu::streamer::{ImageSink, ImageSource};
+use crate::sys::pipe::{PageBuf, Segment};
 use crate::PAGE_SIZE;
 
-/// Pages per window: 16 MiB.
-pub const WINDOW_PAGES: usize = 4096;
+/// Pages per window: 4 MiB.
+pub const WINDOW_PAGES: usize = 1024;
 /// Decompressed chunks kept between windows (pages repeated across the
 /// image, such as deduplicated ones, refer back to earlier chunks).
-const CACHE_CHUNKS: usize = 64;
+const CACHE_CHUNKS: usize = 16;
+/// Size of a fresh chunk buffer (pack writes chunks of up to 1 MiB).
+const CHUNK_BYTES: usize = 1 << 20;
 /// Windows assembled ahead of the one in the pipe.
 const WINDOWS_AHEAD: usize = 2;
 
@@ -48,22 +54,21 @@ pub struct StreamSource<'c> {
     /// Per file of the head: the source of each page (pages images only).
     layouts: Vec<Option<Vec<PageSource>>>,
     chunks_read: AtomicUsize,
-    /// Time spent checking the chain up front.
-    pub check_wall: Duration,
+    /// Whether [`StreamSource::check_chunks`] passed.
+    checked: AtomicBool,
 }
 
 impl<'c> StreamSource<'c> {
-    /// Checks the chain (see the module docs) on `threads` threads.
+    /// Prepares the chain for streaming on `threads` threads and checks
+    /// every pages image's layout; the chunks are checked by
+    /// [`StreamSource::check_chunks`], which must pass before any pages
+    /// image is streamed.
     pub fn new(
         chain: &'c Chain,
         threads: usize,
         progress: &'c dyn Progress,
     ) -> Result<StreamSource<'c>, ArchiveError> {
-        let start = Instant::now();
         let pool = super::thread_pool(threads)?;
-        pool.install(|| {
-            (0..chain.generations()).try_for_each(|g| chain.generation(g).check_stored_chunks())
-        })?;
         let files = &chain.head().index().files;
         let mut layouts = Vec::with_capacity(files.len());
         for (fi, f) in files.iter().enumerate() {
@@ -87,8 +92,20 @@ impl<'c> StreamSource<'c> {
             progress,
             layouts,
             chunks_read: AtomicUsize::new(0),
-            check_wall: start.elapsed(),
+            checked: AtomicBool::new(false),
         })
+    }
+
+    /// Checks every chunk of every generation against its checksum as
+    /// stored (without decompressing); returns how long it took.
+    pub fn check_chunks(&self) -> Result<Duration, ArchiveError> {
+        let start = Instant::now();
+        self.pool.install(|| {
+            (0..self.chain.generations())
+                .try_for_each(|g| self.chain.generation(g).check_stored_chunks())
+        })?;
+        self.checked.store(true, Ordering::Release);
+        Ok(start.elapsed())
     }
 
     pub fn threads(&self) -> usize {
@@ -119,19 +136,19 @@ impl<'c> StreamSource<'c> {
             })
     }
 
-    /// Decompresses one chunk into `spare` and checks every page in it
+    /// Decompresses one chunk into `dst` and checks every page in it
     /// against its digest.
     fn load_chunk(
         &self,
         name: &str,
         (gen, chunk): (u32, usize),
         buf: &mut ChunkBuf,
-        spare: Vec<u8>,
-    ) -> Result<Vec<u8>, ArchiveError> {
+        dst: &mut [u8],
+    ) -> Result<(), ArchiveError> {
         let archive = self.chain.generation(gen as usize);
-        let data = archive.read_chunk_into(chunk, buf)?;
+        let n = archive.read_checked_chunk_to(chunk, buf, dst)?;
         let first = u64::from(archive.index().chunks[chunk].first_slot);
-        for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+        for (i, page) in dst[..n].chunks(PAGE_SIZE).enumerate() {
             let slot = first + i as u64;
             if Some(digest(page)) != archive.slot_digest(slot) {
                 return Err(ArchiveError::corrupt(
@@ -146,38 +163,33 @@ impl<'c> StreamSource<'c> {
             }
         }
         self.chunks_read.fetch_add(1, Ordering::Relaxed);
-        Ok(buf.swap_raw(spare))
+        Ok(())
     }
 
-    /// Streams pages image `fi`: windows are assembled on the pool while
-    /// this thread writes the previous one.
+    /// Streams pages image `fi`: each window's chunks are decompressed on
+    /// the pool while this thread sends the previous window, straight from
+    /// the decompressed chunks (no copy: see [`crate::sys::pipe`]).
     fn stream_pages(
         &self,
         name: &str,
         pages: &[PageSource],
-        out: &mut dyn Write,
+        out: &mut dyn ImageSink,
     ) -> Result<u64, ArchiveError> {
-        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(WINDOWS_AHEAD);
-        let (empty_tx, empty_rx) = mpsc::channel::<Vec<u8>>();
-        for _ in 0..=WINDOWS_AHEAD {
-            let _ = empty_tx.send(Vec::new());
-        }
+        let (tx, rx) = mpsc::sync_channel::<(Vec<Segment>, usize)>(WINDOWS_AHEAD);
         std::thread::scope(|s| {
-            let producer = s.spawn(move || self.assemble_windows(name, pages, &full_tx, &empty_rx));
+            let producer = s.spawn(move || self.assemble_windows(name, pages, &tx));
             let mut written = 0u64;
             let mut failed = None;
-            for (buf, len) in full_rx.iter() {
-                if let Err(e) = out.write_all(&buf[..len]) {
+            for (segments, len) in rx.iter() {
+                if let Err(e) = out.send_pages(&segments) {
                     failed = Some(self.io_error(name, e));
                     break;
                 }
                 written += len as u64;
                 self.progress.advance(len as u64);
-                let _ = empty_tx.send(buf);
             }
             // Unblocks the producer if this side stopped early.
-            drop(full_rx);
-            drop(empty_tx);
+            drop(rx);
             let produced = producer.join().unwrap_or_else(|_| {
                 Err(ArchiveError::io(
                     "stream",
@@ -192,16 +204,20 @@ impl<'c> StreamSource<'c> {
         })
     }
 
+    /// Decompresses, window after window, the chunks the window's pages
+    /// are in, and describes the window as segments of those chunks (and
+    /// zeros). A chunk's buffer is filled again only once nothing shares
+    /// it (no window in flight, no pipe still holding its pages).
     fn assemble_windows(
         &self,
         name: &str,
         pages: &[PageSource],
-        full: &mpsc::SyncSender<(Vec<u8>, usize)>,
-        empty: &mpsc::Receiver<Vec<u8>>,
+        tx: &mpsc::SyncSender<(Vec<Segment>, usize)>,
     ) -> Result<(), ArchiveError> {
         // (generation, chunk) -> (pages, window last used)
-        let mut cache: HashMap<(u32, usize), (Vec<u8>, usize)> = HashMap::new();
-        let mut spares: Vec<Vec<u8>> = Vec::new();
+        let mut cache: HashMap<(u32, usize), (PageBuf, usize)> = HashMap::new();
+        let mut spares: Vec<PageBuf> = Vec::new();
+        let bufs = BufPool::default();
         for (w, window) in pages.chunks(WINDOW_PAGES).enumerate() {
             let mut keys: Vec<(u32, usize)> = Vec::new();
             for &(gen, slot) in window.iter().flatten() {
@@ -213,46 +229,45 @@ impl<'c> StreamSource<'c> {
             for k in keys {
                 match cache.get_mut(&k) {
                     Some(entry) => entry.1 = w,
-                    None => missing.push((k, spares.pop().unwrap_or_default())),
+                    None => {
+                        let (gen, chunk) = k;
+                        let raw = self.chain.generation(gen as usize).index().chunks[chunk].raw_len;
+                        let buf = unshared_spare(&mut spares, raw as usize)
+                            .map_err(|e| self.io_error(name, e))?;
+                        missing.push((k, buf));
+                    }
                 }
             }
-            let loaded: Vec<((u32, usize), Vec<u8>)> = self.pool.install(|| {
+            let loaded: Vec<((u32, usize), PageBuf)> = self.pool.install(|| {
                 missing
                     .into_par_iter()
-                    .map_init(ChunkBuf::default, |buf, (k, spare)| {
-                        self.load_chunk(name, k, buf, spare).map(|d| (k, d))
-                    })
+                    .map_init(
+                        || bufs.take(),
+                        |cb, (k, mut buf)| {
+                            let dst = Arc::get_mut(&mut buf).expect("a spare is unshared");
+                            self.load_chunk(name, k, cb, dst).map(|()| (k, buf))
+                        },
+                    )
                     .collect::<Result<_, _>>()
             })?;
             for (k, d) in loaded {
                 cache.insert(k, (d, w));
             }
-            let Ok(mut buf) = empty.recv() else {
-                return Ok(()); // the writer stopped; it reports why
-            };
-            let len = window.len() * PAGE_SIZE;
-            buf.resize(len, 0);
-            self.pool.install(|| {
-                buf.par_chunks_mut(PAGE_SIZE)
-                    .zip(window.par_iter())
-                    .try_for_each(|(dst, src)| -> Result<(), ArchiveError> {
-                        match *src {
-                            None => dst.fill(0),
-                            Some((gen, slot)) => {
-                                let chunk = self.chunk_of(gen, slot)?;
-                                let first = self.chain.generation(gen as usize).index().chunks
-                                    [chunk]
-                                    .first_slot;
-                                let at = (slot - first) as usize * PAGE_SIZE;
-                                let data = &cache[&(gen, chunk)].0;
-                                dst.copy_from_slice(&data[at..at + PAGE_SIZE]);
-                            }
-                        }
-                        Ok(())
-                    })
-            })?;
-            if full.send((buf, len)).is_err() {
-                return Ok(());
+            let mut segments = Vec::new();
+            for src in window {
+                match *src {
+                    None => Segment::push_zeros(&mut segments, PAGE_SIZE),
+                    Some((gen, slot)) => {
+                        let chunk = self.chunk_of(gen, slot)?;
+                        let first =
+                            self.chain.generation(gen as usize).index().chunks[chunk].first_slot;
+                        let at = (slot - first) as usize * PAGE_SIZE;
+                        Segment::push_buf(&mut segments, &cache[&(gen, chunk)].0, at, PAGE_SIZE);
+                    }
+                }
+            }
+            if tx.send((segments, window.len() * PAGE_SIZE)).is_err() {
+                return Ok(()); // the sender stopped; it reports why
             }
             while cache.len() > CACHE_CHUNKS {
                 let Some((&k, _)) = cache
@@ -271,6 +286,54 @@ impl<'c> StreamSource<'c> {
     }
 }
 
+/// A buffer of at least `len` bytes that nothing else shares: a spare one
+/// if any is free, else fresh memory.
+fn unshared_spare(spares: &mut Vec<PageBuf>, len: usize) -> std::io::Result<PageBuf> {
+    let free = spares
+        .iter_mut()
+        .position(|b| b.len() >= len && Arc::get_mut(b).is_some());
+    match free {
+        Some(i) => Ok(spares.swap_remove(i)),
+        None => crate::sys::pipe::page_buffer(len.max(CHUNK_BYTES)),
+    }
+}
+
+/// Chunk buffers (and decompression contexts) lent to the pool's threads
+/// window after window, so that none is allocated and touched afresh.
+#[derive(Default)]
+struct BufPool(std::sync::Mutex<Vec<ChunkBuf>>);
+
+impl BufPool {
+    fn take(&self) -> Lent<'_> {
+        let buf = self.0.lock().ok().and_then(|mut v| v.pop());
+        Lent(buf.unwrap_or_default(), self)
+    }
+}
+
+/// A buffer from a [`BufPool`], given back when dropped.
+struct Lent<'p>(ChunkBuf, &'p BufPool);
+
+impl std::ops::Deref for Lent<'_> {
+    type Target = ChunkBuf;
+    fn deref(&self) -> &ChunkBuf {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Lent<'_> {
+    fn deref_mut(&mut self) -> &mut ChunkBuf {
+        &mut self.0
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut v) = (self.1).0.lock() {
+            v.push(std::mem::take(&mut self.0));
+        }
+    }
+}
+
 impl ImageSource for StreamSource<'_> {
     type Error = ArchiveError;
 
@@ -278,7 +341,7 @@ impl ImageSource for StreamSource<'_> {
         self.chain.head().file_index(name).is_some()
     }
 
-    fn write_image(&self, name: &str, out: &mut dyn Write) -> Result<u64, ArchiveError> {
+    fn write_image(&self, name: &str, out: &mut dyn ImageSink) -> Result<u64, ArchiveError> {
         let head = self.chain.head();
         let fi = head.file_index(name).ok_or_else(|| {
             self.io_error(
@@ -287,6 +350,10 @@ impl ImageSource for StreamSource<'_> {
             )
         })?;
         match &self.layouts[fi] {
+            Some(_) if !self.checked.load(Ordering::Acquire) => Err(self.io_error(
+                name,
+                std::io::Error::other("the archive's chunks were not checked before streaming"),
+            )),
             Some(pages) => self.stream_pages(name, pages, out),
             None => {
                 let data = head.file_data(fi)?;

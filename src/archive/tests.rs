@@ -364,6 +364,7 @@ fn streaming_gives_every_image_byte_identical() {
     for (archive, dir) in [(&a0, &d0), (&a2, &d2)] {
         let chain = Chain::open(archive, None).unwrap();
         let source = stream::StreamSource::new(&chain, 2, &NoProgress).unwrap();
+        source.check_chunks().unwrap();
         for e in fs::read_dir(dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(source.has(&name), "{name}");
@@ -376,9 +377,11 @@ fn streaming_gives_every_image_byte_identical() {
     }
 }
 
-/// A damaged chunk is found before anything is streamed.
+/// A damaged chunk is found before anything is streamed, and nothing is
+/// streamed before the chunks are checked.
 #[test]
 fn streaming_refuses_a_damaged_chunk_up_front() {
+    use crate::criu::streamer::ImageSource;
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     images(&src, 600, 0);
@@ -388,9 +391,22 @@ fn streaming_refuses_a_damaged_chunk_up_front() {
     bytes[HEADER_LEN + 100] ^= 0x40;
     fs::write(&a, &bytes).unwrap();
     let chain = Chain::open(&a, None).unwrap();
-    let err = stream::StreamSource::new(&chain, 2, &NoProgress)
-        .err()
-        .expect("a damaged chunk is refused")
+    let source = stream::StreamSource::new(&chain, 2, &NoProgress).unwrap();
+    let name = chain
+        .head()
+        .index()
+        .files
+        .iter()
+        .find(|f| f.pages)
+        .unwrap()
+        .name
+        .clone();
+    let mut out = Vec::new();
+    let unchecked = format!("{:?}", source.write_image(&name, &mut out).unwrap_err());
+    assert!(unchecked.contains("not checked"), "{unchecked}");
+    let err = source
+        .check_chunks()
+        .expect_err("a damaged chunk is refused")
         .to_string();
     assert!(
         err.contains("checksum mismatch") && err.contains("chunk"),

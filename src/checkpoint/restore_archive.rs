@@ -112,7 +112,17 @@ pub fn restore_from_archive(
     req.stream = true;
     let ended = AtomicBool::new(false);
     let (restored, served) = std::thread::scope(|s| {
-        let serving = s.spawn(|| streamer.serve(&source, &ended));
+        // The chunks are checked while CRIU starts, before it is given its
+        // first image: a damaged archive drops the streamer, whose socket
+        // closes, and CRIU fails before it has restored anything.
+        let (src, end) = (&source, &ended);
+        let serving = s.spawn(move || {
+            let check = src.check_chunks().map_err(|source| StreamError::Source {
+                name: "the archive's chunks".into(),
+                source,
+            })?;
+            streamer.serve(src, end).map(|served| (check, served))
+        });
         let restored = restore_validated(criu, &req, &validated, gpu_record, hooks);
         ended.store(true, Ordering::Release);
         let served = serving.join().unwrap_or_else(|_| {
@@ -146,10 +156,10 @@ pub fn restore_from_archive(
         }
         Err(e) => return Err(e),
     };
-    let served = served.map_err(stream_error(archive))?;
-    tracing::debug!(check = ?source.check_wall, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
+    let (check, served) = served.map_err(stream_error(archive))?;
+    tracing::debug!(?check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
     let unpack = UnpackReport {
-        wall: served.wall + source.check_wall,
+        wall: served.wall + check,
         threads: source.threads(),
         files: served.files,
         bytes: head.index().files.iter().map(|f| f.size).sum(),

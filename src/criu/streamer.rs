@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use criu_proto as pb;
 use prost::Message;
 
+use crate::sys::pipe::{PagePipe, Segment};
+
 /// The socket a restoring CRIU connects to, in its images directory.
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
 /// Largest request ferry accepts (a file name).
@@ -42,7 +44,32 @@ pub trait ImageSource: Sync {
     type Error: std::error::Error + Send + Sync + 'static;
     fn has(&self, name: &str) -> bool;
     /// Writes the whole image to `out`, checked on the way; returns its size.
-    fn write_image(&self, name: &str, out: &mut dyn Write) -> Result<u64, Self::Error>;
+    fn write_image(&self, name: &str, out: &mut dyn ImageSink) -> Result<u64, Self::Error>;
+}
+
+/// Where an image is written: CRIU's pipe (pages go in by reference, see
+/// [`PagePipe`]), or memory.
+pub trait ImageSink: Write {
+    /// Sends `segments` in order.
+    fn send_pages(&mut self, segments: &[Segment]) -> io::Result<()>;
+}
+
+impl ImageSink for PagePipe {
+    fn send_pages(&mut self, segments: &[Segment]) -> io::Result<()> {
+        self.send(segments)
+    }
+}
+
+impl ImageSink for Vec<u8> {
+    fn send_pages(&mut self, segments: &[Segment]) -> io::Result<()> {
+        for s in segments {
+            match s {
+                Segment::Zeros(n) => self.resize(self.len() + n, 0),
+                Segment::Buf(..) => self.extend_from_slice(s.bytes()),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What a streamer served.
@@ -128,7 +155,7 @@ impl Streamer {
             let pipe = crate::sys::unix_fd::recv_one_fd(&conn)
                 .map_err(proto(&format!("receive the pipe for {name}")))?;
             let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_BYTES));
-            let mut out = File::from(pipe);
+            let mut out = PagePipe::new(File::from(pipe));
             let n = source
                 .write_image(&name, &mut out)
                 .map_err(|source| StreamError::Source {

@@ -9,8 +9,9 @@ use memmap2::{Mmap, MmapOptions};
 /// than one fault per page when the whole file will be read).
 ///
 /// The caller must only map files that no other process truncates while the
-/// map lives: ferry maps CRIU images that CRIU has finished writing and that
-/// ferry itself does not modify.
+/// map lives: ferry maps CRIU images that CRIU has finished writing, and
+/// archives, which are written under a temporary name and only renamed into
+/// place when complete; ferry modifies neither.
 pub fn map_readonly(file: &File, populate: bool) -> io::Result<Mmap> {
     let mut opts = MmapOptions::new();
     if populate {
@@ -18,7 +19,8 @@ pub fn map_readonly(file: &File, populate: bool) -> io::Result<Mmap> {
     }
     // SAFETY: memmap2 requires that the file not be truncated or modified
     // while mapped; the contract above passes that duty to callers, who map
-    // only finished CRIU images. An empty file yields an empty map.
+    // only finished CRIU images and archives. An empty file yields an empty
+    // map.
     unsafe { opts.map(file) }
 }
 

@@ -7,6 +7,7 @@
 pub mod kernel;
 pub mod mmap;
 pub mod net;
+pub mod pipe;
 pub mod procmem;
 pub mod seqpacket;
 pub mod sockdiag;
