@@ -24,12 +24,7 @@ pub struct LazyPages {
 impl Criu {
     /// Starts `criu lazy-pages` on `images` and waits until it listens.
     pub fn lazy_pages(&self, images: &Path) -> Result<LazyPages, CriuError> {
-        let binary = match self {
-            Criu::Swrk { binary } => binary.clone(),
-            Criu::Service { .. } => crate::probe::which("criu").ok_or(CriuError::NotFound {
-                name: PathBuf::from("criu"),
-            })?,
-        };
+        let binary = self.cli_binary()?;
         let log = images.join("lazy-pages.log");
         let child = Command::new(&binary)
             .arg("lazy-pages")

@@ -141,12 +141,7 @@ impl Criu {
 impl Criu {
     /// `criu restore --stream --restore-detached`, for [`RestoreRequest::stream`].
     fn restore_streamed(&self, req: &RestoreRequest) -> Result<RestoreOutcome, CriuError> {
-        let binary = match self {
-            Criu::Swrk { binary } => binary.clone(),
-            Criu::Service { .. } => crate::probe::which("criu").ok_or(CriuError::NotFound {
-                name: PathBuf::from("criu"),
-            })?,
-        };
+        let binary = self.cli_binary()?;
         let log = req.log_path();
         let pidfile = req.images_dir.join(STREAM_PIDFILE);
         let mut cmd = std::process::Command::new(&binary);
