@@ -291,17 +291,9 @@ impl<R: ReadAt + ?Sized> Archive<R> {
                 raw_len
             }
             Codec::Raw => payload.len(),
-            Codec::Zstd => {
-                let d = match dctx {
-                    Some(d) => d,
-                    None => dctx.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|err| fail(format!("cannot start zstd: {err}")))?,
-                    ),
-                };
-                d.decompress_to_buffer(payload, dst)
-                    .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?
-            }
+            Codec::Zstd => decompressor(dctx)
+                .and_then(|d| d.decompress_to_buffer(payload, dst))
+                .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?,
         };
         if n != raw_len {
             return Err(fail(format!(
@@ -325,14 +317,8 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             Codec::Raw => raw.extend_from_slice(payload),
             Codec::Zstd => {
                 raw.reserve(h.raw_len as usize);
-                let d = match dctx {
-                    Some(d) => d,
-                    None => dctx.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|err| fail(format!("cannot start zstd: {err}")))?,
-                    ),
-                };
-                d.decompress_to_buffer(payload, raw)
+                decompressor(dctx)
+                    .and_then(|d| d.decompress_to_buffer(payload, raw))
                     .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?;
             }
         }
@@ -439,6 +425,16 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     /// Position of a file in the index.
     pub fn file_index(&self, name: &str) -> Option<usize> {
         self.index.files.iter().position(|f| f.name == name)
+    }
+}
+
+/// The reusable zstd decompression context, started on first use.
+fn decompressor<'d>(
+    dctx: &'d mut Option<zstd::bulk::Decompressor<'static>>,
+) -> io::Result<&'d mut zstd::bulk::Decompressor<'static>> {
+    match dctx {
+        Some(d) => Ok(d),
+        None => Ok(dctx.insert(zstd::bulk::Decompressor::new()?)),
     }
 }
 

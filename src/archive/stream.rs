@@ -9,9 +9,9 @@
 //! them (fresh memory is the slowest thing a restore touches here).
 //!
 //! What is checked, and when: every pages image's layout against its
-//! manifest checksum ([`StreamSource::new`]) and every chunk of every
-//! generation against its checksum as stored ([`StreamSource::check_chunks`])
-//! before the first image goes to CRIU; while streaming,
+//! manifest checksum and every chunk of every generation against its
+//! checksum as stored ([`StreamSource::check`]) before the first image goes
+//! to CRIU; while streaming,
 //! each page against its digest as its chunk is decompressed, and each
 //! other file against its checksum before a byte of it is sent. A damaged
 //! archive is therefore refused before anything is restored; a page that
@@ -19,8 +19,8 @@
 //! closes the stream, and CRIU's restore fails and kills what it began.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -46,37 +46,47 @@ const WINDOWS_AHEAD: usize = 2;
 /// A page of a pages image: zero, or (generation, slot).
 type PageSource = Option<(u32, u32)>;
 
-/// An archive chain checked and ready to stream.
+/// An archive chain to stream, once [`StreamSource::check`] has passed.
 pub struct StreamSource<'c> {
     chain: &'c Chain,
     pool: rayon::ThreadPool,
     progress: &'c dyn Progress,
-    /// Per file of the head: the source of each page (pages images only).
-    layouts: Vec<Option<Vec<PageSource>>>,
+    /// Per file of the head: the source of each page (pages images only);
+    /// set by a passing [`StreamSource::check`].
+    layouts: OnceLock<Vec<Option<Vec<PageSource>>>>,
     chunks_read: AtomicUsize,
-    /// Whether [`StreamSource::check_chunks`] passed.
-    checked: AtomicBool,
 }
 
 impl<'c> StreamSource<'c> {
-    /// Prepares the chain for streaming on `threads` threads and checks
-    /// every pages image's layout; the chunks are checked by
-    /// [`StreamSource::check_chunks`], which must pass before any pages
-    /// image is streamed.
+    /// Prepares the chain for streaming on `threads` threads; nothing is
+    /// streamed before [`StreamSource::check`] has passed.
     pub fn new(
         chain: &'c Chain,
         threads: usize,
         progress: &'c dyn Progress,
     ) -> Result<StreamSource<'c>, ArchiveError> {
-        let pool = super::thread_pool(threads)?;
-        let files = &chain.head().index().files;
+        Ok(StreamSource {
+            chain,
+            pool: super::thread_pool(threads)?,
+            progress,
+            layouts: OnceLock::new(),
+            chunks_read: AtomicUsize::new(0),
+        })
+    }
+
+    /// Checks every pages image's layout against its manifest checksum and
+    /// every chunk of every generation against its checksum as stored
+    /// (without decompressing); returns how long it took.
+    pub fn check(&self) -> Result<Duration, ArchiveError> {
+        let start = Instant::now();
+        let files = &self.chain.head().index().files;
         let mut layouts = Vec::with_capacity(files.len());
         for (fi, f) in files.iter().enumerate() {
             if !f.pages {
                 layouts.push(None);
                 continue;
             }
-            super::unpack::check_layout(chain, fi)?;
+            super::unpack::check_layout(self.chain, fi)?;
             let mut pages = Vec::with_capacity((f.size / PAGE_SIZE as u64) as usize);
             for r in 0..f.run_sources.len() {
                 let (src, len, slot) = (f.run_sources[r], f.run_lens[r], f.run_slots[r]);
@@ -86,25 +96,11 @@ impl<'c> StreamSource<'c> {
             }
             layouts.push(Some(pages));
         }
-        Ok(StreamSource {
-            chain,
-            pool,
-            progress,
-            layouts,
-            chunks_read: AtomicUsize::new(0),
-            checked: AtomicBool::new(false),
-        })
-    }
-
-    /// Checks every chunk of every generation against its checksum as
-    /// stored (without decompressing); returns how long it took.
-    pub fn check_chunks(&self) -> Result<Duration, ArchiveError> {
-        let start = Instant::now();
         self.pool.install(|| {
             (0..self.chain.generations())
                 .try_for_each(|g| self.chain.generation(g).check_stored_chunks())
         })?;
-        self.checked.store(true, Ordering::Release);
+        let _ = self.layouts.set(layouts);
         Ok(start.elapsed())
     }
 
@@ -349,11 +345,13 @@ impl ImageSource for StreamSource<'_> {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "not in the archive"),
             )
         })?;
-        match &self.layouts[fi] {
-            Some(_) if !self.checked.load(Ordering::Acquire) => Err(self.io_error(
+        let Some(layouts) = self.layouts.get() else {
+            return Err(self.io_error(
                 name,
-                std::io::Error::other("the archive's chunks were not checked before streaming"),
-            )),
+                std::io::Error::other("the archive was not checked before streaming"),
+            ));
+        };
+        match &layouts[fi] {
             Some(pages) => self.stream_pages(name, pages, out),
             None => {
                 let data = head.file_data(fi)?;

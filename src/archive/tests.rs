@@ -364,7 +364,7 @@ fn streaming_gives_every_image_byte_identical() {
     for (archive, dir) in [(&a0, &d0), (&a2, &d2)] {
         let chain = Chain::open(archive, None).unwrap();
         let source = stream::StreamSource::new(&chain, 2, &NoProgress).unwrap();
-        source.check_chunks().unwrap();
+        source.check().unwrap();
         for e in fs::read_dir(dir).unwrap() {
             let name = e.unwrap().file_name().to_string_lossy().into_owned();
             assert!(source.has(&name), "{name}");
@@ -405,7 +405,7 @@ fn streaming_refuses_a_damaged_chunk_up_front() {
     let unchecked = format!("{:?}", source.write_image(&name, &mut out).unwrap_err());
     assert!(unchecked.contains("not checked"), "{unchecked}");
     let err = source
-        .check_chunks()
+        .check()
         .expect_err("a damaged chunk is refused")
         .to_string();
     assert!(

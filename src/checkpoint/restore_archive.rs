@@ -112,13 +112,13 @@ pub fn restore_from_archive(
     req.stream = true;
     let ended = AtomicBool::new(false);
     let (restored, served) = std::thread::scope(|s| {
-        // The chunks are checked while CRIU starts, before it is given its
+        // The archive is checked while CRIU starts, before it is given its
         // first image: a damaged archive drops the streamer, whose socket
         // closes, and CRIU fails before it has restored anything.
         let (src, end) = (&source, &ended);
         let serving = s.spawn(move || {
-            let check = src.check_chunks().map_err(|source| StreamError::Source {
-                name: "the archive's chunks".into(),
+            let check = src.check().map_err(|source| StreamError::Source {
+                name: "the archive".into(),
                 source,
             })?;
             streamer.serve(src, end).map(|served| (check, served))
