@@ -253,24 +253,34 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         chunk: usize,
         buf: &'b mut ChunkBuf,
     ) -> Result<&'b [u8], ArchiveError> {
-        self.decompress_into(chunk, buf, true)
+        let fail = |detail: String| self.chunk_error(chunk, detail);
+        let ChunkBuf { stored, raw, dctx } = buf;
+        let (h, payload) = self.read_stored(chunk, stored, true)?;
+        raw.clear();
+        match h.codec {
+            Codec::Raw => raw.extend_from_slice(payload),
+            Codec::Zstd => {
+                raw.reserve(h.raw_len as usize);
+                decompressor(dctx)
+                    .and_then(|d| d.decompress_to_buffer(payload, raw))
+                    .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?;
+            }
+        }
+        if raw.len() != h.raw_len as usize {
+            return Err(fail(format!(
+                "decompressed to {} bytes, expected {}",
+                raw.len(),
+                h.raw_len
+            )));
+        }
+        Ok(raw)
     }
 
-    /// Like [`Archive::read_chunk_into`], for a chunk whose stored checksum
-    /// [`Archive::check_stored_chunks`] has already checked (the header is
-    /// still checked against the index): a streaming reader, which checks
-    /// every page's digest as well, does not hash the chunk twice.
-    pub fn read_checked_chunk_into<'b>(
-        &self,
-        chunk: usize,
-        buf: &'b mut ChunkBuf,
-    ) -> Result<&'b [u8], ArchiveError> {
-        self.decompress_into(chunk, buf, false)
-    }
-
-    /// Decompresses a chunk whose stored checksum
-    /// [`Archive::check_stored_chunks`] has already checked into `dst`
-    /// (at least its raw length); returns that length.
+    /// Decompresses into `dst` (at least the chunk's raw length) a chunk
+    /// whose stored checksum [`Archive::check_stored_chunks`] has already
+    /// checked: its header is still checked against the index, its payload
+    /// is not hashed again (the streaming reader checks every page's digest
+    /// instead). Returns the raw length.
     pub fn read_checked_chunk_to(
         &self,
         chunk: usize,
@@ -301,35 +311,6 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             )));
         }
         Ok(n)
-    }
-
-    fn decompress_into<'b>(
-        &self,
-        chunk: usize,
-        buf: &'b mut ChunkBuf,
-        verify: bool,
-    ) -> Result<&'b [u8], ArchiveError> {
-        let fail = |detail: String| self.chunk_error(chunk, detail);
-        let ChunkBuf { stored, raw, dctx } = buf;
-        let (h, payload) = self.read_stored(chunk, stored, verify)?;
-        raw.clear();
-        match h.codec {
-            Codec::Raw => raw.extend_from_slice(payload),
-            Codec::Zstd => {
-                raw.reserve(h.raw_len as usize);
-                decompressor(dctx)
-                    .and_then(|d| d.decompress_to_buffer(payload, raw))
-                    .map_err(|err| fail(format!("zstd cannot decompress it: {err}")))?;
-            }
-        }
-        if raw.len() != h.raw_len as usize {
-            return Err(fail(format!(
-                "decompressed to {} bytes, expected {}",
-                raw.len(),
-                h.raw_len
-            )));
-        }
-        Ok(raw)
     }
 
     /// Chunk `chunk` is damaged: `detail` says how.

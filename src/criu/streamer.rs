@@ -65,7 +65,7 @@ impl ImageSink for Vec<u8> {
         for s in segments {
             match s {
                 Segment::Zeros(n) => self.resize(self.len() + n, 0),
-                Segment::Buf(..) => self.extend_from_slice(s.bytes()),
+                Segment::Buf(b, r) => self.extend_from_slice(&b[r.clone()]),
             }
         }
         Ok(())

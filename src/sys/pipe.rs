@@ -66,14 +66,6 @@ impl Segment {
         }
     }
 
-    /// Its bytes.
-    pub fn bytes(&self) -> &[u8] {
-        match self {
-            Segment::Buf(b, r) => &b[r.clone()],
-            Segment::Zeros(n) => &ZEROS[..(*n).min(ZEROS.len())],
-        }
-    }
-
     pub fn len(&self) -> usize {
         match self {
             Segment::Buf(_, r) => r.len(),
