@@ -116,7 +116,15 @@ fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
             })
         }
         Ok(_) => {
-            let entries = fs::read_dir(dir).map_err(not_writable)?.count();
+            // A streamed dump's capture listens in the directory already.
+            let entries = fs::read_dir(dir)
+                .map_err(not_writable)?
+                .filter(|e| {
+                    e.as_ref().map_or(true, |e| {
+                        e.file_name() != crate::criu::capture::CAPTURE_SOCKET
+                    })
+                })
+                .count();
             if entries > 0 {
                 return Err(CheckpointError::DirNotEmpty {
                     path: dir.to_path_buf(),

@@ -37,6 +37,12 @@ pub struct DumpRequest {
     /// Leave out TCP connections still being set up (in a listening
     /// socket's accept queue): their clients retry (CRIU `--skip-in-flight`).
     pub tcp_skip_in_flight: bool,
+    /// Write the images to an image streamer listening in `images_dir`
+    /// (CRIU `--stream`; see [`super::capture`]) instead of to files. As
+    /// for a streamed restore, CRIU's RPC refuses streaming, so this one
+    /// request runs `criu dump` itself: no NOTIFY hooks, the timeline holds
+    /// only the total, and containers are not supported.
+    pub stream: bool,
 }
 
 /// What CRIU needs to dump a container (the options runc gives it).
@@ -73,6 +79,7 @@ impl DumpRequest {
             ignore_gpu: false,
             leave_stopped: false,
             tcp_skip_in_flight: false,
+            stream: false,
         }
     }
 
@@ -106,6 +113,9 @@ impl Criu {
             path: req.images_dir.clone(),
             source,
         })?;
+        if req.stream {
+            return self.dump_streamed(req);
+        }
         let mut opts = pb::CriuOpts {
             images_dir_fd: dir.as_raw_fd(),
             pid: Some(req.pid),
@@ -151,16 +161,78 @@ impl Criu {
             .request(RequestKind::Dump, msg, hooks, Some(&log))?;
         let wall = start.elapsed();
         drop(dir);
-        // CRIU always writes stats-dump after a successful dump; a missing or
-        // unreadable one is reported as absent rather than failing the dump.
-        let stats = DumpStats::read(&req.images_dir.join("stats-dump"))
-            .ok()
-            .flatten();
         Ok(DumpOutcome {
             wall,
-            stats,
+            stats: stats_of(req),
             timeline: exchange.timeline,
             log,
         })
     }
+
+    /// `criu dump --stream`, for [`DumpRequest::stream`].
+    fn dump_streamed(&self, req: &DumpRequest) -> Result<DumpOutcome, CriuError> {
+        if req.container.is_some() {
+            return Err(CriuError::Unsupported {
+                what: "a streamed dump of a container",
+            });
+        }
+        let binary = self.cli_binary()?;
+        let log = req.log_path();
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.arg("dump")
+            .arg("--stream")
+            .arg("-t")
+            .arg(req.pid.to_string())
+            .arg("-D")
+            .arg(&req.images_dir)
+            .arg("-o")
+            .arg(&req.log_file)
+            .arg(format!("-v{}", req.log_level));
+        for (on, flag) in [
+            (req.leave_running, "--leave-running"),
+            (req.leave_stopped, "--leave-stopped"),
+            (req.tcp_established, "--tcp-established"),
+            (req.tcp_skip_in_flight, "--skip-in-flight"),
+            (req.shell_job, "--shell-job"),
+            (req.ext_unix_sk, "--ext-unix-sk"),
+            (req.file_locks, "--file-locks"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let start = Instant::now();
+        let status = cmd.status().map_err(|source| CriuError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+        let wall = start.elapsed();
+        if !status.success() {
+            return Err(CriuError::Failed {
+                request: RequestKind::Dump,
+                errno: None,
+                errmsg: Some(format!("criu dump --stream: {status}")),
+                log: Some(log.clone()),
+                log_errors: super::error::log_errors(&log),
+            });
+        }
+        Ok(DumpOutcome {
+            wall,
+            stats: stats_of(req),
+            timeline: Timeline::default(),
+            log,
+        })
+    }
+}
+
+/// CRIU's dump statistics. CRIU always writes them after a successful dump
+/// (to the directory, even when streaming); a missing or unreadable file is
+/// reported as absent rather than failing the dump.
+fn stats_of(req: &DumpRequest) -> Option<DumpStats> {
+    DumpStats::read(&req.images_dir.join("stats-dump"))
+        .ok()
+        .flatten()
 }

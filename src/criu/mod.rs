@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod capture;
 mod connection;
 mod dump;
 mod error;

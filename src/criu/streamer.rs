@@ -97,16 +97,25 @@ pub struct Streamer {
     path: PathBuf,
 }
 
+/// Binds a non-blocking listener on `name` in `images_dir`.
+pub(super) fn bind<E: std::error::Error>(
+    images_dir: &Path,
+    name: &str,
+) -> Result<(UnixListener, PathBuf), StreamError<E>> {
+    let path = images_dir.join(name);
+    let fail = |source| StreamError::Socket {
+        path: path.clone(),
+        source,
+    };
+    let listener = UnixListener::bind(&path).map_err(fail)?;
+    listener.set_nonblocking(true).map_err(fail)?;
+    Ok((listener, path))
+}
+
 impl Streamer {
     /// Listens on [`SERVE_SOCKET`] in `images_dir`.
     pub fn listen<E: std::error::Error>(images_dir: &Path) -> Result<Streamer, StreamError<E>> {
-        let path = images_dir.join(SERVE_SOCKET);
-        let fail = |source| StreamError::Socket {
-            path: path.clone(),
-            source,
-        };
-        let listener = UnixListener::bind(&path).map_err(fail)?;
-        listener.set_nonblocking(true).map_err(fail)?;
+        let (listener, path) = bind(images_dir, SERVE_SOCKET)?;
         Ok(Streamer { listener, path })
     }
 
@@ -119,29 +128,15 @@ impl Streamer {
         source: &S,
         ended: &AtomicBool,
     ) -> Result<Served, StreamError<S::Error>> {
-        let mut conn = loop {
-            match self.listener.accept() {
-                Ok((c, _)) => break c,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    if ended.load(Ordering::Acquire) {
-                        return Ok(Served::default());
-                    }
-                    std::thread::sleep(ACCEPT_POLL);
-                }
-                Err(source) => {
-                    return Err(StreamError::Socket {
-                        path: self.path.clone(),
-                        source,
-                    })
-                }
-            }
+        let Some(mut conn) =
+            accept(&self.listener, ended).map_err(|source| StreamError::Socket {
+                path: self.path.clone(),
+                source,
+            })?
+        else {
+            return Ok(Served::default());
         };
-        let proto = |what: &str| {
-            let what = what.to_string();
-            move |source| StreamError::Protocol { what, source }
-        };
-        conn.set_nonblocking(false)
-            .map_err(proto("blocking mode"))?;
+        let proto = protocol_error;
         let mut served = Served::default();
         let mut start = None;
         while let Some(name) = read_request(&mut conn).map_err(proto("read a request"))? {
@@ -176,8 +171,43 @@ impl Drop for Streamer {
     }
 }
 
+/// CRIU's connection, in blocking mode; None if `ended` was set before
+/// CRIU connected (its dump or restore failed early).
+pub(super) fn accept(
+    listener: &UnixListener,
+    ended: &AtomicBool,
+) -> io::Result<Option<UnixStream>> {
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false)?;
+                return Ok(Some(conn));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if ended.load(Ordering::Acquire) {
+                    return Ok(None);
+                }
+                std::thread::sleep(ACCEPT_POLL);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Maps an I/O error of the exchange with CRIU to a [`StreamError`] saying
+/// what was being done.
+pub(super) fn protocol_error<E: std::error::Error>(
+    what: &str,
+) -> impl Fn(io::Error) -> StreamError<E> {
+    let what = what.to_string();
+    move |source| StreamError::Protocol {
+        what: what.clone(),
+        source,
+    }
+}
+
 /// The next requested file name; None when CRIU closed the connection.
-fn read_request(conn: &mut UnixStream) -> io::Result<Option<String>> {
+pub(super) fn read_request(conn: &mut UnixStream) -> io::Result<Option<String>> {
     let mut len = [0u8; 4];
     match conn.read_exact(&mut len) {
         Ok(()) => {}

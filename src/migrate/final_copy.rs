@@ -3,36 +3,31 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use rayon::prelude::*;
 
+use super::images::{self, Outgoing, StreamedImages};
 use super::report::FinalReport;
 use super::streams::PageSender;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
 use crate::checkpoint::{self, staging, CheckpointError};
+use crate::criu::capture::Capture;
+use crate::criu::streamer::StreamError;
 use crate::criu::{Criu, DumpOutcome, DumpRequest, NoHooks, RestoreRequest};
-use crate::image::dir::classify_name;
-use crate::image::FileClass;
-use crate::page::{self, Digest};
+use crate::page::Digest;
 use crate::process;
 use crate::target::runc::{self, RestoreFlags};
 use crate::target::ContainerRef;
-use crate::transport::msg::ImageEntry;
-use crate::transport::pages::{self, ZERO_PAGE};
 use crate::transport::{Conn, Msg, TransportError};
-use crate::PAGE_SIZE;
 
 /// Name prefix of the source's staging directories.
 const STAGING_PREFIX: &str = "ferry-migrate-";
-/// How much of a pages image is hashed before its new pages are handed
-/// to the senders (the next block is hashed while they send).
-const SEND_BLOCK: usize = 16 << 20;
-/// How much of a block one task reads and hashes.
-const HASH_CHUNK: usize = 1 << 20;
+/// Room a streamed dump's staging needs when nothing is written out there:
+/// CRIU's log and statistics.
+const STREAM_STAGING: u64 = 16 << 20;
 /// How long the source's killed pids may take to be reaped (same kernel).
 const PID_FREE_WAIT: Duration = Duration::from_secs(5);
 
@@ -151,12 +146,23 @@ pub fn run(
     same_kernel: bool,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
+    // A process tree's dump streams into ferry (nothing is written); a
+    // container's goes through CRIU's RPC, which cannot stream, to staging.
+    let streamed = source.container().is_none();
+    // Its images are needed here afterwards only if the source goes before
+    // the destination restored (one kernel) or they are to be kept.
+    let hold = same_kernel || opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
+    let room = if streamed && !hold {
+        STREAM_STAGING
+    } else {
+        rss
+    };
     staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
     let stage =
-        staging::create(STAGING_PREFIX, rss, opts.staging.as_deref()).map_err(|source| {
+        staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
             MigrateError::Staging {
-                path: staging::base_for(rss, opts.staging.as_deref()),
+                path: staging::base_for(room, opts.staging.as_deref()),
                 source,
             }
         })?;
@@ -171,19 +177,56 @@ pub fn run(
         ignore_gpu: opts.ignore_gpu,
         // Connections not yet accepted are left out; their clients retry.
         tcp_skip_in_flight: true,
+        stream: streamed,
         ..DumpRequest::new(pid, &images)
     };
-    let mut report = FinalReport::default();
+    let mut report = FinalReport {
+        streamed,
+        ..FinalReport::default()
+    };
     let frozen_at = Instant::now();
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
-    let dumped = source
-        .dump(criu, &req)
-        .map_err(|e| MigrateError::Dump(Box::new(e)))?;
+    let wire_before = sender.wire_bytes();
+    let (dumped, outgoing, counts, kept) = if streamed {
+        let sink = StreamedImages::new(sender, known, hold);
+        let dumped = dump_streamed(criu, &req, &sink)?;
+        let (outgoing, counts, kept) = match sink.finish(&images) {
+            Ok(done) => done,
+            Err(e) => {
+                process::continue_tree(pid);
+                return Err(MigrateError::Final {
+                    after: Fate::ResumedHere,
+                    source: e,
+                });
+            }
+        };
+        (dumped, outgoing, counts, Some(kept))
+    } else {
+        let dumped = source
+            .dump(criu, &req)
+            .map_err(|e| MigrateError::Dump(Box::new(e)))?;
+        let t = Instant::now();
+        let read = images::read_dir(&images, sender, known);
+        report.digest_ms = ms(t.elapsed());
+        match read {
+            Ok((outgoing, counts)) => (dumped, outgoing, counts, None),
+            Err(e) => {
+                process::continue_tree(pid);
+                return Err(MigrateError::Final {
+                    after: Fate::ResumedHere,
+                    source: e,
+                });
+            }
+        }
+    };
     report.dump_ms = ms(dumped.wall);
     report.criu_dump = dumped
         .stats
         .as_ref()
         .and_then(|s| serde_json::to_value(s).ok());
+    report.pages_in_images = counts.in_images;
+    report.zero_pages = counts.zero;
+    report.pages_sent = counts.sent;
 
     // From here the source is stopped: every failure path decides its fate.
     let mut source_killed = false;
@@ -191,14 +234,14 @@ pub fn run(
         opts,
         control,
         sender,
-        known,
-        &images,
+        outgoing,
         &mut report,
         same_kernel,
         source,
         &pids,
         &mut source_killed,
     );
+    report.wire_bytes += sender.wire_bytes() - wire_before;
     match result {
         Ok(restored) => {
             report.frozen_ms = ms(frozen_at.elapsed());
@@ -207,7 +250,9 @@ pub fn run(
             }
             if let Some(keep) = &opts.keep_images {
                 // The migration is done: a failed copy only costs the copy.
-                if let Err(e) = copy_dir(&images, keep) {
+                let copied = copy_dir(&images, keep)
+                    .and_then(|()| kept.map_or(Ok(()), |k| k.write_dir(keep)));
+                if let Err(e) = copied {
                     tracing::error!(dir = %keep.display(), error = %e, "migrated, but cannot keep the images");
                 }
             }
@@ -218,7 +263,15 @@ pub fn run(
                 process::continue_tree(pid);
                 Fate::ResumedHere
             } else {
-                source.restore_here(criu, opts, &images, &pids)
+                // The held pages are written out only now: the source is
+                // gone, and with it anything that could change them.
+                match kept.map_or(Ok(()), |k| k.write_dir(&images)) {
+                    Ok(()) => source.restore_here(criu, opts, &images, &pids),
+                    Err(e) => Fate::Lost {
+                        images: images.clone(),
+                        why: format!("cannot write the held images out: {e}"),
+                    },
+                }
             };
             if let Fate::Lost { .. } = after {
                 // Keep the images: they are all that is left.
@@ -232,13 +285,57 @@ pub fn run(
     }
 }
 
+/// Dumps the process tree into `sink` through CRIU's image streamer: the
+/// pages are digested and what the destination lacks is queued while CRIU
+/// dumps. A failure of either side fails both (a broken pipe fails CRIU's
+/// dump; CRIU gone ends the capture), and the tree runs on.
+fn dump_streamed(
+    criu: &Criu,
+    req: &DumpRequest,
+    sink: &StreamedImages<'_>,
+) -> Result<DumpOutcome, MigrateError> {
+    std::fs::create_dir_all(&req.images_dir).map_err(|source| MigrateError::Staging {
+        path: req.images_dir.clone(),
+        source,
+    })?;
+    let capture = Capture::listen(&req.images_dir).map_err(MigrateError::DumpStream)?;
+    let ended = AtomicBool::new(false);
+    let (dumped, captured) = std::thread::scope(|s| {
+        let taking = s.spawn(|| capture.capture(sink, &ended));
+        let dumped = checkpoint::dump(criu, req, &mut NoHooks);
+        ended.store(true, Ordering::Release);
+        let captured = taking.join().unwrap_or_else(|_| {
+            Err(StreamError::Protocol {
+                what: "the capture thread panicked".into(),
+                source: std::io::Error::other("panic"),
+            })
+        });
+        (dumped, captured)
+    });
+    drop(capture);
+    match (dumped, captured) {
+        (Ok(dumped), Ok(captured)) => {
+            tracing::debug!(files = captured.files, bytes = captured.bytes, wall = ?captured.wall, "final dump streamed");
+            Ok(dumped)
+        }
+        // The capture's failure (the destination gone, say) is the cause;
+        // CRIU's broken pipe only follows from it.
+        (dumped, Err(e)) => {
+            if dumped.is_ok() {
+                process::continue_tree(req.pid);
+            }
+            Err(MigrateError::DumpStream(e))
+        }
+        (Err(e), Ok(_)) => Err(MigrateError::Dump(Box::new(e))),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn transfer_and_restore(
     opts: &MigrateOptions,
     control: &mut Conn,
     sender: &mut PageSender,
-    known: &mut HashSet<Digest>,
-    images: &Path,
+    outgoing: Outgoing,
     report: &mut FinalReport,
     same_kernel: bool,
     source: &Source<'_>,
@@ -246,92 +343,19 @@ fn transfer_and_restore(
     source_killed: &mut bool,
 ) -> Result<i32, FinalError> {
     let t = Instant::now();
-    let wire_before = sender.wire_bytes() + control.sent_bytes();
-    let files = image_files(images)?;
-    let mut entries = Vec::new();
-    let mut blobs = Vec::new();
-    for name in files {
-        let path = images.join(&name);
-        let io = |source| FinalError::Images {
-            path: path.clone(),
-            source,
-        };
-        let recipe = classify_name(&name) == FileClass::Pages;
-        let (checksum, blob) = if recipe {
-            let file = fs::File::open(&path).map_err(io)?;
-            let len = file.metadata().map_err(io)?.len() as usize;
-            // One pass over the dump: each page's digest is also its
-            // checksum leaf. Block by block, so that the pages of one block
-            // are on the wire while the next is read and hashed; read with
-            // pread, each MiB hashed while it is in cache (mapping the
-            // whole image cost more than hashing it: ~0.1 s per GiB here).
-            let mut leaves: Vec<u128> = Vec::with_capacity(len / PAGE_SIZE + 1);
-            let mut digests: Vec<Digest> = Vec::with_capacity(len / PAGE_SIZE);
-            let mut buf = vec![0u8; SEND_BLOCK.min(len)];
-            let mut offset = 0;
-            while offset < len {
-                let block = &mut buf[..SEND_BLOCK.min(len - offset)];
-                let hashed: Vec<Vec<(Digest, u128)>> = block
-                    .par_chunks_mut(HASH_CHUNK)
-                    .enumerate()
-                    .map(|(i, chunk)| {
-                        file.read_exact_at(chunk, (offset + i * HASH_CHUNK) as u64)?;
-                        Ok(chunk
-                            .chunks(pages::CHECKSUM_LEAF_BYTES)
-                            .map(|p| match page::fingerprint(p) {
-                                _ if p.len() < PAGE_SIZE => (ZERO_PAGE, pages::leaf_hash(p)),
-                                Some(d) => (d, d),
-                                None => (ZERO_PAGE, page::zero_page_digest()),
-                            })
-                            .collect())
-                    })
-                    .collect::<std::io::Result<_>>()
-                    .map_err(io)?;
-                for ((d, leaf), p) in hashed.into_iter().flatten().zip(block.chunks(PAGE_SIZE)) {
-                    leaves.push(leaf);
-                    if p.len() < PAGE_SIZE {
-                        continue; // a tail: not a page
-                    }
-                    digests.push(d);
-                    report.pages_in_images += 1;
-                    if d == ZERO_PAGE {
-                        report.zero_pages += 1;
-                    } else if known.insert(d) {
-                        sender.push(d, p)?;
-                        report.pages_sent += 1;
-                    }
-                }
-                offset += block.len();
-            }
-            (
-                pages::combine_leaves(&leaves),
-                pages::encode_digests(&digests),
-            )
-        } else {
-            let bytes = fs::read(&path).map_err(io)?;
-            (pages::file_checksum(&bytes), bytes)
-        };
-        let checksum = format!("{checksum:032x}");
-        entries.push(ImageEntry {
-            name,
-            size: fs::metadata(&path).map_err(io)?.len(),
-            checksum,
-            recipe,
-        });
-        blobs.push(blob);
-    }
-    let queued = t.elapsed();
+    let control_before = control.sent_bytes();
     sender.flush()?;
     tracing::debug!(
-        queued_ms = ms(queued),
         flushed_ms = ms(t.elapsed()),
-        "final copy: pages hashed and queued, then all sent"
+        "final copy: the pages that were queued are all sent"
     );
-    control.send_msg(&Msg::Images { files: entries })?;
-    for b in &blobs {
+    control.send_msg(&Msg::Images {
+        files: outgoing.entries,
+    })?;
+    for b in &outgoing.blobs {
         control.send_blob(b)?;
     }
-    report.wire_bytes = sender.wire_bytes() + control.sent_bytes() - wire_before;
+    report.wire_bytes = control.sent_bytes() - control_before;
     report.transfer_ms = ms(t.elapsed());
 
     control.send_msg(&Msg::Rebuild)?;
@@ -392,23 +416,6 @@ fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> FinalError {
         got: format!("{got:?}"),
         expected,
     })
-}
-
-/// The image files to send (CRIU's logs stay here).
-fn image_files(dir: &Path) -> Result<Vec<String>, FinalError> {
-    let io = |source| FinalError::Images {
-        path: dir.to_path_buf(),
-        source,
-    };
-    let mut names: Vec<String> = fs::read_dir(dir)
-        .map_err(io)?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| classify_name(n) != FileClass::Log)
-        .collect();
-    names.sort();
-    Ok(names)
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -11,8 +11,11 @@
 //!    `--max-downtime` or after `--max-rounds`.
 //!    Then the agent lays out each process's pages image ahead, in the
 //!    order CRIU writes it, from the last round's layout.
-//! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree to local staging
-//!    and leaves it *stopped*; only pages the destination lacks are sent,
+//! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree and leaves it
+//!    *stopped*; a process tree's images stream into ferry as CRIU writes
+//!    them ([`images`]: digested on the way, nothing written to disk), a
+//!    container's are written to local staging and read back. Only pages
+//!    the destination lacks are sent,
 //!    the rest is named by digest in page recipes; the agent patches the
 //!    images laid out ahead (or rebuilds them), checks them byte-identical
 //!    (checksums) and restores them (a process tree stopped; a container
@@ -31,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 mod final_copy;
+mod images;
 mod precopy;
 mod report;
 pub mod streams;
@@ -122,6 +126,8 @@ pub enum MigrateError {
     Precopy(#[source] PrecopyError),
     #[error("the final dump failed; the application keeps running here")]
     Dump(#[source] Box<CheckpointError>),
+    #[error("the final dump failed while its images streamed to ferry; the application keeps running here")]
+    DumpStream(#[source] crate::criu::streamer::StreamError<images::CaptureError>),
     #[error("cannot create staging in {}", path.display())]
     Staging {
         path: PathBuf,
