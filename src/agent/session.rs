@@ -301,18 +301,20 @@ impl Session<'_> {
         })
     }
 
-    /// With `--keep-images`: the committed images go under the store.
+    /// With `--keep-images`: the committed images go under the store, as
+    /// `images` once complete (copied beside it first, then renamed).
     fn keep(&self) {
         let (true, Some(stage)) = (self.agent.config.keep_images, &self.images) else {
             return;
         };
         let to = self.dir.join("images");
-        let copied = fs::create_dir_all(&to).and_then(|_| {
+        let partial = self.dir.join("images.partial");
+        let copied = fs::create_dir_all(&partial).and_then(|_| {
             for e in fs::read_dir(stage.path())? {
                 let e = e?;
-                fs::copy(e.path(), to.join(e.file_name()))?;
+                fs::copy(e.path(), partial.join(e.file_name()))?;
             }
-            Ok(())
+            fs::rename(&partial, &to)
         });
         if let Err(e) = copied {
             tracing::warn!(session = %self.id, error = %e, "cannot keep the images");
@@ -373,6 +375,12 @@ impl Session<'_> {
         }
         let req = RestoreRequest {
             lazy_pages: opts.lazy_pages,
+            // The staged images serve this restore only (unless they are
+            // to be kept, or a lazy restore reads them later): each page
+            // is punched out as CRIU restores it, so the memory it frees
+            // is what the next pages are restored into. A failed restore
+            // needs them no more: the source still has the application.
+            consume_images: !opts.lazy_pages && !self.agent.config.keep_images,
             ..req
         };
         let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {

@@ -145,7 +145,11 @@ pub fn restore_from_archive(
     let outcome = match restored {
         Ok(outcome) => outcome,
         Err(CheckpointError::RestoreFailed { source, .. }) => {
-            let source = match keep_log(&req, archive) {
+            let stem = archive
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "archive".into());
+            let source = match staging::keep_log(&req.log_path(), &format!("restore-{stem}")) {
                 Some(kept) => source.with_log(kept),
                 None => source,
             };
@@ -181,27 +185,5 @@ fn stream_error(
     move |e| CheckpointError::Stream {
         path: archive.to_path_buf(),
         detail: e.to_string(),
-    }
-}
-
-/// Copies CRIU's restore log out of the staging directory before it goes;
-/// returns where it was kept.
-fn keep_log(req: &RestoreRequest, archive: &Path) -> Option<PathBuf> {
-    let log = req.log_path();
-    if !log.exists() {
-        return None;
-    }
-    let stem = archive
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "archive".into());
-    let kept =
-        std::env::temp_dir().join(format!("ferry-restore-{stem}-{}.log", std::process::id()));
-    match std::fs::copy(&log, &kept) {
-        Ok(_) => Some(kept),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot keep CRIU's restore log");
-            None
-        }
     }
 }

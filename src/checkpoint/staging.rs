@@ -68,6 +68,23 @@ pub fn sweep_stale(prefix: &str, preferred: Option<&Path>) -> Vec<PathBuf> {
     removed
 }
 
+/// Copies CRIU's log out of a staging directory before it goes, beside the
+/// system's temporary files as `ferry-LABEL-PID.log`; returns where it was
+/// kept.
+pub fn keep_log(log: &Path, label: &str) -> Option<PathBuf> {
+    if !log.exists() {
+        return None;
+    }
+    let kept = std::env::temp_dir().join(format!("ferry-{label}-{}.log", std::process::id()));
+    match std::fs::copy(log, &kept) {
+        Ok(_) => Some(kept),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot keep CRIU's log");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,6 @@
 //! The DUMP request: checkpoint a process tree into an images directory.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -41,7 +42,7 @@ pub struct DumpRequest {
     /// (CRIU `--stream`; see [`super::capture`]) instead of to files. As
     /// for a streamed restore, CRIU's RPC refuses streaming, so this one
     /// request runs `criu dump` itself: no NOTIFY hooks, the timeline holds
-    /// only the total, and containers are not supported.
+    /// only the total.
     pub stream: bool,
 }
 
@@ -171,23 +172,17 @@ impl Criu {
 
     /// `criu dump --stream`, for [`DumpRequest::stream`].
     fn dump_streamed(&self, req: &DumpRequest) -> Result<DumpOutcome, CriuError> {
-        if req.container.is_some() {
-            return Err(CriuError::Unsupported {
-                what: "a streamed dump of a container",
-            });
-        }
-        let binary = self.cli_binary()?;
         let log = req.log_path();
-        let mut cmd = std::process::Command::new(&binary);
-        cmd.arg("dump")
-            .arg("--stream")
-            .arg("-t")
-            .arg(req.pid.to_string())
-            .arg("-D")
-            .arg(&req.images_dir)
-            .arg("-o")
-            .arg(&req.log_file)
-            .arg(format!("-v{}", req.log_level));
+        let mut args: Vec<OsString> = vec![
+            "--stream".into(),
+            "-t".into(),
+            req.pid.to_string().into(),
+            "-D".into(),
+            req.images_dir.clone().into(),
+            "-o".into(),
+            req.log_file.clone().into(),
+            format!("-v{}", req.log_level).into(),
+        ];
         for (on, flag) in [
             (req.leave_running, "--leave-running"),
             (req.leave_stopped, "--leave-stopped"),
@@ -198,27 +193,31 @@ impl Criu {
             (req.file_locks, "--file-locks"),
         ] {
             if on {
-                cmd.arg(flag);
+                args.push(flag.into());
             }
         }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let start = Instant::now();
-        let status = cmd.status().map_err(|source| CriuError::Spawn {
-            binary: binary.clone(),
-            source,
-        })?;
-        let wall = start.elapsed();
-        if !status.success() {
-            return Err(CriuError::Failed {
-                request: RequestKind::Dump,
-                errno: None,
-                errmsg: Some(format!("criu dump --stream: {status}")),
-                log: Some(log.clone()),
-                log_errors: super::error::log_errors(&log),
-            });
+        if let Some(c) = &req.container {
+            // What the RPC request above says, in CRIU's command-line words
+            // (but orphan_pts_master, which has none: it acts on restore).
+            args.extend([
+                "--root".into(),
+                c.root.clone().into(),
+                "--manage-cgroups".into(),
+            ]);
+            for (key, val) in &c.ext_mounts {
+                args.extend(["--ext-mount-map".into(), format!("{key}:{val}").into()]);
+            }
+            for e in &c.external {
+                args.extend(["--external".into(), e.into()]);
+            }
+            if let Some(cg) = &c.freeze_cgroup {
+                args.extend(["--freeze-cgroup".into(), cg.clone().into()]);
+            }
+            if c.empty_net_ns {
+                args.extend(["--empty-ns".into(), "net".into()]);
+            }
         }
+        let wall = self.run_cli(RequestKind::Dump, "dump", args, &log)?;
         Ok(DumpOutcome {
             wall,
             stats: stats_of(req),

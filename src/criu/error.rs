@@ -63,8 +63,6 @@ pub enum CriuError {
     },
     #[error("CRIU answered a {request} request with an unexpected {got} response")]
     UnexpectedResponse { request: RequestKind, got: String },
-    #[error("ferry cannot ask CRIU for {what}")]
-    Unsupported { what: &'static str },
     #[error("the criu lazy-pages daemon did not start: {why} (log: {})", log.display())]
     LazyPages { why: String, log: PathBuf },
     #[error("CRIU exited during {request} ({status}){}", log_hint(log.as_deref()))]

@@ -98,6 +98,50 @@ impl Criu {
         }
     }
 
+    /// Runs CRIU's command line `criu ACTION ARGS` (a streamed dump or
+    /// restore: what CRIU's RPC cannot do) to its end; returns how long it
+    /// ran. A failure names CRIU's exit status, what it printed before its
+    /// log was open (a refused option, say) and the errors in `log`.
+    pub(crate) fn run_cli(
+        &self,
+        request: RequestKind,
+        action: &str,
+        args: Vec<std::ffi::OsString>,
+        log: &Path,
+    ) -> Result<std::time::Duration, CriuError> {
+        let binary = self.cli_binary()?;
+        let start = std::time::Instant::now();
+        let out = std::process::Command::new(&binary)
+            .arg(action)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|source| CriuError::Spawn {
+                binary: binary.clone(),
+                source,
+            })?;
+        let wall = start.elapsed();
+        if out.status.success() {
+            return Ok(wall);
+        }
+        let printed = String::from_utf8_lossy(&out.stderr);
+        let printed: Vec<&str> = printed.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = printed[printed.len().saturating_sub(3)..].join(" / ");
+        Err(CriuError::Failed {
+            request,
+            errno: None,
+            errmsg: Some(if tail.is_empty() {
+                format!("criu {action}: {}", out.status)
+            } else {
+                format!("criu {action}: {}: {tail}", out.status)
+            }),
+            log: Some(log.to_path_buf()),
+            log_errors: error::log_errors(log),
+        })
+    }
+
     /// The binary or socket, for reports.
     pub fn describe(&self) -> String {
         match self {

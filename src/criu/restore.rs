@@ -1,5 +1,6 @@
 //! The RESTORE request: bring a dumped tree back to life.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -141,20 +142,19 @@ impl Criu {
 impl Criu {
     /// `criu restore --stream --restore-detached`, for [`RestoreRequest::stream`].
     fn restore_streamed(&self, req: &RestoreRequest) -> Result<RestoreOutcome, CriuError> {
-        let binary = self.cli_binary()?;
         let log = req.log_path();
         let pidfile = req.images_dir.join(STREAM_PIDFILE);
-        let mut cmd = std::process::Command::new(&binary);
-        cmd.arg("restore")
-            .arg("--stream")
-            .arg("--restore-detached")
-            .arg("-D")
-            .arg(&req.images_dir)
-            .arg("-o")
-            .arg(&req.log_file)
-            .arg(format!("-v{}", req.log_level))
-            .arg("--pidfile")
-            .arg(&pidfile);
+        let mut args: Vec<OsString> = vec![
+            "--stream".into(),
+            "--restore-detached".into(),
+            "-D".into(),
+            req.images_dir.clone().into(),
+            "-o".into(),
+            req.log_file.clone().into(),
+            format!("-v{}", req.log_level).into(),
+            "--pidfile".into(),
+            pidfile.clone().into(),
+        ];
         for (on, flag) in [
             (req.tcp_established, "--tcp-established"),
             (req.shell_job, "--shell-job"),
@@ -164,27 +164,10 @@ impl Criu {
             (req.lazy_pages, "--lazy-pages"),
         ] {
             if on {
-                cmd.arg(flag);
+                args.push(flag.into());
             }
         }
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let start = Instant::now();
-        let status = cmd.status().map_err(|source| CriuError::Spawn {
-            binary: binary.clone(),
-            source,
-        })?;
-        let wall = start.elapsed();
-        if !status.success() {
-            return Err(CriuError::Failed {
-                request: RequestKind::Restore,
-                errno: None,
-                errmsg: Some(format!("criu restore --stream: {status}")),
-                log: Some(log.clone()),
-                log_errors: super::error::log_errors(&log),
-            });
-        }
+        let wall = self.run_cli(RequestKind::Restore, "restore", args, &log)?;
         let pid = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())

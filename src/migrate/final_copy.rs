@@ -148,7 +148,7 @@ pub fn run(
     let pid = source.pid;
     // A process tree's dump streams into ferry (nothing is written); a
     // container's goes through CRIU's RPC, which cannot stream, to staging.
-    let streamed = source.container().is_none();
+    let streamed = true;
     // Its images are needed here afterwards only if the source goes before
     // the destination restored (one kernel) or they are to be kept.
     let hold = same_kernel || opts.keep_images.is_some();
@@ -189,7 +189,7 @@ pub fn run(
     let wire_before = sender.wire_bytes();
     let (dumped, outgoing, counts, kept) = if streamed {
         let sink = StreamedImages::new(sender, known, hold);
-        let dumped = dump_streamed(criu, &req, &sink)?;
+        let dumped = dump_streamed(criu, source, &req, &sink)?;
         let (outgoing, counts, kept) = match sink.finish(&images) {
             Ok(done) => done,
             Err(e) => {
@@ -204,7 +204,7 @@ pub fn run(
     } else {
         let dumped = source
             .dump(criu, &req)
-            .map_err(|e| MigrateError::Dump(Box::new(e)))?;
+            .map_err(|e| MigrateError::Dump(Box::new(log_kept(e))))?;
         let t = Instant::now();
         let read = images::read_dir(&images, sender, known);
         report.digest_ms = ms(t.elapsed());
@@ -291,6 +291,7 @@ pub fn run(
 /// dump; CRIU gone ends the capture), and the tree runs on.
 fn dump_streamed(
     criu: &Criu,
+    source: &Source<'_>,
     req: &DumpRequest,
     sink: &StreamedImages<'_>,
 ) -> Result<DumpOutcome, MigrateError> {
@@ -302,7 +303,7 @@ fn dump_streamed(
     let ended = AtomicBool::new(false);
     let (dumped, captured) = std::thread::scope(|s| {
         let taking = s.spawn(|| capture.capture(sink, &ended));
-        let dumped = checkpoint::dump(criu, req, &mut NoHooks);
+        let dumped = source.dump(criu, req);
         ended.store(true, Ordering::Release);
         let captured = taking.join().unwrap_or_else(|_| {
             Err(StreamError::Protocol {
@@ -326,7 +327,7 @@ fn dump_streamed(
             }
             Err(MigrateError::DumpStream(e))
         }
-        (Err(e), Ok(_)) => Err(MigrateError::Dump(Box::new(e))),
+        (Err(e), Ok(_)) => Err(MigrateError::Dump(Box::new(log_kept(e)))),
     }
 }
 
@@ -408,6 +409,24 @@ fn transfer_and_restore(
     }
     report.commit_ms = ms(t.elapsed());
     Ok(restored)
+}
+
+/// A failed dump's CRIU log, copied out of the staging directory that is
+/// about to go, and named in the error.
+fn log_kept(e: CheckpointError) -> CheckpointError {
+    match e {
+        CheckpointError::DumpFailed { pid, after, source } => {
+            let source = match source
+                .log_path()
+                .and_then(|l| staging::keep_log(l, "migrate-dump"))
+            {
+                Some(kept) => source.with_log(kept),
+                None => source,
+            };
+            CheckpointError::DumpFailed { pid, after, source }
+        }
+        e => e,
+    }
 }
 
 fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> FinalError {

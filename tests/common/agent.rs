@@ -188,11 +188,26 @@ impl AgentProc {
     }
 
     /// The images the agent kept for committed sessions.
+    /// The images the agent kept (`--keep-images`), one directory per
+    /// committed migration. The agent keeps them after it answered the
+    /// commit: wait (bounded) until at least one is complete.
     pub fn kept_images(&self) -> Vec<PathBuf> {
         let dir = self.store.join("checkpoints");
-        std::fs::read_dir(dir)
-            .map(|d| d.flatten().map(|e| e.path().join("images")).collect())
-            .unwrap_or_default()
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let kept: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .map(|e| e.path().join("images"))
+                        .filter(|p| p.is_dir())
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !kept.is_empty() || std::time::Instant::now() > deadline {
+                return kept;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 }
 
