@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::images::{self, Outgoing, StreamedImages};
+use super::images::{Outgoing, StreamedImages};
 use super::report::FinalReport;
 use super::streams::PageSender;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
@@ -146,18 +146,11 @@ pub fn run(
     same_kernel: bool,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
-    // A process tree's dump streams into ferry (nothing is written); a
-    // container's goes through CRIU's RPC, which cannot stream, to staging.
-    let streamed = true;
     // Its images are needed here afterwards only if the source goes before
     // the destination restored (one kernel) or they are to be kept.
     let hold = same_kernel || opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
-    let room = if streamed && !hold {
-        STREAM_STAGING
-    } else {
-        rss
-    };
+    let room = if hold { rss } else { STREAM_STAGING };
     staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
     let stage =
         staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
@@ -177,46 +170,25 @@ pub fn run(
         ignore_gpu: opts.ignore_gpu,
         // Connections not yet accepted are left out; their clients retry.
         tcp_skip_in_flight: true,
-        stream: streamed,
+        stream: true,
         ..DumpRequest::new(pid, &images)
     };
-    let mut report = FinalReport {
-        streamed,
-        ..FinalReport::default()
-    };
+    let mut report = FinalReport::default();
     let frozen_at = Instant::now();
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
     let wire_before = sender.wire_bytes();
-    let (dumped, outgoing, counts, kept) = if streamed {
-        let sink = StreamedImages::new(sender, known, hold);
-        let dumped = dump_streamed(criu, source, &req, &sink)?;
-        let (outgoing, counts, kept) = match sink.finish(&images) {
-            Ok(done) => done,
-            Err(e) => {
-                process::continue_tree(pid);
-                return Err(MigrateError::Final {
-                    after: Fate::ResumedHere,
-                    source: e,
-                });
-            }
-        };
-        (dumped, outgoing, counts, Some(kept))
-    } else {
-        let dumped = source
-            .dump(criu, &req)
-            .map_err(|e| MigrateError::Dump(Box::new(log_kept(e))))?;
-        let t = Instant::now();
-        let read = images::read_dir(&images, sender, known);
-        report.digest_ms = ms(t.elapsed());
-        match read {
-            Ok((outgoing, counts)) => (dumped, outgoing, counts, None),
-            Err(e) => {
-                process::continue_tree(pid);
-                return Err(MigrateError::Final {
-                    after: Fate::ResumedHere,
-                    source: e,
-                });
-            }
+    // The images stream into ferry as CRIU writes them: digested on the
+    // way, the new pages queued for the destination, nothing written out.
+    let sink = StreamedImages::new(sender, known, hold);
+    let dumped = dump_streamed(criu, source, &req, &sink)?;
+    let (outgoing, counts, kept) = match sink.finish(&images) {
+        Ok(done) => done,
+        Err(e) => {
+            process::continue_tree(pid);
+            return Err(MigrateError::Final {
+                after: Fate::ResumedHere,
+                source: e,
+            });
         }
     };
     report.dump_ms = ms(dumped.wall);
@@ -250,8 +222,7 @@ pub fn run(
             }
             if let Some(keep) = &opts.keep_images {
                 // The migration is done: a failed copy only costs the copy.
-                let copied = copy_dir(&images, keep)
-                    .and_then(|()| kept.map_or(Ok(()), |k| k.write_dir(keep)));
+                let copied = copy_dir(&images, keep).and_then(|()| kept.write_dir(keep));
                 if let Err(e) = copied {
                     tracing::error!(dir = %keep.display(), error = %e, "migrated, but cannot keep the images");
                 }
@@ -265,7 +236,7 @@ pub fn run(
             } else {
                 // The held pages are written out only now: the source is
                 // gone, and with it anything that could change them.
-                match kept.map_or(Ok(()), |k| k.write_dir(&images)) {
+                match kept.write_dir(&images) {
                     Ok(()) => source.restore_here(criu, opts, &images, &pids),
                     Err(e) => Fate::Lost {
                         images: images.clone(),

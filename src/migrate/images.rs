@@ -2,23 +2,17 @@
 //! whole, pages images as recipes (one digest per page), of whose pages
 //! only those the destination lacks are sent.
 //!
-//! Two ways in:
-//! - **streamed** ([`StreamedImages`]): CRIU dumps into ferry's image
-//!   capture ([`crate::criu::capture`]); each pages image is digested and
-//!   its new pages queued for the destination while CRIU is still dumping,
-//!   and nothing is written to disk. Where the images may be needed here
-//!   afterwards (one kernel: the source is killed before the destination
-//!   restores; or `--keep-images`), the pages are held by reference
-//!   ([`crate::sys::hold`]) and written out only then.
-//! - **from a directory** ([`read_dir`]): CRIU wrote the images (a
-//!   container's dump goes through CRIU's RPC, which cannot stream); they
-//!   are read back block by block, each block's new pages on the wire while
-//!   the next is read and digested.
+//! CRIU dumps into ferry's image capture ([`crate::criu::capture`]);
+//! [`StreamedImages`] digests each pages image and queues its new pages for
+//! the destination while CRIU is still dumping, and nothing is written to
+//! disk. Where the images may be needed here afterwards (one kernel: the
+//! source is killed before the destination restores; or `--keep-images`),
+//! the pages are held by reference ([`crate::sys::hold`]) and written out
+//! only then.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -147,61 +141,6 @@ fn image_files(dir: &Path) -> io::Result<Vec<String>> {
         .collect();
     names.sort();
     Ok(names)
-}
-
-/// Reads back the images CRIU wrote to `images`, queuing the pages the
-/// destination lacks.
-pub fn read_dir(
-    images: &Path,
-    sender: &mut PageSender,
-    known: &mut HashSet<Digest>,
-) -> Result<(Outgoing, PageCounts), FinalError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| FinalError::Images { path, source }
-    };
-    let mut out = Outbox {
-        sender,
-        known,
-        counts: PageCounts::default(),
-    };
-    let mut outgoing = Outgoing::default();
-    for name in image_files(images).map_err(io(images))? {
-        let path = images.join(&name);
-        let is_pages = classify_name(&name) == FileClass::Pages;
-        let (checksum, blob, size) = if is_pages {
-            let file = File::open(&path).map_err(io(&path))?;
-            let len = file.metadata().map_err(io(&path))?.len() as usize;
-            // Read with pread, each MiB digested while it is in cache
-            // (mapping the whole image cost more than digesting it).
-            let mut recipe = Recipe::default();
-            let mut buf = vec![0u8; SEND_BLOCK.min(len)];
-            let mut offset = 0;
-            while offset < len {
-                let block = &mut buf[..SEND_BLOCK.min(len - offset)];
-                let hashed: Vec<Vec<(Digest, u128)>> = block
-                    .par_chunks_mut(HASH_CHUNK)
-                    .enumerate()
-                    .map(|(i, chunk)| {
-                        file.read_exact_at(chunk, (offset + i * HASH_CHUNK) as u64)?;
-                        Ok(digest_chunk(chunk))
-                    })
-                    .collect::<io::Result<_>>()
-                    .map_err(io(&path))?;
-                recipe.take(block, hashed, &mut out)?;
-                offset += block.len();
-            }
-            let (checksum, blob) = recipe.finish();
-            (checksum, blob, len as u64)
-        } else {
-            let bytes = fs::read(&path).map_err(io(&path))?;
-            let size = bytes.len() as u64;
-            (pages::file_checksum(&bytes), bytes, size)
-        };
-        outgoing.entries.push(entry(name, size, checksum, is_pages));
-        outgoing.blobs.push(blob);
-    }
-    Ok((outgoing, out.counts))
 }
 
 #[derive(Debug, thiserror::Error)]

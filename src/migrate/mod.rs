@@ -12,10 +12,9 @@
 //!    Then the agent lays out each process's pages image ahead, in the
 //!    order CRIU writes it, from the last round's layout.
 //! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree and leaves it
-//!    *stopped*; a process tree's images stream into ferry as CRIU writes
-//!    them ([`images`]: digested on the way, nothing written to disk), a
-//!    container's are written to local staging and read back. Only pages
-//!    the destination lacks are sent,
+//!    *stopped*; the images stream into ferry as CRIU writes them
+//!    ([`images`]: digested on the way, nothing written to disk). Only
+//!    pages the destination lacks are sent,
 //!    the rest is named by digest in page recipes; the agent patches the
 //!    images laid out ahead (or rebuilds them), checks them byte-identical
 //!    (checksums) and restores them (a process tree stopped; a container
@@ -29,7 +28,8 @@
 //! (lab namespaces; detected by equal boot ids) they share one pid space,
 //! and the restore needs the source's pids, so the source is killed just
 //! before the restore; if the restore then fails ferry restores the
-//! application locally from the same images it sent.
+//! application locally from the same images it sent (their pages held by
+//! reference since the dump, written out only then).
 
 #![forbid(unsafe_code)]
 

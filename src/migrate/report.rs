@@ -45,17 +45,12 @@ pub enum StopReason {
 /// The frozen phase.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FinalReport {
-    /// The images streamed into ferry as CRIU dumped (a process tree): no
-    /// pages image was written anywhere, and `dump_ms` includes digesting
-    /// the pages and queuing those the destination lacks.
-    pub streamed: bool,
-    /// CRIU dump request, freeze to the last image written.
+    /// CRIU's dump, its images streamed into ferry: from the request
+    /// (freeze) to the last image taken, digesting the pages and queuing
+    /// those the destination lacks included (nothing is written to disk).
     pub dump_ms: f64,
     /// CRIU's own statistics of the dump.
     pub criu_dump: Option<serde_json::Value>,
-    /// Reading back the pages images CRIU wrote to staging and digesting
-    /// them (a container's dump; 0 when streamed).
-    pub digest_ms: f64,
     /// Sending what was queued and the images' metadata and recipes.
     pub transfer_ms: f64,
     pub pages_in_images: u64,
@@ -154,9 +149,8 @@ impl MigrateReport {
         let f = &self.final_phase;
         writeln!(
             out,
-            "final: dump{} {:.1} ms, digest {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
-            if f.streamed { " (streamed)" } else { "" },
-            f.dump_ms, f.digest_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
+            "final: dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
+            f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
             units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
         )?;
         writeln!(
