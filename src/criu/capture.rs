@@ -15,12 +15,11 @@
 #![forbid(unsafe_code)]
 
 use std::fs::File;
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use super::streamer::{accept, bind, protocol_error, read_request, StreamError};
+use super::streamer::{protocol_error, read_request, CriuSocket, StreamError};
 
 /// The socket a dumping CRIU connects to, in its images directory.
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
@@ -47,15 +46,14 @@ pub struct Captured {
 
 /// A listening capture; its socket is removed when dropped.
 pub struct Capture {
-    listener: UnixListener,
-    path: PathBuf,
+    socket: CriuSocket,
 }
 
 impl Capture {
     /// Listens on [`CAPTURE_SOCKET`] in `images_dir`.
     pub fn listen<E: std::error::Error>(images_dir: &Path) -> Result<Capture, StreamError<E>> {
-        let (listener, path) = bind(images_dir, CAPTURE_SOCKET)?;
-        Ok(Capture { listener, path })
+        let socket = CriuSocket::bind(images_dir, CAPTURE_SOCKET)?;
+        Ok(Capture { socket })
     }
 
     /// Takes every image of one dump, until CRIU closes the connection and
@@ -67,12 +65,7 @@ impl Capture {
         sink: &C,
         ended: &AtomicBool,
     ) -> Result<Captured, StreamError<C::Error>> {
-        let Some(mut conn) =
-            accept(&self.listener, ended).map_err(|source| StreamError::Socket {
-                path: self.path.clone(),
-                source,
-            })?
-        else {
+        let Some(mut conn) = self.socket.accept(ended)? else {
             return Ok(Captured::default());
         };
         let proto = protocol_error;
@@ -129,11 +122,5 @@ impl Capture {
                 None => Ok(captured),
             }
         })
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -93,30 +93,71 @@ pub enum StreamError<E: std::error::Error + 'static> {
 
 /// A listening streamer; its socket is removed when dropped.
 pub struct Streamer {
+    socket: CriuSocket,
+}
+
+/// The socket a CRIU connects to in its images directory (either mode);
+/// removed when dropped.
+pub(super) struct CriuSocket {
     listener: UnixListener,
     path: PathBuf,
 }
 
-/// Binds a non-blocking listener on `name` in `images_dir`.
-pub(super) fn bind<E: std::error::Error>(
-    images_dir: &Path,
-    name: &str,
-) -> Result<(UnixListener, PathBuf), StreamError<E>> {
-    let path = images_dir.join(name);
-    let fail = |source| StreamError::Socket {
-        path: path.clone(),
-        source,
-    };
-    let listener = UnixListener::bind(&path).map_err(fail)?;
-    listener.set_nonblocking(true).map_err(fail)?;
-    Ok((listener, path))
+impl CriuSocket {
+    /// Binds a non-blocking listener on `name` in `images_dir`.
+    pub(super) fn bind<E: std::error::Error>(
+        images_dir: &Path,
+        name: &str,
+    ) -> Result<CriuSocket, StreamError<E>> {
+        let path = images_dir.join(name);
+        let fail = |source| StreamError::Socket {
+            path: path.clone(),
+            source,
+        };
+        let listener = UnixListener::bind(&path).map_err(fail)?;
+        listener.set_nonblocking(true).map_err(fail)?;
+        Ok(CriuSocket { listener, path })
+    }
+
+    /// CRIU's connection, in blocking mode; None if `ended` was set before
+    /// CRIU connected (its dump or restore failed early).
+    pub(super) fn accept<E: std::error::Error>(
+        &self,
+        ended: &AtomicBool,
+    ) -> Result<Option<UnixStream>, StreamError<E>> {
+        let fail = |source| StreamError::Socket {
+            path: self.path.clone(),
+            source,
+        };
+        loop {
+            match self.listener.accept() {
+                Ok((conn, _)) => {
+                    conn.set_nonblocking(false).map_err(fail)?;
+                    return Ok(Some(conn));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if ended.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(ACCEPT_POLL);
+                }
+                Err(e) => return Err(fail(e)),
+            }
+        }
+    }
+}
+
+impl Drop for CriuSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 impl Streamer {
     /// Listens on [`SERVE_SOCKET`] in `images_dir`.
     pub fn listen<E: std::error::Error>(images_dir: &Path) -> Result<Streamer, StreamError<E>> {
-        let (listener, path) = bind(images_dir, SERVE_SOCKET)?;
-        Ok(Streamer { listener, path })
+        let socket = CriuSocket::bind(images_dir, SERVE_SOCKET)?;
+        Ok(Streamer { socket })
     }
 
     /// Serves one CRIU until it closes the connection. Returns at once with
@@ -128,12 +169,7 @@ impl Streamer {
         source: &S,
         ended: &AtomicBool,
     ) -> Result<Served, StreamError<S::Error>> {
-        let Some(mut conn) =
-            accept(&self.listener, ended).map_err(|source| StreamError::Socket {
-                path: self.path.clone(),
-                source,
-            })?
-        else {
+        let Some(mut conn) = self.socket.accept(ended)? else {
             return Ok(Served::default());
         };
         let proto = protocol_error;
@@ -162,35 +198,6 @@ impl Streamer {
             served.wall = start.elapsed();
         }
         Ok(served)
-    }
-}
-
-impl Drop for Streamer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// CRIU's connection, in blocking mode; None if `ended` was set before
-/// CRIU connected (its dump or restore failed early).
-pub(super) fn accept(
-    listener: &UnixListener,
-    ended: &AtomicBool,
-) -> io::Result<Option<UnixStream>> {
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false)?;
-                return Ok(Some(conn));
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if ended.load(Ordering::Acquire) {
-                    return Ok(None);
-                }
-                std::thread::sleep(ACCEPT_POLL);
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 
