@@ -19,7 +19,7 @@ pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 /// `agent-before-commit` (restored and stopped, commit not yet handled),
 /// `migrate-after-round-1` (source, between pre-copy rounds).
 pub fn point(name: &str) {
-    if std::env::var(ENV).is_ok_and(|v| v == name) {
+    if armed(name) {
         eprintln!(
             "ferry: fault point {name} reached (pid {})",
             std::process::id()
@@ -30,4 +30,20 @@ pub fn point(name: &str) {
             .map_or(HOLD, Duration::from_millis);
         std::thread::sleep(hold.min(HOLD));
     }
+}
+
+/// Whether the failure `name` is to be injected here (`FERRY_FAULT=<name>`):
+/// for failures no outside action can cause at a precise moment. Failures:
+/// `migrate-capture-fails` (source: reading a pages image from CRIU's pipe
+/// fails after its first block).
+pub fn fails(name: &str) -> bool {
+    let armed = armed(name);
+    if armed {
+        eprintln!("ferry: fault {name} injected (pid {})", std::process::id());
+    }
+    armed
+}
+
+fn armed(name: &str) -> bool {
+    std::env::var(ENV).is_ok_and(|v| v == name)
 }

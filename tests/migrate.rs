@@ -241,6 +241,29 @@ fn the_agent_killed_during_the_final_copy_leaves_the_application_running() {
 }
 
 #[test]
+fn a_final_dump_whose_stream_breaks_leaves_the_application_running() {
+    require_criu();
+    let dir = scratch("migrate-capture-fails");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = workload(dir.path(), 64, 0.0);
+    // ferry stops reading a pages image from CRIU's pipe after its first
+    // block: CRIU's dump fails on the broken pipe, CRIU resumes the tree.
+    let err = migrate_cmd(&agent, w.pid(), &[])
+        .env(ferry::fault::ENV, "migrate-capture-fails")
+        .fails_with(1);
+    assert!(
+        err.contains("fault migrate-capture-fails injected"),
+        "{err}"
+    );
+    assert!(
+        err.contains("while its images streamed") && err.contains("keeps running here"),
+        "{err}"
+    );
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+}
+
+#[test]
 fn the_agent_killed_before_commit_leaves_exactly_one_running_copy() {
     require_criu();
     let dir = scratch("migrate-kill-commit");

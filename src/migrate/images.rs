@@ -250,6 +250,9 @@ impl<'a> StreamedImages<'a> {
                     if n == 0 || full_tx.send((buf, n)).is_err() {
                         break;
                     }
+                    if crate::fault::fails("migrate-capture-fails") {
+                        return Err(CaptureError::Read(io::Error::other("injected fault")));
+                    }
                     if n < SEND_BLOCK {
                         break;
                     }
