@@ -117,10 +117,29 @@ fn a_process_migrates_between_namespace_hosts_and_its_client_sees_it_continue() 
         v.sort();
         v
     };
-    assert!(
-        sums(&kept) == sums(&dest[0]),
-        "rebuilt images differ from the source's"
-    );
+    let (a, b) = (sums(&kept), sums(&dest[0]));
+    if a != b {
+        let names = |v: &[(String, Vec<u8>)]| v.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        let differing: Vec<String> = a
+            .iter()
+            .filter_map(|(n, x)| {
+                let (_, y) = b.iter().find(|(m, _)| m == n)?;
+                let at = x.iter().zip(y.iter()).position(|(p, q)| p != q);
+                (x != y).then(|| {
+                    format!(
+                        "{n}: {} vs {} bytes, first difference at {at:?}",
+                        x.len(),
+                        y.len()
+                    )
+                })
+            })
+            .collect();
+        panic!(
+            "rebuilt images differ from the source's: source {:?}, destination {:?}, differing {differing:?}",
+            names(&a),
+            names(&b)
+        );
+    }
 }
 
 #[test]

@@ -147,10 +147,11 @@ pub fn run(
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
     // Its images are needed here afterwards only if the source goes before
-    // the destination restored (one kernel) or they are to be kept.
-    let hold = same_kernel || opts.keep_images.is_some();
+    // the destination restored (one kernel) or they are to be kept: only
+    // then are they also written to staging as they stream.
+    let copy = same_kernel || opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
-    let room = if hold { rss } else { STREAM_STAGING };
+    let room = if copy { rss } else { STREAM_STAGING };
     staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
     let stage =
         staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
@@ -179,9 +180,9 @@ pub fn run(
     let wire_before = sender.wire_bytes();
     // The images stream into ferry as CRIU writes them: digested on the
     // way, the new pages queued for the destination, nothing written out.
-    let sink = StreamedImages::new(sender, known, hold);
+    let sink = StreamedImages::new(sender, known, copy.then(|| images.clone()));
     let dumped = dump_streamed(criu, source, &req, &sink)?;
-    let (outgoing, counts, kept) = match sink.finish(&images) {
+    let (outgoing, counts) = match sink.finish(&images) {
         Ok(done) => done,
         Err(e) => {
             process::continue_tree(pid);
@@ -222,8 +223,7 @@ pub fn run(
             }
             if let Some(keep) = &opts.keep_images {
                 // The migration is done: a failed copy only costs the copy.
-                let copied = copy_dir(&images, keep).and_then(|()| kept.write_dir(keep));
-                if let Err(e) = copied {
+                if let Err(e) = copy_dir(&images, keep) {
                     tracing::error!(dir = %keep.display(), error = %e, "migrated, but cannot keep the images");
                 }
             }
@@ -234,15 +234,7 @@ pub fn run(
                 process::continue_tree(pid);
                 Fate::ResumedHere
             } else {
-                // The held pages are written out only now: the source is
-                // gone, and with it anything that could change them.
-                match kept.write_dir(&images) {
-                    Ok(()) => source.restore_here(criu, opts, &images, &pids),
-                    Err(e) => Fate::Lost {
-                        images: images.clone(),
-                        why: format!("cannot write the held images out: {e}"),
-                    },
-                }
+                source.restore_here(criu, opts, &images, &pids)
             };
             if let Fate::Lost { .. } = after {
                 // Keep the images: they are all that is left.

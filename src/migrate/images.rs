@@ -7,13 +7,19 @@
 //! the destination while CRIU is still dumping, and nothing is written to
 //! disk. Where the images may be needed here afterwards (one kernel: the
 //! source is killed before the destination restores; or `--keep-images`),
-//! the pages are held by reference ([`crate::sys::hold`]) and written out
-//! only then.
+//! each image is also written to a directory as it streams, from the same
+//! bytes that were digested.
+//!
+//! Not kept by reference: the pipe carries the dumped process's own pages,
+//! and the kernel still writes to some of them after the dump (the rseq
+//! area's CPU numbers when a thread next runs; each thread's cleared tid
+//! word and robust futexes when the process is killed), so a duplicate of
+//! the pipe (`tee`) would not be the dump.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read};
-use std::path::Path;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
 
@@ -25,7 +31,6 @@ use crate::criu::capture::ImageCapture;
 use crate::image::dir::classify_name;
 use crate::image::FileClass;
 use crate::page::{self, Digest};
-use crate::sys::hold::{Held, HeldReader};
 use crate::transport::msg::ImageEntry;
 use crate::transport::pages::{self, ZERO_PAGE};
 use crate::transport::TransportError;
@@ -147,6 +152,8 @@ fn image_files(dir: &Path) -> io::Result<Vec<String>> {
 pub enum CaptureError {
     #[error("cannot read it from CRIU")]
     Read(#[source] io::Error),
+    #[error("cannot copy it to the local images")]
+    Copy(#[source] io::Error),
     #[error(transparent)]
     Transport(#[from] TransportError),
 }
@@ -154,14 +161,14 @@ pub enum CaptureError {
 /// A captured image.
 enum Captured {
     Whole(Vec<u8>),
-    Pages { recipe: Recipe, held: Option<Held> },
+    Pages(Recipe),
 }
 
 /// The images of a streamed dump, taken as CRIU writes them.
 pub struct StreamedImages<'a> {
     out: Mutex<Outbox<'a>>,
-    /// Keep the pages (by reference) to write the images out later.
-    hold: bool,
+    /// Where each image is also written as it streams, if anywhere.
+    copy_to: Option<PathBuf>,
     images: Mutex<BTreeMap<String, Captured>>,
 }
 
@@ -169,7 +176,7 @@ impl<'a> StreamedImages<'a> {
     pub fn new(
         sender: &'a mut PageSender,
         known: &'a mut HashSet<Digest>,
-        hold: bool,
+        copy_to: Option<PathBuf>,
     ) -> StreamedImages<'a> {
         StreamedImages {
             out: Mutex::new(Outbox {
@@ -177,15 +184,14 @@ impl<'a> StreamedImages<'a> {
                 known,
                 counts: PageCounts::default(),
             }),
-            hold,
+            copy_to,
             images: Mutex::new(BTreeMap::new()),
         }
     }
 
     /// What to send, with the files CRIU wrote to `dir` itself (its
-    /// statistics) and any ferry wrote there (the GPU record), and what
-    /// can write the images out here.
-    pub fn finish(self, dir: &Path) -> Result<(Outgoing, PageCounts, KeptImages), FinalError> {
+    /// statistics) and any ferry wrote there (the GPU record).
+    pub fn finish(self, dir: &Path) -> Result<(Outgoing, PageCounts), FinalError> {
         let counts = self.out.into_inner().map(|o| o.counts).unwrap_or_default();
         let mut images = self.images.into_inner().unwrap_or_default();
         let io = |source| FinalError::Images {
@@ -199,54 +205,54 @@ impl<'a> StreamedImages<'a> {
             }
         }
         let mut outgoing = Outgoing::default();
-        let mut kept = KeptImages::default();
         for (name, image) in images {
             match image {
                 Captured::Whole(bytes) => {
                     let sum = pages::file_checksum(&bytes);
                     outgoing
                         .entries
-                        .push(entry(name.clone(), bytes.len() as u64, sum, false));
-                    kept.files.push((name, Kept::Bytes(bytes.clone())));
+                        .push(entry(name, bytes.len() as u64, sum, false));
                     outgoing.blobs.push(bytes);
                 }
-                Captured::Pages { recipe, held } => {
+                Captured::Pages(recipe) => {
                     let size = recipe.bytes;
                     let (sum, blob) = recipe.finish();
-                    outgoing.entries.push(entry(name.clone(), size, sum, true));
+                    outgoing.entries.push(entry(name, size, sum, true));
                     outgoing.blobs.push(blob);
-                    if let Some(held) = held {
-                        kept.files.push((name, Kept::Held(held)));
-                    } else {
-                        kept.complete = false;
-                    }
                 }
             }
         }
-        Ok((outgoing, counts, kept))
+        Ok((outgoing, counts))
+    }
+
+    /// The file an image is copied to, if images are copied.
+    fn copy_file(&self, name: &str) -> Result<Option<File>, CaptureError> {
+        self.copy_to
+            .as_ref()
+            .map(|dir| File::create(dir.join(name)).map_err(CaptureError::Copy))
+            .transpose()
     }
 
     /// Reads a pages image from CRIU's pipe in blocks, digesting and
-    /// queuing each block while the next is read.
-    fn capture_pages(&self, pipe: File) -> Result<(Recipe, Option<Held>), CaptureError> {
+    /// queuing each block while the next is read (and copied, if images
+    /// are copied).
+    fn capture_pages(&self, name: &str, mut pipe: File) -> Result<Recipe, CaptureError> {
         let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, usize)>(STREAM_BLOCKS);
         let (empty_tx, empty_rx) = mpsc::sync_channel::<Vec<u8>>(STREAM_BLOCKS);
         for _ in 0..STREAM_BLOCKS {
             let _ = empty_tx.send(Vec::new());
         }
+        let mut copy = self.copy_file(name)?;
         std::thread::scope(|s| {
-            let hold = self.hold;
-            let reader = s.spawn(move || -> Result<Option<Held>, CaptureError> {
-                let mut src = if hold {
-                    Source::Held(HeldReader::new(pipe))
-                } else {
-                    Source::Plain(pipe)
-                };
+            let reader = s.spawn(move || -> Result<(), CaptureError> {
                 // Ends when the digesting side stops taking blocks (it
                 // failed): dropping the pipe then breaks CRIU's dump.
                 while let Ok(mut buf) = empty_rx.recv() {
                     buf.resize(SEND_BLOCK, 0);
-                    let n = read_full(&mut src, &mut buf).map_err(CaptureError::Read)?;
+                    let n = read_full(&mut pipe, &mut buf).map_err(CaptureError::Read)?;
+                    if let Some(f) = copy.as_mut() {
+                        f.write_all(&buf[..n]).map_err(CaptureError::Copy)?;
+                    }
                     if n == 0 || full_tx.send((buf, n)).is_err() {
                         break;
                     }
@@ -257,10 +263,7 @@ impl<'a> StreamedImages<'a> {
                         break;
                     }
                 }
-                Ok(match src {
-                    Source::Held(r) => Some(r.into_held()),
-                    Source::Plain(_) => None,
-                })
+                Ok(())
             });
             let mut recipe = Recipe::default();
             let digested = (|| {
@@ -278,11 +281,12 @@ impl<'a> StreamedImages<'a> {
             })();
             drop(full_rx);
             drop(empty_tx);
-            let held = reader
+            let read = reader
                 .join()
                 .unwrap_or_else(|_| Err(CaptureError::Read(io::Error::other("reader panicked"))));
             digested?;
-            Ok((recipe, held?))
+            read?;
+            Ok(recipe)
         })
     }
 }
@@ -292,12 +296,15 @@ impl ImageCapture for StreamedImages<'_> {
 
     fn capture(&self, name: &str, mut pipe: File) -> Result<u64, CaptureError> {
         let (image, bytes) = if classify_name(name) == FileClass::Pages {
-            let (recipe, held) = self.capture_pages(pipe)?;
+            let recipe = self.capture_pages(name, pipe)?;
             let bytes = recipe.bytes;
-            (Captured::Pages { recipe, held }, bytes)
+            (Captured::Pages(recipe), bytes)
         } else {
             let mut bytes = Vec::new();
             pipe.read_to_end(&mut bytes).map_err(CaptureError::Read)?;
+            if let Some(mut f) = self.copy_file(name)? {
+                f.write_all(&bytes).map_err(CaptureError::Copy)?;
+            }
             let n = bytes.len() as u64;
             (Captured::Whole(bytes), n)
         };
@@ -306,20 +313,6 @@ impl ImageCapture for StreamedImages<'_> {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), image);
         Ok(bytes)
-    }
-}
-
-enum Source {
-    Plain(File),
-    Held(HeldReader),
-}
-
-impl Read for Source {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Source::Plain(f) => f.read(buf),
-            Source::Held(r) => r.read(buf),
-        }
     }
 }
 
@@ -335,47 +328,4 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
-}
-
-/// A streamed dump's images, to be written out here if needed.
-pub struct KeptImages {
-    files: Vec<(String, Kept)>,
-    /// Whether every pages image was held (`hold` was set).
-    complete: bool,
-}
-
-impl Default for KeptImages {
-    fn default() -> Self {
-        KeptImages {
-            files: Vec::new(),
-            complete: true,
-        }
-    }
-}
-
-enum Kept {
-    Bytes(Vec<u8>),
-    Held(Held),
-}
-
-impl KeptImages {
-    /// Writes every image into `dir` (existing files of the same name are
-    /// replaced). Once: the held pages are consumed.
-    pub fn write_dir(self, dir: &Path) -> io::Result<()> {
-        if !self.complete {
-            return Err(io::Error::other("the dump's pages were not kept"));
-        }
-        fs::create_dir_all(dir)?;
-        for (name, kept) in self.files {
-            let path = dir.join(&name);
-            match kept {
-                Kept::Bytes(b) => fs::write(&path, b)?,
-                Kept::Held(h) => {
-                    let file = File::create(&path)?;
-                    h.write_to(&file)?;
-                }
-            }
-        }
-        Ok(())
-    }
 }

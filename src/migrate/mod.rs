@@ -28,8 +28,8 @@
 //! (lab namespaces; detected by equal boot ids) they share one pid space,
 //! and the restore needs the source's pids, so the source is killed just
 //! before the restore; if the restore then fails ferry restores the
-//! application locally from the same images it sent (their pages held by
-//! reference since the dump, written out only then).
+//! application locally from the same images it sent (written to staging
+//! as they streamed, in that case only).
 
 #![forbid(unsafe_code)]
 

@@ -4,7 +4,6 @@
 //! through safe crates (nix, memmap2, std) or through the small, documented
 //! functions here. Each `unsafe` block carries a `// SAFETY:` comment.
 
-pub mod hold;
 pub mod kernel;
 pub mod mmap;
 pub mod net;
