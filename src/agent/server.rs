@@ -143,7 +143,7 @@ fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentE
             session,
             target,
             expected_bytes,
-            boot_id: _,
+            boot_id,
             host,
             gpu,
         } => session::serve_control(
@@ -154,6 +154,7 @@ fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentE
                 target,
                 expected_bytes,
                 source_host: host,
+                same_kernel: !boot_id.is_empty() && boot_id == self::boot_id(),
                 gpu,
             },
         ),

@@ -36,6 +36,10 @@ pub struct Begin {
     pub target: Target,
     pub expected_bytes: u64,
     pub source_host: String,
+    /// The source runs on this kernel (lab namespaces): it is killed before
+    /// the restore, and if the restore fails it restores from this
+    /// session's images, which must then stay whole.
+    pub same_kernel: bool,
     pub gpu: Option<Box<crate::gpu::GpuRecord>>,
 }
 
@@ -71,6 +75,7 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
         lazy: None,
         ahead: Default::default(),
         expected_bytes: begin.expected_bytes,
+        same_kernel: begin.same_kernel,
     };
     let result = session.run(&mut conn);
     if let Ok(mut s) = agent.sessions.lock() {
@@ -144,6 +149,7 @@ struct Session<'a> {
     /// Pages images laid out ahead, by pid.
     ahead: std::collections::HashMap<i32, super::rebuild::Ahead>,
     expected_bytes: u64,
+    same_kernel: bool,
 }
 
 impl Session<'_> {
@@ -298,6 +304,7 @@ impl Session<'_> {
             bytes: done.bytes,
             pages_from_store: done.pages_from_store,
             pages_in_place: done.pages_in_place,
+            images: dir.display().to_string(),
         })
     }
 
@@ -379,8 +386,10 @@ impl Session<'_> {
             // to be kept, or a lazy restore reads them later): each page
             // is punched out as CRIU restores it, so the memory it frees
             // is what the next pages are restored into. A failed restore
-            // needs them no more: the source still has the application.
-            consume_images: !opts.lazy_pages && !self.agent.config.keep_images,
+            // needs them no more: the source still has the application
+            // (but on one kernel, where the source is gone and restores
+            // from these images if this restore fails).
+            consume_images: !opts.lazy_pages && !self.agent.config.keep_images && !self.same_kernel,
             ..req
         };
         let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {

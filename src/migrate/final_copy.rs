@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::images::{CopyTo, Outgoing, StreamedImages};
+use super::images::{self, CopyTo, Outgoing, StreamedImages};
 use super::report::FinalReport;
 use super::streams::PageSender;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
@@ -146,10 +146,11 @@ pub fn run(
     same_kernel: bool,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
-    // Its images are needed here afterwards only if the source goes before
-    // the destination restored (one kernel) or they are to be kept: only
-    // then are they also written to staging as they stream.
-    let copy = same_kernel || opts.keep_images.is_some();
+    // Its images are written here too (to staging, as they stream) only
+    // if they are to be kept. On one kernel the source goes before the
+    // destination restores; if that restore fails, the source restores
+    // from the destination's own rebuilt images (same host), checked first.
+    let copy = opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
     let room = if copy { rss } else { STREAM_STAGING };
     staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
@@ -205,7 +206,8 @@ pub fn run(
     report.pages_sent = counts.sent;
 
     // From here the source is stopped: every failure path decides its fate.
-    let mut source_killed = false;
+    let entries = outgoing.entries.clone();
+    let mut progress = Progress::default();
     let result = transfer_and_restore(
         opts,
         control,
@@ -215,13 +217,13 @@ pub fn run(
         same_kernel,
         source,
         &pids,
-        &mut source_killed,
+        &mut progress,
     );
     report.wire_bytes += sender.wire_bytes() - wire_before;
     match result {
         Ok(restored) => {
             report.frozen_ms = ms(frozen_at.elapsed());
-            if !source_killed {
+            if !progress.source_killed {
                 source.kill(&pids);
             }
             if let Some(keep) = &opts.keep_images {
@@ -233,11 +235,25 @@ pub fn run(
             Ok((report, restored))
         }
         Err(cause) => {
-            let after = if !source_killed {
+            let after = if !progress.source_killed {
                 process::continue_tree(pid);
                 Fate::ResumedHere
-            } else {
+            } else if copy {
                 source.restore_here(criu, opts, &images, &pids)
+            } else {
+                match progress.dest_images.as_deref() {
+                    Some(dir) => match images::verify_dir(dir, &entries) {
+                        Ok(()) => source.restore_here(criu, opts, dir, &pids),
+                        Err(why) => Fate::Lost {
+                            images: dir.to_path_buf(),
+                            why: format!("the destination's images cannot be used: {why}"),
+                        },
+                    },
+                    None => Fate::Lost {
+                        images: images.clone(),
+                        why: "the destination rebuilt no images".into(),
+                    },
+                }
             };
             if let Fate::Lost { .. } = after {
                 // Keep the images: they are all that is left.
@@ -297,6 +313,15 @@ fn dump_streamed(
     }
 }
 
+/// How far the frozen phase got, for deciding the application's fate.
+#[derive(Default)]
+struct Progress {
+    /// One kernel: the source was killed for its pids.
+    source_killed: bool,
+    /// Where the destination rebuilt the images (on its host).
+    dest_images: Option<std::path::PathBuf>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn transfer_and_restore(
     opts: &MigrateOptions,
@@ -307,7 +332,7 @@ fn transfer_and_restore(
     same_kernel: bool,
     source: &Source<'_>,
     pids: &[i32],
-    source_killed: &mut bool,
+    progress: &mut Progress,
 ) -> Result<i32, FinalError> {
     let t = Instant::now();
     let control_before = control.sent_bytes();
@@ -328,10 +353,14 @@ fn transfer_and_restore(
     control.send_msg(&Msg::Rebuild)?;
     match control.recv_msg()? {
         Msg::Rebuilt {
-            ms, pages_in_place, ..
+            ms,
+            pages_in_place,
+            images,
+            ..
         } => {
             report.rebuild_ms = ms;
             report.pages_in_place = pages_in_place;
+            progress.dest_images = (!images.is_empty()).then(|| images.into());
         }
         other => return Err(unexpected(control, other, "Rebuilt")),
     }
@@ -348,7 +377,7 @@ fn transfer_and_restore(
             .first()
             .is_some_and(|&p| process::is_pid_namespace_init(p));
         source.kill(pids);
-        *source_killed = true;
+        progress.source_killed = true;
         if !own_pid_ns {
             for p in pids {
                 process::wait_pid_free(*p, PID_FREE_WAIT);

@@ -322,6 +322,34 @@ impl ImageCapture for StreamedImages<'_> {
     }
 }
 
+/// Checks that `dir` holds every image of `entries` with its size and
+/// checksum (a source on the destination's kernel, before it restores from
+/// the destination's images).
+pub fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), String> {
+    for e in entries {
+        let path = dir.join(&e.name);
+        let file = File::open(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+        let len = file
+            .metadata()
+            .map_err(|err| format!("{}: {err}", path.display()))?
+            .len();
+        let sum = if len == 0 {
+            pages::file_checksum(&[])
+        } else {
+            let map = crate::sys::mmap::map_readonly(&file, true)
+                .map_err(|err| format!("{}: {err}", path.display()))?;
+            pages::file_checksum(&map)
+        };
+        if len != e.size || format!("{sum:032x}") != e.checksum {
+            return Err(format!(
+                "{} is not the image that was sent ({len} bytes, expected {})",
+                e.name, e.size
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where a streamed dump's images are copied: a directory, with files made
 /// ahead (before the application is frozen) for the pages images, so that
 /// writing a copy while it is frozen touches memory already allocated (on

@@ -141,6 +141,11 @@ pub enum Msg {
         /// Pages already in place in the images laid out ahead.
         #[serde(default)]
         pages_in_place: u64,
+        /// Where the images are on the agent's host (kept whole until the
+        /// session ends; a source on the same kernel restores from them if
+        /// the destination's restore fails).
+        #[serde(default)]
+        images: String,
     },
     Restore {
         opts: RestoreOpts,
