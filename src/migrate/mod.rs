@@ -28,8 +28,8 @@
 //! (lab namespaces; detected by equal boot ids) they share one pid space,
 //! and the restore needs the source's pids, so the source is killed just
 //! before the restore; if the restore then fails ferry restores the
-//! application locally from the same images it sent (written to staging
-//! as they streamed, in that case only).
+//! application locally from the destination's rebuilt images (same host,
+//! kept whole by the agent, checked against what was sent).
 
 #![forbid(unsafe_code)]
 
