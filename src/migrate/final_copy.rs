@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::images::{self, CopyTo, Outgoing, StreamedImages};
+use super::images::{self, Outgoing, StreamedImages};
 use super::report::FinalReport;
 use super::streams::PageSender;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
@@ -175,16 +175,13 @@ pub fn run(
         stream: true,
         ..DumpRequest::new(pid, &images)
     };
-    // Allocated before the freeze: the copy then writes into memory that is
-    // already there.
-    let copy_to = copy.then(|| CopyTo::new(&images, stage.path(), rss));
     let mut report = FinalReport::default();
     let frozen_at = Instant::now();
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
     let wire_before = sender.wire_bytes();
     // The images stream into ferry as CRIU writes them: digested on the
     // way, the new pages queued for the destination, nothing written out.
-    let sink = StreamedImages::new(sender, known, copy_to);
+    let sink = StreamedImages::new(sender, known, copy.then(|| images.clone()));
     let dumped = dump_streamed(criu, source, &req, &sink)?;
     let (outgoing, counts) = match sink.finish(&images) {
         Ok(done) => done,

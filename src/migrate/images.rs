@@ -168,7 +168,7 @@ enum Captured {
 pub struct StreamedImages<'a> {
     out: Mutex<Outbox<'a>>,
     /// Where each image is also written as it streams, if anywhere.
-    copy_to: Option<CopyTo>,
+    copy_to: Option<PathBuf>,
     images: Mutex<BTreeMap<String, Captured>>,
 }
 
@@ -176,7 +176,7 @@ impl<'a> StreamedImages<'a> {
     pub fn new(
         sender: &'a mut PageSender,
         known: &'a mut HashSet<Digest>,
-        copy_to: Option<CopyTo>,
+        copy_to: Option<PathBuf>,
     ) -> StreamedImages<'a> {
         StreamedImages {
             out: Mutex::new(Outbox {
@@ -229,7 +229,7 @@ impl<'a> StreamedImages<'a> {
     fn copy_file(&self, name: &str) -> Result<Option<File>, CaptureError> {
         self.copy_to
             .as_ref()
-            .map(|c| c.file(name).map_err(CaptureError::Copy))
+            .map(|dir| File::create(dir.join(name)).map_err(CaptureError::Copy))
             .transpose()
     }
 
@@ -247,13 +247,11 @@ impl<'a> StreamedImages<'a> {
             let reader = s.spawn(move || -> Result<(), CaptureError> {
                 // Ends when the digesting side stops taking blocks (it
                 // failed): dropping the pipe then breaks CRIU's dump.
-                let mut copied = 0u64;
                 while let Ok(mut buf) = empty_rx.recv() {
                     buf.resize(SEND_BLOCK, 0);
                     let n = read_full(&mut pipe, &mut buf).map_err(CaptureError::Read)?;
                     if let Some(f) = copy.as_mut() {
                         f.write_all(&buf[..n]).map_err(CaptureError::Copy)?;
-                        copied += n as u64;
                     }
                     if n == 0 || full_tx.send((buf, n)).is_err() {
                         break;
@@ -264,10 +262,6 @@ impl<'a> StreamedImages<'a> {
                     if n < SEND_BLOCK {
                         break;
                     }
-                }
-                // A file taken from the pool was longer than the image.
-                if let Some(f) = copy.as_ref() {
-                    f.set_len(copied).map_err(CaptureError::Copy)?;
                 }
                 Ok(())
             });
@@ -348,73 +342,6 @@ pub fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Where a streamed dump's images are copied: a directory, with files made
-/// ahead (before the application is frozen) for the pages images, so that
-/// writing a copy while it is frozen touches memory already allocated (on
-/// tmpfs, allocating fresh memory costs more than the copy itself).
-pub struct CopyTo {
-    dir: PathBuf,
-    /// Files allocated ahead, not yet taken: (path, bytes).
-    pool: Mutex<Vec<(PathBuf, u64)>>,
-}
-
-impl CopyTo {
-    /// Copies go to `dir`; `bytes` (about what the pages images will hold)
-    /// are allocated ahead in `pool_dir` (outside `dir`: a file left
-    /// unused must not pass for an image).
-    pub fn new(dir: &Path, pool_dir: &Path, bytes: u64) -> CopyTo {
-        let mut pool = Vec::new();
-        let path = pool_dir.join("pages.pool");
-        let made = File::create(&path).and_then(|f| {
-            nix::fcntl::fallocate(&f, nix::fcntl::FallocateFlags::empty(), 0, bytes as i64)
-                .map_err(io::Error::from)
-        });
-        match made {
-            Ok(()) => pool.push((path, bytes)),
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot allocate the copy's pages ahead");
-                let _ = fs::remove_file(&path);
-            }
-        }
-        CopyTo {
-            dir: dir.to_path_buf(),
-            pool: Mutex::new(pool),
-        }
-    }
-
-    /// The file image `name` is copied into: for a pages image the largest
-    /// file allocated ahead, if one is left (written over from its start,
-    /// cut to size afterwards).
-    fn file(&self, name: &str) -> io::Result<File> {
-        let path = self.dir.join(name);
-        if classify_name(name) == FileClass::Pages {
-            let ahead = {
-                let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-                pool.sort_by_key(|(_, bytes)| *bytes);
-                pool.pop()
-            };
-            if let Some((from, _)) = ahead {
-                fs::rename(&from, &path)?;
-                return fs::OpenOptions::new().write(true).open(&path);
-            }
-        }
-        File::create(&path)
-    }
-}
-
-impl Drop for CopyTo {
-    fn drop(&mut self) {
-        for (path, _) in self
-            .pool
-            .get_mut()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            let _ = fs::remove_file(path);
-        }
-    }
 }
 
 /// Fills `buf` unless the stream ends first; returns the bytes read.
