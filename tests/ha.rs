@@ -465,7 +465,7 @@ impl Drop for Cluster {
         }
         // What agents killed mid-checkpoint left in tmpfs (a restarted
         // agent sweeps it; the last ones are not restarted).
-        ferry::checkpoint::staging::sweep_stale("ferry-agent-", None);
+        ferry::checkpoint::staging::sweep_stale("ferry-agent-", None, Duration::ZERO);
     }
 }
 

@@ -57,6 +57,7 @@ pub fn run(
     for stale in crate::checkpoint::staging::sweep_stale(
         super::session::STAGING_PREFIX,
         config.staging.as_deref(),
+        crate::checkpoint::staging::SWEEP_GRACE,
     ) {
         tracing::info!(dir = %stale.display(), "removed the staging of a dead agent");
     }

@@ -3,11 +3,15 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use nix::sys::statvfs::statvfs;
 
 /// Candidate bases, fastest first.
 const TMPFS_BASE: &str = "/dev/shm";
+/// How long a dead process's staging is left alone before a sweep removes
+/// it.
+pub const SWEEP_GRACE: Duration = Duration::from_secs(60);
 /// Room kept free beyond what the images need.
 const MARGIN_BYTES: u64 = 64 << 20;
 
@@ -42,9 +46,11 @@ pub fn create(prefix: &str, bytes: u64, preferred: Option<&Path>) -> io::Result<
 }
 
 /// Removes staging directories named `PREFIX<pid>-*` whose process is
-/// gone (killed before it could clean up), from every base [`create`]
-/// uses. Returns what it removed.
-pub fn sweep_stale(prefix: &str, preferred: Option<&Path>) -> Vec<PathBuf> {
+/// gone (killed before it could clean up) and that nothing changed for
+/// `grace` (what a dead agent left may still be in use: a source on its
+/// kernel restores from a failed migration's images), from every base
+/// [`create`] uses. Returns what it removed.
+pub fn sweep_stale(prefix: &str, preferred: Option<&Path>, grace: Duration) -> Vec<PathBuf> {
     let mut bases = vec![PathBuf::from(TMPFS_BASE), std::env::temp_dir()];
     bases.extend(preferred.map(Path::to_path_buf));
     let mut removed = Vec::new();
@@ -58,8 +64,18 @@ pub fn sweep_stale(prefix: &str, preferred: Option<&Path>) -> Vec<PathBuf> {
                 .strip_prefix(prefix)
                 .and_then(|rest| rest.split_once('-'))
                 .and_then(|(pid, _)| pid.parse::<i32>().ok());
+            let quiet = || {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= grace)
+            };
             if let Some(pid) = owner {
-                if !crate::process::pid_in_use(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+                if !crate::process::pid_in_use(pid)
+                    && quiet()
+                    && std::fs::remove_dir_all(e.path()).is_ok()
+                {
                     removed.push(e.path());
                 }
             }
@@ -102,7 +118,12 @@ mod tests {
             .join(format!("{prefix}{}-def", std::process::id()));
         std::fs::create_dir_all(stale.join("images")).unwrap();
         std::fs::create_dir_all(&mine).unwrap();
-        let removed = sweep_stale(prefix, Some(base.path()));
+        let removed = sweep_stale(prefix, Some(base.path()), Duration::ZERO);
+        assert_eq!(removed, vec![stale.clone()]);
+        std::fs::create_dir_all(stale.join("images")).unwrap();
+        let removed = sweep_stale(prefix, Some(base.path()), Duration::from_secs(60));
+        assert!(removed.is_empty(), "a fresh directory was swept");
+        let removed = sweep_stale(prefix, Some(base.path()), Duration::ZERO);
         assert_eq!(removed, vec![stale.clone()]);
         assert!(!stale.exists() && mine.exists());
     }

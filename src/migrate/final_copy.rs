@@ -153,7 +153,11 @@ pub fn run(
     let copy = opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
     let room = if copy { rss } else { STREAM_STAGING };
-    staging::sweep_stale(STAGING_PREFIX, opts.staging.as_deref());
+    staging::sweep_stale(
+        STAGING_PREFIX,
+        opts.staging.as_deref(),
+        staging::SWEEP_GRACE,
+    );
     let stage =
         staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
             MigrateError::Staging {
