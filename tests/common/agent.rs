@@ -187,7 +187,6 @@ impl AgentProc {
         None
     }
 
-    /// The images the agent kept for committed sessions.
     /// The images the agent kept (`--keep-images`), one directory per
     /// committed migration. The agent keeps them after it answered the
     /// commit: wait (bounded) until at least one is complete.
@@ -212,7 +211,18 @@ impl AgentProc {
 }
 
 impl Drop for AgentProc {
+    /// Kills the agent and removes the staging it may have left (an agent
+    /// killed mid-migration cannot, and other agents' sweeps leave a dead
+    /// agent's staging alone for a while).
     fn drop(&mut self) {
         self.kill();
+        let mine = format!("ferry-agent-{}-", self.child.id());
+        for base in [PathBuf::from("/dev/shm"), std::env::temp_dir()] {
+            for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with(&mine) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
     }
 }
