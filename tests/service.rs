@@ -18,6 +18,18 @@ impl Drop for Service {
     }
 }
 
+/// Whether `/proc/net/unix` lists a listening socket bound to `path`
+/// (flag `__SO_ACCEPTCON`, 0x10000).
+fn listening(path: &std::path::Path) -> bool {
+    let table = std::fs::read_to_string("/proc/net/unix").expect("read /proc/net/unix");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && std::path::Path::new(fields[7]) == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
+}
+
 fn start_service(socket: &std::path::Path, workdir: &std::path::Path) -> Service {
     let child = Command::new("criu")
         .arg("service")
@@ -34,10 +46,13 @@ fn start_service(socket: &std::path::Path, workdir: &std::path::Path) -> Service
         .expect("start criu service");
     let svc = Service(child);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
+    // CRIU binds the socket before it listens on it: wait until the kernel lists
+    // it as listening, not merely until the file exists (an early connect is
+    // refused). No probe connection: each one would fork a service worker.
+    while !listening(socket) {
         assert!(
             Instant::now() < deadline,
-            "criu service never created {}",
+            "criu service never listened on {}",
             socket.display()
         );
         std::thread::sleep(Duration::from_millis(10));
