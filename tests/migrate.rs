@@ -350,6 +350,171 @@ fn post_copy_restarts_before_memory_is_resident_and_memory_arrives_intact() {
     );
 }
 
+/// The workload as the init of a pid namespace of its own (as a
+/// container's init is): a lazy dump keeps the source's pids until every
+/// page has moved, so on one kernel only such a tree takes that route.
+fn pid_ns_workload(dir: &Path, size_mib: u64, dirty: f64) -> Workload {
+    let mut l = Launch::new(WORKLOAD, size_mib, dir.join("report"));
+    l.dirty_mib_s = dirty;
+    l.own_pid_ns = true;
+    start_with(l)
+}
+
+/// `ferry migrate --lazy-pages` without `--shell-job` (a pid namespace's
+/// init leads its own session).
+fn lazy_cmd(agent: &AgentProc, pid: i32) -> Cmd {
+    ferry([
+        "migrate",
+        "--json",
+        "--lazy-pages",
+        "--timeout",
+        "10s",
+        "--pid",
+    ])
+    .arg(pid.to_string())
+    .arg("--to")
+    .arg(&agent.addr)
+    .arg("--key")
+    .arg(&agent.key)
+}
+
+/// The processes of this workload (by its report file): all of them, or
+/// only those not stopped (a restored copy waits stopped for its commit).
+fn copies(dir: &Path, running_only: bool) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("^[^ ]*ferry-workload .*{}", dir.join("report").display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p: &i32| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+            !running_only || !matches!(state, Some(Some('T' | 't' | 'Z')) | None)
+        })
+        .collect()
+}
+
+/// Kills whatever copies of this workload a test leaves behind.
+struct KillCopies<'a>(&'a Path);
+
+impl Drop for KillCopies<'_> {
+    fn drop(&mut self) {
+        for p in copies(self.0, false) {
+            let _ = ferry::process::signal(p, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
+    require_criu();
+    let dir = scratch("migrate-lazy-dump");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 64, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let report = migrate_reaping(&mut w, lazy_cmd(&agent, pid)).json();
+    let f = &report["final"];
+    assert_eq!(f["lazy_dump"].as_bool(), Some(true), "{report}");
+    assert_eq!(
+        report["stop_reason"].as_str(),
+        Some("post_copy"),
+        "{report}"
+    );
+    assert!(report["rounds"].as_array().unwrap().is_empty(), "{report}");
+    // The frozen phase carried only metadata images: about 16k pages of
+    // memory came afterwards, on request.
+    assert!(
+        f["post_copy_pages"].as_u64().unwrap() >= 16 << 10,
+        "{report}"
+    );
+    assert!(f["zero_pages"].as_u64().unwrap() > 0, "{report}");
+    // The source tree is gone once every page has moved.
+    assert!(
+        w.reap(Duration::from_secs(5)).unwrap(),
+        "source still running"
+    );
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    assert!(
+        agent.wait_for("post-copy complete", Duration::from_secs(60)),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(copies(dir.path(), false), vec![restored_pid]);
+}
+
+#[test]
+fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
+    require_criu();
+    let dir = scratch("migrate-lazy-kill");
+    let _cleanup = KillCopies(dir.path());
+    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
+    let mut w = pid_ns_workload(dir.path(), 32, 0.0);
+    let pid = w.pid();
+    let cmd = lazy_cmd(&agent, pid);
+    let h = std::thread::spawn(move || cmd.run());
+    agent.wait_fault("agent-before-commit");
+    // Restored there and stopped, the source frozen in CRIU's lazy dump.
+    agent.kill();
+    let err = h.join().unwrap().fails_with(1);
+    assert!(err.contains("resumed here"), "{err}");
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+    // The destination's copy never ran (stopped, its agent dead).
+    assert_eq!(copies(dir.path(), true), vec![pid]);
+}
+
+#[test]
+fn ferry_killed_during_a_lazy_dump_leaves_the_application_running_here() {
+    require_criu();
+    let dir = scratch("migrate-lazy-ferry-kill");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
+    let mut w = pid_ns_workload(dir.path(), 32, 0.0);
+    let pid = w.pid();
+    let cmd = lazy_cmd(&agent, pid);
+    let h = std::thread::spawn(move || cmd.run());
+    agent.wait_fault("agent-before-commit");
+    // ferry dies with the commit sent and the tree frozen in CRIU's lazy
+    // dump: its link to CRIU's page server resets (an orderly end would
+    // be taken for the end of the transfer, and the tree killed), CRIU
+    // fails the dump and resumes the tree. The agent resumes its copy
+    // once its fault point lets it, finds the source gone at the first
+    // page it needs, and kills that copy.
+    let key = agent.key.display().to_string();
+    let killed = std::process::Command::new("pkill")
+        .args(["-KILL", "-f", &format!("ferry migrate .*--key {key}")])
+        .status()
+        .unwrap();
+    assert!(killed.success(), "no ferry migrate to kill");
+    let _ = h.join();
+    assert_counting(&w);
+    assert!(
+        agent.wait_for("post-copy FAILED", Duration::from_secs(60))
+            || agent.wait_for("session ended before commit", Duration::from_secs(1)),
+        "{}",
+        agent.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while copies(dir.path(), false).len() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(copies(dir.path(), false), vec![pid], "{}", agent.log());
+    assert!(
+        !w.reap(Duration::from_millis(10)).unwrap(),
+        "the source died"
+    );
+    assert_counting(&w);
+}
+
 /// What a stalled post-copy left behind: the restored task's state and
 /// kernel wait channel, the agent's log and the lazy-pages daemon's log.
 fn post_copy_diagnosis(agent: &AgentProc, pid: i32, e: &std::io::Error) -> String {

@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+mod page_source;
 mod rebuild;
 mod server;
 pub(crate) mod session;

@@ -24,6 +24,9 @@ pub struct Agent {
     pub boot_id: String,
     /// Sessions open now: id -> pages received on its data streams.
     pub sessions: Mutex<HashMap<String, Arc<AtomicU64>>>,
+    /// Post-copy page-source connections, by session, until its restore
+    /// takes them.
+    pub page_sources: Mutex<HashMap<String, Conn>>,
     /// Membership of an HA cluster, when the agent joined one.
     pub ha: Option<Arc<crate::ha::Member>>,
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -85,6 +88,7 @@ pub fn run(
         store,
         config,
         sessions: Mutex::new(HashMap::new()),
+        page_sources: Mutex::new(HashMap::new()),
         conns: Mutex::new(HashMap::new()),
     });
     tracing::info!(%local, store = %agent.config.store.display(), pages = agent.store.len(), "agent listening");
@@ -160,6 +164,25 @@ fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentE
             },
         ),
         Msg::Join { session } => session::serve_data(agent, conn, &session),
+        Msg::PageSource { session } => {
+            let known = agent
+                .sessions
+                .lock()
+                .map(|s| s.contains_key(&session))
+                .unwrap_or(false);
+            if !known {
+                conn.send_msg(&Msg::Error {
+                    message: format!("no migration session '{session}' here"),
+                })?;
+                return Ok(());
+            }
+            // The session's restore takes it from here.
+            conn.set_read_timeout(Some(session::IDLE_TIMEOUT))?;
+            if let Ok(mut p) = agent.page_sources.lock() {
+                p.insert(session, conn);
+            }
+            Ok(())
+        }
         Msg::Offer {
             service,
             checkpoint,
@@ -178,7 +201,10 @@ fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentE
         },
         other => {
             conn.send_msg(&Msg::Error {
-                message: format!("expected Begin, Join or Offer, got {}", msg_name(&other)),
+                message: format!(
+                    "expected Begin, Join, PageSource or Offer, got {}",
+                    msg_name(&other)
+                ),
             })?;
             Ok(())
         }

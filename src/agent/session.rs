@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::page_source::PageRelay;
 use super::server::{msg_name, Agent};
 use super::AgentError;
 use crate::checkpoint::staging;
+use crate::criu::page_server::PageSourceListener;
 use crate::criu::{Criu, NoHooks, RestoreRequest};
 use crate::target::runc::RestoreFlags;
 use crate::target::ContainerRef;
@@ -28,6 +30,8 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STAGING_PREFIX: &str = "ferry-agent-";
 /// Longest time post-copy may take to make all memory resident.
 const LAZY_COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a lazy restore waits for its page-source connection.
+const PAGE_SOURCE_WAIT: Duration = Duration::from_secs(10);
 /// Room kept free beyond what a migration says it needs.
 const ROOM_MARGIN_BYTES: u64 = 64 << 20;
 
@@ -73,6 +77,7 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
         images: None,
         restored: None,
         lazy: None,
+        relay: None,
         ahead: Default::default(),
         expected_bytes: begin.expected_bytes,
         same_kernel: begin.same_kernel,
@@ -81,10 +86,32 @@ pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), 
     if let Ok(mut s) = agent.sessions.lock() {
         s.remove(&begin.id);
     }
+    if let Ok(mut p) = agent.page_sources.lock() {
+        p.remove(&begin.id);
+    }
     if let (Ok(true), Some(lazy)) = (&result, session.lazy.as_mut()) {
         // Post-copy: the images must outlive the daemon serving them.
         let t = Instant::now();
-        if lazy.wait(LAZY_COMPLETION_TIMEOUT) {
+        // From a lazy dump the relay ends when the daemon has every page,
+        // or when the source is gone or cut off: then this copy cannot go
+        // on (part of its memory is only there) and the source resumes
+        // from the dump, so this copy is killed.
+        let relay_failed = match session.relay.take().map(PageRelay::join) {
+            Some(Ok(served)) => {
+                tracing::info!(session = %begin.id, requests = served.requests, pages = served.pages, "the source served every page the daemon asked for");
+                false
+            }
+            Some(Err(why)) => {
+                tracing::error!(session = %begin.id, %why, "post-copy FAILED: the page relay to the source broke; killing the restored copy (the source resumes from the dump)");
+                true
+            }
+            None => false,
+        };
+        if relay_failed {
+            if let Some(pid) = session.restored.take() {
+                session.discard(pid);
+            }
+        } else if lazy.wait(LAZY_COMPLETION_TIMEOUT) {
             tracing::info!(session = %begin.id, ms = t.elapsed().as_millis() as u64, "post-copy complete: all memory resident");
         } else {
             tracing::error!(session = %begin.id, log = %lazy.log().display(), "post-copy FAILED: the lazy-pages daemon did not deliver every page; the application is broken");
@@ -146,6 +173,9 @@ struct Session<'a> {
     restored: Option<i32>,
     /// Post-copy: the daemon still delivering the restored tree's memory.
     lazy: Option<crate::criu::LazyPages>,
+    /// Post-copy from a lazy dump: the relay of the daemon's page requests
+    /// to the source.
+    relay: Option<PageRelay>,
     /// Pages images laid out ahead, by pid.
     ahead: std::collections::HashMap<i32, super::rebuild::Ahead>,
     expected_bytes: u64,
@@ -319,12 +349,38 @@ impl Session<'_> {
         let copied = fs::create_dir_all(&partial).and_then(|_| {
             for e in fs::read_dir(stage.path())? {
                 let e = e?;
-                fs::copy(e.path(), partial.join(e.file_name()))?;
+                // Files only: a lazy restore leaves its daemon's socket.
+                if e.file_type()?.is_file() {
+                    fs::copy(e.path(), partial.join(e.file_name()))?;
+                }
             }
             fs::rename(&partial, &to)
         });
         if let Err(e) = copied {
             tracing::warn!(session = %self.id, error = %e, "cannot keep the images");
+        }
+    }
+
+    /// The page-source connection the source opened for this session
+    /// (it comes on a connection of its own, just before the restore).
+    fn take_page_source(&self) -> Result<Conn, String> {
+        let deadline = Instant::now() + PAGE_SOURCE_WAIT;
+        loop {
+            if let Some(conn) = self
+                .agent
+                .page_sources
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&self.id))
+            {
+                return Ok(conn);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "post-copy from a lazy dump, but no page-source connection came within {PAGE_SOURCE_WAIT:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -375,8 +431,22 @@ impl Session<'_> {
             });
         }
         if opts.lazy_pages {
+            // From a lazy dump the pages come from the source's frozen
+            // tree, relayed by ferry; otherwise from the rebuilt images.
+            let page_source = if opts.remote_pages {
+                let conn = self.take_page_source()?;
+                let listener = PageSourceListener::bind()
+                    .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
+                let port = listener
+                    .port()
+                    .map_err(|e| format!("cannot listen for the lazy-pages daemon: {e}"))?;
+                self.relay = Some(PageRelay::start(conn, listener));
+                Some(port)
+            } else {
+                None
+            };
             self.lazy = Some(
-                criu.lazy_pages(images.path())
+                criu.lazy_pages(images.path(), page_source)
                     .map_err(|e| crate::units::chain(&e))?,
             );
         }

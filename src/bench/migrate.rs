@@ -134,7 +134,14 @@ impl MigrateBench {
                 for &method in &self.methods {
                     n += 1;
                     let work = self.workdir.join(format!("case-{n}"));
-                    let case = self.case(&lab, &key, size, dirty, method, &work);
+                    let mut case = self.case(&lab, &key, size, dirty, method, &work);
+                    // A failed case keeps its agent's log.
+                    if let Some(e) = &mut case.error {
+                        let kept = self.workdir.join(format!("case-{n}-agent.log"));
+                        if std::fs::rename(work.join("agent.log"), &kept).is_ok() {
+                            e.push_str(&format!(" (agent log: {})", kept.display()));
+                        }
+                    }
                     let _ = std::fs::remove_dir_all(&work);
                     progress(&case);
                     cases.push(case);
@@ -182,6 +189,11 @@ impl MigrateBench {
         launch.heartbeat = Some(prober.local_addr());
         launch.netns = Some(lab.host(0).netns.clone());
         launch.seed = fastrand::u64(1..u64::MAX);
+        // Post-copy runs from a lazy dump, which keeps the source's pids
+        // until every page has moved: on this one kernel the workload is
+        // the init of a pid namespace of its own (as a container's init
+        // is), restored in a new one. Across real hosts nothing needs it.
+        launch.own_pid_ns = case.method == Method::Postcopy;
         let mut w = launch.spawn().map_err(|e| format!("workload: {e}"))?;
         w.wait_ready(READY_TIMEOUT)
             .map_err(|e| format!("workload: {e}"))?;
@@ -189,6 +201,7 @@ impl MigrateBench {
             return Err("no heartbeats from the workload".into());
         }
         let pid = w.pid();
+        let mut restored_pid = pid;
         let outcome = match case.method {
             Method::Cold => {
                 let dir = work.join("cold");
@@ -205,8 +218,15 @@ impl MigrateBench {
             Method::Precopy | Method::Postcopy => {
                 let agent = Agent::start(&self.ferry_exe, lab, key, &work.join("agent"))?;
                 let mut cmd = lab.host(0).command(&self.ferry_exe);
-                cmd.args(["migrate", "--json", "--shell-job", "--timeout", "60s"])
-                    .args(["--pid", &pid.to_string(), "--to", &agent.addr, "--key"])
+                cmd.args(["migrate", "--json", "--timeout", "60s"]);
+                if !launch.own_pid_ns {
+                    // A shell job's restored session would be the
+                    // restorer's, which a new pid namespace cannot see:
+                    // there the workload, its own session's leader, needs
+                    // none.
+                    cmd.arg("--shell-job");
+                }
+                cmd.args(["--pid", &pid.to_string(), "--to", &agent.addr, "--key"])
                     .arg(key)
                     .args(["--max-downtime", &self.max_downtime]);
                 if case.method == Method::Postcopy {
@@ -231,6 +251,12 @@ impl MigrateBench {
                 case.total_ms = v["total_ms"].as_f64();
                 case.rounds = v["rounds"].as_array().map(|r| r.len());
                 case.stop_reason = v["stop_reason"].as_str().map(str::to_string);
+                if let Some(p) = v["restored_pid"]
+                    .as_i64()
+                    .and_then(|p| i32::try_from(p).ok())
+                {
+                    restored_pid = p;
+                }
                 let pre: u64 = v["rounds"]
                     .as_array()
                     .map(|r| r.iter().filter_map(|x| x["wire_bytes"].as_u64()).sum())
@@ -240,8 +266,9 @@ impl MigrateBench {
                 Ok(())
             }
         };
-        // The restored copy has the same pid; watch it, end it afterwards.
-        let restored = Workload::adopt(pid, work.join("report"));
+        // The restored copy (the same pid, but in a new pid namespace);
+        // watch it, end it afterwards.
+        let restored = Workload::adopt(restored_pid, work.join("report"));
         let heard = prober.received();
         let resumed = prober.wait_received(heard + SETTLE_HEARTBEATS, CASE_TIMEOUT);
         let report = prober.stop();
@@ -280,6 +307,9 @@ struct Agent {
 impl Agent {
     fn start(ferry: &Path, lab: &Lab, key: &Path, store: &Path) -> Result<Agent, String> {
         let host = lab.host(1);
+        let log_path = store.with_file_name("agent.log");
+        let log =
+            std::fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
         let mut child = host
             .command(ferry)
             .args(["agent", "--listen", &format!("{}:0", host.addr), "--key"])
@@ -287,8 +317,9 @@ impl Agent {
             .arg("--store")
             .arg(store)
             .stdin(Stdio::null())
+            .arg("-v")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot start the agent: {e}"))?;
         let mut line = String::new();

@@ -135,6 +135,7 @@ pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Resu
             file_locks: args.flags.file_locks,
             log_level: args.flags.log_level,
             lazy_pages: args.lazy_pages,
+            remote_pages: false,
         },
         ignore_gpu: args.ignore_gpu,
         staging: args.staging.clone(),

@@ -44,6 +44,12 @@ pub struct DumpRequest {
     /// request runs `criu dump` itself: no NOTIFY hooks, the timeline holds
     /// only the total.
     pub stream: bool,
+    /// A lazy dump (CRIU `--lazy-pages`): the images leave out the memory
+    /// that can be restored lazily; CRIU keeps the tree frozen and waits on
+    /// a page server on this loopback port until a peer ends the transfer
+    /// ([`super::page_server::LazyDumpLink`]). The request returns only
+    /// then.
+    pub lazy_port: Option<u16>,
 }
 
 /// What CRIU needs to dump a container (the options runc gives it).
@@ -81,6 +87,7 @@ impl DumpRequest {
             leave_stopped: false,
             tcp_skip_in_flight: false,
             stream: false,
+            lazy_port: None,
         }
     }
 
@@ -132,6 +139,14 @@ impl Criu {
             notify_scripts: Some(true),
             ..Default::default()
         };
+        if let Some(port) = req.lazy_port {
+            opts.lazy_pages = Some(true);
+            opts.ps = Some(pb::CriuPageServerInfo {
+                address: Some("127.0.0.1".into()),
+                port: Some(i32::from(port)),
+                ..Default::default()
+            });
+        }
         if let Some(c) = &req.container {
             opts.root = Some(c.root.display().to_string());
             opts.manage_cgroups = Some(true);

@@ -23,14 +23,25 @@ pub struct LazyPages {
 
 impl Criu {
     /// Starts `criu lazy-pages` on `images` and waits until it listens.
-    pub fn lazy_pages(&self, images: &Path) -> Result<LazyPages, CriuError> {
+    /// The pages come from the images, or, with `page_source`, from a page
+    /// server on that loopback port (see [`super::page_server`]).
+    pub fn lazy_pages(
+        &self,
+        images: &Path,
+        page_source: Option<u16>,
+    ) -> Result<LazyPages, CriuError> {
         let binary = self.cli_binary()?;
         let log = images.join("lazy-pages.log");
-        let child = Command::new(&binary)
-            .arg("lazy-pages")
+        let mut cmd = Command::new(&binary);
+        cmd.arg("lazy-pages")
             .arg("-D")
             .arg(images)
-            .args(["-o", "lazy-pages.log", "-v2"])
+            .args(["-o", "lazy-pages.log", "-v2"]);
+        if let Some(port) = page_source {
+            cmd.args(["--page-server", "--address", "127.0.0.1", "--port"])
+                .arg(port.to_string());
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

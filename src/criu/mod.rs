@@ -26,6 +26,7 @@ mod dump;
 mod error;
 mod lazy;
 mod notify;
+pub mod page_server;
 mod restore;
 pub mod streamer;
 mod version;

@@ -43,7 +43,11 @@ pub struct Source<'a> {
 }
 
 impl Source<'_> {
-    fn dump(&self, criu: &Criu, req: &DumpRequest) -> Result<DumpOutcome, CheckpointError> {
+    pub(super) fn dump(
+        &self,
+        criu: &Criu,
+        req: &DumpRequest,
+    ) -> Result<DumpOutcome, CheckpointError> {
         match self.container() {
             None => checkpoint::dump(criu, req, &mut NoHooks),
             Some(c) => checkpoint::dump_container(criu, &c, req, &mut NoHooks).map(|o| o.dump),
@@ -409,7 +413,7 @@ fn transfer_and_restore(
 
 /// A failed dump's CRIU log, copied out of the staging directory that is
 /// about to go, and named in the error.
-fn log_kept(e: CheckpointError) -> CheckpointError {
+pub(super) fn log_kept(e: CheckpointError) -> CheckpointError {
     match e {
         CheckpointError::DumpFailed { pid, after, source } => {
             let source = match source
@@ -425,7 +429,7 @@ fn log_kept(e: CheckpointError) -> CheckpointError {
     }
 }
 
-fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> FinalError {
+pub(super) fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> FinalError {
     FinalError::Transport(TransportError::Unexpected {
         peer: control.peer().to_string(),
         got: format!("{got:?}"),

@@ -357,3 +357,21 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     }
     Ok(n)
 }
+
+/// Every image file of a dump directory, whole (a lazy dump's images: its
+/// memory is not in them), with their entries.
+pub fn whole_files(dir: &Path) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8>>)> {
+    let mut entries = Vec::new();
+    let mut blobs = Vec::new();
+    for name in image_files(dir)? {
+        let bytes = fs::read(dir.join(&name))?;
+        entries.push(entry(
+            name,
+            bytes.len() as u64,
+            pages::file_checksum(&bytes),
+            false,
+        ));
+        blobs.push(bytes);
+    }
+    Ok((entries, blobs))
+}

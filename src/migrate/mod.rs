@@ -35,6 +35,7 @@
 
 mod final_copy;
 mod images;
+mod post_copy;
 mod precopy;
 mod report;
 pub mod streams;
@@ -160,6 +161,8 @@ pub enum FinalError {
     },
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error(transparent)]
+    PageServer(#[from] crate::criu::page_server::PageServerError),
 }
 
 /// Where the application is after a failed final copy.
@@ -287,12 +290,32 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     .map_err(connect_err)?;
     tracing::info!(%session, to = %opts.to, %dest_host, same_kernel, streams = sender.streams(), "migration begins");
 
-    let pre_start = Instant::now();
-    let mut pre = precopy::Precopy::new(pid);
     let source = final_copy::Source {
         target: &opts.target,
         pid,
     };
+    if post_copy::usable(opts, pid, same_kernel) {
+        // Post-copy from a lazy dump: no pre-copy, no memory moved while
+        // frozen; the destination fetches it on demand afterwards.
+        let (final_phase, restored_pid) =
+            post_copy::run(criu, &source, opts, &mut control, &session)?;
+        return Ok(MigrateReport {
+            destination: opts.to.clone(),
+            destination_host: dest_host,
+            same_kernel,
+            post_copy: true,
+            streams: sender.streams(),
+            rounds: Vec::new(),
+            stop_reason: StopReason::PostCopy,
+            precopy_ms: 0.0,
+            layout_ms: 0.0,
+            final_phase,
+            restored_pid,
+            total_ms: start.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+    let pre_start = Instant::now();
+    let mut pre = precopy::Precopy::new(pid);
     let stop_reason = pre
         .run(&mut control, &mut sender, opts)
         .map_err(MigrateError::Precopy)?;

@@ -40,6 +40,9 @@ pub enum StopReason {
     /// The changed bytes stopped shrinking: the application dirties memory
     /// about as fast as the link carries it.
     NotConverging,
+    /// No pre-copy: post-copy from a lazy dump fetches the memory on
+    /// demand after the destination resumed the application.
+    PostCopy,
 }
 
 /// The frozen phase.
@@ -72,6 +75,14 @@ pub struct FinalReport {
     /// application's downtime as ferry measured it (an upper bound: CRIU
     /// freezes a little after the request).
     pub frozen_ms: f64,
+    /// Post-copy from a lazy dump: the images held no lazy memory, which
+    /// the destination fetched from the frozen source afterwards.
+    pub lazy_dump: bool,
+    /// From the resume to every page resident on the destination.
+    pub post_copy_ms: f64,
+    /// Page requests the destination made after the dump, and the pages.
+    pub post_copy_requests: u64,
+    pub post_copy_pages: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -153,6 +164,13 @@ impl MigrateReport {
             f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
             units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
         )?;
+        if f.lazy_dump {
+            writeln!(
+                out,
+                "post-copy from a lazy dump: {} pages ({} zero, not sent) in {} requests, all resident {:.1} ms after the resume",
+                f.post_copy_pages, f.zero_pages, f.post_copy_requests, f.post_copy_ms
+            )?;
+        }
         writeln!(
             out,
             "frozen (downtime): {:.1} ms; total {:.1} ms",

@@ -267,6 +267,12 @@ impl Conn {
             .map_err(|source| self.io_err(source))
     }
 
+    /// A handle to the socket, for shutting the connection from another
+    /// thread while one blocks on it.
+    pub fn socket_handle(&self) -> std::io::Result<TcpStream> {
+        self.reader.get_ref().try_clone()
+    }
+
     /// Closes both directions (wakes a thread blocked reading).
     pub fn shutdown(&self) {
         let _ = self.reader.get_ref().shutdown(std::net::Shutdown::Both);

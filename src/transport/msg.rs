@@ -87,6 +87,11 @@ pub struct RestoreOpts {
     /// --lazy-pages`).
     #[serde(default)]
     pub lazy_pages: bool,
+    /// Post-copy from a lazy dump: the memory stays in the source's frozen
+    /// tree and the destination fetches it over the session's page-source
+    /// connection ([`Msg::PageSource`]) as the restored tree faults.
+    #[serde(default)]
+    pub remote_pages: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,5 +186,29 @@ pub enum Msg {
     },
     Error {
         message: String,
+    },
+    /// Post-copy from a lazy dump: this connection is the session's page
+    /// source. The agent sends `PageGet`s on it; the source answers each
+    /// with `PageData` and a blob of the pages that are not all zero, in
+    /// order; `PagesDone` ends it.
+    PageSource {
+        session: String,
+    },
+    PageGet {
+        /// The task, by its pid in the images.
+        pid: u64,
+        vaddr: u64,
+        pages: u64,
+    },
+    PageData {
+        /// Indices (within the request) of the pages that are all zero:
+        /// they are not in the blob.
+        zero: Vec<u32>,
+    },
+    /// The restored tree's memory is all resident.
+    PagesDone {
+        requests: u64,
+        pages: u64,
+        ms: f64,
     },
 }

@@ -41,6 +41,10 @@ pub struct Launch {
     /// entered with `nsenter`, which execs the workload: the pid is the
     /// workload's).
     pub netns: Option<String>,
+    /// Run as the init of a pid namespace of its own (as a container's
+    /// init is), under `unshare --pid --fork`: its pids need not be free
+    /// for a restore on this kernel, it is restored in a new namespace.
+    pub own_pid_ns: bool,
 }
 
 impl Launch {
@@ -58,19 +62,32 @@ impl Launch {
             hold_tcp: None,
             hold_unix: None,
             netns: None,
+            own_pid_ns: false,
         }
     }
 
     /// Starts the workload (its stdio on /dev/null, in a session of its own).
     pub fn spawn(&self) -> io::Result<Workload> {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                // nsenter, not `ip netns exec`: the latter also unshares
-                // the mount namespace, which CRIU refuses to dump.
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}"))
-                    .arg("--")
-                    .arg(&self.exe);
+        let mut prefix: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &self.netns {
+            // nsenter, not `ip netns exec`: the latter also unshares the
+            // mount namespace, which CRIU refuses to dump.
+            prefix.extend([
+                "nsenter".into(),
+                format!("--net=/run/netns/{ns}").into(),
+                "--".into(),
+            ]);
+        }
+        if self.own_pid_ns {
+            // The workload is unshare's child. Not `--kill-child`: CRIU
+            // would restore that parent-death signal, and the restored
+            // copy would die with its restorer.
+            prefix.extend(["unshare", "--pid", "--fork", "--"].map(Into::into));
+        }
+        let mut cmd = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&self.exe);
                 c
             }
             None => Command::new(&self.exe),
@@ -107,11 +124,16 @@ impl Launch {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        Ok(Workload {
-            pid: child.id() as i32,
+        let pid = child.id() as i32;
+        let mut w = Workload {
+            pid,
             report: self.report.clone(),
             child: Some(child),
-        })
+        };
+        if self.own_pid_ns {
+            w.pid = only_child(pid, Duration::from_secs(10))?;
+        }
+        Ok(w)
     }
 }
 
@@ -138,6 +160,15 @@ impl Workload {
         self.pid
     }
 
+    /// The pid the workload reports: its own in its innermost pid
+    /// namespace (1 when it is that namespace's init).
+    fn reported_pid(&self) -> u32 {
+        process::ns_pids(self.pid)
+            .last()
+            .copied()
+            .unwrap_or(self.pid as u32)
+    }
+
     pub fn report_path(&self) -> &Path {
         &self.report
     }
@@ -153,7 +184,7 @@ impl Workload {
                 )));
             }
             if let Ok(r) = Report::read(&self.report) {
-                if r.pid == self.pid as u32 && r.counter > 0 {
+                if r.pid == self.reported_pid() && r.counter > 0 {
                     return Ok(r);
                 }
             }
@@ -238,5 +269,24 @@ impl Drop for Workload {
         if let Some(mut c) = self.child.take() {
             let _ = c.wait();
         }
+    }
+}
+
+/// The one child of `parent` (the workload under `unshare`), once it exists.
+fn only_child(parent: i32, timeout: Duration) -> io::Result<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().find_map(|p| p.parse().ok()) {
+            return Ok(pid);
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("unshare (pid {parent}) started no workload within {timeout:?}"),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
