@@ -418,9 +418,17 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
     let mut w = pid_ns_workload(dir.path(), 64, 1.0);
     let pid = w.pid();
     let before = w.report().unwrap().counter;
-    let report = migrate_reaping(&mut w, lazy_cmd(&agent, pid)).json();
+    let kept = dir.path().join("source-images");
+    let report = migrate_reaping(
+        &mut w,
+        lazy_cmd(&agent, pid).arg("--keep-images").arg(&kept),
+    )
+    .json();
     let f = &report["final"];
     assert_eq!(f["lazy_dump"].as_bool(), Some(true), "{report}");
+    // CRIU's dump ended as it should: the transfer closed, the tree killed
+    // by CRIU (not resumed, then killed by ferry).
+    assert!(f["criu_dump"].is_object(), "{report}");
     assert_eq!(
         report["stop_reason"].as_str(),
         Some("post_copy"),
@@ -449,6 +457,15 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
         agent.log()
     );
     assert_eq!(copies(dir.path(), false), vec![restored_pid]);
+    // The destination restored from images byte-identical to the lazy
+    // dump's.
+    let dest = agent.kept_images();
+    assert_eq!(dest.len(), 1, "{}", agent.log());
+    let (mut a, b) = (checksums(&kept), checksums(&dest[0]));
+    // CRIU's statistics of the dump are written here after the transfer.
+    a.remove("stats-dump");
+    assert!(a.len() > 5 && a.contains_key("pagemap-1.img"), "{a:?}");
+    assert_eq!(a, b);
 }
 
 #[test]

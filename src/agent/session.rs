@@ -30,6 +30,12 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const STAGING_PREFIX: &str = "ferry-agent-";
 /// Longest time post-copy may take to make all memory resident.
 const LAZY_COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the lazy-pages daemon may run before the restore starts
+/// anyway (each takes ~35 ms to come up here; CRIU needs the daemon's
+/// socket near the end of that).
+const LAZY_HEAD_START: Duration = Duration::from_millis(10);
+/// How long the lazy-pages daemon may take to listen.
+const LAZY_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a lazy restore waits for its page-source connection.
 const PAGE_SOURCE_WAIT: Duration = Duration::from_secs(10);
 /// Room kept free beyond what a migration says it needs.
@@ -445,8 +451,13 @@ impl Session<'_> {
             } else {
                 None
             };
+            // Hardly waited for: CRIU's restore takes about as long to
+            // need the daemon's socket as the daemon takes to make it
+            // (~35 ms each), so they start 10 ms apart. Should CRIU get
+            // there first, it fails before it restored anything, and the
+            // restore is tried again below.
             self.lazy = Some(
-                criu.lazy_pages(images.path(), page_source)
+                criu.spawn_lazy_pages(images.path(), page_source)
                     .map_err(|e| crate::units::chain(&e))?,
             );
         }
@@ -462,7 +473,20 @@ impl Session<'_> {
             consume_images: !opts.lazy_pages && !self.agent.config.keep_images && !self.same_kernel,
             ..req
         };
-        let outcome = crate::checkpoint::restore(&criu, &req, &mut NoHooks).map_err(|e| {
+        if let Some(lazy) = self.lazy.as_mut() {
+            // A head start: the daemon usually listens before CRIU needs it
+            // then, and a lost race costs a whole second restore.
+            let _ = lazy.wait_listening(LAZY_HEAD_START);
+        }
+        let daemon_was_up = self.lazy.as_ref().is_none_or(|l| l.listening());
+        let mut restored = crate::checkpoint::restore(&criu, &req, &mut NoHooks);
+        if let (Err(e), false, Some(lazy)) = (&restored, daemon_was_up, self.lazy.as_mut()) {
+            tracing::info!(session = %self.id, error = %crate::units::chain(e), "the lazy restore may have come before its daemon listened; trying again once it does");
+            lazy.wait_listening(LAZY_START_TIMEOUT)
+                .map_err(|e| crate::units::chain(&e))?;
+            restored = crate::checkpoint::restore(&criu, &req, &mut NoHooks);
+        }
+        let outcome = restored.map_err(|e| {
             let lines = e
                 .criu()
                 .map(|c| c.log_errors().join("; "))

@@ -69,9 +69,14 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Post-copy: restart on the destination before its memory is resident
-    /// (CRIU lazy restore through userfaultfd). Shorter downtime; riskier:
-    /// until every page is in place, the destination failing loses the
-    /// application.
+    /// (CRIU lazy restore through userfaultfd). A process tree moves from a
+    /// lazy dump: no pre-copy, no memory moved while frozen, the
+    /// destination fetches each page from the frozen source afterwards (on
+    /// one kernel, only a tree that is its own pid namespace's init; others
+    /// pre-copy, then restore lazily from the images). Shorter downtime;
+    /// riskier: until every page is in place, a failure on either side
+    /// resumes the source from the dump and what the application did on
+    /// the destination is lost.
     #[arg(long)]
     pub lazy_pages: bool,
     /// Migrate even if the tree holds GPU state that would be lost (loud).

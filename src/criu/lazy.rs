@@ -12,20 +12,21 @@ use super::{Criu, CriuError};
 
 /// The socket the daemon creates in the images directory.
 pub const SOCKET: &str = "lazy-pages.socket";
-/// How long the daemon may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running daemon; killed when dropped unless it finished.
 pub struct LazyPages {
     child: Child,
     log: PathBuf,
+    socket: PathBuf,
 }
 
 impl Criu {
-    /// Starts `criu lazy-pages` on `images` and waits until it listens.
-    /// The pages come from the images, or, with `page_source`, from a page
-    /// server on that loopback port (see [`super::page_server`]).
-    pub fn lazy_pages(
+    /// Starts `criu lazy-pages` on `images`, without waiting for its socket
+    /// (it takes about as long to come up as a restore takes to need it:
+    /// see [`LazyPages::wait_listening`]). The pages come from the images,
+    /// or, with `page_source`, from a page server on that loopback port
+    /// (see [`super::page_server`]).
+    pub fn spawn_lazy_pages(
         &self,
         images: &Path,
         page_source: Option<u16>,
@@ -50,29 +51,41 @@ impl Criu {
                 binary: binary.clone(),
                 source,
             })?;
-        let mut daemon = LazyPages { child, log };
-        let socket = images.join(SOCKET);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                return Err(CriuError::LazyPages {
-                    why: format!("it exited ({status})"),
-                    log: daemon.log.clone(),
-                });
-            }
-            if Instant::now() >= deadline {
-                return Err(CriuError::LazyPages {
-                    why: format!("no {SOCKET} after {START_TIMEOUT:?}"),
-                    log: daemon.log.clone(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(daemon)
+        Ok(LazyPages {
+            child,
+            log,
+            socket: images.join(SOCKET),
+        })
     }
 }
 
 impl LazyPages {
+    /// Whether the daemon's socket is there (a restore can connect).
+    pub fn listening(&self) -> bool {
+        self.socket.exists()
+    }
+
+    /// Waits until the daemon listens.
+    pub fn wait_listening(&mut self, timeout: Duration) -> Result<(), CriuError> {
+        let deadline = Instant::now() + timeout;
+        while !self.listening() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(CriuError::LazyPages {
+                    why: format!("it exited ({status})"),
+                    log: self.log.clone(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(CriuError::LazyPages {
+                    why: format!("no {SOCKET} after {timeout:?}"),
+                    log: self.log.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// Waits until the daemon has delivered every page and exited; false
     /// if it is still running after `timeout` or failed.
     pub fn wait(&mut self, timeout: Duration) -> bool {

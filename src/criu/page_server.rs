@@ -143,7 +143,7 @@ impl LazyDumpLink {
                 // end of the transfer (and kills the tree): ferry dying
                 // must reset it instead, which fails the dump and resumes
                 // the tree.
-                if let Err(e) = crate::sys::net::reset_on_close(&stream) {
+                if let Err(e) = crate::sys::net::reset_on_close(&stream, true) {
                     tracing::warn!(error = %e, "cannot make the lazy dump's link reset on close");
                 }
                 return Ok(LazyDumpLink { stream, port });
@@ -176,9 +176,19 @@ impl LazyDumpLink {
         let mut status = [0u8; 4];
         self.stream.read_exact(&mut status).map_err(err)?;
         match i32::from_ne_bytes(status) {
-            0 => Ok(()),
-            status => Err(PageServerError::CloseStatus { port, status }),
+            0 => {}
+            status => return Err(PageServerError::CloseStatus { port, status }),
         }
+        // CRIU reads once more after its answer and takes a reset for a
+        // failure (it would resume the tree): end the connection in order
+        // and wait for CRIU's end.
+        crate::sys::net::reset_on_close(&self.stream, false).map_err(err)?;
+        self.stream
+            .shutdown(std::net::Shutdown::Write)
+            .map_err(err)?;
+        let mut rest = Vec::new();
+        let _ = self.stream.read_to_end(&mut rest);
+        Ok(())
     }
 
     /// Fails the transfer: CRIU fails the dump and resumes the tree. (An

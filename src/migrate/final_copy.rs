@@ -437,7 +437,7 @@ pub(super) fn unexpected(control: &Conn, got: Msg, expected: &'static str) -> Fi
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(super) fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
     fs::create_dir_all(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;

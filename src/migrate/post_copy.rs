@@ -245,6 +245,12 @@ pub fn run(
             agent_ms = served.ms,
             "post-copy complete: all memory resident on the destination"
         );
+        if let Some(keep) = &opts.keep_images {
+            // The lazy dump's images (its memory is in none of them).
+            if let Err(e) = super::final_copy::copy_dir(&images, keep) {
+                tracing::error!(dir = %keep.display(), error = %e, "migrated, but cannot keep the images");
+            }
+        }
         Ok((report, restored))
     })
 }

@@ -17,10 +17,11 @@ pub fn set_socket_buffers(stream: &TcpStream, bytes: usize) {
 
 /// Makes closing `stream` (by ferry, or by the kernel when ferry dies)
 /// reset the connection instead of ending it cleanly (`SO_LINGER` with a
-/// zero timeout): the peer sees an error, never an orderly end.
-pub fn reset_on_close(stream: &TcpStream) -> std::io::Result<()> {
+/// zero timeout): the peer sees an error, never an orderly end. `false`
+/// gives the orderly end back.
+pub fn reset_on_close(stream: &TcpStream, reset: bool) -> std::io::Result<()> {
     let linger = libc::linger {
-        l_onoff: 1,
+        l_onoff: i32::from(reset),
         l_linger: 0,
     };
     setsockopt(stream, sockopt::Linger, &linger).map_err(std::io::Error::from)
