@@ -57,6 +57,16 @@ pub struct Iov {
 }
 
 impl Iov {
+    /// A header that is only a command.
+    pub fn bare(cmd: u32) -> Iov {
+        Iov {
+            cmd,
+            nr_pages: 0,
+            vaddr: 0,
+            dst_id: 0,
+        }
+    }
+
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0..4].copy_from_slice(&self.cmd.to_ne_bytes());
@@ -163,12 +173,7 @@ impl LazyDumpLink {
     pub fn close(mut self) -> Result<(), PageServerError> {
         let port = self.port;
         let err = |source| PageServerError::Close { port, source };
-        let hdr = Iov {
-            cmd: PS_IOV_CLOSE,
-            nr_pages: 0,
-            vaddr: 0,
-            dst_id: 0,
-        };
+        let hdr = Iov::bare(PS_IOV_CLOSE);
         self.stream.write_all(&hdr.encode()).map_err(err)?;
         self.stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -196,12 +201,7 @@ impl LazyDumpLink {
     /// which would then kill the tree; an unknown command fails it, and
     /// the connection is reset, not ended.)
     pub fn abort(mut self) {
-        let bogus = Iov {
-            cmd: PS_ABORT,
-            nr_pages: 0,
-            vaddr: 0,
-            dst_id: 0,
-        };
+        let bogus = Iov::bare(PS_ABORT);
         let _ = self.stream.write_all(&bogus.encode());
         let _ = self.stream.flush();
         // Give CRIU the command before the reset can discard it.
@@ -354,12 +354,7 @@ mod tests {
             let mut data = vec![0u8; 2 * PAGE];
             s.read_exact(&mut data).unwrap();
             assert!(data.iter().all(|&b| b == 7));
-            let close = Iov {
-                cmd: PS_IOV_CLOSE,
-                nr_pages: 0,
-                vaddr: 0,
-                dst_id: 0,
-            };
+            let close = Iov::bare(PS_IOV_CLOSE);
             s.write_all(&close.encode()).unwrap();
             let mut status = [0u8; 4];
             s.read_exact(&mut status).unwrap();

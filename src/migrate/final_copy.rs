@@ -21,6 +21,7 @@ use crate::page::Digest;
 use crate::process;
 use crate::target::runc::{self, RestoreFlags};
 use crate::target::ContainerRef;
+use crate::transport::msg::RestoreOpts;
 use crate::transport::{Conn, Msg, TransportError};
 
 /// Name prefix of the source's staging directories.
@@ -390,9 +391,17 @@ fn transfer_and_restore(
         }
         report.pid_wait_ms = ms(t.elapsed());
     }
-    control.send_msg(&Msg::Restore {
-        opts: opts.restore.clone(),
-    })?;
+    restore_and_commit(control, opts.restore.clone(), report)
+}
+
+/// The destination's restore (left stopped) and the commit that resumes
+/// it; the restored pid.
+pub(super) fn restore_and_commit(
+    control: &mut Conn,
+    restore: RestoreOpts,
+    report: &mut FinalReport,
+) -> Result<i32, FinalError> {
+    control.send_msg(&Msg::Restore { opts: restore })?;
     let restored = match control.recv_msg()? {
         Msg::Restored { pid, ms, stats } => {
             report.restore_ms = ms;

@@ -19,8 +19,13 @@
 //!    images laid out ahead (or rebuilds them), checks them byte-identical
 //!    (checksums) and restores them (a process tree stopped; a container
 //!    through its engine); on `Restored` ferry commits: the agent resumes
-//!    its copy and the source's is killed. With `--lazy-pages` (post-copy)
-//!    the restore is CRIU's lazy restore (userfaultfd).
+//!    its copy and the source's is killed.
+//! 4. **Post-copy** (`--lazy-pages`) of a process tree whose pids the
+//!    destination can give it while the source keeps them (another kernel,
+//!    or a tree that is its own pid namespace's init) skips 2 and 3: CRIU
+//!    dumps lazily and the destination fetches the memory from the frozen
+//!    source after the resume ([`post_copy`]). Other trees pre-copy, then
+//!    restore lazily from the rebuilt images (userfaultfd).
 //!
 //! **Nothing is lost.** Before the commit the source copy is only stopped,
 //! so any failure (agent gone, link cut, restore failed, no room) resumes

@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use super::final_copy::{log_kept, unexpected, Source};
+use super::final_copy::{log_kept, restore_and_commit, unexpected, Source};
 use super::images;
 use super::report::FinalReport;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
@@ -40,6 +40,7 @@ use crate::checkpoint::staging;
 use crate::criu::page_server::{LazyDumpLink, PageServerError, PAGE};
 use crate::criu::{Criu, DumpRequest};
 use crate::process;
+use crate::transport::msg::RestoreOpts;
 use crate::transport::{Conn, Msg, TransportError};
 
 const STAGING_PREFIX: &str = "ferry-migrate-";
@@ -156,7 +157,11 @@ pub fn run(
                 sock = pages_conn.socket_handle().ok();
                 let by_vpid = &by_vpid;
                 serving = Some(s.spawn(move || serve_pages(&mut pages_conn, by_vpid)));
-                restore_and_commit(opts, control, &mut report)
+                let restore = RestoreOpts {
+                    remote_pages: true,
+                    ..opts.restore.clone()
+                };
+                restore_and_commit(control, restore, &mut report)
             });
         let restored = match frozen {
             Ok(restored) => restored,
@@ -279,36 +284,6 @@ fn send_images(
         other => return Err(unexpected(control, other, "Rebuilt")),
     }
     Ok(())
-}
-
-/// The lazy restore (left stopped) and the commit that resumes it.
-fn restore_and_commit(
-    opts: &MigrateOptions,
-    control: &mut Conn,
-    report: &mut FinalReport,
-) -> Result<i32, FinalError> {
-    control.send_msg(&Msg::Restore {
-        opts: crate::transport::msg::RestoreOpts {
-            remote_pages: true,
-            ..opts.restore.clone()
-        },
-    })?;
-    let restored = match control.recv_msg()? {
-        Msg::Restored { pid, ms, stats } => {
-            report.restore_ms = ms;
-            report.criu_restore = stats;
-            pid
-        }
-        other => return Err(unexpected(control, other, "Restored")),
-    };
-    let t = Instant::now();
-    control.send_msg(&Msg::Commit)?;
-    match control.recv_msg()? {
-        Msg::Committed => {}
-        other => return Err(unexpected(control, other, "Committed")),
-    }
-    report.commit_ms = ms(t.elapsed());
-    Ok(restored)
 }
 
 fn page_source(opts: &MigrateOptions, session: &str) -> Result<Conn, FinalError> {
