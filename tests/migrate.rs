@@ -350,6 +350,16 @@ fn post_copy_restarts_before_memory_is_resident_and_memory_arrives_intact() {
     );
 }
 
+/// CRIU's parasite mounts a procfs for a task in another pid namespace at
+/// a fixed place of the task's mount namespace: two such dumps at once in
+/// one mount namespace collide ("Can't create a directory (-17)"). The
+/// tests that dump a pid namespace's init take turns.
+static PID_NS_DUMP: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn pid_ns_turn() -> std::sync::MutexGuard<'static, ()> {
+    PID_NS_DUMP.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The workload as the init of a pid namespace of its own (as a
 /// container's init is): a lazy dump keeps the source's pids until every
 /// page has moved, so on one kernel only such a tree takes that route.
@@ -413,6 +423,7 @@ impl Drop for KillCopies<'_> {
 #[test]
 fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
     require_criu();
+    let _turn = pid_ns_turn();
     let dir = scratch("migrate-lazy-dump");
     let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
     let mut w = pid_ns_workload(dir.path(), 64, 1.0);
@@ -471,6 +482,7 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
 #[test]
 fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     require_criu();
+    let _turn = pid_ns_turn();
     let dir = scratch("migrate-lazy-kill");
     let _cleanup = KillCopies(dir.path());
     let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
@@ -492,6 +504,7 @@ fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
 #[test]
 fn ferry_killed_during_a_lazy_dump_leaves_the_application_running_here() {
     require_criu();
+    let _turn = pid_ns_turn();
     let dir = scratch("migrate-lazy-ferry-kill");
     let _cleanup = KillCopies(dir.path());
     let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));

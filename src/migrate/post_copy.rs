@@ -41,6 +41,7 @@ use crate::criu::page_server::{LazyDumpLink, PageServerError, PAGE};
 use crate::criu::{Criu, DumpRequest};
 use crate::process;
 use crate::transport::msg::RestoreOpts;
+use crate::transport::recent::SentPages;
 use crate::transport::{Conn, Msg, TransportError};
 
 const STAGING_PREFIX: &str = "ferry-migrate-";
@@ -66,6 +67,8 @@ struct Served {
     requests: u64,
     pages: u64,
     zero_pages: u64,
+    /// Pages named by their number among those recently sent in full.
+    repeated_pages: u64,
     /// The agent's count of the time until all memory was resident.
     ms: f64,
     /// Bytes this side sent on the page-source connection.
@@ -298,6 +301,7 @@ fn page_source(opts: &MigrateOptions, session: &str) -> Result<Conn, FinalError>
 /// Answers the agent's page requests until it reports every page resident.
 fn serve_pages(conn: &mut Conn, by_vpid: &HashMap<u64, i32>) -> Result<Served, FinalError> {
     let mut served = Served::default();
+    let mut sent = SentPages::default();
     let deadline = Instant::now() + COMPLETION_TIMEOUT;
     let mut buf = Vec::new();
     loop {
@@ -330,10 +334,13 @@ fn serve_pages(conn: &mut Conn, by_vpid: &HashMap<u64, i32>) -> Result<Served, F
                     }));
                 }
                 let mut zero = Vec::new();
+                let mut repeat = Vec::new();
                 let mut data = Vec::with_capacity(buf.len());
                 for (i, page) in buf.chunks_exact(PAGE).enumerate() {
                     if page.iter().all(|&b| b == 0) {
                         zero.push(i as u32);
+                    } else if let Some(n) = sent.reference_or_record(page) {
+                        repeat.push((i as u32, n));
                     } else {
                         data.extend_from_slice(page);
                     }
@@ -341,7 +348,8 @@ fn serve_pages(conn: &mut Conn, by_vpid: &HashMap<u64, i32>) -> Result<Served, F
                 served.requests += 1;
                 served.pages += pages;
                 served.zero_pages += zero.len() as u64;
-                conn.send_msg(&Msg::PageData { zero })?;
+                served.repeated_pages += repeat.len() as u64;
+                conn.send_msg(&Msg::PageData { zero, repeat })?;
                 conn.send_blob(&data)?;
             }
             Msg::PagesDone { ms, .. } => {

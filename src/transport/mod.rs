@@ -36,6 +36,7 @@ pub mod conn;
 pub mod frame;
 pub mod msg;
 pub mod pages;
+pub mod recent;
 
 use std::io;
 use std::path::PathBuf;

@@ -189,8 +189,8 @@ pub enum Msg {
     },
     /// Post-copy from a lazy dump: this connection is the session's page
     /// source. The agent sends `PageGet`s on it; the source answers each
-    /// with `PageData` and a blob of the pages that are not all zero, in
-    /// order; `PagesDone` ends it.
+    /// with `PageData` and a blob of the pages that are neither all zero
+    /// nor recently sent, in order; `PagesDone` ends it.
     PageSource {
         session: String,
     },
@@ -204,6 +204,11 @@ pub enum Msg {
         /// Indices (within the request) of the pages that are all zero:
         /// they are not in the blob.
         zero: Vec<u32>,
+        /// Pages (index within the request, number) whose content went
+        /// over in full recently: not in the blob either (see
+        /// [`super::recent`]).
+        #[serde(default)]
+        repeat: Vec<(u32, u64)>,
     },
     /// The restored tree's memory is all resident.
     PagesDone {
