@@ -453,6 +453,12 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
         "{report}"
     );
     assert!(f["zero_pages"].as_u64().unwrap() > 0, "{report}");
+    // A quarter of the workload's pages repeat 16 contents: all but the
+    // first of each are named, not sent.
+    assert!(
+        f["post_copy_repeated_pages"].as_u64().unwrap() > 1000,
+        "{report}"
+    );
     // The source tree is gone once every page has moved.
     assert!(
         w.reap(Duration::from_secs(5)).unwrap(),

@@ -245,7 +245,8 @@ pub fn run(
         report.post_copy_requests = served.requests;
         report.post_copy_pages = served.pages;
         report.zero_pages = served.zero_pages;
-        report.pages_sent = served.pages - served.zero_pages;
+        report.post_copy_repeated_pages = served.repeated_pages;
+        report.pages_sent = served.pages - served.zero_pages - served.repeated_pages;
         report.wire_bytes += served.wire_bytes;
         tracing::info!(
             pages = served.pages,

@@ -83,6 +83,9 @@ pub struct FinalReport {
     /// Page requests the destination made after the dump, and the pages.
     pub post_copy_requests: u64,
     pub post_copy_pages: u64,
+    /// Of those, pages named by number: their content had gone over in
+    /// full shortly before.
+    pub post_copy_repeated_pages: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -167,8 +170,8 @@ impl MigrateReport {
         if f.lazy_dump {
             writeln!(
                 out,
-                "post-copy from a lazy dump: {} pages ({} zero, not sent) in {} requests, all resident {:.1} ms after the resume",
-                f.post_copy_pages, f.zero_pages, f.post_copy_requests, f.post_copy_ms
+                "post-copy from a lazy dump: {} pages ({} zero and {} repeated, not sent) in {} requests, all resident {:.1} ms after the resume",
+                f.post_copy_pages, f.zero_pages, f.post_copy_repeated_pages, f.post_copy_requests, f.post_copy_ms
             )?;
         }
         writeln!(
