@@ -158,18 +158,7 @@ pub fn run(
     let copy = opts.keep_images.is_some();
     let rss = process::tree_rss_bytes(pid).unwrap_or(0);
     let room = if copy { rss } else { STREAM_STAGING };
-    staging::sweep_stale(
-        STAGING_PREFIX,
-        opts.staging.as_deref(),
-        staging::SWEEP_GRACE,
-    );
-    let stage =
-        staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
-            MigrateError::Staging {
-                path: staging::base_for(room, opts.staging.as_deref()),
-                source,
-            }
-        })?;
+    let stage = source_staging(opts, room)?;
     let images = stage.path().join("images");
     let req = DumpRequest {
         leave_stopped: true,
@@ -271,6 +260,25 @@ pub fn run(
             })
         }
     }
+}
+
+/// A staging directory for the source's final dump, with room for `room`
+/// bytes (tmpfs when it fits), after sweeping what dead migrations left.
+pub(super) fn source_staging(
+    opts: &MigrateOptions,
+    room: u64,
+) -> Result<tempfile::TempDir, MigrateError> {
+    staging::sweep_stale(
+        STAGING_PREFIX,
+        opts.staging.as_deref(),
+        staging::SWEEP_GRACE,
+    );
+    staging::create(STAGING_PREFIX, room, opts.staging.as_deref()).map_err(|source| {
+        MigrateError::Staging {
+            path: staging::base_for(room, opts.staging.as_deref()),
+            source,
+        }
+    })
 }
 
 /// Dumps the process tree into `sink` through CRIU's image streamer: the

@@ -32,11 +32,10 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use super::final_copy::{log_kept, restore_and_commit, unexpected, Source};
+use super::final_copy::{log_kept, restore_and_commit, source_staging, unexpected, Source};
 use super::images;
 use super::report::FinalReport;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
-use crate::checkpoint::staging;
 use crate::criu::page_server::{LazyDumpLink, PageServerError, PAGE};
 use crate::criu::{Criu, DumpRequest};
 use crate::process;
@@ -44,7 +43,6 @@ use crate::transport::msg::RestoreOpts;
 use crate::transport::recent::SentPages;
 use crate::transport::{Conn, Msg, TransportError};
 
-const STAGING_PREFIX: &str = "ferry-migrate-";
 /// Room for a lazy dump's images (no memory in them) and CRIU's log.
 const STAGING_BYTES: u64 = 64 << 20;
 /// Longest wait for CRIU's page server after the dump began.
@@ -83,18 +81,7 @@ pub fn run(
     session: &str,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
-    staging::sweep_stale(
-        STAGING_PREFIX,
-        opts.staging.as_deref(),
-        staging::SWEEP_GRACE,
-    );
-    let stage =
-        staging::create(STAGING_PREFIX, STAGING_BYTES, opts.staging.as_deref()).map_err(|e| {
-            MigrateError::Staging {
-                path: staging::base_for(STAGING_BYTES, opts.staging.as_deref()),
-                source: e,
-            }
-        })?;
+    let stage = source_staging(opts, STAGING_BYTES)?;
     let images = stage.path().join("images");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Staging {
         path: images.clone(),
