@@ -162,16 +162,8 @@ pub fn run(
     let images = stage.path().join("images");
     let req = DumpRequest {
         leave_stopped: true,
-        tcp_established: opts.restore.tcp_established,
-        shell_job: opts.restore.shell_job,
-        ext_unix_sk: opts.restore.ext_unix_sk,
-        file_locks: opts.restore.file_locks,
-        log_level: opts.restore.log_level,
-        ignore_gpu: opts.ignore_gpu,
-        // Connections not yet accepted are left out; their clients retry.
-        tcp_skip_in_flight: true,
         stream: true,
-        ..DumpRequest::new(pid, &images)
+        ..final_dump_request(opts, pid, &images)
     };
     let mut report = FinalReport::default();
     let frozen_at = Instant::now();
@@ -259,6 +251,22 @@ pub fn run(
                 source: cause,
             })
         }
+    }
+}
+
+/// The final dump's request as the migration's options make it (both
+/// routes add their own mode).
+pub(super) fn final_dump_request(opts: &MigrateOptions, pid: i32, images: &Path) -> DumpRequest {
+    DumpRequest {
+        tcp_established: opts.restore.tcp_established,
+        shell_job: opts.restore.shell_job,
+        ext_unix_sk: opts.restore.ext_unix_sk,
+        file_locks: opts.restore.file_locks,
+        log_level: opts.restore.log_level,
+        ignore_gpu: opts.ignore_gpu,
+        // Connections not yet accepted are left out; their clients retry.
+        tcp_skip_in_flight: true,
+        ..DumpRequest::new(pid, images)
     }
 }
 

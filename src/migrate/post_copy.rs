@@ -32,7 +32,9 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
-use super::final_copy::{log_kept, restore_and_commit, source_staging, unexpected, Source};
+use super::final_copy::{
+    final_dump_request, log_kept, restore_and_commit, source_staging, unexpected, Source,
+};
 use super::images;
 use super::report::FinalReport;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
@@ -93,14 +95,7 @@ pub fn run(
     })?;
     let req = DumpRequest {
         lazy_port: Some(port),
-        tcp_established: opts.restore.tcp_established,
-        shell_job: opts.restore.shell_job,
-        ext_unix_sk: opts.restore.ext_unix_sk,
-        file_locks: opts.restore.file_locks,
-        log_level: opts.restore.log_level,
-        ignore_gpu: opts.ignore_gpu,
-        tcp_skip_in_flight: true,
-        ..DumpRequest::new(pid, &images)
+        ..final_dump_request(opts, pid, &images)
     };
     // Task pids as the images name them (innermost namespace) -> here.
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
