@@ -28,6 +28,7 @@ pub mod inventory;
 pub mod mm;
 pub mod pagemap;
 pub mod pstree;
+pub mod referring;
 pub mod stats;
 
 use std::io;

@@ -126,6 +126,40 @@ impl Pagemap {
     }
 }
 
+/// `bytes`, a pagemap image, rewritten so that every range's pages are in
+/// the parent dump; with the pagemap it was. None when a range's pages are
+/// in no dump (lazy and not present: they are on a page server). CRIU
+/// marks present pages lazy too (they could be) in every dump.
+pub fn in_parent(path: &Path, bytes: &[u8]) -> Result<Option<(Pagemap, Vec<u8>)>, ImageError> {
+    let pagemap = Pagemap::parse(path, bytes)?;
+    if pagemap
+        .ranges
+        .iter()
+        .any(|r| !r.is_present() && !r.is_in_parent())
+    {
+        return Ok(None);
+    }
+    let header = 8;
+    let entries = framing::entries(path, &bytes[header..], header)?;
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..header]);
+    let mut push = |payload: &[u8]| {
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(payload);
+    };
+    for (i, (offset, payload)) in entries.into_iter().enumerate() {
+        if i == 0 {
+            push(payload);
+            continue;
+        }
+        let mut e: pb::PagemapEntry = framing::decode_at(path, offset, payload, "pagemap_entry")?;
+        e.flags = Some(PE_PARENT);
+        e.in_parent = None;
+        push(&prost::Message::encode_to_vec(&e));
+    }
+    Ok(Some((pagemap, out)))
+}
+
 fn validate(ranges: &[PageRange]) -> Result<(), Problem> {
     let mut prev_end = 0u64;
     for (index, r) in ranges.iter().enumerate() {
@@ -238,5 +272,41 @@ pub(crate) mod tests {
             matches!(err, ImageError::EntryCount { found: 0, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rewrites_every_range_into_the_parent_and_keeps_the_counts() {
+        let p = PathBuf::from("pagemap-1.img");
+        for wide in [false, true] {
+            let bytes = image_with(
+                5,
+                &[
+                    (0x1000, 4, PE_PRESENT),
+                    (0x10000, 2, PE_PARENT),
+                    (0x20000, 9, PE_PRESENT | PE_LAZY),
+                ],
+                wide,
+            );
+            let (before, out) = in_parent(&p, &bytes).unwrap().unwrap();
+            assert_eq!(before.present_pages(), 13);
+            let after = Pagemap::parse(&p, &out).unwrap();
+            assert_eq!(after.pages_id, 5);
+            assert_eq!(after.present_pages(), 0);
+            assert_eq!(after.parent_pages(), 15);
+            let spans = |m: &Pagemap| {
+                m.ranges
+                    .iter()
+                    .map(|r| (r.vaddr, r.nr_pages))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(spans(&after), spans(&before));
+        }
+    }
+
+    #[test]
+    fn a_lazy_pagemap_is_not_rewritten() {
+        let p = PathBuf::from("pagemap-1.img");
+        let bytes = image(1, &[(0x1000, 4, PE_PRESENT), (0x20000, 8, PE_LAZY)]);
+        assert!(in_parent(&p, &bytes).unwrap().is_none());
     }
 }

@@ -44,6 +44,8 @@ pub enum DockerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot place the checkpoint for the engine")]
+    Images(#[from] crate::image::ImageError),
     #[error("the docker command line is not installed")]
     NoCli,
     #[error("`docker start --checkpoint` failed ({status}): {stderr}")]
@@ -274,8 +276,15 @@ fn create_with(api: &Api, name: &str, body: ContainerCreateBody) -> Result<Strin
     Ok(r.id)
 }
 
-/// Copies the images into Docker's checkpoint directory.
+/// Places the images in Docker's checkpoint directory: as images that
+/// refer to `images` for their pages (`image::referring`), so that the
+/// engine's copy through containerd is of the metadata only; or, where
+/// they cannot be referred to, linked (or copied) whole.
 fn place(images: &Path, dir: &Path) -> Result<(), DockerError> {
+    if crate::image::referring::write(images, dir)? {
+        tracing::debug!(dir = %dir.display(), "placed the checkpoint referring to its pages");
+        return Ok(());
+    }
     let fail = |source| DockerError::Place {
         path: dir.to_path_buf(),
         source,
