@@ -336,7 +336,7 @@ impl Cluster {
 
     fn kill_agent(&mut self, i: usize) {
         if let Some(mut a) = self.agents[i].take() {
-            a.kill();
+            a.kill_tree();
             let log = a.log();
             std::fs::write(self.dir.path().join(format!("agent-{i}.log")), log).unwrap();
         }

@@ -39,6 +39,8 @@ const LEVEL: i32 = 1;
 const ACCEPT_WAIT: Duration = Duration::from_millis(500);
 /// How often it tries meanwhile.
 const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// What a first checkpoint's dump is taken to last.
+const FIRST_DUMP_ESTIMATE: Duration = Duration::from_millis(300);
 
 struct Leading {
     token: i64,
@@ -57,6 +59,11 @@ struct Leading {
     replicator: Replicator,
     address: AddressRecord,
     address_published: bool,
+    /// How long the last checkpoint's dump took.
+    last_dump: Duration,
+    /// Whether a checkpoint was taken since the lease's renewals stopped
+    /// getting through (one is taken at once: fencing may follow).
+    saved_while_overdue: bool,
 }
 
 pub struct ServiceRun {
@@ -74,6 +81,11 @@ impl ServiceRun {
             leaderless_since: None,
             waiting_logged: false,
         }
+    }
+
+    /// Whether this host leads the service.
+    pub fn is_leading(&self) -> bool {
+        self.leading.is_some()
     }
 
     pub fn step(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView) {
@@ -333,6 +345,8 @@ impl ServiceRun {
                 since_unix_ms: keys::now_unix_ms(),
             },
             address_published: false,
+            last_dump: FIRST_DUMP_ESTIMATE,
+            saved_while_overdue: false,
         });
         self.leaderless_since = None;
         // Clients wait for this: publish now rather than on the role
@@ -382,7 +396,20 @@ impl ServiceRun {
         let Some(l) = self.leading.as_mut() else {
             return;
         };
-        if Instant::now() >= l.next_checkpoint && m.lease_valid_for(Duration::from_millis(100)) {
+        // A lease whose renewals stop getting through (etcd away, or this
+        // host cut off) may end in fencing: the service's newest state is
+        // saved at once, if the dump can end before fencing pauses it.
+        let overdue = m.renewal_overdue();
+        if !overdue {
+            l.saved_while_overdue = false;
+        }
+        let due = if overdue && !l.saved_while_overdue {
+            m.unfenced_for(l.last_dump)
+        } else {
+            Instant::now() >= l.next_checkpoint && m.lease_valid_for(Duration::from_millis(100))
+        };
+        if due {
+            l.saved_while_overdue |= overdue;
             // The interval bounds lost work: the next checkpoint starts
             // early enough to be verified by a standby before this one is
             // an interval old ([`schedule`]).
@@ -691,6 +718,7 @@ fn checkpoint_and_replicate(
             return false;
         }
     };
+    l.last_dump = d.dump.wall;
     let frozen_ms = d
         .dump
         .stats
@@ -722,20 +750,6 @@ fn checkpoint_and_replicate(
     });
     l.last = Some(record.clone());
     l.next_generation += 1;
-    let key = keys::service_key(m.cluster(), service, "leader");
-    let cp_key = keys::service_key(m.cluster(), service, "checkpoint");
-    match m.etcd.fenced(
-        &key,
-        l.token,
-        vec![put_op(&cp_key, keys::to_json(&record), 0)],
-    ) {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::warn!(service, "the leader key changed: not replicating");
-            return true;
-        }
-        Err(e) => tracing::warn!(service, error = %e, "cannot record the checkpoint in etcd"),
-    }
     // Standbys: live eligible hosts other than this one, those already in
     // sync first, then by name. Each gets the checkpoint from its own
     // worker: checkpoints never wait for a transfer.
@@ -748,6 +762,21 @@ fn checkpoint_and_replicate(
     targets.truncate(spec.standbys);
     for host in &targets {
         l.replicator.post(m, host, &record, &l.chain);
+    }
+    // The record in etcd is for `ha status`; standbys check the token
+    // themselves. While etcd is away the write could only time out.
+    if !m.renewal_overdue() {
+        let key = keys::service_key(m.cluster(), service, "leader");
+        let cp_key = keys::service_key(m.cluster(), service, "checkpoint");
+        match m.etcd.fenced(
+            &key,
+            l.token,
+            vec![put_op(&cp_key, keys::to_json(&record), 0)],
+        ) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(service, "the leader key changed under this checkpoint"),
+            Err(e) => tracing::warn!(service, error = %e, "cannot record the checkpoint in etcd"),
+        }
     }
     tracing::info!(
         service,

@@ -27,6 +27,9 @@ const FENCE_POLL: Duration = Duration::from_millis(20);
 const SLOW_POLL: Duration = Duration::from_millis(300);
 /// How often the host's health record is rewritten.
 const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A renewal is overdue this long after the next one was due (renewals go
+/// every quarter TTL): etcd is taken to be away.
+const RENEWAL_MARGIN: Duration = Duration::from_millis(100);
 
 /// The lease as this host knows it.
 #[derive(Debug, Clone, Copy)]
@@ -157,6 +160,20 @@ impl Member {
             return false;
         };
         l.is_some_and(|l| Instant::now() + need < l.deadline())
+    }
+
+    /// Whether a renewal of the lease is overdue (etcd away or out of
+    /// reach); false without a lease (there is nothing to renew).
+    pub fn renewal_overdue(&self) -> bool {
+        let lease = self.lease.lock().ok().and_then(|l| *l);
+        lease.is_some_and(|l| l.renewed.elapsed() > l.ttl / 4 + RENEWAL_MARGIN)
+    }
+
+    /// Whether fencing leaves the led services alone (does not pause them)
+    /// for `need` from now, on the renewals confirmed so far.
+    pub fn unfenced_for(&self, need: Duration) -> bool {
+        let lease = self.lease.lock().ok().and_then(|l| *l);
+        lease.is_some_and(|l| Instant::now() + need < l.renewed + l.ttl * 3 / 4)
     }
 
     /// The directory of one service's HA files.
@@ -343,9 +360,13 @@ impl Member {
     fn play_roles(self: Arc<Member>) {
         let mut runs: HashMap<String, ServiceRun> = HashMap::new();
         let mut last_beat: Option<(Instant, i64)> = None;
+        let mut last_view: Option<ClusterView> = None;
         while !self.stop.load(Ordering::Relaxed) {
             let tick = Instant::now();
-            if let Some(lease) = self.lease_id() {
+            // While a renewal is overdue etcd is taken to be away: no call
+            // to it holds up the leaders (each would wait its timeout).
+            let away = self.renewal_overdue();
+            if let Some(lease) = self.lease_id().filter(|_| !away) {
                 let due = last_beat.is_none_or(|(t, id)| id != lease || t.elapsed() >= HEARTBEAT);
                 if due {
                     match self.heartbeat(lease) {
@@ -354,17 +375,23 @@ impl Member {
                     }
                 }
             }
-            let t_view = Instant::now();
-            let read = self.view();
-            if t_view.elapsed() > SLOW_POLL {
-                tracing::info!(
-                    ms = t_view.elapsed().as_millis() as u64,
-                    ok = read.is_ok(),
-                    "slow read of the cluster state"
-                );
-            }
-            match read {
-                Ok(view) => {
+            let view = if away {
+                None
+            } else {
+                let t_view = Instant::now();
+                let read = self.view();
+                if t_view.elapsed() > SLOW_POLL {
+                    tracing::info!(
+                        ms = t_view.elapsed().as_millis() as u64,
+                        ok = read.is_ok(),
+                        "slow read of the cluster state"
+                    );
+                }
+                read.map_err(|e| tracing::debug!(error = %e, "cannot read the cluster"))
+                    .ok()
+            };
+            match view {
+                Some(view) => {
                     for (name, sv) in &view.services {
                         if sv.spec.is_none() {
                             continue;
@@ -374,8 +401,22 @@ impl Member {
                             .or_insert_with(|| ServiceRun::new(name));
                         run.step(&self, &view, sv);
                     }
+                    last_view = Some(view);
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot read the cluster"),
+                None => {
+                    // While etcd is away nobody's role can change, and a
+                    // leader whose lease is valid by its own reckoning
+                    // goes on checkpointing on the last view it read (its
+                    // standbys admit those checkpoints once etcd answers
+                    // again); every other role waits for etcd.
+                    if let Some(view) = &last_view {
+                        for (name, sv) in &view.services {
+                            if let Some(run) = runs.get_mut(name).filter(|r| r.is_leading()) {
+                                run.step(&self, view, sv);
+                            }
+                        }
+                    }
+                }
             }
             let spent = tick.elapsed();
             if spent < POLL {

@@ -34,6 +34,10 @@ const PIECE: usize = 8 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for a standby's answer (it verifies the chain first).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a received checkpoint waits for etcd to check its token.
+const ADMIT_WAIT: Duration = Duration::from_secs(5);
+/// How often it asks meanwhile.
+const ADMIT_RETRY: Duration = Duration::from_millis(50);
 /// Prefix of the ready directories and of the leader's dump staging: the
 /// agent's own, so that an agent restarted after being killed sweeps what
 /// it left.
@@ -226,7 +230,19 @@ fn receive(
     super::valid_name(service)?;
     // One transfer per service at a time.
     let _busy = Busy::claim(member, service)?;
-    admit(member, service, cp)?;
+    match admit(member, service, cp) {
+        // etcd away: the checkpoint travels now and is admitted (or
+        // refused) once etcd answers, before it counts as held.
+        Err(HaError::Etcd { detail, .. }) => {
+            tracing::debug!(
+                service,
+                generation = cp.generation,
+                detail,
+                "etcd unreachable: receiving the checkpoint before its token is checked"
+            )
+        }
+        admitted => admitted?,
+    }
     let held: Vec<Link> = member
         .holdings
         .lock()
@@ -311,7 +327,7 @@ fn receive(
         });
     }
     // The leader may have changed while the chain travelled: check again.
-    admit(member, service, cp)?;
+    admit_when_etcd_answers(member, service, cp)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let record = StandbyRecord {
         host: member.name().to_string(),
@@ -366,7 +382,7 @@ fn receive(
             source,
         })?;
         archive::unpack(&opened, ready.path(), threads, &NoProgress).map_err(bad)?;
-        admit(member, service, cp)?;
+        admit_when_etcd_answers(member, service, cp)?;
         holdings = member.holdings.lock().map_err(|_| HaError::Refused {
             why: "internal lock poisoned".into(),
         })?;
@@ -400,6 +416,25 @@ fn receive(
     );
     tracing::info!(service, generation = cp.generation, token = cp.token, leader = %cp.leader, kept = keep.len() - files.len(), received = files.len(), verify_ms, "checkpoint verified; newest held here");
     Ok(verify_ms)
+}
+
+/// [`admit`], waiting (up to [`ADMIT_WAIT`]) while etcd cannot be read: a
+/// checkpoint a leader took while etcd was away is admitted as soon as
+/// etcd answers again, if that leader's key is still the current one.
+fn admit_when_etcd_answers(
+    member: &Member,
+    service: &str,
+    cp: &CheckpointRecord,
+) -> Result<(), HaError> {
+    let deadline = Instant::now() + ADMIT_WAIT;
+    loop {
+        match admit(member, service, cp) {
+            Err(HaError::Etcd { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(ADMIT_RETRY)
+            }
+            done => return done,
+        }
+    }
 }
 
 /// Refuses a checkpoint whose leader is not the current one.

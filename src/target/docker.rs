@@ -234,10 +234,21 @@ pub fn restore(
         .join(&id)
         .join("checkpoints")
         .join(&checkpoint);
-    place(images, &dir)?;
     let before = engine_copies(&root);
-    let started = start_from_checkpoint(&api.socket, &id, &checkpoint);
-    let _ = fs::remove_dir_all(&dir);
+    let start = |whole: bool| -> Result<(bool, Result<(), DockerError>), DockerError> {
+        let referring = place(images, &dir, whole)?;
+        let started = start_from_checkpoint(&api.socket, &id, &checkpoint);
+        let _ = fs::remove_dir_all(&dir);
+        Ok((referring, started))
+    };
+    let mut started = start(false)?;
+    // An engine whose restore cannot reach the images from its checkpoint
+    // directory (one in a mount namespace of its own) gets them whole.
+    if let (true, Err(e)) = &started {
+        tracing::warn!(error = %e, "the engine's restore from a checkpoint referring to its pages failed: placing it whole");
+        started = start(true)?;
+    }
+    let started = started.1;
     remove_engine_copies(&root, &before, images);
     started?;
     let c = api
@@ -276,14 +287,15 @@ fn create_with(api: &Api, name: &str, body: ContainerCreateBody) -> Result<Strin
     Ok(r.id)
 }
 
-/// Places the images in Docker's checkpoint directory: as images that
-/// refer to `images` for their pages (`image::referring`), so that the
-/// engine's copy through containerd is of the metadata only; or, where
-/// they cannot be referred to, linked (or copied) whole.
-fn place(images: &Path, dir: &Path) -> Result<(), DockerError> {
-    if crate::image::referring::write(images, dir)? {
+/// Places the images in Docker's checkpoint directory: unless `whole`, as
+/// images that refer to `images` for their pages (`image::referring`), so
+/// that the engine's copy through containerd is of the metadata only;
+/// otherwise, or where they cannot be referred to, linked (or copied)
+/// whole. Returns whether they refer.
+fn place(images: &Path, dir: &Path, whole: bool) -> Result<bool, DockerError> {
+    if !whole && crate::image::referring::write(images, dir)? {
         tracing::debug!(dir = %dir.display(), "placed the checkpoint referring to its pages");
-        return Ok(());
+        return Ok(true);
     }
     let fail = |source| DockerError::Place {
         path: dir.to_path_buf(),
@@ -299,7 +311,7 @@ fn place(images: &Path, dir: &Path) -> Result<(), DockerError> {
             }
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Where the engine leaves its own copies of a checkpoint it restored

@@ -171,6 +171,23 @@ impl AgentProc {
         let _ = self.child.wait();
     }
 
+    /// SIGKILL to the agent and to everything it started that still
+    /// descends from it (a runc or CRIU restore in flight), as if its host
+    /// died: nothing it began comes up afterwards.
+    pub fn kill_tree(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let pid = self.child.id() as i32;
+        // Stopped first, so that none forks between the listing and the kill.
+        for p in ferry::process::tree(pid).unwrap_or_default() {
+            let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
+        }
+        for p in ferry::process::tree(pid).unwrap_or_default() {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        self.kill();
+    }
+
     /// SIGTERM, and the exit status within `timeout`.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = nix::sys::signal::kill(
