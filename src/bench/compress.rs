@@ -271,7 +271,7 @@ impl CompressBench {
             }
         }
         let restore = if self.restore {
-            Some(self.restore(criu, &images, work.path(), &report, w.pid())?)
+            Some(self.restore(criu, &images, work.path(), &report, w.pid(), log)?)
         } else {
             None
         };
@@ -471,6 +471,7 @@ impl CompressBench {
         work: &Path,
         report: &Path,
         pid: i32,
+        log: &mut dyn FnMut(&str),
     ) -> Result<RestoreResult, BenchError> {
         let level = archive::DEFAULT_LEVEL;
         let arch = work.join("restore.ferry");
@@ -515,6 +516,13 @@ impl CompressBench {
             )?;
             arch_samples.push(start.elapsed());
             unpack_samples.push(r.unpack.wall);
+            log(&format!(
+                "restore, run {} of {}: from images dir {:.0} ms, from archive {:.0} ms",
+                dir_samples.len(),
+                self.repeat,
+                dir_samples.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+                start.elapsed().as_secs_f64() * 1e3
+            ));
             stop(Workload::adopt(r.restore.pid, report), pid)?;
         }
         let _ = fs::remove_file(&arch);

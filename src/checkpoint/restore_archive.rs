@@ -69,6 +69,7 @@ pub fn restore_from_archive(
         source,
     };
     let chain = Chain::open(archive, opts.parent).map_err(bad)?;
+    let opened = start.elapsed();
     let source = StreamSource::new(&chain, opts.threads, opts.progress).map_err(bad)?;
     let head = chain.head();
     let mut listing = Vec::new();
@@ -104,8 +105,10 @@ pub fn restore_from_archive(
             source,
         })?;
     }
+    let staged = start.elapsed();
     let gpu_record = gpu_gate(&images)?;
     let streamer = Streamer::listen(&images).map_err(stream_error(archive))?;
+    let prepared = start.elapsed();
     let mut req = req.clone();
     req.images_dir = images.clone();
     req.consume_images = false;
@@ -161,7 +164,7 @@ pub fn restore_from_archive(
         Err(e) => return Err(e),
     };
     let (check, served) = served.map_err(stream_error(archive))?;
-    tracing::debug!(?check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
+    tracing::debug!(?opened, ?staged, ?prepared, ?check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
     let unpack = UnpackReport {
         wall: served.wall + check,
         threads: source.threads(),
