@@ -160,9 +160,18 @@ impl Etcd {
 
     /// Every key under `prefix`, and the store's revision.
     pub fn get_prefix(&self, prefix: &str) -> Result<(Vec<Entry>, i64), HaError> {
+        self.get_prefix_within(prefix, CALL_TIMEOUT)
+    }
+
+    /// [`Etcd::get_prefix`], waiting at most `timeout`.
+    pub fn get_prefix_within(
+        &self,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<(Vec<Entry>, i64), HaError> {
         let mut c = self.client()?;
         let prefix = prefix.to_string();
-        let r = self.call("read the cluster state", async move {
+        let r = self.call_within("read the cluster state", timeout, async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
         })?;
         let revision = r.header().map(|h| h.revision()).unwrap_or(0);

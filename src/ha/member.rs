@@ -331,10 +331,27 @@ impl Member {
 
     /// Reads the whole cluster.
     pub fn view(&self) -> Result<ClusterView, HaError> {
+        self.view_within(super::etcd::CALL_TIMEOUT)
+    }
+
+    /// [`Member::view`], waiting at most `timeout`.
+    fn view_within(&self, timeout: Duration) -> Result<ClusterView, HaError> {
         let (entries, revision) = self
             .etcd
-            .get_prefix(&keys::cluster_prefix(self.cluster()))?;
+            .get_prefix_within(&keys::cluster_prefix(self.cluster()), timeout)?;
         Ok(ClusterView::parse(self.cluster(), &entries, revision))
+    }
+
+    /// How long the role loop waits for its read of the cluster: a leader
+    /// no longer than a quarter TTL, so that it notices an overdue renewal
+    /// in time to checkpoint before fencing (a read that times out only
+    /// means a round on the last view).
+    fn view_timeout(&self, leading: bool) -> Duration {
+        let ttl = self.lease.lock().ok().and_then(|l| *l).map(|l| l.ttl);
+        match ttl {
+            Some(ttl) if leading => (ttl / 4).min(super::etcd::CALL_TIMEOUT),
+            _ => super::etcd::CALL_TIMEOUT,
+        }
     }
 
     fn heartbeat(&self, lease: i64) -> Result<(), HaError> {
@@ -379,7 +396,8 @@ impl Member {
                 None
             } else {
                 let t_view = Instant::now();
-                let read = self.view();
+                let leading = runs.values().any(ServiceRun::is_leading);
+                let read = self.view_within(self.view_timeout(leading));
                 if t_view.elapsed() > SLOW_POLL {
                     tracing::info!(
                         ms = t_view.elapsed().as_millis() as u64,
