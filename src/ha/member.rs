@@ -44,6 +44,11 @@ impl Lease {
     fn deadline(&self) -> Instant {
         self.renewed + self.ttl
     }
+
+    /// When fencing pauses the led services without a renewal.
+    fn pause_at(&self) -> Instant {
+        self.renewed + self.ttl * 3 / 4
+    }
 }
 
 /// A service this host leads, as the fencing sees it.
@@ -148,32 +153,35 @@ impl Member {
         &self.config.cluster
     }
 
+    /// The lease as this host knows it, if it has one.
+    fn lease(&self) -> Option<Lease> {
+        self.lease.lock().ok().and_then(|l| *l)
+    }
+
     /// The lease id while the lease is valid by this host's reckoning.
     pub fn lease_id(&self) -> Option<i64> {
-        let lease = (*self.lease.lock().ok()?)?;
+        let lease = self.lease()?;
         (Instant::now() < lease.deadline()).then_some(lease.id)
     }
 
     /// Whether the lease has time left for an action of `need`.
     pub fn lease_valid_for(&self, need: Duration) -> bool {
-        let Ok(l) = self.lease.lock() else {
-            return false;
-        };
-        l.is_some_and(|l| Instant::now() + need < l.deadline())
+        self.lease()
+            .is_some_and(|l| Instant::now() + need < l.deadline())
     }
 
     /// Whether a renewal of the lease is overdue (etcd away or out of
     /// reach); false without a lease (there is nothing to renew).
     pub fn renewal_overdue(&self) -> bool {
-        let lease = self.lease.lock().ok().and_then(|l| *l);
-        lease.is_some_and(|l| l.renewed.elapsed() > l.ttl / 4 + RENEWAL_MARGIN)
+        self.lease()
+            .is_some_and(|l| l.renewed.elapsed() > l.ttl / 4 + RENEWAL_MARGIN)
     }
 
     /// Whether fencing leaves the led services alone (does not pause them)
     /// for `need` from now, on the renewals confirmed so far.
     pub fn unfenced_for(&self, need: Duration) -> bool {
-        let lease = self.lease.lock().ok().and_then(|l| *l);
-        lease.is_some_and(|l| Instant::now() + need < l.renewed + l.ttl * 3 / 4)
+        self.lease()
+            .is_some_and(|l| Instant::now() + need < l.pause_at())
     }
 
     /// The directory of one service's HA files.
@@ -222,7 +230,7 @@ impl Member {
             tracing::info!(service = %svc, "agent stopping: stopping the service it leads");
             l.copy.delete();
         }
-        if let Some(id) = self.lease.lock().ok().and_then(|l| l.map(|l| l.id)) {
+        if let Some(id) = self.lease().map(|l| l.id) {
             if let Err(e) = self.etcd.revoke(id) {
                 tracing::warn!(error = %e, "cannot revoke the lease; it expires by itself");
             }
@@ -233,7 +241,7 @@ impl Member {
     fn keep_lease(&self) {
         let mut failing = false;
         while !self.stop.load(Ordering::Relaxed) {
-            let Some(lease) = self.lease.lock().ok().and_then(|l| *l) else {
+            let Some(lease) = self.lease() else {
                 self.regain_lease();
                 std::thread::sleep(POLL);
                 continue;
@@ -295,10 +303,10 @@ impl Member {
     /// 3/4 of the TTL without renewal they are paused, at the deadline
     /// deleted, and thawed when a renewal gets through in time.
     fn fence(&self) {
-        let lease = self.lease.lock().ok().and_then(|l| *l);
+        let lease = self.lease();
         let now = Instant::now();
         let (doubt, lost) = match lease {
-            Some(l) => (now >= l.renewed + l.ttl * 3 / 4, now >= l.deadline()),
+            Some(l) => (now >= l.pause_at(), now >= l.deadline()),
             None => (true, true),
         };
         let Ok(mut led) = self.led.lock() else {
@@ -347,8 +355,7 @@ impl Member {
     /// in time to checkpoint before fencing (a read that times out only
     /// means a round on the last view).
     fn view_timeout(&self, leading: bool) -> Duration {
-        let ttl = self.lease.lock().ok().and_then(|l| *l).map(|l| l.ttl);
-        match ttl {
+        match self.lease().map(|l| l.ttl) {
             Some(ttl) if leading => (ttl / 4).min(super::etcd::CALL_TIMEOUT),
             _ => super::etcd::CALL_TIMEOUT,
         }

@@ -75,10 +75,8 @@ pub fn write(images: &Path, dir: &Path) -> Result<bool, ImageError> {
             if is_task_pagemap(name) || emptied.contains(name) {
                 continue;
             }
-            let (from, to) = (images.join(name), dir.join(name));
-            if fs::hard_link(&from, &to).is_err() {
-                fs::copy(&from, &to).map_err(|e| ImageError::io(&to, e))?;
-            }
+            let to = dir.join(name);
+            link_or_copy(&images.join(name), &to).map_err(|e| ImageError::io(&to, e))?;
         }
         let link = dir.join("parent");
         std::os::unix::fs::symlink(parent_link(&images), &link)
@@ -89,6 +87,15 @@ pub fn write(images: &Path, dir: &Path) -> Result<bool, ImageError> {
         return Err(e);
     }
     Ok(true)
+}
+
+/// Hard-links `from` to `to`, or copies it where a link cannot be made
+/// (another file system).
+pub fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    if fs::hard_link(from, to).is_err() {
+        fs::copy(from, to)?;
+    }
+    Ok(())
 }
 
 /// `pagemap-<pid>.img`, not `pagemap-shmem-<id>.img`.

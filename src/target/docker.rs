@@ -305,10 +305,8 @@ fn place(images: &Path, dir: &Path, whole: bool) -> Result<bool, DockerError> {
     for entry in fs::read_dir(images).map_err(fail)? {
         let entry = entry.map_err(fail)?;
         if entry.file_type().map_err(fail)?.is_file() {
-            let to = dir.join(entry.file_name());
-            if fs::hard_link(entry.path(), &to).is_err() {
-                fs::copy(entry.path(), &to).map_err(fail)?;
-            }
+            crate::image::referring::link_or_copy(&entry.path(), &dir.join(entry.file_name()))
+                .map_err(fail)?;
         }
     }
     Ok(false)
