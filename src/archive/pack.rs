@@ -94,12 +94,23 @@ impl PackReport {
 }
 
 /// Packs `dir` into `path`, written under a temporary name and renamed when
-/// complete and synced: `path` never holds a partial archive.
+/// complete and synced: `path` never holds a partial archive. A `path`
+/// that is a device, a FIFO or a socket (`/dev/null`, a named pipe) is
+/// written in place: renaming over it would replace it with a file.
 pub fn pack_to_file(
     dir: &Path,
     path: &Path,
     opts: &PackOptions,
 ) -> Result<PackReport, ArchiveError> {
+    if let Ok(meta) = fs::metadata(path) {
+        if !meta.is_file() && !meta.is_dir() {
+            let out = fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| ArchiveError::io("open", path, e))?;
+            return pack_dir(dir, BufWriter::with_capacity(1 << 16, out), None, opts);
+        }
+    }
     let parent_dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

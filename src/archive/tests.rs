@@ -116,6 +116,30 @@ fn streams_to_a_writer_and_reads_from_memory() {
 }
 
 #[test]
+fn packing_into_a_fifo_writes_through_it_and_leaves_it_a_fifo() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("images");
+    images(&dir, 300, 1);
+    let fifo = tmp.path().join("out.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || fs::read(fifo).unwrap())
+    };
+    let report = pack_to_file(&dir, &fifo, &opts(None, 2)).unwrap();
+    // Checked before joining: a reader of a replaced FIFO would wait forever.
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    let bytes = reader.join().unwrap();
+    assert_eq!(bytes.len() as u64, report.archive_bytes);
+    let names: Vec<_> = fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 2, "no temporary file left: {names:?}");
+}
+
+#[test]
 fn incremental_chain_of_three_stores_only_what_changed() {
     let t = tempfile::tempdir().unwrap();
     let (d0, d1, d2) = (
