@@ -43,6 +43,8 @@ const IN_FLIGHT_PER_THREAD: usize = 8;
 /// about one piece per thread and cannot split a piece once it runs: one
 /// thread was left digesting 256 MiB alone while the other idled.
 const DIGEST_BATCH_PAGES: usize = 1024;
+/// Bytes of a mapped file unmapped at once behind the writer.
+const RELEASE_STEP: usize = 64 << 20;
 /// zstd level of the index. It is mostly page digests, which do not
 /// compress, and runs, which do by repetition: a negative level finds the
 /// repetitions but skips entropy coding, which spent its time on the
@@ -311,18 +313,6 @@ impl Bytes {
     }
 }
 
-impl Bytes {
-    /// Unmaps a range no job reads again, from the thread that read it
-    /// last: page tables are then torn down by every worker as it goes
-    /// rather than by one thread at the end. Advisory: a range left mapped
-    /// is unmapped with the rest.
-    fn release(&self, range: std::ops::Range<usize>) {
-        if let Bytes::Mapped(m) = self {
-            let _ = release_range(m, range);
-        }
-    }
-}
-
 impl std::ops::Deref for Bytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -368,10 +358,6 @@ enum Job {
         file: usize,
         first_slot: u32,
         pages: Vec<u32>,
-        /// The first page of the span this job ends, which no later job
-        /// reads: from the end of the previous job of the file, so that the
-        /// spans of a file's jobs are disjoint and cover it up to the last.
-        span_first: u32,
     },
     Data {
         file: usize,
@@ -382,25 +368,6 @@ enum Job {
 
 /// Hands a planned job to the pipeline; returns its chunk id.
 type Emit<'e> = dyn FnMut(Job) -> Result<u32, ArchiveError> + 'e;
-
-/// Emits the pending pages as one job; returns where the next job's span
-/// begins.
-fn emit_pages(
-    emit: &mut Emit,
-    file: usize,
-    first_slot: u32,
-    pending: &mut Vec<u32>,
-    span_first: u32,
-) -> Result<u32, ArchiveError> {
-    let next = pending.last().map_or(span_first, |p| p + 1);
-    emit(Job::Pages {
-        file,
-        first_slot,
-        pages: std::mem::take(pending),
-        span_first,
-    })?;
-    Ok(next)
-}
 
 /// The page decisions: which digests are stored where.
 struct Planner {
@@ -456,7 +423,6 @@ impl Planner {
         let mut runs = Runs::default();
         let mut pending: Vec<u32> = Vec::new();
         let mut pending_first = 0u32;
-        let mut span_first = 0u32;
         for (i, d) in digests.iter().enumerate() {
             self.counts.pages += 1;
             let Some(d) = *d else {
@@ -483,11 +449,19 @@ impl Planner {
             }
             pending.push(i as u32);
             if pending.len() == CHUNK_PAGES {
-                span_first = emit_pages(emit, file, pending_first, &mut pending, span_first)?;
+                emit(Job::Pages {
+                    file,
+                    first_slot: pending_first,
+                    pages: std::mem::take(&mut pending),
+                })?;
             }
         }
         if !pending.is_empty() {
-            emit_pages(emit, file, pending_first, &mut pending, span_first)?;
+            emit(Job::Pages {
+                file,
+                first_slot: pending_first,
+                pages: pending,
+            })?;
         }
         let size = src.bytes.len() as u64;
         let checksum = file_checksum(digests.iter().map(|d| d.unwrap_or(zero)), size);
@@ -576,6 +550,9 @@ struct Compressed {
     codec: Codec,
     raw_len: u32,
     first_slot: u32,
+    /// Where the job's reads of its file ended: no later job of the file
+    /// reads before it.
+    read_to: usize,
     payload: Vec<u8>,
 }
 
@@ -636,12 +613,11 @@ impl Workers<'_> {
     fn compress_with(&self, scratch: &mut Scratch, job: &Job) -> Result<Compressed, ArchiveError> {
         let raw = &mut scratch.raw;
         raw.clear();
-        let (file, kind, first_slot) = match job {
+        let (file, kind, first_slot, read_to) = match job {
             Job::Pages {
                 file,
                 first_slot,
                 pages,
-                span_first,
             } => {
                 let src = &self.files[*file].bytes;
                 let mut i = 0;
@@ -656,16 +632,12 @@ impl Workers<'_> {
                     raw.extend_from_slice(&src[a..b]);
                     i = j;
                 }
-                if let Some(last) = pages.last() {
-                    src.release(*span_first as usize * PAGE_SIZE..(*last as usize + 1) * PAGE_SIZE);
-                }
-                (*file, ChunkKind::Pages, *first_slot)
+                let read_to = pages.last().map_or(0, |p| (*p as usize + 1) * PAGE_SIZE);
+                (*file, ChunkKind::Pages, *first_slot, read_to)
             }
             Job::Data { file, start, len } => {
-                let src = &self.files[*file].bytes;
-                raw.extend_from_slice(&src[*start..*start + *len]);
-                src.release(*start..*start + *len);
-                (*file, ChunkKind::FileData, 0)
+                raw.extend_from_slice(&self.files[*file].bytes[*start..*start + *len]);
+                (*file, ChunkKind::FileData, 0, *start + *len)
             }
         };
         let mut out = self.buffers.take().unwrap_or_default();
@@ -693,6 +665,7 @@ impl Workers<'_> {
             codec,
             raw_len,
             first_slot,
+            read_to,
             payload: out,
         })
     }
@@ -720,9 +693,12 @@ where
     };
     if threads == 1 {
         let mut next = 0u32;
+        let mut released = Released::new(files);
         let planned = plan(&mut |job: Job| {
             let c = workers.compress(&job)?;
+            let (file, read_to) = (c.file, c.read_to);
             workers.buffers.give(writer.append(c)?);
+            released.written(file, read_to);
             next += 1;
             Ok(next - 1)
         })?;
@@ -736,7 +712,7 @@ where
     }
     let workers = &workers;
     std::thread::scope(|s| {
-        let handle = s.spawn(move || write_in_order(writer, done_rx, permit_tx, &workers.buffers));
+        let handle = s.spawn(move || write_in_order(writer, done_rx, permit_tx, workers));
         let planned = pool.in_place_scope(|scope| {
             let mut next = 0usize;
             plan(&mut |job: Job| {
@@ -774,19 +750,56 @@ fn write_in_order<'a, W: Write>(
     mut writer: ChunkWriter<'a, W>,
     done: Receiver<(usize, Result<Compressed, ArchiveError>)>,
     permits: SyncSender<()>,
-    buffers: &Reuse<Vec<u8>>,
+    workers: &Workers,
 ) -> Result<ChunkWriter<'a, W>, ArchiveError> {
     let mut pending = BTreeMap::new();
     let mut next = 0;
+    let mut released = Released::new(workers.files);
     for (k, c) in done {
         pending.insert(k, c);
         while let Some(c) = pending.remove(&next) {
-            buffers.give(writer.append(c?)?);
+            let c = c?;
+            let (file, read_to) = (c.file, c.read_to);
+            workers.buffers.give(writer.append(c)?);
             let _ = permits.send(());
+            released.written(file, read_to);
             next += 1;
         }
     }
     Ok(writer)
+}
+
+/// Unmaps the parts of mapped files that every job has finished reading,
+/// in steps of [`RELEASE_STEP`], as their chunks are written: the page
+/// tables of a 1 GiB image then go while the pool compresses, rather than
+/// in one 30 ms munmap after the last chunk. Large steps keep the TLB
+/// shootdowns few (one call per job cost more than it saved on 2 vCPUs).
+struct Released<'f> {
+    files: &'f [Source],
+    upto: Vec<usize>,
+}
+
+impl<'f> Released<'f> {
+    fn new(files: &'f [Source]) -> Self {
+        Released {
+            files,
+            upto: vec![0; files.len()],
+        }
+    }
+
+    /// A chunk of `file` was written, and every job before it is done:
+    /// nothing before `read_to` is read again.
+    fn written(&mut self, file: usize, read_to: usize) {
+        let Bytes::Mapped(map) = &self.files[file].bytes else {
+            return;
+        };
+        let from = self.upto[file];
+        if read_to >= from + RELEASE_STEP {
+            // Advisory: a range left mapped goes with the whole map.
+            let _ = release_range(map, from..read_to);
+            self.upto[file] = read_to;
+        }
+    }
 }
 
 /// Appends chunks to the output, recording where each went.
