@@ -32,7 +32,7 @@ use super::format::{
     VERSION_MAJOR, VERSION_MINOR,
 };
 use super::{ArchiveError, Progress, CHUNK_PAGES};
-use crate::page::is_zero;
+use crate::page::{is_zero, looks_random};
 use crate::sys::mmap::{map_readonly, release_range};
 use crate::PAGE_SIZE;
 
@@ -371,10 +371,22 @@ type Emit<'e> = dyn FnMut(Job) -> Result<u32, ArchiveError> + 'e;
 
 /// The page decisions: which digests are stored where.
 struct Planner {
-    /// Where each digest is stored: (source, slot).
+    /// Where each digest is stored: (source, slot) in an ancestor, or
+    /// (SOURCE_GEN_BASE, id) here, the id's slot in `slot_of`.
     known: DigestMap<(u32, u32)>,
+    /// The slot of each page stored here, by id (ids are given in page
+    /// order, slots in chunk order).
+    slot_of: Vec<u32>,
     slot_digests: Vec<Digest>,
     counts: Counts,
+}
+
+/// New pages of one entropy class waiting for a chunk.
+#[derive(Default)]
+struct Pending {
+    pages: Vec<u32>,
+    ids: Vec<u32>,
+    digests: Vec<Digest>,
 }
 
 impl Planner {
@@ -394,6 +406,7 @@ impl Planner {
         }
         Planner {
             known,
+            slot_of: Vec::new(),
             slot_digests: Vec::new(),
             counts: Counts::default(),
         }
@@ -410,61 +423,67 @@ impl Planner {
         let total = src.bytes.len() / PAGE_SIZE;
         self.known.reserve(total);
         self.slot_digests.reserve(total);
-        // Digests of the whole image first, on all threads; then the
-        // decisions, page by page on this thread, while the pool compresses
-        // the chunks already decided.
-        let digests: Vec<Option<Digest>> = pool.install(|| {
+        // Digests (and entropy classes) of the whole image first, on all
+        // threads; then the decisions, page by page on this thread, while
+        // the pool compresses the chunks already decided.
+        let scanned: Vec<Option<(Digest, bool)>> = pool.install(|| {
             src.bytes
                 .par_chunks(PAGE_SIZE)
                 .with_max_len(DIGEST_BATCH_PAGES)
-                .map(|p| if is_zero(p) { None } else { Some(digest(p)) })
+                .map(|p| (!is_zero(p)).then(|| (digest(p), looks_random(p))))
                 .collect()
         });
-        let mut runs = Runs::default();
-        let mut pending: Vec<u32> = Vec::new();
-        let mut pending_first = 0u32;
-        for (i, d) in digests.iter().enumerate() {
+        // Per page: zero, stored in an ancestor (source, slot), or stored
+        // here (SOURCE_GEN_BASE, id), its slot known once its chunk is
+        // planned.
+        let mut refs: Vec<(u32, u32)> = Vec::with_capacity(total);
+        let mut pending = [Pending::default(), Pending::default()];
+        for (i, p) in scanned.iter().enumerate() {
             self.counts.pages += 1;
-            let Some(d) = *d else {
+            let Some((d, random)) = *p else {
                 self.counts.zero += 1;
-                runs.push(SOURCE_ZERO, 0);
+                refs.push((SOURCE_ZERO, 0));
                 continue;
             };
-            if let Some(&(source, slot)) = self.known.get(&d) {
-                if source == SOURCE_GEN_BASE {
+            if let Some(&stored) = self.known.get(&d) {
+                if stored.0 == SOURCE_GEN_BASE {
                     self.counts.duplicate += 1;
                 } else {
                     self.counts.parent += 1;
                 }
-                runs.push(source, slot);
+                refs.push(stored);
                 continue;
             }
-            let slot = self.slot_digests.len() as u32;
-            self.slot_digests.push(d);
-            self.known.insert(d, (SOURCE_GEN_BASE, slot));
+            let id = self.slot_of.len() as u32;
+            self.slot_of.push(u32::MAX);
+            self.known.insert(d, (SOURCE_GEN_BASE, id));
             self.counts.new += 1;
-            runs.push(SOURCE_GEN_BASE, slot);
-            if pending.is_empty() {
-                pending_first = slot;
-            }
-            pending.push(i as u32);
-            if pending.len() == CHUNK_PAGES {
-                emit(Job::Pages {
-                    file,
-                    first_slot: pending_first,
-                    pages: std::mem::take(&mut pending),
-                })?;
+            refs.push((SOURCE_GEN_BASE, id));
+            // Random-looking pages go into chunks of their own: zstd then
+            // gives up on them quickly, and the other pages compress
+            // better without them.
+            let group = &mut pending[usize::from(random)];
+            group.pages.push(i as u32);
+            group.ids.push(id);
+            group.digests.push(d);
+            if group.pages.len() == CHUNK_PAGES {
+                self.plan_chunk(file, group, emit)?;
             }
         }
-        if !pending.is_empty() {
-            emit(Job::Pages {
-                file,
-                first_slot: pending_first,
-                pages: pending,
-            })?;
+        for group in &mut pending {
+            self.plan_chunk(file, group, emit)?;
+        }
+        let mut runs = Runs::default();
+        for &(source, at) in &refs {
+            let slot = if source == SOURCE_GEN_BASE {
+                self.slot_of[at as usize]
+            } else {
+                at
+            };
+            runs.push(source, slot);
         }
         let size = src.bytes.len() as u64;
-        let checksum = file_checksum(digests.iter().map(|d| d.unwrap_or(zero)), size);
+        let checksum = file_checksum(scanned.iter().map(|p| p.map_or(zero, |(d, _)| d)), size);
         Ok(FileEntry {
             name: src.name.clone(),
             size,
@@ -475,6 +494,31 @@ impl Planner {
             run_lens: runs.lens,
             run_slots: runs.slots,
         })
+    }
+
+    /// Gives the pending pages the next slots, in order, and emits them as
+    /// one chunk job.
+    fn plan_chunk(
+        &mut self,
+        file: usize,
+        group: &mut Pending,
+        emit: &mut Emit,
+    ) -> Result<(), ArchiveError> {
+        if group.pages.is_empty() {
+            return Ok(());
+        }
+        let first_slot = self.slot_digests.len() as u32;
+        for (k, &id) in group.ids.iter().enumerate() {
+            self.slot_of[id as usize] = first_slot + k as u32;
+        }
+        self.slot_digests.append(&mut group.digests);
+        group.ids.clear();
+        emit(Job::Pages {
+            file,
+            first_slot,
+            pages: std::mem::take(&mut group.pages),
+        })?;
+        Ok(())
     }
 
     fn plan_data(

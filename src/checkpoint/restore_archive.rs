@@ -165,6 +165,14 @@ pub fn restore_from_archive(
     };
     let (check, served) = served.map_err(stream_error(archive))?;
     tracing::debug!(?opened, ?staged, ?prepared, ?check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
+    if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+        tracing::debug!(
+            user_ms = ms(u.user_time()),
+            sys_ms = ms(u.system_time()),
+            "restore from archive: ferry's own CPU"
+        );
+    }
     let unpack = UnpackReport {
         wall: served.wall + check,
         threads: source.threads(),
