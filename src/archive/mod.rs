@@ -87,6 +87,25 @@ fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, ArchiveError> {
         .map_err(|source| ArchiveError::Threads { threads, source })
 }
 
+/// Nice value of the threads that decompress for a restoring CRIU.
+const FEEDER_NICE: i32 = 10;
+
+/// A pool whose threads give way to CRIU when both want a CPU: CRIU
+/// restores memory on one thread, and every slice it loses to a
+/// decompressing thread is added to the restore's wall time, while the
+/// decompression only has to stay ahead of it.
+fn feeder_pool(threads: usize) -> Result<rayon::ThreadPool, ArchiveError> {
+    let threads = threads.max(1);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .start_handler(|_| {
+            // Advisory: at normal priority the restore is only slower.
+            let _ = crate::sys::sched::set_this_thread_nice(FEEDER_NICE);
+        })
+        .build()
+        .map_err(|source| ArchiveError::Threads { threads, source })
+}
+
 pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
 }

@@ -67,7 +67,7 @@ impl<'c> StreamSource<'c> {
     ) -> Result<StreamSource<'c>, ArchiveError> {
         Ok(StreamSource {
             chain,
-            pool: super::thread_pool(threads)?,
+            pool: super::feeder_pool(threads)?,
             progress,
             layouts: OnceLock::new(),
             chunks_read: AtomicUsize::new(0),

@@ -9,6 +9,7 @@ pub mod mmap;
 pub mod net;
 pub mod pipe;
 pub mod procmem;
+pub mod sched;
 pub mod seqpacket;
 pub mod sockdiag;
 pub mod spawn;
