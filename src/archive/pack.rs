@@ -190,20 +190,6 @@ pub fn pack_dir<W: Write + Send>(
     };
     let writer = ChunkWriter::new(out, header, opts.progress)?;
     let mut planner = Planner::new(parent.as_ref());
-    let (mut writer, entries) = run_pipeline(&pool, writer, threads, opts.level, &files, |emit| {
-        files
-            .iter()
-            .enumerate()
-            .map(|(fi, f)| {
-                if f.pages {
-                    planner.plan_pages(&pool, fi, f, emit)
-                } else {
-                    planner.plan_data(&pool, fi, f, emit)
-                }
-            })
-            .collect::<Result<Vec<FileEntry>, ArchiveError>>()
-    })?;
-    tracing::debug!(elapsed = ?start.elapsed(), "pack: chunks written");
     let parent_ref = parent.as_ref().map(|c| {
         let head = c.head();
         ParentRef {
@@ -212,20 +198,50 @@ pub fn pack_dir<W: Write + Send>(
             slots: head.slots(),
         }
     });
-    let ancestry: Vec<Vec<u8>> = match &parent {
-        Some(c) => std::iter::once(c.head().id().to_vec())
-            .chain(c.head().index().ancestry.iter().cloned())
-            .collect(),
-        None => Vec::new(),
-    };
-    let raw_bytes: u64 = entries.iter().map(|f| f.size).sum();
+    let (mut writer, (index, raw_bytes)) =
+        run_pipeline(&pool, writer, threads, opts.level, &files, |emit| {
+            let entries = files
+                .iter()
+                .enumerate()
+                .map(|(fi, f)| {
+                    if f.pages {
+                        planner.plan_pages(&pool, fi, f, emit)
+                    } else {
+                        planner.plan_data(&pool, fi, f, emit)
+                    }
+                })
+                .collect::<Result<Vec<FileEntry>, ArchiveError>>()?;
+            // While the pool compresses the last chunks: all of the index
+            // but the chunk list and the statistics, encoded and compressed.
+            let raw_bytes: u64 = entries.iter().map(|f| f.size).sum();
+            let ancestry: Vec<Vec<u8>> = match &parent {
+                Some(c) => std::iter::once(c.head().id().to_vec())
+                    .chain(c.head().index().ancestry.iter().cloned())
+                    .collect(),
+                None => Vec::new(),
+            };
+            let head = Index {
+                files: entries,
+                slot_digests: digest_bytes(&planner.slot_digests),
+                parent: parent_ref.clone(),
+                ancestry,
+                ferry_version: env!("CARGO_PKG_VERSION").to_string(),
+                created_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                source: opts.source.clone(),
+                page_size: PAGE_SIZE as u32,
+                gpu: crate::gpu::GpuRecord::read(dir).as_ref().map(Into::into),
+                ..Default::default()
+            };
+            Ok((IndexEncoder::start(&head)?, raw_bytes))
+        })?;
+    tracing::debug!(elapsed = ?start.elapsed(), "pack: chunks written");
     let counts = planner.counts;
-    let index = Index {
+    // Protobuf reads concatenated encodings of a message as one message
+    // with the fields of both: the rest of the index follows the head.
+    let rest = Index {
         chunks: std::mem::take(&mut writer.chunks),
-        files: entries,
-        slot_digests: digest_bytes(&planner.slot_digests),
-        parent: parent_ref.clone(),
-        ancestry,
         stats: Some(PackStats {
             wall_us: start.elapsed().as_micros() as u64,
             level: opts.level,
@@ -233,16 +249,10 @@ pub fn pack_dir<W: Write + Send>(
             raw_bytes,
             stored_bytes: writer.offset,
         }),
-        ferry_version: env!("CARGO_PKG_VERSION").to_string(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64),
-        source: opts.source.clone(),
-        page_size: PAGE_SIZE as u32,
-        gpu: crate::gpu::GpuRecord::read(dir).as_ref().map(Into::into),
+        ..Default::default()
     };
-    let chunks = index.chunks.len();
-    let archive_bytes = writer.finish(&index)?;
+    let chunks = rest.chunks.len();
+    let archive_bytes = writer.finish(index.finish(&rest)?)?;
     tracing::debug!(elapsed = ?start.elapsed(), "pack: index written");
     Ok(PackReport {
         wall: start.elapsed(),
@@ -893,28 +903,57 @@ impl<'a, W: Write> ChunkWriter<'a, W> {
     }
 
     /// Writes index and trailer; returns the archive's length.
-    fn finish(mut self, index: &Index) -> Result<u64, ArchiveError> {
-        let raw = index.encode_to_vec();
-        let stored =
-            zstd::bulk::compress(&raw, INDEX_LEVEL).map_err(|source| ArchiveError::Compress {
-                level: INDEX_LEVEL,
-                source,
-            })?;
+    fn finish(mut self, (stored, raw_len): (Vec<u8>, u64)) -> Result<u64, ArchiveError> {
         tracing::debug!(
-            raw = raw.len(),
+            raw = raw_len,
             stored = stored.len(),
             "pack: index compressed"
         );
         let trailer = Trailer {
             index_offset: self.offset,
             index_len: stored.len() as u64,
-            index_raw_len: raw.len() as u64,
+            index_raw_len: raw_len,
             index_checksum: xxhash_rust::xxh3::xxh3_64(&stored),
         };
         self.out.write_all(&stored).map_err(write_err)?;
         self.out.write_all(&trailer.encode()).map_err(write_err)?;
         self.out.flush().map_err(write_err)?;
         Ok(self.offset + stored.len() as u64 + format::TRAILER_LEN as u64)
+    }
+}
+
+/// The index, compressed as its parts are encoded.
+struct IndexEncoder {
+    zstd: zstd::stream::write::Encoder<'static, Vec<u8>>,
+    raw_len: u64,
+}
+
+impl IndexEncoder {
+    fn start(head: &Index) -> Result<IndexEncoder, ArchiveError> {
+        let raw = head.encode_to_vec();
+        let mut zstd =
+            zstd::stream::write::Encoder::new(Vec::with_capacity(raw.len()), INDEX_LEVEL)
+                .map_err(index_compress_err)?;
+        zstd.write_all(&raw).map_err(index_compress_err)?;
+        Ok(IndexEncoder {
+            zstd,
+            raw_len: raw.len() as u64,
+        })
+    }
+
+    /// Appends `rest` and ends the frame: (compressed, raw length).
+    fn finish(mut self, rest: &Index) -> Result<(Vec<u8>, u64), ArchiveError> {
+        let raw = rest.encode_to_vec();
+        self.zstd.write_all(&raw).map_err(index_compress_err)?;
+        let stored = self.zstd.finish().map_err(index_compress_err)?;
+        Ok((stored, self.raw_len + raw.len() as u64))
+    }
+}
+
+fn index_compress_err(source: io::Error) -> ArchiveError {
+    ArchiveError::Compress {
+        level: INDEX_LEVEL,
+        source,
     }
 }
 
