@@ -30,16 +30,27 @@ pub fn restore(
     restore_validated(criu, req, &validated, gpu_record, hooks)
 }
 
-/// Restores images already validated (from a directory, or streamed from
-/// an archive): checks that their pids are free, restores, gives GPU state
-/// back.
-pub(super) fn restore_validated(
+/// Restores images already validated: checks that their pids are free,
+/// restores, gives GPU state back.
+fn restore_validated(
     criu: &Criu,
     req: &RestoreRequest,
     validated: &Validated,
     gpu_record: Option<GpuRecord>,
     hooks: &mut dyn NotifyHook,
 ) -> Result<RestoreOutcome, CheckpointError> {
+    check_pids_free(validated)?;
+    let outcome = criu
+        .restore(req, hooks)
+        .map_err(|source| CheckpointError::RestoreFailed {
+            path: req.images_dir.clone(),
+            source,
+        })?;
+    after_restore(outcome, gpu_record.as_ref())
+}
+
+/// Before CRIU restores a tree: every pid it needs is free here.
+pub(super) fn check_pids_free(validated: &Validated) -> Result<(), CheckpointError> {
     // A tree whose root was pid 1 is a pid namespace of its own: CRIU
     // restores it in a new one, where its pids are free.
     let own_pid_ns = validated.tree.iter().any(|e| e.pid == 1);
@@ -50,17 +61,19 @@ pub(super) fn restore_validated(
             check_pid_free(id)?;
         }
     }
-    let outcome = criu
-        .restore(req, hooks)
-        .map_err(|source| CheckpointError::RestoreFailed {
-            path: req.images_dir.clone(),
-            source,
-        })?;
+    Ok(())
+}
+
+/// After CRIU restored a tree: it runs, and has its GPU state back.
+pub(super) fn after_restore(
+    outcome: RestoreOutcome,
+    gpu_record: Option<&GpuRecord>,
+) -> Result<RestoreOutcome, CheckpointError> {
     if !process::is_alive(outcome.pid) {
         return Err(CheckpointError::RestoredNotRunning { pid: outcome.pid });
     }
     if let Some(record) = gpu_record {
-        give_back_gpu(&record)?;
+        give_back_gpu(record)?;
     }
     Ok(outcome)
 }

@@ -1,7 +1,8 @@
 //! Restoring from an archive without unpacking it: resolve and check the
 //! whole chain (every chunk's checksum, every pages image's layout, every
-//! metadata image), validate the images as a directory restore would, then
-//! restore with CRIU reading its images from ferry's image streamer
+//! metadata image) and validate the images as a directory restore would,
+//! while CRIU starts, and before it is given any image; CRIU reads its
+//! images from ferry's image streamer
 //! ([`crate::criu::streamer`]): the pages go from the archive, decompressed
 //! in parallel and checked page by page, through a pipe straight into
 //! CRIU's copy of the process memory. No pages image is written anywhere,
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::restore::{gpu_gate, restore_validated};
+use super::restore::{after_restore, check_pids_free, gpu_gate};
 use super::{staging, CheckpointError};
 use crate::archive::stream::StreamSource;
 use crate::archive::{Chain, Progress, UnpackReport};
@@ -56,6 +57,12 @@ pub struct ArchiveRestoreOptions<'a> {
 /// Restores the tree archived in `archive`. `req.images_dir` is replaced by
 /// the staging directory; its other fields apply. When CRIU fails, its log
 /// is copied beside the system's temporary files and named in the error.
+///
+/// CRIU is started first: it takes about 100 ms to ask for its first
+/// image, and the archive is opened, validated and checked meanwhile, by
+/// the thread that then serves the images. Whatever that finds wrong
+/// closes the streamer before CRIU has been given anything, so CRIU fails
+/// having restored nothing, and that finding is the error returned.
 pub fn restore_from_archive(
     criu: &Criu,
     archive: &Path,
@@ -64,9 +71,119 @@ pub fn restore_from_archive(
     hooks: &mut dyn NotifyHook,
 ) -> Result<ArchiveRestore, CheckpointError> {
     let start = Instant::now();
-    let bad = |source| CheckpointError::Archive {
-        path: archive.to_path_buf(),
-        source,
+    // The metadata images are not known before the archive is open; they
+    // are small beside the slack (and were they not, writing them would
+    // fail with a clear error).
+    let dir = staging::create("ferry-restore-", STAGING_SLACK, opts.staging).map_err(|source| {
+        CheckpointError::Staging {
+            path: staging::base_for(STAGING_SLACK, opts.staging),
+            source,
+        }
+    })?;
+    let images = dir.path().to_path_buf();
+    let streamer = Streamer::listen(&images).map_err(stream_error(archive))?;
+    let mut req = req.clone();
+    req.images_dir = images.clone();
+    req.consume_images = false;
+    req.stream = true;
+    let ended = AtomicBool::new(false);
+    let (restored, served) = std::thread::scope(|s| {
+        let (end, images) = (&ended, &images);
+        let serving = s.spawn(move || serve_archive(archive, images, opts, &streamer, end, start));
+        let restored = criu.restore(&req, hooks);
+        ended.store(true, Ordering::Release);
+        let served = serving.join().unwrap_or_else(|_| {
+            Err(Served::refused(CheckpointError::Stream {
+                path: archive.to_path_buf(),
+                detail: "the streaming thread panicked".into(),
+            }))
+        });
+        (restored, served)
+    });
+    // What the archive, its images or this host were found to lack: CRIU
+    // was given nothing, and its failure only echoes this.
+    let served = match served {
+        Ok(prepared) => Ok(prepared),
+        Err(Served::Refused(e)) => return Err(*e),
+        Err(Served::Stream(e)) => Err(stream_error(archive)(e)),
+    };
+    let outcome = match restored {
+        Ok(outcome) => outcome,
+        Err(source) => {
+            let stem = archive
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "archive".into());
+            let source = match staging::keep_log(&req.log_path(), &format!("restore-{stem}")) {
+                Some(kept) => source.with_log(kept),
+                None => source,
+            };
+            return Err(CheckpointError::RestoreFailed {
+                path: archive.to_path_buf(),
+                source,
+            });
+        }
+    };
+    // Past CRIU's own failure (reported above, a broken pipe echoing it).
+    let served = served?;
+    let outcome = after_restore(outcome, served.gpu_record.as_ref())?;
+    tracing::debug!(opened = ?served.opened, staged = ?served.staged, check = ?served.check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
+    if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
+        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
+        tracing::debug!(
+            user_ms = ms(u.user_time()),
+            sys_ms = ms(u.system_time()),
+            "restore from archive: ferry's own CPU"
+        );
+    }
+    Ok(ArchiveRestore {
+        unpack: served.unpack,
+        restore: outcome,
+        wall: start.elapsed(),
+        staging: images,
+    })
+}
+
+/// What the serving thread did, for the report.
+struct Prepared {
+    opened: Duration,
+    staged: Duration,
+    check: Duration,
+    wall: Duration,
+    gpu_record: Option<crate::gpu::GpuRecord>,
+    unpack: UnpackReport,
+}
+
+/// Why the serving thread stopped early.
+enum Served {
+    /// Before a byte went to CRIU: the archive, its images or this host
+    /// cannot restore.
+    Refused(Box<CheckpointError>),
+    /// While streaming.
+    Stream(StreamError<crate::archive::ArchiveError>),
+}
+
+impl Served {
+    fn refused(e: CheckpointError) -> Served {
+        Served::Refused(Box::new(e))
+    }
+}
+
+/// Opens, validates and checks the archive, stages its metadata images,
+/// then serves every image to CRIU.
+fn serve_archive(
+    archive: &Path,
+    images: &Path,
+    opts: &ArchiveRestoreOptions,
+    streamer: &Streamer,
+    ended: &AtomicBool,
+    start: Instant,
+) -> Result<Prepared, Served> {
+    let bad = |source| {
+        Served::refused(CheckpointError::Archive {
+            path: archive.to_path_buf(),
+            source,
+        })
     };
     let chain = Chain::open(archive, opts.parent).map_err(bad)?;
     let opened = start.elapsed();
@@ -86,107 +203,44 @@ pub fn restore_from_archive(
     }
     let validated = ImagesDir::in_memory(archive.to_path_buf(), listing, contents.clone())
         .and_then(|d| d.validate())
-        .map_err(|source| CheckpointError::BadImages {
-            path: archive.to_path_buf(),
-            source,
-        })?;
-    let need = contents.values().map(|c| c.len() as u64).sum::<u64>() + STAGING_SLACK;
-    let dir = staging::create("ferry-restore-", need, opts.staging).map_err(|source| {
-        CheckpointError::Staging {
-            path: staging::base_for(need, opts.staging),
-            source,
-        }
-    })?;
-    let images = dir.path().to_path_buf();
-    for (name, bytes) in &contents {
-        let path = images.join(name);
-        std::fs::write(&path, bytes).map_err(|source| CheckpointError::Staging {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    let staged = start.elapsed();
-    let gpu_record = gpu_gate(&images)?;
-    let streamer = Streamer::listen(&images).map_err(stream_error(archive))?;
-    let prepared = start.elapsed();
-    let mut req = req.clone();
-    req.images_dir = images.clone();
-    req.consume_images = false;
-    req.stream = true;
-    let ended = AtomicBool::new(false);
-    let (restored, served) = std::thread::scope(|s| {
-        // The archive is checked while CRIU starts, before it is given its
-        // first image: a damaged archive drops the streamer, whose socket
-        // closes, and CRIU fails before it has restored anything.
-        let (src, end) = (&source, &ended);
-        let serving = s.spawn(move || {
-            let check = src.check().map_err(|source| StreamError::Source {
-                name: "the archive".into(),
-                source,
-            })?;
-            streamer.serve(src, end).map(|served| (check, served))
-        });
-        let restored = restore_validated(criu, &req, &validated, gpu_record, hooks);
-        ended.store(true, Ordering::Release);
-        let served = serving.join().unwrap_or_else(|_| {
-            Err(StreamError::Protocol {
-                what: "the streaming thread panicked".into(),
-                source: std::io::Error::other("panic"),
-            })
-        });
-        (restored, served)
-    });
-    // A page that failed its check says more than CRIU's short read; a
-    // broken pipe only echoes CRIU's own failure, reported below.
-    let served = match served {
-        Err(StreamError::Source {
-            source: source @ crate::archive::ArchiveError::Corrupt { .. },
-            ..
-        }) => return Err(bad(source)),
-        other => other,
-    };
-    let outcome = match restored {
-        Ok(outcome) => outcome,
-        Err(CheckpointError::RestoreFailed { source, .. }) => {
-            let stem = archive
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "archive".into());
-            let source = match staging::keep_log(&req.log_path(), &format!("restore-{stem}")) {
-                Some(kept) => source.with_log(kept),
-                None => source,
-            };
-            return Err(CheckpointError::RestoreFailed {
+        .map_err(|source| {
+            Served::refused(CheckpointError::BadImages {
                 path: archive.to_path_buf(),
                 source,
-            });
-        }
-        Err(e) => return Err(e),
-    };
-    let (check, served) = served.map_err(stream_error(archive))?;
-    tracing::debug!(?opened, ?staged, ?prepared, ?check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
-    if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
-        let ms = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 * 1e3 + t.tv_usec() as f64 / 1e3;
-        tracing::debug!(
-            user_ms = ms(u.user_time()),
-            sys_ms = ms(u.system_time()),
-            "restore from archive: ferry's own CPU"
-        );
+            })
+        })?;
+    for (name, bytes) in &contents {
+        let path = images.join(name);
+        std::fs::write(&path, bytes)
+            .map_err(|source| Served::refused(CheckpointError::Staging { path, source }))?;
     }
-    let unpack = UnpackReport {
-        wall: served.wall + check,
-        threads: source.threads(),
-        files: served.files,
-        bytes: head.index().files.iter().map(|f| f.size).sum(),
-        bytes_written: served.bytes,
-        chunks_read: source.chunks_read(),
-        generations: chain.generations(),
-    };
-    Ok(ArchiveRestore {
-        unpack,
-        restore: outcome,
-        wall: start.elapsed(),
-        staging: images,
+    let gpu_record = gpu_gate(images).map_err(Served::refused)?;
+    check_pids_free(&validated).map_err(Served::refused)?;
+    let staged = start.elapsed();
+    let check = source.check().map_err(bad)?;
+    let served = streamer.serve(&source, ended).map_err(|e| match e {
+        // A page that failed its check says more than CRIU's short read.
+        StreamError::Source {
+            source: source @ crate::archive::ArchiveError::Corrupt { .. },
+            ..
+        } => bad(source),
+        e => Served::Stream(e),
+    })?;
+    Ok(Prepared {
+        opened,
+        staged,
+        check,
+        wall: served.wall,
+        gpu_record,
+        unpack: UnpackReport {
+            wall: served.wall + check,
+            threads: source.threads(),
+            files: served.files,
+            bytes: head.index().files.iter().map(|f| f.size).sum(),
+            bytes_written: served.bytes,
+            chunks_read: source.chunks_read(),
+            generations: chain.generations(),
+        },
     })
 }
 
