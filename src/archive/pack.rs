@@ -43,6 +43,10 @@ const IN_FLIGHT_PER_THREAD: usize = 8;
 /// about one piece per thread and cannot split a piece once it runs: one
 /// thread was left digesting 256 MiB alone while the other idled.
 const DIGEST_BATCH_PAGES: usize = 1024;
+/// A chunk of random-looking pages is compressed only if its first
+/// `PROBE_BYTES` compress: zstd spends as long finding nothing in random
+/// bytes as compressing text, and such chunks are nearly always stored raw.
+const PROBE_BYTES: usize = 64 << 10;
 /// Bytes of a mapped file unmapped at once behind the writer.
 const RELEASE_STEP: usize = 64 << 20;
 /// zstd level of the index. It is mostly page digests, which do not
@@ -368,6 +372,8 @@ enum Job {
         file: usize,
         first_slot: u32,
         pages: Vec<u32>,
+        /// Every page looked random: see [`PROBE_BYTES`].
+        random: bool,
     },
     Data {
         file: usize,
@@ -394,6 +400,7 @@ struct Planner {
 /// New pages of one entropy class waiting for a chunk.
 #[derive(Default)]
 struct Pending {
+    random: bool,
     pages: Vec<u32>,
     ids: Vec<u32>,
     digests: Vec<Digest>,
@@ -447,7 +454,13 @@ impl Planner {
         // here (SOURCE_GEN_BASE, id), its slot known once its chunk is
         // planned.
         let mut refs: Vec<(u32, u32)> = Vec::with_capacity(total);
-        let mut pending = [Pending::default(), Pending::default()];
+        let mut pending = [
+            Pending::default(),
+            Pending {
+                random: true,
+                ..Pending::default()
+            },
+        ];
         for (i, p) in scanned.iter().enumerate() {
             self.counts.pages += 1;
             let Some((d, random)) = *p else {
@@ -527,6 +540,7 @@ impl Planner {
             file,
             first_slot,
             pages: std::mem::take(&mut group.pages),
+            random: group.random,
         })?;
         Ok(())
     }
@@ -667,11 +681,12 @@ impl Workers<'_> {
     fn compress_with(&self, scratch: &mut Scratch, job: &Job) -> Result<Compressed, ArchiveError> {
         let raw = &mut scratch.raw;
         raw.clear();
-        let (file, kind, first_slot, read_to) = match job {
+        let (file, kind, first_slot, read_to, probe) = match job {
             Job::Pages {
                 file,
                 first_slot,
                 pages,
+                random,
             } => {
                 let src = &self.files[*file].bytes;
                 let mut i = 0;
@@ -687,25 +702,33 @@ impl Workers<'_> {
                     i = j;
                 }
                 let read_to = pages.last().map_or(0, |p| (*p as usize + 1) * PAGE_SIZE);
-                (*file, ChunkKind::Pages, *first_slot, read_to)
+                (*file, ChunkKind::Pages, *first_slot, read_to, *random)
             }
             Job::Data { file, start, len } => {
                 raw.extend_from_slice(&self.files[*file].bytes[*start..*start + *len]);
-                (*file, ChunkKind::FileData, 0, *start + *len)
+                (*file, ChunkKind::FileData, 0, *start + *len, false)
             }
         };
         let mut out = self.buffers.take().unwrap_or_default();
         out.clear();
         out.reserve(zstd::zstd_safe::compress_bound(raw.len()));
-        scratch
-            .cz
-            .compress_to_buffer(raw.as_slice(), &mut out)
-            .map_err(|source| ArchiveError::Compress {
-                level: self.level,
-                source,
-            })?;
+        let compress = |input: &[u8], out: &mut Vec<u8>, cz: &mut zstd::bulk::Compressor| {
+            out.clear();
+            cz.compress_to_buffer(input, out)
+                .map_err(|source| ArchiveError::Compress {
+                    level: self.level,
+                    source,
+                })
+                .map(|_| input.len() > out.len() + input.len() / MIN_SAVING_DIVISOR)
+        };
+        let worth = if probe && raw.len() > PROBE_BYTES {
+            compress(&raw[..PROBE_BYTES], &mut out, &mut scratch.cz)?
+                && compress(raw.as_slice(), &mut out, &mut scratch.cz)?
+        } else {
+            compress(raw.as_slice(), &mut out, &mut scratch.cz)?
+        };
         let raw_len = raw.len() as u32;
-        let codec = if out.len() + raw.len() / MIN_SAVING_DIVISOR < raw.len() {
+        let codec = if worth {
             Codec::Zstd
         } else {
             // Not worth it: the raw bytes become the payload (a swap, not a
