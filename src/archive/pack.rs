@@ -39,6 +39,11 @@ use crate::PAGE_SIZE;
 /// Jobs per thread between "planned" and "written": enough to keep every
 /// thread busy, few enough to bound memory (up to 2 MiB each).
 const IN_FLIGHT_PER_THREAD: usize = 8;
+/// Jobs in flight beyond the per-thread share: chunks are written in
+/// order, and one slow chunk (text) among fast ones (random pages, given
+/// up on after a probe) must not hold the planner back while the threads
+/// idle. Each costs at most one chunk of memory.
+const IN_FLIGHT_EXTRA: usize = 32;
 /// Pages a thread digests in one go. Rayon otherwise splits a file into
 /// about one piece per thread and cannot split a piece once it runs: one
 /// thread was left digesting 256 MiB alone while the other idled.
@@ -781,7 +786,7 @@ where
         })?;
         return Ok((writer, planned));
     }
-    let in_flight = threads * IN_FLIGHT_PER_THREAD;
+    let in_flight = threads * IN_FLIGHT_PER_THREAD + IN_FLIGHT_EXTRA;
     let (done_tx, done_rx) = channel::<(usize, Result<Compressed, ArchiveError>)>();
     let (permit_tx, permit_rx) = sync_channel::<()>(in_flight);
     for _ in 0..in_flight {
