@@ -379,6 +379,8 @@ enum Job {
         pages: Vec<u32>,
         /// Every page looked random: see [`PROBE_BYTES`].
         random: bool,
+        /// No later job of the file reads below this offset.
+        done_below: usize,
     },
     Data {
         file: usize,
@@ -490,17 +492,25 @@ impl Planner {
             // Random-looking pages go into chunks of their own: zstd then
             // gives up on them quickly, and the other pages compress
             // better without them.
-            let group = &mut pending[usize::from(random)];
+            let [plain, rand] = &mut pending;
+            let (group, other) = if random { (rand, plain) } else { (plain, rand) };
             group.pages.push(i as u32);
             group.ids.push(id);
             group.digests.push(d);
             if group.pages.len() == CHUNK_PAGES {
-                self.plan_chunk(file, group, emit)?;
+                // Later jobs read the other group's pages and those not
+                // planned yet, nothing below.
+                let below = other
+                    .pages
+                    .first()
+                    .map_or(i as u32 + 1, |&p| p.min(i as u32 + 1));
+                self.plan_chunk(file, group, below, emit)?;
             }
         }
-        for group in &mut pending {
-            self.plan_chunk(file, group, emit)?;
-        }
+        let [plain, rand] = &mut pending;
+        let below = rand.pages.first().map_or(total as u32, |&p| p);
+        self.plan_chunk(file, plain, below, emit)?;
+        self.plan_chunk(file, rand, total as u32, emit)?;
         let mut runs = Runs::default();
         for &(source, at) in &refs {
             let slot = if source == SOURCE_GEN_BASE {
@@ -525,11 +535,13 @@ impl Planner {
     }
 
     /// Gives the pending pages the next slots, in order, and emits them as
-    /// one chunk job.
+    /// one chunk job, after which no job of the file reads below page
+    /// `below`.
     fn plan_chunk(
         &mut self,
         file: usize,
         group: &mut Pending,
+        below: u32,
         emit: &mut Emit,
     ) -> Result<(), ArchiveError> {
         if group.pages.is_empty() {
@@ -546,6 +558,7 @@ impl Planner {
             first_slot,
             pages: std::mem::take(&mut group.pages),
             random: group.random,
+            done_below: below as usize * PAGE_SIZE,
         })?;
         Ok(())
     }
@@ -623,9 +636,8 @@ struct Compressed {
     codec: Codec,
     raw_len: u32,
     first_slot: u32,
-    /// Where the job's reads of its file ended: no later job of the file
-    /// reads before it.
-    read_to: usize,
+    /// No later job of the file reads below this offset.
+    done_below: usize,
     payload: Vec<u8>,
 }
 
@@ -686,12 +698,13 @@ impl Workers<'_> {
     fn compress_with(&self, scratch: &mut Scratch, job: &Job) -> Result<Compressed, ArchiveError> {
         let raw = &mut scratch.raw;
         raw.clear();
-        let (file, kind, first_slot, read_to, probe) = match job {
+        let (file, kind, first_slot, done_below, probe) = match job {
             Job::Pages {
                 file,
                 first_slot,
                 pages,
                 random,
+                done_below,
             } => {
                 let src = &self.files[*file].bytes;
                 let mut i = 0;
@@ -706,8 +719,7 @@ impl Workers<'_> {
                     raw.extend_from_slice(&src[a..b]);
                     i = j;
                 }
-                let read_to = pages.last().map_or(0, |p| (*p as usize + 1) * PAGE_SIZE);
-                (*file, ChunkKind::Pages, *first_slot, read_to, *random)
+                (*file, ChunkKind::Pages, *first_slot, *done_below, *random)
             }
             Job::Data { file, start, len } => {
                 raw.extend_from_slice(&self.files[*file].bytes[*start..*start + *len]);
@@ -747,7 +759,7 @@ impl Workers<'_> {
             codec,
             raw_len,
             first_slot,
-            read_to,
+            done_below,
             payload: out,
         })
     }
@@ -778,9 +790,9 @@ where
         let mut released = Released::new(files);
         let planned = plan(&mut |job: Job| {
             let c = workers.compress(&job)?;
-            let (file, read_to) = (c.file, c.read_to);
+            let (file, done_below) = (c.file, c.done_below);
             workers.buffers.give(writer.append(c)?);
-            released.written(file, read_to);
+            released.written(file, done_below);
             next += 1;
             Ok(next - 1)
         })?;
@@ -841,10 +853,10 @@ fn write_in_order<'a, W: Write>(
         pending.insert(k, c);
         while let Some(c) = pending.remove(&next) {
             let c = c?;
-            let (file, read_to) = (c.file, c.read_to);
+            let (file, done_below) = (c.file, c.done_below);
             workers.buffers.give(writer.append(c)?);
             let _ = permits.send(());
-            released.written(file, read_to);
+            released.written(file, done_below);
             next += 1;
         }
     }
@@ -870,16 +882,17 @@ impl<'f> Released<'f> {
     }
 
     /// A chunk of `file` was written, and every job before it is done:
-    /// nothing before `read_to` is read again.
-    fn written(&mut self, file: usize, read_to: usize) {
+    /// nothing below `done_below` is read again. (Were it read, it would
+    /// only fault in again from the file: the release is advisory.)
+    fn written(&mut self, file: usize, done_below: usize) {
         let Bytes::Mapped(map) = &self.files[file].bytes else {
             return;
         };
         let from = self.upto[file];
-        if read_to >= from + RELEASE_STEP {
-            // Advisory: a range left mapped goes with the whole map.
-            let _ = release_range(map, from..read_to);
-            self.upto[file] = read_to;
+        if done_below >= from + RELEASE_STEP {
+            // A range left mapped goes with the whole map.
+            let _ = release_range(map, from..done_below);
+            self.upto[file] = done_below;
         }
     }
 }
