@@ -44,9 +44,9 @@ const IN_FLIGHT_PER_THREAD: usize = 8;
 /// up on after a probe) must not hold the planner back while the threads
 /// idle. Each costs at most one chunk of memory.
 const IN_FLIGHT_EXTRA: usize = 32;
-/// Pages a thread digests in one go. Rayon otherwise splits a file into
-/// about one piece per thread and cannot split a piece once it runs: one
-/// thread was left digesting 256 MiB alone while the other idled.
+/// Pages scanned (zero check, digest, entropy class) in one task: small
+/// enough that the scan of a file spreads over all threads and runs
+/// between the chunks being compressed.
 const DIGEST_BATCH_PAGES: usize = 1024;
 /// A chunk of random-looking pages is compressed only if its first
 /// `PROBE_BYTES` compress: zstd spends as long finding nothing in random
@@ -389,6 +389,62 @@ enum Job {
     },
 }
 
+/// A page scanned: zero, or its digest and whether it looks random.
+type Scan = Option<(Digest, bool)>;
+
+fn scan(pages: &[u8]) -> Vec<Scan> {
+    pages
+        .chunks(PAGE_SIZE)
+        .map(|p| (!is_zero(p)).then(|| (digest(p), looks_random(p))))
+        .collect()
+}
+
+/// Scans `bytes` in batches of [`DIGEST_BATCH_PAGES`] pages and hands each
+/// batch, in order, to `take`. With one thread, this thread scans. With
+/// more, the pool scans a few batches ahead of `take`, as tasks queued
+/// between the chunks being compressed: hashing, bound by memory
+/// bandwidth, then runs beside compressing instead of on every thread at
+/// once before it.
+fn scan_in_batches(
+    pool: &rayon::ThreadPool,
+    bytes: &[u8],
+    mut take: impl FnMut(Vec<Scan>) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    let batches: Vec<&[u8]> = bytes.chunks(DIGEST_BATCH_PAGES * PAGE_SIZE).collect();
+    let threads = pool.current_num_threads();
+    if threads == 1 {
+        return batches.into_iter().try_for_each(|b| take(scan(b)));
+    }
+    let ahead = threads + 1;
+    pool.in_place_scope(|s| {
+        let (tx, rx) = channel();
+        let spawn = |k: usize| {
+            let (tx, b) = (tx.clone(), batches[k]);
+            s.spawn(move |_| {
+                let _ = tx.send((k, std::panic::catch_unwind(|| scan(b))));
+            });
+        };
+        for k in 0..ahead.min(batches.len()) {
+            spawn(k);
+        }
+        let mut arrived = HashMap::new();
+        for k in 0..batches.len() {
+            if k + ahead < batches.len() {
+                spawn(k + ahead);
+            }
+            let scanned = loop {
+                if let Some(v) = arrived.remove(&k) {
+                    break v;
+                }
+                let (j, v) = rx.recv().expect("this scope holds a sender");
+                arrived.insert(j, v);
+            };
+            take(scanned.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))?;
+        }
+        Ok(())
+    })
+}
+
 /// Hands a planned job to the pipeline; returns its chunk id.
 type Emit<'e> = dyn FnMut(Job) -> Result<u32, ArchiveError> + 'e;
 
@@ -447,16 +503,7 @@ impl Planner {
         let total = src.bytes.len() / PAGE_SIZE;
         self.known.reserve(total);
         self.slot_digests.reserve(total);
-        // Digests (and entropy classes) of the whole image first, on all
-        // threads; then the decisions, page by page on this thread, while
-        // the pool compresses the chunks already decided.
-        let scanned: Vec<Option<(Digest, bool)>> = pool.install(|| {
-            src.bytes
-                .par_chunks(PAGE_SIZE)
-                .with_max_len(DIGEST_BATCH_PAGES)
-                .map(|p| (!is_zero(p)).then(|| (digest(p), looks_random(p))))
-                .collect()
-        });
+        let mut scanned: Vec<Scan> = Vec::with_capacity(total);
         // Per page: zero, stored in an ancestor (source, slot), or stored
         // here (SOURCE_GEN_BASE, id), its slot known once its chunk is
         // planned.
@@ -468,45 +515,53 @@ impl Planner {
                 ..Pending::default()
             },
         ];
-        for (i, p) in scanned.iter().enumerate() {
-            self.counts.pages += 1;
-            let Some((d, random)) = *p else {
-                self.counts.zero += 1;
-                refs.push((SOURCE_ZERO, 0));
-                continue;
-            };
-            if let Some(&stored) = self.known.get(&d) {
-                if stored.0 == SOURCE_GEN_BASE {
-                    self.counts.duplicate += 1;
-                } else {
-                    self.counts.parent += 1;
+        // The decisions, page by page on this thread, batch after batch as
+        // the pool scans them, while it compresses the chunks decided.
+        scan_in_batches(pool, &src.bytes, |batch| {
+            let from = scanned.len();
+            scanned.extend_from_slice(&batch);
+            for (i, p) in batch.into_iter().enumerate() {
+                let i = from + i;
+                self.counts.pages += 1;
+                let Some((d, random)) = p else {
+                    self.counts.zero += 1;
+                    refs.push((SOURCE_ZERO, 0));
+                    continue;
+                };
+                if let Some(&stored) = self.known.get(&d) {
+                    if stored.0 == SOURCE_GEN_BASE {
+                        self.counts.duplicate += 1;
+                    } else {
+                        self.counts.parent += 1;
+                    }
+                    refs.push(stored);
+                    continue;
                 }
-                refs.push(stored);
-                continue;
+                let id = self.slot_of.len() as u32;
+                self.slot_of.push(u32::MAX);
+                self.known.insert(d, (SOURCE_GEN_BASE, id));
+                self.counts.new += 1;
+                refs.push((SOURCE_GEN_BASE, id));
+                // Random-looking pages go into chunks of their own: zstd then
+                // gives up on them quickly, and the other pages compress
+                // better without them.
+                let [plain, rand] = &mut pending;
+                let (group, other) = if random { (rand, plain) } else { (plain, rand) };
+                group.pages.push(i as u32);
+                group.ids.push(id);
+                group.digests.push(d);
+                if group.pages.len() == CHUNK_PAGES {
+                    // Later jobs read the other group's pages and those not
+                    // planned yet, nothing below.
+                    let below = other
+                        .pages
+                        .first()
+                        .map_or(i as u32 + 1, |&p| p.min(i as u32 + 1));
+                    self.plan_chunk(file, group, below, emit)?;
+                }
             }
-            let id = self.slot_of.len() as u32;
-            self.slot_of.push(u32::MAX);
-            self.known.insert(d, (SOURCE_GEN_BASE, id));
-            self.counts.new += 1;
-            refs.push((SOURCE_GEN_BASE, id));
-            // Random-looking pages go into chunks of their own: zstd then
-            // gives up on them quickly, and the other pages compress
-            // better without them.
-            let [plain, rand] = &mut pending;
-            let (group, other) = if random { (rand, plain) } else { (plain, rand) };
-            group.pages.push(i as u32);
-            group.ids.push(id);
-            group.digests.push(d);
-            if group.pages.len() == CHUNK_PAGES {
-                // Later jobs read the other group's pages and those not
-                // planned yet, nothing below.
-                let below = other
-                    .pages
-                    .first()
-                    .map_or(i as u32 + 1, |&p| p.min(i as u32 + 1));
-                self.plan_chunk(file, group, below, emit)?;
-            }
-        }
+            Ok(())
+        })?;
         let [plain, rand] = &mut pending;
         let below = rand.pages.first().map_or(total as u32, |&p| p);
         self.plan_chunk(file, plain, below, emit)?;
