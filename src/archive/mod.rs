@@ -77,14 +77,9 @@ pub const CHUNK_PAGES: usize = 256;
 /// Default zstd level: chosen from `ferry bench compress` (see README).
 pub const DEFAULT_LEVEL: i32 = 1;
 
-/// Receives progress (raw bytes done) from long packs and unpacks.
 /// A pool of `threads` threads (at least one) for packing or reading.
 fn thread_pool(threads: usize) -> Result<rayon::ThreadPool, ArchiveError> {
-    let threads = threads.max(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|source| ArchiveError::Threads { threads, source })
+    build_pool(threads, None)
 }
 
 /// Nice value of the threads that decompress for a restoring CRIU.
@@ -95,17 +90,24 @@ const FEEDER_NICE: i32 = 10;
 /// decompressing thread is added to the restore's wall time, while the
 /// decompression only has to stay ahead of it.
 fn feeder_pool(threads: usize) -> Result<rayon::ThreadPool, ArchiveError> {
+    build_pool(threads, Some(FEEDER_NICE))
+}
+
+fn build_pool(threads: usize, nice: Option<i32>) -> Result<rayon::ThreadPool, ArchiveError> {
     let threads = threads.max(1);
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .start_handler(|_| {
-            // Advisory: at normal priority the restore is only slower.
-            let _ = crate::sys::sched::set_this_thread_nice(FEEDER_NICE);
-        })
+    let mut builder = rayon::ThreadPoolBuilder::new().num_threads(threads);
+    if let Some(nice) = nice {
+        builder = builder.start_handler(move |_| {
+            // Advisory: at normal priority the work is only slower.
+            let _ = crate::sys::sched::set_this_thread_nice(nice);
+        });
+    }
+    builder
         .build()
         .map_err(|source| ArchiveError::Threads { threads, source })
 }
 
+/// Receives progress (raw bytes done) from long packs and unpacks.
 pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
 }
