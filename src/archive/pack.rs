@@ -32,7 +32,7 @@ use super::format::{
     VERSION_MAJOR, VERSION_MINOR,
 };
 use super::{ArchiveError, Progress, CHUNK_PAGES};
-use crate::page::{is_zero, looks_random};
+use crate::page::{fingerprint, looks_random};
 use crate::sys::mmap::{map_readonly, release_range};
 use crate::PAGE_SIZE;
 
@@ -395,7 +395,7 @@ type Scan = Option<(Digest, bool)>;
 fn scan(pages: &[u8]) -> Vec<Scan> {
     pages
         .chunks(PAGE_SIZE)
-        .map(|p| (!is_zero(p)).then(|| (digest(p), looks_random(p))))
+        .map(|p| fingerprint(p).map(|d| (d, looks_random(p))))
         .collect()
 }
 
