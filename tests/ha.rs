@@ -413,26 +413,33 @@ impl Cluster {
         }
     }
 
+    /// The last lines of each agent's log (a killed agent's: as it was
+    /// when killed), less the routine checkpoint lines.
     fn logs(&self) -> String {
         let mut s = String::new();
         for (i, a) in self.agents.iter().enumerate() {
-            if let Some(a) = a {
-                let log = a.log();
-                let tail: Vec<&str> = log
-                    .lines()
-                    .rev()
-                    .filter(|l| {
-                        !l.contains("checkpoint verified")
-                            && !l.contains("checkpoint taken")
-                            && !l.contains("checkpoint replicated")
-                    })
-                    .take(40)
-                    .collect();
-                s += &format!("--- agent h{i}\n");
-                for l in tail.iter().rev() {
-                    s += l;
-                    s += "\n";
-                }
+            let (log, what) = match a {
+                Some(a) => (a.log(), ""),
+                None => (
+                    std::fs::read_to_string(self.dir.path().join(format!("agent-{i}.log")))
+                        .unwrap_or_default(),
+                    " (killed; its log then)",
+                ),
+            };
+            let tail: Vec<&str> = log
+                .lines()
+                .rev()
+                .filter(|l| {
+                    !l.contains("checkpoint verified")
+                        && !l.contains("checkpoint taken")
+                        && !l.contains("checkpoint replicated")
+                })
+                .take(40)
+                .collect();
+            s += &format!("--- agent h{i}{what}\n");
+            for l in tail.iter().rev() {
+                s += l;
+                s += "\n";
             }
         }
         s
@@ -555,6 +562,24 @@ impl Client {
 
     fn samples(&self) -> Vec<Sample> {
         self.samples.lock().unwrap().clone()
+    }
+
+    /// What the client saw in (`from`, `to`]: each change of outcome, in
+    /// ms after `from`.
+    fn timeline(&self, from: Instant, to: Instant) -> String {
+        let mut line = String::new();
+        let mut last = String::new();
+        for x in self.samples().iter().filter(|x| x.at > from && x.at <= to) {
+            let what = match &x.ok {
+                Some((a, _)) => format!("ok {a}"),
+                None => format!("fail({})", x.why),
+            };
+            if what != last {
+                line += &format!(" +{}ms:{what}", (x.at - from).as_millis());
+                last = what;
+            }
+        }
+        line
     }
 
     /// The first success from `addr` (any address: None) after `t`.
@@ -731,7 +756,9 @@ fn fault_loop(tag: &str, kind: Kind, faults: usize) {
             )
             .unwrap_or_else(|| {
                 panic!(
-                    "round {round} ({kind:?}): no answer from the service within 30 s:\n{}\n{}",
+                    "round {round} ({kind:?}): no answer from the service within 30 s\nclient timeline:{}\ncopies running on hosts {:?}\n{}\n{}",
+                    client.timeline(t0, Instant::now()),
+                    c.running(),
                     c.status_text(),
                     c.logs()
                 )
@@ -739,23 +766,7 @@ fn fault_loop(tag: &str, kind: Kind, faults: usize) {
         let recovery = first.at - t0;
         if recovery > Duration::from_millis(1500) {
             // What the client saw, to explain a slow recovery.
-            let mut line = String::new();
-            let mut last = String::new();
-            for x in client
-                .samples()
-                .iter()
-                .filter(|x| x.at > t0 && x.at <= first.at)
-            {
-                let what = match &x.ok {
-                    Some((a, _)) => format!("ok {a}"),
-                    None => format!("fail({})", x.why),
-                };
-                if what != last {
-                    line += &format!(" +{}ms:{what}", (x.at - t0).as_millis());
-                    last = what;
-                }
-            }
-            eprintln!("  client timeline:{line}");
+            eprintln!("  client timeline:{}", client.timeline(t0, first.at));
         }
         let served_after = first.ok.as_ref().unwrap().1;
         let v = c.view();

@@ -294,13 +294,7 @@ impl ServiceRun {
             return;
         }
         if let Ok(mut led) = m.led.lock() {
-            led.insert(
-                self.name.clone(),
-                Led {
-                    copy: copy.clone(),
-                    paused: false,
-                },
-            );
+            led.insert(self.name.clone(), Led::running(copy.clone()));
         }
         let _ = m
             .etcd
@@ -512,13 +506,7 @@ impl ServiceRun {
                 l.address.restored_generation = cp.generation;
                 l.address.restored_taken_unix_ms = cp.taken_unix_ms;
                 if let Ok(mut led) = m.led.lock() {
-                    led.insert(
-                        self.name.clone(),
-                        Led {
-                            copy: l.copy.clone(),
-                            paused: false,
-                        },
-                    );
+                    led.insert(self.name.clone(), Led::running(l.copy.clone()));
                 }
                 true
             }
@@ -633,13 +621,7 @@ impl ServiceRun {
             Err(e) => {
                 tracing::error!(service = %self.name, to = %host.name, error = %crate::units::chain(&e), "move failed; the service keeps running here");
                 if let Ok(mut led) = m.led.lock() {
-                    led.insert(
-                        self.name.clone(),
-                        Led {
-                            copy,
-                            paused: false,
-                        },
-                    );
+                    led.insert(self.name.clone(), Led::running(copy));
                 }
                 let _ = m.etcd.delete(&move_key);
             }
@@ -673,6 +655,11 @@ fn checkpoint_and_replicate(
         None
     } else {
         l.chain.last().map(|k| k.path.clone())
+    };
+    // A paused copy is not checkpointed: restored, it would stay paused.
+    let Some(epoch) = m.running_epoch(service) else {
+        tracing::debug!(service, generation, "paused by fencing: no checkpoint now");
+        return false;
     };
     let (container, pid) = match l.copy.dump_target() {
         Ok(t) => t,
@@ -719,6 +706,18 @@ fn checkpoint_and_replicate(
         }
     };
     l.last_dump = d.dump.wall;
+    if m.running_epoch(service) != Some(epoch) {
+        // Fencing paused the copy while CRIU held it: the images may hold
+        // it stopped. Dropped, and the copy resumed if it should run.
+        let _ = std::fs::remove_file(&path);
+        m.resume_if_running(service);
+        tracing::warn!(
+            service,
+            generation,
+            "fencing paused the service during the checkpoint: checkpoint dropped"
+        );
+        return false;
+    }
     let frozen_ms = d
         .dump
         .stats

@@ -56,6 +56,21 @@ impl Lease {
 pub struct Led {
     pub copy: HostCopy,
     pub paused: bool,
+    /// How many times fencing has paused it: a checkpoint taken while this
+    /// changed may hold the copy stopped, and a copy restored from it would
+    /// stay stopped (CRIU restores a stopped task stopped).
+    pub pauses: u64,
+}
+
+impl Led {
+    /// A copy that runs, as fencing first sees it.
+    pub fn running(copy: HostCopy) -> Led {
+        Led {
+            copy,
+            paused: false,
+            pauses: 0,
+        }
+    }
 }
 
 /// Shared by the member's threads and the agent's connections.
@@ -182,6 +197,30 @@ impl Member {
     pub fn unfenced_for(&self, need: Duration) -> bool {
         self.lease()
             .is_some_and(|l| Instant::now() + need < l.pause_at())
+    }
+
+    /// How many times fencing has paused `service`, while it is led here
+    /// and runs; None while it is paused (or not led here). A checkpoint
+    /// is of the running service only when this is the same (Some) before
+    /// and after it.
+    pub fn running_epoch(&self, service: &str) -> Option<u64> {
+        let led = self.led.lock().ok()?;
+        let l = led.get(service)?;
+        (!l.paused).then_some(l.pauses)
+    }
+
+    /// Resumes `service` again if fencing holds that it runs: a pause and a
+    /// resume during a checkpoint may leave the copy stopped once CRIU lets
+    /// it go (CRIU puts back the state it found).
+    pub fn resume_if_running(&self, service: &str) {
+        let Ok(led) = self.led.lock() else {
+            return;
+        };
+        if let Some(l) = led.get(service).filter(|l| !l.paused) {
+            if let Err(e) = l.copy.resume() {
+                tracing::debug!(service, error = %e, "resume after a fenced checkpoint");
+            }
+        }
     }
 
     /// The directory of one service's HA files.
@@ -320,6 +359,7 @@ impl Member {
                 gone.push(svc.clone());
             } else if doubt && !l.paused {
                 tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
+                l.pauses += 1;
                 match l.copy.pause() {
                     Ok(()) => l.paused = true,
                     Err(e) => tracing::error!(service = %svc, error = %e, "cannot pause"),
