@@ -1113,3 +1113,126 @@ fn switchover(tag: &str, kind: Kind) {
     assert!(status.contains(&format!("leader h{to}")), "{status}");
     assert!(c.settled(2).0 == to);
 }
+
+/// A process's state letter (`T`: stopped), None once it is gone.
+fn proc_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
+/// Kills and reaps a child, and stops a member, even when the test fails.
+struct FenceFixture {
+    member: Arc<ferry::ha::Member>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    child: std::process::Child,
+}
+
+impl Drop for FenceFixture {
+    fn drop(&mut self) {
+        // The member's shutdown would kill the copy and wait for its pid,
+        // which this test's unreaped child keeps: it goes first.
+        if let Ok(mut led) = self.member.led.lock() {
+            led.clear();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.member.shutdown();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Fencing never pauses a copy while CRIU dumps it: a pause under CRIU is
+/// dumped as well, and a copy restored from such images stays stopped and
+/// never answers (what a failover after an etcd outage once met). It
+/// pauses the copy as soon as the dump ends, a paused copy is not offered
+/// for a dump, and a renewal resumes it.
+#[test]
+fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
+    require_criu();
+    let dir = scratch("ha-fence-dump");
+    let etcd = EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
+    let config = ferry::ha::HaConfig {
+        etcd: vec![etcd.url.clone()],
+        cluster: "fence".into(),
+        name: "h0".into(),
+        ip: "127.0.0.1".parse().unwrap(),
+        // Pauses 3 s after the last renewal, deletes at 4 s.
+        lease_ttl: Duration::from_secs(4),
+        docker_socket: PathBuf::from("/nonexistent"),
+    };
+    let member = ferry::ha::Member::join(
+        config,
+        "127.0.0.1:9".into(),
+        dir.path().join("runc"),
+        dir.path().join("store"),
+        ferry::transport::Secret::from_bytes(&[7; 32]),
+        ferry::criu::Criu::locate(None, None).expect("CRIU"),
+        "fence-test-boot".into(),
+    )
+    .expect("join the cluster");
+    let threads = member.start();
+    let child = Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = child.id() as i32;
+    let f = FenceFixture {
+        member,
+        threads,
+        child,
+    };
+    let copy = ferry::ha::HostCopy::Process {
+        record: dir.path().join("copy.pid"),
+    };
+    copy.adopt(pid).unwrap();
+    f.member
+        .led
+        .lock()
+        .unwrap()
+        .insert("svc".into(), ferry::ha::member::Led::running(copy));
+    let wait_state = |want: bool, within: Duration| {
+        let deadline = Instant::now() + within;
+        while (proc_state(pid) == Some('T')) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (proc_state(pid) == Some('T')) == want
+    };
+
+    let dumping = f
+        .member
+        .dumping("svc")
+        .expect("a running copy may be dumped");
+    etcd.freeze(true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.member.unfenced_for(Duration::ZERO) {
+        assert!(Instant::now() < deadline, "the lease was never in doubt");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Ten rounds of fencing past the point where it pauses.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        proc_state(pid),
+        Some('S'),
+        "fencing paused a copy that CRIU was dumping"
+    );
+    drop(dumping);
+    assert!(
+        wait_state(true, Duration::from_millis(500)),
+        "the copy was not paused once the dump ended (state {:?})",
+        proc_state(pid)
+    );
+    assert!(
+        f.member.dumping("svc").is_none(),
+        "a copy paused by fencing was offered for a dump"
+    );
+    etcd.freeze(false);
+    assert!(
+        wait_state(false, Duration::from_secs(5)),
+        "a renewal did not resume the copy"
+    );
+    assert!(f.member.dumping("svc").is_some());
+}

@@ -48,11 +48,7 @@ pub fn dump_to_archive(
         req.images_dir = dir.path().join("images");
         staging_dir = Some(dir);
     }
-    let dumped = match container {
-        Some(c) => dump_container(criu, c, &req, hooks).map(|o| o.dump),
-        None => dump(criu, &req, hooks),
-    };
-    let outcome = match dumped {
+    let outcome = match dump_any(criu, container, &req, hooks) {
         Ok(o) => o,
         Err(e) => {
             // Only CRIU's log is left in the staging directory: keep it, the
@@ -63,22 +59,44 @@ pub fn dump_to_archive(
             return Err(e);
         }
     };
-    let pack = match pack_to_file(&req.images_dir, archive, pack) {
+    let pack = match pack_images(&req.images_dir, archive, pack) {
         Ok(p) => p,
-        Err(source) => {
+        Err(e) => {
             // The images may be all that is left of a stopped tree: never
             // delete them when they could not be packed.
             if let Some(dir) = staging_dir.take() {
                 let _ = dir.keep();
             }
-            return Err(CheckpointError::Pack {
-                images: req.images_dir.clone(),
-                source,
-            });
+            return Err(e);
         }
     };
     Ok(ArchiveDump {
         dump: outcome,
         pack,
+    })
+}
+
+/// Dumps the container, or the process tree `req.pid` when there is none.
+pub fn dump_any(
+    criu: &Criu,
+    container: Option<&ContainerRef>,
+    req: &DumpRequest,
+    hooks: &mut dyn NotifyHook,
+) -> Result<DumpOutcome, CheckpointError> {
+    match container {
+        Some(c) => dump_container(criu, c, req, hooks).map(|o| o.dump),
+        None => dump(criu, req, hooks),
+    }
+}
+
+/// Packs the images CRIU wrote in `images` into `archive`.
+pub fn pack_images(
+    images: &Path,
+    archive: &Path,
+    pack: &PackOptions,
+) -> Result<PackReport, CheckpointError> {
+    pack_to_file(images, archive, pack).map_err(|source| CheckpointError::Pack {
+        images: images.to_path_buf(),
+        source,
     })
 }

@@ -29,7 +29,7 @@ use crate::criu::CriuError;
 use crate::image::ImageError;
 
 pub use dump::dump;
-pub use dump_archive::{dump_to_archive, ArchiveDump};
+pub use dump_archive::{dump_any, dump_to_archive, pack_images, ArchiveDump};
 pub use dump_container::{dump_container, ContainerDumpOutcome};
 pub use restore::restore;
 pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};

@@ -656,11 +656,6 @@ fn checkpoint_and_replicate(
     } else {
         l.chain.last().map(|k| k.path.clone())
     };
-    // A paused copy is not checkpointed: restored, it would stay paused.
-    let Some(epoch) = m.running_epoch(service) else {
-        tracing::debug!(service, generation, "paused by fencing: no checkpoint now");
-        return false;
-    };
     let (container, pid) = match l.copy.dump_target() {
         Ok(t) => t,
         Err(e) => {
@@ -687,17 +682,18 @@ fn checkpoint_and_replicate(
         source: format!("ha service {service} generation {generation}"),
         progress: &NoProgress,
     };
-    let dumped = checkpoint::dump_to_archive(
-        &m.criu,
-        container.as_ref(),
-        &req,
-        true,
-        &path,
-        &pack,
-        &mut NoHooks,
-    );
-    let d = match dumped {
-        Ok(d) => d,
+    // A paused copy is not checkpointed (restored, it would stay paused),
+    // and fencing does not pause it while CRIU dumps it.
+    let Some(dumping) = m.dumping(service) else {
+        tracing::debug!(service, generation, "paused by fencing: no checkpoint now");
+        return false;
+    };
+    let dumped = checkpoint::dump_any(&m.criu, container.as_ref(), &req, &mut NoHooks);
+    drop(dumping);
+    let d = match dumped.and_then(|dump| {
+        checkpoint::pack_images(&req.images_dir, &path, &pack).map(|pack| (dump, pack))
+    }) {
+        Ok((dump, pack)) => checkpoint::ArchiveDump { dump, pack },
         Err(e) => {
             // A retry comes soon: the log line is all that is kept (the
             // staging directory goes with `stage`).
@@ -706,18 +702,6 @@ fn checkpoint_and_replicate(
         }
     };
     l.last_dump = d.dump.wall;
-    if m.running_epoch(service) != Some(epoch) {
-        // Fencing paused the copy while CRIU held it: the images may hold
-        // it stopped. Dropped, and the copy resumed if it should run.
-        let _ = std::fs::remove_file(&path);
-        m.resume_if_running(service);
-        tracing::warn!(
-            service,
-            generation,
-            "fencing paused the service during the checkpoint: checkpoint dropped"
-        );
-        return false;
-    }
     let frozen_ms = d
         .dump
         .stats

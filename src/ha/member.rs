@@ -56,10 +56,9 @@ impl Lease {
 pub struct Led {
     pub copy: HostCopy,
     pub paused: bool,
-    /// How many times fencing has paused it: a checkpoint taken while this
-    /// changed may hold the copy stopped, and a copy restored from it would
-    /// stay stopped (CRIU restores a stopped task stopped).
-    pub pauses: u64,
+    /// CRIU is dumping the copy (a checkpoint): fencing holds off pausing
+    /// it until the dump ends ([`Member::dumping`]).
+    pub dumping: bool,
 }
 
 impl Led {
@@ -68,7 +67,23 @@ impl Led {
         Led {
             copy,
             paused: false,
-            pauses: 0,
+            dumping: false,
+        }
+    }
+}
+
+/// Marks a led service's copy as being dumped; unmarks it when dropped.
+pub struct Dumping<'m> {
+    member: &'m Member,
+    service: String,
+}
+
+impl Drop for Dumping<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut led) = self.member.led.lock() {
+            if let Some(l) = led.get_mut(&self.service) {
+                l.dumping = false;
+            }
         }
     }
 }
@@ -199,28 +214,22 @@ impl Member {
             .is_some_and(|l| Instant::now() + need < l.pause_at())
     }
 
-    /// How many times fencing has paused `service`, while it is led here
-    /// and runs; None while it is paused (or not led here). A checkpoint
-    /// is of the running service only when this is the same (Some) before
-    /// and after it.
-    pub fn running_epoch(&self, service: &str) -> Option<u64> {
-        let led = self.led.lock().ok()?;
-        let l = led.get(service)?;
-        (!l.paused).then_some(l.pauses)
-    }
-
-    /// Resumes `service` again if fencing holds that it runs: a pause and a
-    /// resume during a checkpoint may leave the copy stopped once CRIU lets
-    /// it go (CRIU puts back the state it found).
-    pub fn resume_if_running(&self, service: &str) {
-        let Ok(led) = self.led.lock() else {
-            return;
-        };
-        if let Some(l) = led.get(service).filter(|l| !l.paused) {
-            if let Err(e) = l.copy.resume() {
-                tracing::debug!(service, error = %e, "resume after a fenced checkpoint");
-            }
-        }
+    /// Marks `service`'s copy as being dumped, if it is led here and runs
+    /// (None while fencing holds it paused, or once fencing deleted it).
+    /// Until the mark is dropped fencing does not pause the copy: CRIU
+    /// holds it stopped meanwhile, and a pause under CRIU ends up in the
+    /// images (CRIU restores a stopped task stopped: a copy restored from
+    /// them would never answer) or, for a container, puts the cgroup
+    /// freezer between CRIU and the engine. A lease that runs out still
+    /// deletes the copy, dump or not.
+    pub fn dumping(&self, service: &str) -> Option<Dumping<'_>> {
+        let mut led = self.led.lock().ok()?;
+        let l = led.get_mut(service).filter(|l| !l.paused)?;
+        l.dumping = true;
+        Some(Dumping {
+            member: self,
+            service: service.to_string(),
+        })
     }
 
     /// The directory of one service's HA files.
@@ -339,8 +348,9 @@ impl Member {
     }
 
     /// Pauses, deletes or thaws the led services by the lease's state: at
-    /// 3/4 of the TTL without renewal they are paused, at the deadline
-    /// deleted, and thawed when a renewal gets through in time.
+    /// 3/4 of the TTL without renewal they are paused (a copy CRIU is
+    /// dumping, once the dump ends), at the deadline deleted, and thawed
+    /// when a renewal gets through in time.
     fn fence(&self) {
         let lease = self.lease();
         let now = Instant::now();
@@ -357,9 +367,8 @@ impl Member {
                 tracing::error!(service = %svc, "lease lost: deleting this copy of the service (fencing)");
                 l.copy.delete();
                 gone.push(svc.clone());
-            } else if doubt && !l.paused {
+            } else if doubt && !l.paused && !l.dumping {
                 tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
-                l.pauses += 1;
                 match l.copy.pause() {
                     Ok(()) => l.paused = true,
                     Err(e) => tracing::error!(service = %svc, error = %e, "cannot pause"),

@@ -55,6 +55,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use copy::HostCopy;
 pub use member::Member;
 
 /// How an agent joins a cluster.

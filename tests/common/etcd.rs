@@ -106,6 +106,20 @@ impl EtcdProc {
         }
     }
 
+    /// Stops (SIGSTOP) or continues etcd: it holds its connections and
+    /// answers nothing meanwhile, as a stalled server.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        if let Some(c) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            nix::sys::signal::kill(pid, sig).expect("signal etcd");
+        }
+    }
+
     /// Kills etcd, waits `down`, starts it again on the same data.
     pub fn restart(&mut self, down: Duration) {
         self.kill();
@@ -116,6 +130,7 @@ impl EtcdProc {
 
 impl Drop for EtcdProc {
     fn drop(&mut self) {
+        self.freeze(false);
         self.kill();
     }
 }
