@@ -494,11 +494,7 @@ fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
     let mut w = pid_ns_workload(dir.path(), 32, 0.0);
     let pid = w.pid();
-    // Staged in the test's directory: the killed ferry cannot remove its
-    // staging, and the next migration's sweep may be in another test run.
-    let staging = dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    let cmd = lazy_cmd(&agent, pid).arg("--staging").arg(&staging);
+    let cmd = lazy_cmd(&agent, pid);
     let h = std::thread::spawn(move || cmd.run());
     agent.wait_fault("agent-before-commit");
     // Restored there and stopped, the source frozen in CRIU's lazy dump.
@@ -520,7 +516,11 @@ fn ferry_killed_during_a_lazy_dump_leaves_the_application_running_here() {
     let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
     let mut w = pid_ns_workload(dir.path(), 32, 0.0);
     let pid = w.pid();
-    let cmd = lazy_cmd(&agent, pid);
+    // Staged in the test's directory: the killed ferry cannot remove its
+    // staging, and the next migration's sweep may be in another test run.
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let cmd = lazy_cmd(&agent, pid).arg("--staging").arg(&staging);
     let h = std::thread::spawn(move || cmd.run());
     agent.wait_fault("agent-before-commit");
     // ferry dies with the commit sent and the tree frozen in CRIU's lazy
