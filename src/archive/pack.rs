@@ -4,19 +4,22 @@
 //! - the caller's thread plans: it has the pool compute the digests of a
 //!   pages image, then decides page by page (zero, already stored here or
 //!   in an ancestor, or new) and cuts the new pages into chunk jobs;
-//! - the pool compresses each job as soon as it is planned;
-//! - a writer thread appends compressed chunks in job order.
+//! - the pool compresses each job as soon as it is planned, and whichever
+//!   thread finishes the next chunk in job order appends it (and those
+//!   after it that are ready) to the output.
 //!
-//! At most `IN_FLIGHT_PER_THREAD` × threads jobs are between "planned" and
-//! "written", which bounds memory without making threads wait for each
-//! other. The output only ever grows, so it may be a pipe or a socket.
+//! At most `IN_FLIGHT_PER_THREAD` × threads + `IN_FLIGHT_EXTRA` jobs are
+//! between "planned" and "written", which bounds memory without making
+//! threads wait for each other. The output only ever grows, so it may be a
+//! pipe or a socket. On 2 vCPUs every wakeup of a thread that is not
+//! compressing preempts one that is, so the planner is woken once per run
+//! of scan results and once per half window, and no thread only writes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,6 +51,13 @@ const IN_FLIGHT_EXTRA: usize = 32;
 /// enough that the scan of a file spreads over all threads and runs
 /// between the chunks being compressed.
 const DIGEST_BATCH_PAGES: usize = 1024;
+/// Scan tasks queued ahead of the planner (64 MiB of pages): the pool runs
+/// tasks in the order they come, so a scan queued only just ahead waits
+/// behind every chunk in flight, and the planner sleeps until it is done
+/// (a wakeup that preempts a compressing thread). Their results are small.
+const SCAN_AHEAD: usize = 16;
+/// Scan results the planner waits for at once when it has caught up.
+const SCAN_WAKE: usize = 8;
 /// A chunk of random-looking pages is compressed only if its first
 /// `PROBE_BYTES` compress: zstd spends as long finding nothing in random
 /// bytes as compressing text, and such chunks are nearly always stored raw.
@@ -415,34 +425,78 @@ fn scan_in_batches(
     if threads == 1 {
         return batches.into_iter().try_for_each(|b| take(scan(b)));
     }
-    let ahead = threads + 1;
+    let ahead = SCAN_AHEAD;
+    let arrivals = Arrivals::default();
     pool.in_place_scope(|s| {
-        let (tx, rx) = channel();
         let spawn = |k: usize| {
-            let (tx, b) = (tx.clone(), batches[k]);
-            s.spawn(move |_| {
-                let _ = tx.send((k, std::panic::catch_unwind(|| scan(b))));
-            });
+            let (arrivals, b) = (&arrivals, batches[k]);
+            s.spawn(move |_| arrivals.put(k, std::panic::catch_unwind(|| scan(b))));
         };
         for k in 0..ahead.min(batches.len()) {
             spawn(k);
         }
-        let mut arrived = HashMap::new();
         for k in 0..batches.len() {
             if k + ahead < batches.len() {
                 spawn(k + ahead);
             }
-            let scanned = loop {
-                if let Some(v) = arrived.remove(&k) {
-                    break v;
-                }
-                let (j, v) = rx.recv().expect("this scope holds a sender");
-                arrived.insert(j, v);
-            };
+            let scanned = arrivals.take(k, (k + SCAN_WAKE).min(batches.len()));
             take(scanned.unwrap_or_else(|panic| std::panic::resume_unwind(panic)))?;
         }
         Ok(())
     })
+}
+
+/// Results that arrive out of order, taken in order. A taker that has to
+/// wait is woken once a run of them is there, not for each one: every
+/// wakeup of the planner preempts a compressing thread.
+struct Arrivals<T> {
+    state: Mutex<Arrived<T>>,
+    ready: std::sync::Condvar,
+}
+
+struct Arrived<T> {
+    items: HashMap<usize, T>,
+    /// What a waiting taker needs before it is woken.
+    awaited: Option<std::ops::Range<usize>>,
+}
+
+impl<T> Default for Arrivals<T> {
+    fn default() -> Self {
+        Arrivals {
+            state: Mutex::new(Arrived {
+                items: HashMap::new(),
+                awaited: None,
+            }),
+            ready: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl<T> Arrivals<T> {
+    fn put(&self, k: usize, v: T) {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        g.items.insert(k, v);
+        if let Some(r) = g.awaited.clone() {
+            if r.into_iter().all(|j| g.items.contains_key(&j)) {
+                g.awaited = None;
+                self.ready.notify_one();
+            }
+        }
+    }
+
+    /// Result `k`; when it has not arrived, waits for all of `k..until`
+    /// (each of them must come).
+    fn take(&self, k: usize, until: usize) -> T {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if !g.items.contains_key(&k) {
+            g.awaited = Some(k..until.max(k + 1));
+            g = self
+                .ready
+                .wait_while(g, |g| g.awaited.is_some())
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        g.items.remove(&k).expect("woken once it arrived")
+    }
 }
 
 /// Hands a planned job to the pipeline; returns its chunk id.
@@ -694,6 +748,9 @@ struct Compressed {
     /// No later job of the file reads below this offset.
     done_below: usize,
     payload: Vec<u8>,
+    /// The chunk header's checksum, taken by the compressing thread while
+    /// the payload is still in its cache.
+    checksum: u64,
 }
 
 /// A small pool of reusable values (output buffers, compressor state):
@@ -808,6 +865,7 @@ impl Workers<'_> {
             std::mem::swap(&mut out, raw);
             Codec::Raw
         };
+        let checksum = ChunkHeader::checksum_of(codec, kind, raw_len, &out);
         Ok(Compressed {
             file,
             kind,
@@ -816,6 +874,7 @@ impl Workers<'_> {
             first_slot,
             done_below,
             payload: out,
+            checksum,
         })
     }
 }
@@ -854,19 +913,23 @@ where
         return Ok((writer, planned));
     }
     let in_flight = threads * IN_FLIGHT_PER_THREAD + IN_FLIGHT_EXTRA;
-    let (done_tx, done_rx) = channel::<(usize, Result<Compressed, ArchiveError>)>();
-    let (permit_tx, permit_rx) = sync_channel::<()>(in_flight);
-    for _ in 0..in_flight {
-        let _ = permit_tx.send(());
-    }
-    let workers = &workers;
-    std::thread::scope(|s| {
-        let handle = s.spawn(move || write_in_order(writer, done_rx, permit_tx, workers));
-        let planned = pool.in_place_scope(|scope| {
+    let order = InOrder {
+        pending: Mutex::new(BTreeMap::new()),
+        out: Mutex::new(Output {
+            writer,
+            next: 0,
+            released: Released::new(files),
+            failed: None,
+        }),
+        window: Window::new(in_flight),
+    };
+    let planned = {
+        let (workers, order) = (&workers, &order);
+        pool.in_place_scope(|scope| {
             let mut next = 0usize;
             plan(&mut |job: Job| {
-                if permit_rx.recv().is_err() {
-                    // The writer stopped: it reports why when joined.
+                if !order.window.enter() {
+                    // Appending failed: its error is the one returned.
                     return Err(ArchiveError::io(
                         "write archive to",
                         "output",
@@ -875,47 +938,147 @@ where
                 }
                 let k = next;
                 next += 1;
-                let done_tx = done_tx.clone();
-                scope.spawn(move |_| {
-                    let _ = done_tx.send((k, workers.compress(&job)));
-                });
+                scope.spawn(move |_| order.finish(k, workers.compress(&job), workers));
                 Ok(k as u32)
             })
-        });
-        drop(done_tx);
-        let written = handle
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        match (written, planned) {
-            (Err(e), _) | (Ok(_), Err(e)) => Err(e),
-            (Ok(w), Ok(p)) => Ok((w, p)),
-        }
-    })
+        })
+    };
+    let Output { writer, failed, .. } = order.out.into_inner().map_err(|_| {
+        ArchiveError::io(
+            "write archive to",
+            "output",
+            io::Error::other("a thread appending chunks panicked"),
+        )
+    })?;
+    match (failed, planned) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(p)) => Ok((writer, p)),
+    }
 }
 
-/// The writer thread: appends compressed chunks in job order and gives a
-/// permit back for each, until every sender is gone.
-fn write_in_order<'a, W: Write>(
-    mut writer: ChunkWriter<'a, W>,
-    done: Receiver<(usize, Result<Compressed, ArchiveError>)>,
-    permits: SyncSender<()>,
-    workers: &Workers,
-) -> Result<ChunkWriter<'a, W>, ArchiveError> {
-    let mut pending = BTreeMap::new();
-    let mut next = 0;
-    let mut released = Released::new(workers.files);
-    for (k, c) in done {
-        pending.insert(k, c);
-        while let Some(c) = pending.remove(&next) {
-            let c = c?;
-            let (file, done_below) = (c.file, c.done_below);
-            workers.buffers.give(writer.append(c)?);
-            let _ = permits.send(());
-            released.written(file, done_below);
-            next += 1;
+/// Chunks compressed out of order, appended in order by whichever
+/// compressing thread finishes the next one: no writer thread to wake for
+/// every chunk (each wakeup preempted a compressing thread on 2 vCPUs).
+struct InOrder<'a, 'f, W: Write> {
+    pending: Mutex<BTreeMap<usize, Result<Compressed, ArchiveError>>>,
+    out: Mutex<Output<'a, 'f, W>>,
+    window: Window,
+}
+
+struct Output<'a, 'f, W: Write> {
+    writer: ChunkWriter<'a, W>,
+    /// The next job to append.
+    next: usize,
+    released: Released<'f>,
+    /// The first error; later chunks are dropped.
+    failed: Option<ArchiveError>,
+}
+
+impl<W: Write> InOrder<'_, '_, W> {
+    /// Job `k` is compressed: appends it and every job after it that is
+    /// ready, unless another thread is appending (it takes them then).
+    fn finish(&self, k: usize, c: Result<Compressed, ArchiveError>, workers: &Workers) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(k, c);
+        }
+        loop {
+            let Ok(mut out) = self.out.try_lock() else {
+                return;
+            };
+            let mut appended = 0;
+            loop {
+                let next = out.next;
+                let Some(c) = self.pending.lock().ok().and_then(|mut p| p.remove(&next)) else {
+                    break;
+                };
+                if out.failed.is_none() {
+                    let r = c.and_then(|c| {
+                        let (file, done_below) = (c.file, c.done_below);
+                        workers.buffers.give(out.writer.append(c)?);
+                        out.released.written(file, done_below);
+                        Ok(())
+                    });
+                    if let Err(e) = r {
+                        out.failed = Some(e);
+                        self.window.stop();
+                    }
+                }
+                out.next += 1;
+                appended += 1;
+            }
+            let next = out.next;
+            drop(out);
+            self.window.leave(appended);
+            // A job that arrived while this thread held the output found
+            // it taken and left its chunk here: take it.
+            if !self.pending.lock().is_ok_and(|p| p.contains_key(&next)) {
+                return;
+            }
         }
     }
-    Ok(writer)
+}
+
+/// Bounds the jobs between "planned" and "appended". The planner, once
+/// the window is full, sleeps until it is half empty: one wakeup per
+/// half window instead of one per chunk.
+struct Window {
+    state: Mutex<(usize, bool)>,
+    room: std::sync::Condvar,
+    max: usize,
+}
+
+impl Window {
+    fn new(max: usize) -> Window {
+        Window {
+            state: Mutex::new((0, false)),
+            room: std::sync::Condvar::new(),
+            max,
+        }
+    }
+
+    /// Takes a place for one job; false once writing has failed.
+    fn enter(&self) -> bool {
+        let Ok(mut g) = self.state.lock() else {
+            return false;
+        };
+        if g.0 >= self.max {
+            let low = self.max / 2;
+            g = match self
+                .room
+                .wait_while(g, |(n, stopped)| *n > low && !*stopped)
+            {
+                Ok(g) => g,
+                Err(_) => return false,
+            };
+        }
+        if g.1 {
+            return false;
+        }
+        g.0 += 1;
+        true
+    }
+
+    /// `n` jobs were appended.
+    fn leave(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        if let Ok(mut g) = self.state.lock() {
+            let was = g.0;
+            g.0 -= n.min(g.0);
+            let low = self.max / 2;
+            if was > low && g.0 <= low {
+                self.room.notify_one();
+            }
+        }
+    }
+
+    fn stop(&self) {
+        if let Ok(mut g) = self.state.lock() {
+            g.1 = true;
+            self.room.notify_one();
+        }
+    }
 }
 
 /// Unmaps the parts of mapped files that every job has finished reading,
@@ -973,7 +1136,7 @@ impl<'a, W: Write> ChunkWriter<'a, W> {
 
     /// Appends a chunk; gives its payload buffer back for reuse.
     fn append(&mut self, c: Compressed) -> Result<Vec<u8>, ArchiveError> {
-        let checksum = ChunkHeader::checksum_of(c.codec, c.kind, c.raw_len, &c.payload);
+        let checksum = c.checksum;
         let h = ChunkHeader {
             codec: c.codec,
             kind: c.kind,

@@ -115,6 +115,45 @@ fn streams_to_a_writer_and_reads_from_memory() {
     assert_eq!(a.file_data(core).unwrap(), b"core image bytes");
 }
 
+/// A writer that takes `room` bytes, then fails as a full disk does.
+struct Full {
+    room: usize,
+}
+
+impl std::io::Write for Full {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.room == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let n = b.len().min(self.room);
+        self.room -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_writer_that_fails_fails_the_pack_with_its_error_at_any_point() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    images(&src, 3000, 0);
+    let mut whole = Vec::new();
+    pack_dir(&src, &mut whole, None, &opts(None, 2)).unwrap();
+    for threads in [1, 2, 4] {
+        for room in [0, 100, whole.len() / 3, whole.len() - 10] {
+            let e = pack_dir(&src, Full { room }, None, &opts(None, threads))
+                .expect_err("the writer failed");
+            let text = crate::units::chain(&e);
+            assert!(
+                text.contains("No space left"),
+                "threads {threads}, room {room}: {text}"
+            );
+        }
+    }
+}
+
 #[test]
 fn packing_into_a_fifo_writes_through_it_and_leaves_it_a_fifo() {
     let tmp = tempfile::tempdir().unwrap();
