@@ -923,10 +923,10 @@ where
         }),
         window: Window::new(in_flight),
     };
+    let mut emitted = 0usize;
     let planned = {
-        let (workers, order) = (&workers, &order);
+        let (workers, order, next) = (&workers, &order, &mut emitted);
         pool.in_place_scope(|scope| {
-            let mut next = 0usize;
             plan(&mut |job: Job| {
                 if !order.window.enter() {
                     // Appending failed: its error is the one returned.
@@ -936,14 +936,19 @@ where
                         io::Error::other("writer stopped"),
                     ));
                 }
-                let k = next;
-                next += 1;
+                let k = *next;
+                *next += 1;
                 scope.spawn(move |_| order.finish(k, workers.compress(&job), workers));
                 Ok(k as u32)
             })
         })
     };
-    let Output { writer, failed, .. } = order.out.into_inner().map_err(|_| {
+    let Output {
+        writer,
+        failed,
+        next: appended,
+        ..
+    } = order.out.into_inner().map_err(|_| {
         ArchiveError::io(
             "write archive to",
             "output",
@@ -952,6 +957,14 @@ where
     })?;
     match (failed, planned) {
         (Some(e), _) | (None, Err(e)) => Err(e),
+        // Never an archive with a chunk missing.
+        (None, Ok(_)) if appended != emitted => Err(ArchiveError::io(
+            "write archive to",
+            "output",
+            io::Error::other(format!(
+                "{appended} of {emitted} chunks appended (a bug in ferry's pack)"
+            )),
+        )),
         (None, Ok(p)) => Ok((writer, p)),
     }
 }
