@@ -884,7 +884,7 @@ impl Workers<'_> {
 /// compressed and written where it is emitted.
 fn run_pipeline<'a, W, T>(
     pool: &rayon::ThreadPool,
-    mut writer: ChunkWriter<'a, W>,
+    writer: ChunkWriter<'a, W>,
     threads: usize,
     level: i32,
     files: &[Source],
@@ -900,17 +900,18 @@ where
         scratches: Reuse::new(),
     };
     if threads == 1 {
-        let mut next = 0u32;
-        let mut released = Released::new(files);
+        let mut out = Output {
+            writer,
+            next: 0,
+            released: Released::new(files),
+            failed: None,
+        };
         let planned = plan(&mut |job: Job| {
-            let c = workers.compress(&job)?;
-            let (file, done_below) = (c.file, c.done_below);
-            workers.buffers.give(writer.append(c)?);
-            released.written(file, done_below);
-            next += 1;
-            Ok(next - 1)
+            out.append(workers.compress(&job)?, &workers)?;
+            out.next += 1;
+            Ok(out.next as u32 - 1)
         })?;
-        return Ok((writer, planned));
+        return Ok((out.writer, planned));
     }
     let in_flight = threads * IN_FLIGHT_PER_THREAD + IN_FLIGHT_EXTRA;
     let order = InOrder {
@@ -987,6 +988,17 @@ struct Output<'a, 'f, W: Write> {
     failed: Option<ArchiveError>,
 }
 
+impl<W: Write> Output<'_, '_, W> {
+    /// Appends a chunk, gives its buffer back, and releases what no later
+    /// job reads.
+    fn append(&mut self, c: Compressed, workers: &Workers) -> Result<(), ArchiveError> {
+        let (file, done_below) = (c.file, c.done_below);
+        workers.buffers.give(self.writer.append(c)?);
+        self.released.written(file, done_below);
+        Ok(())
+    }
+}
+
 impl<W: Write> InOrder<'_, '_, W> {
     /// Job `k` is compressed: appends it and every job after it that is
     /// ready, unless another thread is appending (it takes them then).
@@ -1005,13 +1017,7 @@ impl<W: Write> InOrder<'_, '_, W> {
                     break;
                 };
                 if out.failed.is_none() {
-                    let r = c.and_then(|c| {
-                        let (file, done_below) = (c.file, c.done_below);
-                        workers.buffers.give(out.writer.append(c)?);
-                        out.released.written(file, done_below);
-                        Ok(())
-                    });
-                    if let Err(e) = r {
+                    if let Err(e) = c.and_then(|c| out.append(c, workers)) {
                         out.failed = Some(e);
                         self.window.stop();
                     }
