@@ -118,6 +118,67 @@ fn dump_straight_to_an_archive_and_restore_it() {
     assert!(w.verify_memory(CONTINUE).unwrap().mem_ok);
 }
 
+/// A tree whose child inherited its memory copy-on-write, each holding
+/// zero pages where the other holds data. A restore from the archive
+/// leaves those zero pages out of both pagemaps: the child's must read as
+/// zero, not as its parent's data beneath (CRIU drops them from the
+/// child's inherited copy). With --write-zero-pages every page is written.
+/// Either way every page of both processes verifies.
+#[test]
+fn inherited_memory_with_zero_pages_restores_from_an_archive() {
+    require_criu();
+    let dir = scratch("arch-twin");
+    let mut launch = Launch::new(WORKLOAD, 16, dir.path().join("report"));
+    launch.twin = true;
+    let twin_report = launch.twin_report();
+    let mut w = start_with(launch);
+    let twin_pid = w.report().unwrap().children[0] as i32;
+    // (Read, not adopted: dropping an adopted workload kills it.)
+    let twin_at_start = Report::wait_for(&twin_report, CONTINUE, |r| r.counter > 10).unwrap();
+    let (parent_zero, twin_zero) = (w.report().unwrap().pages.zero, twin_at_start.pages.zero);
+    let a = dir.path().join("twin.ferry");
+    ferry(["dump", "-t", &w.pid().to_string(), "--archive"])
+        .arg(&a)
+        .ok();
+    assert!(w.reap(Duration::from_secs(10)).unwrap());
+    for write_zero in [false, true] {
+        let read = |r: &Path| Report::read_within(r, Duration::from_secs(2)).unwrap();
+        let at = (read(w.report_path()).counter, read(&twin_report).counter);
+        let mut cmd = ferry(["restore", "--json", "--archive"]).arg(&a);
+        if write_zero {
+            cmd = cmd.arg("--write-zero-pages");
+        }
+        let run = cmd.json();
+        let left_out = run["unpack"]["zero_pages_left_out"].as_u64().unwrap();
+        if write_zero {
+            assert_eq!(left_out, 0, "{run}");
+        } else {
+            assert!(
+                left_out >= parent_zero + twin_zero,
+                "{left_out} zero pages left out, the parent holds {parent_zero} and the twin {twin_zero}"
+            );
+        }
+        let mut parent = restored(run, w.report_path());
+        let mut twin = Workload::adopt(twin_pid, &twin_report);
+        parent.wait_counter_above(at.0 + 50, CONTINUE).unwrap();
+        twin.wait_counter_above(at.1 + 50, CONTINUE).unwrap();
+        assert!(
+            parent.verify_memory(CONTINUE).unwrap().mem_ok,
+            "the parent's memory differs after a restore (write zero pages: {write_zero})"
+        );
+        assert!(
+            twin.verify_memory(CONTINUE).unwrap().mem_ok,
+            "the twin's memory differs after a restore (write zero pages: {write_zero})"
+        );
+        assert_counting(&parent);
+        assert_counting(&twin);
+        parent.stop(Duration::from_secs(5));
+        twin.stop(Duration::from_secs(5));
+        assert!(twin.reap(Duration::from_secs(10)).unwrap());
+        assert!(parent.reap(Duration::from_secs(10)).unwrap());
+    }
+}
+
 #[test]
 fn incremental_archives_chain_of_three() {
     require_criu();

@@ -129,6 +129,46 @@ fn a_tree_with_children_comes_back_whole() {
     assert_eq!(tree.len(), 3, "{tree:?}");
 }
 
+/// A zombie in the tree (a child killed and not yet reaped): CRIU dumps
+/// it with its leader's core image alone, and lists thread ids for it that
+/// mean nothing; ferry restores it all the same (it once refused, naming a
+/// core image of such an id).
+#[test]
+fn a_tree_holding_a_zombie_restores() {
+    require_criu();
+    let dir = scratch("zombie");
+    let mut launch = Launch::new(WORKLOAD, 8, dir.path().join("report"));
+    // The twin is a forked child its parent reaps only when it ends.
+    launch.twin = true;
+    let mut w = start_with(launch);
+    let zombie = w.report().unwrap().children[0] as i32;
+    ferry::process::signal(zombie, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while ferry::process::is_alive(zombie) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{zombie} not a zombie"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    ferry(["dump", "-t", &w.pid().to_string(), "-D"])
+        .arg(images(dir.path()))
+        .ok();
+    assert!(w.reap(Duration::from_secs(10)).unwrap());
+    assert!(ferry::process::wait_pid_free(
+        zombie,
+        Duration::from_secs(10)
+    ));
+    let at_dump = w.report().unwrap().counter;
+    let restored = ferry(["restore", "--json", "-D"])
+        .arg(images(dir.path()))
+        .json();
+    let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
+    w.wait_counter_above(at_dump + 50, CONTINUE).unwrap();
+    assert!(w.verify_memory(CONTINUE).unwrap().mem_ok);
+    assert_counting(&w);
+}
+
 #[test]
 fn restore_prints_the_pid_and_writes_a_pidfile() {
     require_criu();

@@ -55,6 +55,7 @@
 
 pub mod chain;
 pub mod format;
+pub mod holes;
 pub mod pack;
 pub mod read;
 pub mod stream;
@@ -65,6 +66,7 @@ use std::path::PathBuf;
 
 pub use chain::Chain;
 pub use format::{ArchiveId, Index};
+pub use holes::ZeroPages;
 pub use pack::{pack_dir, pack_to_file, PackOptions, PackReport};
 pub use read::{Archive, ArchiveFile, ChunkBuf, ReadAt};
 pub use unpack::{unpack, unpack_to_dir, update, UnpackReport};

@@ -7,6 +7,8 @@
 //! static zero block ([`crate::sys::pipe`]): no page is copied by ferry, only
 //! by CRIU as it reads. Chunk buffers are reused once the pipe is done with
 //! them (fresh memory is the slowest thing a restore touches here).
+//! The zero pages of plain private anonymous memory are not sent at all
+//! unless asked for ([`super::holes`]).
 //!
 //! What is checked, and when: every pages image's layout against its
 //! manifest checksum and every chunk of every generation against its
@@ -27,6 +29,7 @@ use rayon::prelude::*;
 
 use super::chain::Chain;
 use super::format::{digest, SOURCE_GEN_BASE};
+use super::holes::{Holes, ZeroPages};
 use super::read::ChunkBuf;
 use super::{ArchiveError, Corruption, Progress};
 use crate::criu::streamer::{ImageSink, ImageSource};
@@ -44,17 +47,27 @@ const CHUNK_BYTES: usize = 1 << 20;
 const WINDOWS_AHEAD: usize = 2;
 
 /// A page of a pages image: zero, or (generation, slot).
-type PageSource = Option<(u32, u32)>;
+pub(crate) type PageSource = Option<(u32, u32)>;
 
 /// An archive chain to stream, once [`StreamSource::check`] has passed.
 pub struct StreamSource<'c> {
     chain: &'c Chain,
     pool: rayon::ThreadPool,
     progress: &'c dyn Progress,
-    /// Per file of the head: the source of each page (pages images only);
-    /// set by a passing [`StreamSource::check`].
-    layouts: OnceLock<Vec<Option<Vec<PageSource>>>>,
+    zero_pages: ZeroPages,
+    /// Set by a passing [`StreamSource::check`].
+    checked: OnceLock<Checked>,
     chunks_read: AtomicUsize,
+}
+
+/// What [`StreamSource::check`] prepared.
+struct Checked {
+    /// Per file of the head: the source of each page streamed (pages
+    /// images only).
+    layouts: Vec<Option<Vec<PageSource>>>,
+    /// Pagemaps rewritten to leave zero pages out (see [`super::holes`]).
+    pagemaps: HashMap<usize, Vec<u8>>,
+    zero_pages_left_out: u64,
 }
 
 impl<'c> StreamSource<'c> {
@@ -69,14 +82,23 @@ impl<'c> StreamSource<'c> {
             chain,
             pool: super::feeder_pool(threads)?,
             progress,
-            layouts: OnceLock::new(),
+            zero_pages: ZeroPages::default(),
+            checked: OnceLock::new(),
             chunks_read: AtomicUsize::new(0),
         })
     }
 
+    /// Whether the zero pages of plain private anonymous memory are
+    /// written (by default they are left out: see [`super::holes`]).
+    pub fn zero_pages(mut self, zero_pages: ZeroPages) -> Self {
+        self.zero_pages = zero_pages;
+        self
+    }
+
     /// Checks every pages image's layout against its manifest checksum and
     /// every chunk of every generation against its checksum as stored
-    /// (without decompressing); returns how long it took.
+    /// (without decompressing), and finds the zero pages to leave out;
+    /// returns how long it took.
     pub fn check(&self) -> Result<Duration, ArchiveError> {
         let start = Instant::now();
         let files = &self.chain.head().index().files;
@@ -100,8 +122,28 @@ impl<'c> StreamSource<'c> {
             (0..self.chain.generations())
                 .try_for_each(|g| self.chain.generation(g).check_stored_chunks())
         })?;
-        let _ = self.layouts.set(layouts);
+        let holes = match self.zero_pages {
+            ZeroPages::LeaveOut => super::holes::plan(self.chain, &layouts)?,
+            ZeroPages::Write => Holes::default(),
+        };
+        for (fi, kept) in &holes.kept {
+            if let Some(pages) = &mut layouts[*fi] {
+                let mut keep = kept.iter();
+                pages.retain(|_| keep.next().copied().unwrap_or(true));
+            }
+        }
+        let _ = self.checked.set(Checked {
+            layouts,
+            pagemaps: holes.pagemaps,
+            zero_pages_left_out: holes.pages,
+        });
         Ok(start.elapsed())
+    }
+
+    /// Zero pages left out of the pagemaps CRIU reads (0 before
+    /// [`StreamSource::check`]).
+    pub fn zero_pages_left_out(&self) -> u64 {
+        self.checked.get().map_or(0, |c| c.zero_pages_left_out)
     }
 
     pub fn threads(&self) -> usize {
@@ -345,14 +387,26 @@ impl ImageSource for StreamSource<'_> {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "not in the archive"),
             )
         })?;
-        let Some(layouts) = self.layouts.get() else {
+        let Some(checked) = self.checked.get() else {
             return Err(self.io_error(
                 name,
                 std::io::Error::other("the archive was not checked before streaming"),
             ));
         };
-        match &layouts[fi] {
-            Some(pages) => self.stream_pages(name, pages, out),
+        if let Some(rewritten) = checked.pagemaps.get(&fi) {
+            out.write_all(rewritten)
+                .map_err(|e| self.io_error(name, e))?;
+            self.progress.advance(head.index().files[fi].size);
+            return Ok(rewritten.len() as u64);
+        }
+        match &checked.layouts[fi] {
+            Some(pages) => {
+                let n = self.stream_pages(name, pages, out)?;
+                // Pages left out count as done.
+                let size = head.index().files[fi].size;
+                self.progress.advance(size.saturating_sub(n));
+                Ok(n)
+            }
             None => {
                 let data = head.file_data(fi)?;
                 out.write_all(&data).map_err(|e| self.io_error(name, e))?;

@@ -476,3 +476,101 @@ fn streaming_refuses_a_damaged_chunk_up_front() {
         "{err}"
     );
 }
+
+/// A streamed restore leaves the zero pages of plain private anonymous
+/// memory out of the pagemap and the pages it streams, and those alone (a
+/// private file mapping's zero pages stay); asked to write them, it
+/// streams every image as it is.
+#[test]
+fn streaming_leaves_out_the_zero_pages_of_plain_anonymous_memory() {
+    use crate::criu::streamer::ImageSource;
+    use crate::image::framing::{IMG_COMMON_MAGIC, MM_MAGIC};
+    use crate::image::pagemap::{self, Pagemap, PE_LAZY, PE_PRESENT};
+    use criu_proto as pb;
+    use prost::Message;
+
+    const ANON: u64 = 0x10_0000;
+    const FILE: u64 = 0x1000_0000;
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("d");
+    let (pages, half) = (3000usize, 2000usize);
+    images(&d, pages, 0);
+    let pm = pagemap::tests::image(
+        1,
+        &[
+            (ANON, half as u32, PE_PRESENT | PE_LAZY),
+            (FILE, (pages - half) as u32, PE_PRESENT),
+        ],
+    );
+    fs::write(d.join("pagemap-1.img"), &pm).unwrap();
+    let vma = |start: u64, n: usize, status: u32| pb::VmaEntry {
+        start,
+        end: start + (n * PAGE_SIZE) as u64,
+        prot: 3,
+        flags: 0x22,
+        status,
+        fd: -1,
+        ..Default::default()
+    };
+    let mm = pb::MmEntry {
+        vmas: vec![
+            vma(ANON, half, 1 | 1 << 9),
+            vma(FILE, pages - half, 1 | 1 << 6),
+        ],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut mm_img = Vec::new();
+    mm_img.extend_from_slice(&IMG_COMMON_MAGIC.to_le_bytes());
+    mm_img.extend_from_slice(&MM_MAGIC.to_le_bytes());
+    mm_img.extend_from_slice(&(mm.len() as u32).to_le_bytes());
+    mm_img.extend_from_slice(&mm);
+    fs::write(d.join("mm-1.img"), &mm_img).unwrap();
+    let a = t.path().join("a.ferry");
+    pack_to_file(&d, &a, &opts(None, 2)).unwrap();
+    let chain = Chain::open(&a, None).unwrap();
+
+    let original = fs::read(d.join("pages-1.img")).unwrap();
+    let page = |i: usize| &original[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+    let is_zero = |i: usize| page(i).iter().all(|&b| b == 0);
+    let left_out = |i: usize| i < half && is_zero(i);
+    let zero_in_anon = (0..pages).filter(|&i| left_out(i)).count();
+    assert!(zero_in_anon > 100 && (half..pages).any(is_zero));
+
+    let source = stream::StreamSource::new(&chain, 2, &NoProgress).unwrap();
+    source.check().unwrap();
+    assert_eq!(source.zero_pages_left_out(), zero_in_anon as u64);
+    let mut pm_out = Vec::new();
+    source.write_image("pagemap-1.img", &mut pm_out).unwrap();
+    let after = Pagemap::parse(Path::new("pagemap-1.img"), &pm_out).unwrap();
+    let listed: Vec<u64> = after
+        .ranges
+        .iter()
+        .flat_map(|r| (0..r.nr_pages).map(move |k| r.vaddr + k * PAGE_SIZE as u64))
+        .collect();
+    let vaddr = |i: usize| match i < half {
+        true => ANON + (i * PAGE_SIZE) as u64,
+        false => FILE + ((i - half) * PAGE_SIZE) as u64,
+    };
+    let expected: Vec<u64> = (0..pages).filter(|&i| !left_out(i)).map(vaddr).collect();
+    assert_eq!(listed, expected);
+    let mut pages_out = Vec::new();
+    let n = source.write_image("pages-1.img", &mut pages_out).unwrap();
+    assert_eq!(n as usize, pages_out.len());
+    let expected: Vec<u8> = (0..pages)
+        .filter(|&i| !left_out(i))
+        .flat_map(|i| page(i).iter().copied())
+        .collect();
+    assert!(pages_out == expected, "the pages streamed differ");
+
+    let source = stream::StreamSource::new(&chain, 2, &NoProgress)
+        .unwrap()
+        .zero_pages(ZeroPages::Write);
+    source.check().unwrap();
+    assert_eq!(source.zero_pages_left_out(), 0);
+    for name in ["pagemap-1.img", "pages-1.img", "mm-1.img"] {
+        let mut out = Vec::new();
+        source.write_image(name, &mut out).unwrap();
+        assert!(out == fs::read(d.join(name)).unwrap(), "{name} differs");
+    }
+}

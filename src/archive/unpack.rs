@@ -35,6 +35,10 @@ pub struct UnpackReport {
     pub bytes_written: u64,
     pub chunks_read: usize,
     pub generations: usize,
+    /// Of a streamed restore: zero pages of plain private anonymous memory
+    /// left out of what CRIU was given (they read as zero unwritten; see
+    /// [`super::holes`]). 0 for an unpack, which writes every file whole.
+    pub zero_pages_left_out: u64,
 }
 
 /// One non-zero page to place: from slot `slot` of generation `gen`.
@@ -289,6 +293,7 @@ fn place(
         bytes_written: written,
         chunks_read,
         generations: chain.generations(),
+        zero_pages_left_out: 0,
     })
 }
 

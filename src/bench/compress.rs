@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::Timing;
-use crate::archive::{self, NoProgress, PackOptions};
+use crate::archive::{self, NoProgress, PackOptions, ZeroPages};
 use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
 use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
 use crate::process;
@@ -126,13 +126,21 @@ pub struct Ceiling {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreResult {
     pub from_dir: Timing,
+    /// As `ferry restore --archive` does by default: the zero pages of
+    /// private anonymous memory left unwritten.
     pub from_archive: Timing,
-    /// Of the archive restores: checking the archive and streaming its
-    /// images to CRIU (overlaps CRIU's restore).
+    /// With `--write-zero-pages`: every page written, as from the directory.
+    pub from_archive_all_pages: Timing,
+    /// Of the default archive restores: checking the archive and streaming
+    /// its images to CRIU (overlaps CRIU's restore).
     pub unpack: Timing,
     pub archive_level: i32,
+    /// Zero pages the default archive restore left unwritten.
+    pub zero_pages_left_out: u64,
     /// (archive median / dir median) - 1, in percent.
     pub overhead_pct: f64,
+    /// The same, every page written.
+    pub overhead_all_pages_pct: f64,
 }
 
 /// A target of the issue, with the measured value and whether it was met.
@@ -489,53 +497,77 @@ impl CompressBench {
         )?;
         let mut dir_samples = Vec::new();
         let mut arch_samples = Vec::new();
+        let mut all_samples = Vec::new();
         let mut unpack_samples = Vec::new();
-        for _ in 0..self.repeat {
-            let start = Instant::now();
-            let r = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)?;
-            dir_samples.push(start.elapsed());
-            stop(Workload::adopt(r.pid, report), pid)?;
-            // The directory restore leaves its log and stats: drop them so the
-            // images stay as CRIU wrote them.
-            let _ = fs::remove_file(images.join("restore.log"));
-            let _ = fs::remove_file(images.join("stats-restore"));
-
-            let start = Instant::now();
-            let opts = ArchiveRestoreOptions {
-                parent: None,
-                threads,
-                staging: None,
-                progress: &NoProgress,
-            };
-            let r = checkpoint::restore_from_archive(
-                criu,
-                &arch,
-                &RestoreRequest::new(""),
-                &opts,
-                &mut NoHooks,
-            )?;
-            arch_samples.push(start.elapsed());
-            unpack_samples.push(r.unpack.wall);
+        let mut left_out = 0;
+        for run in 0..self.repeat {
+            // The three kinds take turns going first: a host that slows
+            // down or speeds up over a run weighs on each alike.
+            for kind in (0..3).map(|k| (k + run) % 3) {
+                let start = Instant::now();
+                let pid_now = if kind == 0 {
+                    let r = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)?;
+                    dir_samples.push(start.elapsed());
+                    // The directory restore leaves its log and stats: drop
+                    // them so the images stay as CRIU wrote them.
+                    let _ = fs::remove_file(images.join("restore.log"));
+                    let _ = fs::remove_file(images.join("stats-restore"));
+                    r.pid
+                } else {
+                    let opts = ArchiveRestoreOptions {
+                        parent: None,
+                        threads,
+                        staging: None,
+                        zero_pages: if kind == 1 {
+                            ZeroPages::LeaveOut
+                        } else {
+                            ZeroPages::Write
+                        },
+                        progress: &NoProgress,
+                    };
+                    let r = checkpoint::restore_from_archive(
+                        criu,
+                        &arch,
+                        &RestoreRequest::new(""),
+                        &opts,
+                        &mut NoHooks,
+                    )?;
+                    if kind == 1 {
+                        arch_samples.push(start.elapsed());
+                        unpack_samples.push(r.unpack.wall);
+                        left_out = r.unpack.zero_pages_left_out;
+                    } else {
+                        all_samples.push(start.elapsed());
+                    }
+                    r.restore.pid
+                };
+                stop(Workload::adopt(pid_now, report), pid)?;
+            }
+            let ms = |v: &[Duration]| v.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
             log(&format!(
-                "restore, run {} of {}: from images dir {:.0} ms, from archive {:.0} ms",
-                dir_samples.len(),
+                "restore, run {} of {}: from images dir {:.0} ms, from archive {:.0} ms ({:.0} ms writing zero pages)",
+                run + 1,
                 self.repeat,
-                dir_samples.last().map_or(0.0, |d| d.as_secs_f64() * 1e3),
-                start.elapsed().as_secs_f64() * 1e3
+                ms(&dir_samples),
+                ms(&arch_samples),
+                ms(&all_samples),
             ));
-            stop(Workload::adopt(r.restore.pid, report), pid)?;
         }
         let _ = fs::remove_file(&arch);
         let from_dir = Timing::of(dir_samples);
         let from_archive = Timing::of(arch_samples);
+        let from_archive_all_pages = Timing::of(all_samples);
+        let over = |t: &Timing| {
+            (t.median.as_secs_f64() / from_dir.median.as_secs_f64().max(1e-9) - 1.0) * 100.0
+        };
         Ok(RestoreResult {
-            overhead_pct: (from_archive.median.as_secs_f64()
-                / from_dir.median.as_secs_f64().max(1e-9)
-                - 1.0)
-                * 100.0,
+            overhead_pct: over(&from_archive),
+            overhead_all_pages_pct: over(&from_archive_all_pages),
             from_dir,
             from_archive,
+            from_archive_all_pages,
             unpack: Timing::of(unpack_samples),
+            zero_pages_left_out: left_out,
             archive_level: level,
         })
     }
@@ -707,7 +739,7 @@ pub fn render(r: &CompressResults) -> String {
     }
     if let Some(rs) = &r.restore {
         s += &format!(
-            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; check + stream {}); {:+.1}%\n",
+            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; check + stream {}; {} zero pages left unwritten); {:+.1}%\n",
             millis(rs.from_dir.median),
             millis(rs.from_dir.min),
             millis(rs.from_dir.max),
@@ -715,7 +747,15 @@ pub fn render(r: &CompressResults) -> String {
             millis(rs.from_archive.min),
             millis(rs.from_archive.max),
             millis(rs.unpack.median),
+            rs.zero_pages_left_out,
             rs.overhead_pct
+        );
+        s += &format!(
+            "restore from archive writing every page (--write-zero-pages): {} (min {}, max {}); {:+.1}%\n",
+            millis(rs.from_archive_all_pages.median),
+            millis(rs.from_archive_all_pages.min),
+            millis(rs.from_archive_all_pages.max),
+            rs.overhead_all_pages_pct
         );
     }
     for t in &r.targets {

@@ -20,7 +20,7 @@ use ferry::PAGE_SIZE;
 use memmap2::MmapMut;
 use xxhash_rust::xxh3::xxh3_64;
 
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "ferry-workload",
     version,
@@ -69,6 +69,14 @@ struct Args {
     /// Child processes to start (each a small idle process), to make a tree.
     #[arg(long, default_value_t = 0)]
     children: u32,
+    /// Fork a twin once the memory is filled. It shares the memory
+    /// copy-on-write; then the first process zeroes every page whose index
+    /// is 1 modulo 7 and the twin every page 2 modulo 7, so that each holds
+    /// zero pages where the other does not (to test restores of inherited
+    /// memory). The twin reports to `<report>.twin`, is the first of the
+    /// report's children, and ends when its parent does.
+    #[arg(long)]
+    twin: bool,
     /// Stay in the caller's session instead of starting a new one.
     #[arg(long)]
     no_setsid: bool,
@@ -77,6 +85,8 @@ struct Args {
     child: bool,
 }
 
+/// The twin and its parent each zero one page in this many.
+const TWIN_SHARE: usize = 7;
 /// Memory a child process holds, in pages.
 const CHILD_PAGES: usize = 64;
 /// How often a child checks whether its parent is gone.
@@ -155,6 +165,25 @@ impl Memory {
             .all(|(page, h)| xxh3_64(page) == *h)
     }
 
+    /// Zeroes every page whose index is `k` modulo [`TWIN_SHARE`].
+    fn zero_share(&mut self, k: usize, mix: Mix, seed: u64) {
+        let pages = self.hashes.len();
+        for i in (k..pages).step_by(TWIN_SHARE) {
+            let page = &mut self.map[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
+            page.fill(0);
+            self.hashes[i] = xxh3_64(page);
+            let c = &mut self.counts;
+            match mix.class_of(seed, i) {
+                PageClass::Zero => continue,
+                PageClass::Repeat => c.repeat -= 1,
+                PageClass::Text => c.text -= 1,
+                PageClass::Random => c.random -= 1,
+            }
+            c.zero += 1;
+        }
+        self.random_pages.retain(|i| i % TWIN_SHARE != k);
+    }
+
     fn dirty(&mut self, pages: u64, seed: u64, nonce: &mut u64, rng: &mut fastrand::Rng) {
         if self.random_pages.is_empty() {
             return;
@@ -171,6 +200,38 @@ impl Memory {
 
 fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<()> {
     let mut memory = Memory::fill(args.size_mib, mix, args.seed)?;
+    // Forked before any thread starts.
+    let (mut twin, mut parent) = (None, None);
+    let twin_args;
+    let args = match args.twin {
+        false => args,
+        true => match ferry::sys::spawn::fork_single_threaded().context("fork the twin")? {
+            Some(pid) => {
+                memory.zero_share(1, mix, args.seed);
+                twin = Some(nix::unistd::Pid::from_raw(pid));
+                args
+            }
+            None => {
+                memory.zero_share(2, mix, args.seed);
+                parent = Some(nix::unistd::getppid());
+                let mut report = args.report.clone().map(|r| r.into_os_string());
+                if let Some(r) = &mut report {
+                    r.push(".twin");
+                }
+                twin_args = Args {
+                    report: report.map(PathBuf::from),
+                    heartbeat: None,
+                    hold_tcp: None,
+                    hold_unix: None,
+                    serve: None,
+                    children: 0,
+                    twin: false,
+                    ..args.clone()
+                };
+                &twin_args
+            }
+        },
+    };
     let report_file = match &args.report {
         Some(path) => {
             let f = OpenOptions::new()
@@ -223,7 +284,11 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
         verify_seq: 0,
         mem_ok: true,
         dirtied_pages: 0,
-        children: children.iter().map(Child::id).collect(),
+        children: twin
+            .map(|p| p.as_raw() as u32)
+            .into_iter()
+            .chain(children.iter().map(Child::id))
+            .collect(),
     };
     let tick = Duration::from_millis(args.tick_ms);
     let dirty_pages_per_tick =
@@ -233,6 +298,9 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
     let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xD1D1);
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if parent.is_some_and(|p| nix::unistd::getppid() != p) {
+            break; // a twin whose parent is gone
+        }
         next += tick;
         let now = Instant::now();
         if next > now {
@@ -261,6 +329,10 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
             // A lost heartbeat is what the prober measures; never fatal.
             let _ = sock.send_to(&workload::heartbeat(report.pid, report.counter), addr);
         }
+    }
+    if let Some(t) = twin {
+        let _ = nix::sys::signal::kill(t, nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::wait::waitpid(t, None);
     }
     for c in &mut children {
         let _ = nix::sys::signal::kill(

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use super::restore::{after_restore, check_pids_free, gpu_gate};
 use super::{staging, CheckpointError};
 use crate::archive::stream::StreamSource;
-use crate::archive::{Chain, Progress, UnpackReport};
+use crate::archive::{Chain, Progress, UnpackReport, ZeroPages};
 use crate::criu::streamer::{StreamError, Streamer};
 use crate::criu::{Criu, NotifyHook, RestoreOutcome, RestoreRequest};
 use crate::image::dir::classify_name;
@@ -51,6 +51,9 @@ pub struct ArchiveRestoreOptions<'a> {
     pub threads: usize,
     /// Base directory for staging, overriding the tmpfs/tempdir choice.
     pub staging: Option<&'a Path>,
+    /// Whether the zero pages of plain private anonymous memory are written
+    /// (see [`crate::archive::holes`]).
+    pub zero_pages: ZeroPages,
     pub progress: &'a dyn Progress,
 }
 
@@ -187,7 +190,9 @@ fn serve_archive(
     };
     let chain = Chain::open(archive, opts.parent).map_err(bad)?;
     let opened = start.elapsed();
-    let source = StreamSource::new(&chain, opts.threads, opts.progress).map_err(bad)?;
+    let source = StreamSource::new(&chain, opts.threads, opts.progress)
+        .map_err(bad)?
+        .zero_pages(opts.zero_pages);
     let head = chain.head();
     let mut listing = Vec::new();
     let mut contents = BTreeMap::new();
@@ -240,6 +245,7 @@ fn serve_archive(
             bytes_written: served.bytes,
             chunks_read: source.chunks_read(),
             generations: chain.generations(),
+            zero_pages_left_out: source.zero_pages_left_out(),
         },
     })
 }

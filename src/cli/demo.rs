@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{exit, CliError, GlobalArgs};
-use crate::archive::{self, ArchiveError, NoProgress, PackOptions};
+use crate::archive::{self, ArchiveError, NoProgress, PackOptions, ZeroPages};
 use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
 use crate::criu::{CriuError, DumpRequest, NoHooks, RestoreRequest};
 use crate::inspect::{inspect, render_human, InspectError};
@@ -179,6 +179,7 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
         parent: None,
         threads,
         staging: None,
+        zero_pages: ZeroPages::LeaveOut,
         progress: &NoProgress,
     };
     let restored = checkpoint::restore_from_archive(

@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::pack::threads;
 use super::progress::Bar;
 use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
-use crate::archive::UnpackReport;
+use crate::archive::{UnpackReport, ZeroPages};
 use crate::checkpoint::{self, ArchiveRestoreOptions};
 use crate::criu::{NoHooks, RestoreRequest, Timeline};
 use crate::image::RestoreStats;
@@ -34,6 +34,12 @@ pub struct RestoreArgs {
     /// With --archive: unpacking threads (default: one per CPU).
     #[arg(long, requires = "archive", value_parser = clap::value_parser!(u16).range(1..))]
     pub threads: Option<u16>,
+    /// With --archive: write the zero pages of private anonymous memory, as
+    /// a restore from an images directory does. By default they are left
+    /// out: they read as zero all the same, and stay unallocated until the
+    /// application writes them (faster, and less memory).
+    #[arg(long, requires = "archive")]
+    pub write_zero_pages: bool,
     /// Write the restored root's pid to this file.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
@@ -88,6 +94,11 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
                 parent: args.parent.as_deref(),
                 threads: threads(args.threads),
                 staging: args.staging.as_deref(),
+                zero_pages: if args.write_zero_pages {
+                    ZeroPages::Write
+                } else {
+                    ZeroPages::LeaveOut
+                },
                 progress: &bar,
             };
             let r = checkpoint::restore_from_archive(&criu, archive, &req, &opts, &mut NoHooks)?;
@@ -142,6 +153,14 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
             u.chunks_read,
             u.generations
         )?;
+        if u.zero_pages_left_out > 0 {
+            writeln!(
+                out,
+                "  {} zero pages ({}) of private anonymous memory left unwritten: they read as zero (--write-zero-pages writes them)",
+                u.zero_pages_left_out,
+                crate::units::bytes(u.zero_pages_left_out * crate::PAGE_SIZE as u64)
+            )?;
+        }
         writeln!(out, "  CRIU restore {}", millis(outcome.wall))?;
     }
     Ok(exit::OK)

@@ -258,11 +258,16 @@ impl ImagesDir {
         let mut cores = BTreeMap::new();
         let mut pagemaps = BTreeMap::new();
         for proc in &tree {
-            let mut tids = proc.threads.clone();
-            if !tids.contains(&proc.pid) {
-                tids.insert(0, proc.pid);
-            }
-            for tid in tids {
+            let leader = self
+                .core(proc.pid)
+                .map_err(|e| self.missing_for(e, proc.pid, &format!("core-{}.img", proc.pid)))?;
+            let zombie = leader.state == super::core::TASK_DEAD;
+            cores.insert(proc.pid, leader);
+            // A zombie has its leader's core image alone: CRIU records no
+            // threads of it that it would restore (the ids it lists are
+            // not meaningful).
+            let others = proc.threads.iter().filter(|&&t| t != proc.pid && !zombie);
+            for &tid in others {
                 let core = self
                     .core(tid)
                     .map_err(|e| self.missing_for(e, proc.pid, &format!("core-{tid}.img")))?;

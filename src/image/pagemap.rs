@@ -160,6 +160,67 @@ pub fn in_parent(path: &Path, bytes: &[u8]) -> Result<Option<(Pagemap, Vec<u8>)>
     Ok(Some((pagemap, out)))
 }
 
+/// `bytes`, a pagemap image, with the present pages for which
+/// `leave_out(vaddr, index)` holds taken out (`index`: the page's place in
+/// the pages image); a range is split around the pages taken out of it,
+/// and one left with none is dropped. Ranges in the parent or only lazy
+/// keep their place. Returns the new image and, per page of the pages
+/// image, whether it stays in.
+pub fn without_pages(
+    path: &Path,
+    bytes: &[u8],
+    mut leave_out: impl FnMut(u64, usize) -> bool,
+) -> Result<(Vec<u8>, Vec<bool>), ImageError> {
+    let pagemap = Pagemap::parse(path, bytes)?;
+    let header = 8;
+    let entries = framing::entries(path, &bytes[header..], header)?;
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..header]);
+    let mut push = |payload: &[u8]| {
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(payload);
+    };
+    let mut kept = Vec::with_capacity(pagemap.present_pages() as usize);
+    for (i, (offset, payload)) in entries.into_iter().enumerate() {
+        // The head, then one entry per range (as parsed above).
+        let range = match i.checked_sub(1) {
+            Some(r) if pagemap.ranges[r].is_present() => pagemap.ranges[r],
+            _ => {
+                push(payload);
+                continue;
+            }
+        };
+        let e: pb::PagemapEntry = framing::decode_at(path, offset, payload, "pagemap_entry")?;
+        let wide = e.nr_pages == 0 && e.nr_pages64.is_some();
+        let first = kept.len();
+        for k in 0..range.nr_pages {
+            let vaddr = range.vaddr + k * PAGE_SIZE as u64;
+            kept.push(!leave_out(vaddr, first + k as usize));
+        }
+        let mut k = 0;
+        while k < range.nr_pages as usize {
+            if !kept[first + k] {
+                k += 1;
+                continue;
+            }
+            let run = kept[first + k..first + range.nr_pages as usize]
+                .iter()
+                .take_while(|&&keep| keep)
+                .count();
+            let mut piece = e;
+            piece.vaddr = range.vaddr + (k * PAGE_SIZE) as u64;
+            if wide {
+                piece.nr_pages64 = Some(run as u64);
+            } else {
+                piece.nr_pages = run as u32;
+            }
+            push(&prost::Message::encode_to_vec(&piece));
+            k += run;
+        }
+    }
+    Ok((out, kept))
+}
+
 fn validate(ranges: &[PageRange]) -> Result<(), Problem> {
     let mut prev_end = 0u64;
     for (index, r) in ranges.iter().enumerate() {
@@ -301,6 +362,72 @@ pub(crate) mod tests {
             };
             assert_eq!(spans(&after), spans(&before));
         }
+    }
+
+    #[test]
+    fn leaves_out_pages_and_splits_ranges_around_them() {
+        let p = PathBuf::from("pagemap-1.img");
+        let flags = PE_PRESENT | PE_LAZY;
+        for wide in [false, true] {
+            let bytes = image_with(
+                7,
+                &[
+                    (0x1000, 4, flags),
+                    (0x10000, 2, PE_PARENT),
+                    (0x20000, 3, PE_PRESENT),
+                ],
+                wide,
+            );
+            let mut asked = Vec::new();
+            let (out, kept) = without_pages(&p, &bytes, |vaddr, i| {
+                asked.push((vaddr, i));
+                [1, 2, 4].contains(&i)
+            })
+            .unwrap();
+            assert_eq!(
+                asked,
+                [
+                    (0x1000, 0),
+                    (0x2000, 1),
+                    (0x3000, 2),
+                    (0x4000, 3),
+                    (0x20000, 4),
+                    (0x21000, 5),
+                    (0x22000, 6)
+                ]
+            );
+            assert_eq!(kept, [true, false, false, true, false, true, true]);
+            let after = Pagemap::parse(&p, &out).unwrap();
+            assert_eq!(after.pages_id, 7);
+            let ranges: Vec<_> = after
+                .ranges
+                .iter()
+                .map(|r| (r.vaddr, r.nr_pages, r.flags))
+                .collect();
+            assert_eq!(
+                ranges,
+                [
+                    (0x1000, 1, flags),
+                    (0x4000, 1, flags),
+                    (0x10000, 2, PE_PARENT),
+                    (0x21000, 2, PE_PRESENT)
+                ]
+            );
+            // Counted in the field the image used.
+            let again = without_pages(&p, &out, |_, _| false).unwrap().0;
+            assert_eq!(again, out);
+        }
+    }
+
+    #[test]
+    fn a_range_left_with_no_pages_is_dropped() {
+        let p = PathBuf::from("pagemap-1.img");
+        let bytes = image(2, &[(0x1000, 2, PE_PRESENT), (0x8000, 1, PE_PRESENT)]);
+        let (out, kept) = without_pages(&p, &bytes, |vaddr, _| vaddr < 0x8000).unwrap();
+        assert_eq!(kept, [false, false, true]);
+        let after = Pagemap::parse(&p, &out).unwrap();
+        assert_eq!(after.ranges.len(), 1);
+        assert_eq!((after.ranges[0].vaddr, after.present_pages()), (0x8000, 1));
     }
 
     #[test]

@@ -62,3 +62,28 @@ pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
         })?;
     init
 }
+
+/// Forks the calling process, which must have one thread (checked: an
+/// error otherwise, as after a fork in a threaded process only the forking
+/// thread lives on, holding whatever locks the others held). Returns the
+/// child's pid in the parent, `None` in the child. The child shares the
+/// parent's private memory copy-on-write.
+pub fn fork_single_threaded() -> io::Result<Option<i32>> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    if threads != Some(1) {
+        return Err(io::Error::other(format!(
+            "fork refused: the process has {threads:?} threads, not one"
+        )));
+    }
+    // SAFETY: the process has a single thread (checked above, and nothing
+    // here starts one), so the child's copy holds no lock another thread
+    // held, and it may go on running ordinary Rust code.
+    match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
+        nix::unistd::ForkResult::Parent { child } => Ok(Some(child.as_raw())),
+        nix::unistd::ForkResult::Child => Ok(None),
+    }
+}

@@ -33,6 +33,9 @@ pub struct Launch {
     pub report: PathBuf,
     pub heartbeat: Option<SocketAddr>,
     pub children: u32,
+    /// Fork a twin sharing the memory copy-on-write (`--twin`): it
+    /// reports to [`Launch::twin_report`].
+    pub twin: bool,
     pub tick_ms: u64,
     pub dirty_mib_s: f64,
     pub hold_tcp: Option<SocketAddr>,
@@ -57,6 +60,7 @@ impl Launch {
             report: report.into(),
             heartbeat: None,
             children: 0,
+            twin: false,
             tick_ms: 1,
             dirty_mib_s: 0.0,
             hold_tcp: None,
@@ -64,6 +68,13 @@ impl Launch {
             netns: None,
             own_pid_ns: false,
         }
+    }
+
+    /// Where a `--twin` workload's twin reports.
+    pub fn twin_report(&self) -> PathBuf {
+        let mut r = self.report.clone().into_os_string();
+        r.push(".twin");
+        PathBuf::from(r)
     }
 
     /// Starts the workload (its stdio on /dev/null, in a session of its own).
@@ -112,6 +123,9 @@ impl Launch {
             .arg(self.dirty_mib_s.to_string());
         if let Some(hb) = self.heartbeat {
             cmd.arg("--heartbeat").arg(hb.to_string());
+        }
+        if self.twin {
+            cmd.arg("--twin");
         }
         if let Some(a) = self.hold_tcp {
             cmd.arg("--hold-tcp").arg(a.to_string());
