@@ -193,11 +193,12 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
     let mut w = workload::Workload::adopt(restored.restore.pid, &report);
     writeln!(
         out,
-        "   restored pid {} in {} (images streamed from the archive in {}, CRIU restore {})",
+        "   restored pid {} in {} (images streamed from the archive in {}, CRIU restore {}; {} zero pages left unwritten)",
         restored.restore.pid,
         millis(restored.wall),
         millis(restored.unpack.wall),
-        millis(restored.restore.wall)
+        millis(restored.restore.wall),
+        restored.unpack.zero_pages_left_out
     )?;
     let after = w
         .wait_counter_above(at_dump + RUN_TICKS, CONTINUE_TIMEOUT)

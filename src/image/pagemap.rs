@@ -139,14 +139,8 @@ pub fn in_parent(path: &Path, bytes: &[u8]) -> Result<Option<(Pagemap, Vec<u8>)>
     {
         return Ok(None);
     }
-    let header = 8;
-    let entries = framing::entries(path, &bytes[header..], header)?;
-    let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(&bytes[..header]);
-    let mut push = |payload: &[u8]| {
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(payload);
-    };
+    let (entries, mut out) = rewrite(path, bytes)?;
+    let mut push = |payload: &[u8]| push_entry(&mut out, payload);
     for (i, (offset, payload)) in entries.into_iter().enumerate() {
         if i == 0 {
             push(payload);
@@ -172,14 +166,8 @@ pub fn without_pages(
     mut leave_out: impl FnMut(u64, usize) -> bool,
 ) -> Result<(Vec<u8>, Vec<bool>), ImageError> {
     let pagemap = Pagemap::parse(path, bytes)?;
-    let header = 8;
-    let entries = framing::entries(path, &bytes[header..], header)?;
-    let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(&bytes[..header]);
-    let mut push = |payload: &[u8]| {
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(payload);
-    };
+    let (entries, mut out) = rewrite(path, bytes)?;
+    let mut push = |payload: &[u8]| push_entry(&mut out, payload);
     let mut kept = Vec::with_capacity(pagemap.present_pages() as usize);
     for (i, (offset, payload)) in entries.into_iter().enumerate() {
         // The head, then one entry per range (as parsed above).
@@ -219,6 +207,26 @@ pub fn without_pages(
         }
     }
     Ok((out, kept))
+}
+
+/// An image's entries: (offset, payload), in order.
+type Entries<'b> = Vec<(usize, &'b [u8])>;
+
+/// For a rewrite of a pagemap image: its entries (the head first) and a
+/// buffer holding its magic, to append entries to with [`push_entry`].
+fn rewrite<'b>(path: &Path, bytes: &'b [u8]) -> Result<(Entries<'b>, Vec<u8>), ImageError> {
+    let header = 8;
+    let entries = framing::entries(path, &bytes[header..], header)?;
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..header]);
+    Ok((entries, out))
+}
+
+/// Appends an entry as CRIU frames it: its length (u32, little-endian),
+/// then the message.
+fn push_entry(out: &mut Vec<u8>, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(payload);
 }
 
 fn validate(ranges: &[PageRange]) -> Result<(), Problem> {
