@@ -159,7 +159,8 @@ pub fn in_parent(path: &Path, bytes: &[u8]) -> Result<Option<(Pagemap, Vec<u8>)>
 /// the pages image); a range is split around the pages taken out of it,
 /// and one left with none is dropped. Ranges in the parent or only lazy
 /// keep their place. Returns the new image and, per page of the pages
-/// image, whether it stays in.
+/// image, whether it stays in. It takes a flag per present page: callers
+/// bound that (a restore by the length of the pages image).
 pub fn without_pages(
     path: &Path,
     bytes: &[u8],
