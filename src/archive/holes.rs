@@ -70,7 +70,8 @@ pub(crate) fn plan(
             continue;
         };
         let (pm_bytes, mm_bytes) = (head.file_data(fi)?, head.file_data(mm_fi)?);
-        let (pm_path, mm_path) = (Path::new(&f.name), Path::new("mm.img"));
+        let pm_path = Path::new(&f.name);
+        let mm_path = Path::new(&head.index().files[mm_fi].name);
         let (Ok(pm), Ok(mm)) = (
             pagemap::Pagemap::parse(pm_path, &pm_bytes),
             MemoryMap::parse(mm_path, &mm_bytes),
