@@ -21,6 +21,7 @@ fn inspect_counts_the_workloads_pages() {
         zero_pct: 30,
         repeat_pct: 20,
         text_pct: 20,
+        ..Mix::default()
     };
     let mut w = start_with(launch);
     let known = w.report().unwrap();

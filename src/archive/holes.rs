@@ -30,12 +30,38 @@ use crate::image::pagemap;
 /// anonymous memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ZeroPages {
-    /// Left out of the pagemap: they read as zero, unwritten.
+    /// Left out of the pagemap where that is cheaper for CRIU than
+    /// writing them: a run of them at either end of a page range, or one
+    /// of at least [`MIN_INNER_RUN`] pages inside it. They read as zero,
+    /// unwritten.
     #[default]
     LeaveOut,
+    /// Every one left out, however short its run (to measure what the
+    /// rule of [`ZeroPages::LeaveOut`] saves).
+    LeaveOutEvery,
     /// Written, as a restore from the images directory does (for an
     /// application that wants them resident).
     Write,
+}
+
+/// Shortest run of zero pages left out inside a page range. Each such run
+/// splits the range in two, and CRIU pays for every range it reads (a
+/// read from the image pipe, and its bookkeeping) about as much as for
+/// writing this many zero pages: shorter runs cost less written than
+/// left out. The figure comes from `ferry bench compress`
+/// (docs/benchmarks.md, "Zero pages left out of a restore").
+pub const MIN_INNER_RUN: usize = 4;
+
+impl ZeroPages {
+    /// The shortest run of zero pages left out inside a page range, if any
+    /// are left out.
+    fn min_inner_run(self) -> Option<usize> {
+        match self {
+            ZeroPages::LeaveOut => Some(MIN_INNER_RUN),
+            ZeroPages::LeaveOutEvery => Some(1),
+            ZeroPages::Write => None,
+        }
+    }
 }
 
 /// What a restore leaves out, by file of the chain's head.
@@ -50,13 +76,18 @@ pub(crate) struct Holes {
 }
 
 /// Finds the zero pages of plain private anonymous memory in the head's
-/// pages images (`layouts`: where each page comes from, `None` for zero).
+/// pages images (`layouts`: where each page comes from, `None` for zero)
+/// that `policy` leaves out.
 pub(crate) fn plan(
     chain: &Chain,
     layouts: &[Option<Vec<PageSource>>],
+    policy: ZeroPages,
 ) -> Result<Holes, ArchiveError> {
     let head = chain.head();
     let mut holes = Holes::default();
+    let Some(min_inner_run) = policy.min_inner_run() else {
+        return Ok(holes);
+    };
     for (fi, f) in head.index().files.iter().enumerate() {
         let Some(pid) = f
             .name
@@ -96,7 +127,8 @@ pub(crate) fn plan(
                     .vma_at(vaddr)
                     .is_some_and(Vma::is_plain_private_anonymous)
         };
-        let Ok((rewritten, kept)) = pagemap::without_pages(pm_path, &pm_bytes, zero_in_plain)
+        let Ok((rewritten, kept)) =
+            pagemap::without_pages(pm_path, &pm_bytes, min_inner_run, zero_in_plain)
         else {
             continue;
         };

@@ -66,7 +66,7 @@ use std::path::PathBuf;
 
 pub use chain::Chain;
 pub use format::{ArchiveId, Index};
-pub use holes::ZeroPages;
+pub use holes::{ZeroPages, MIN_INNER_RUN};
 pub use pack::{pack_dir, pack_to_file, PackOptions, PackReport};
 pub use read::{Archive, ArchiveFile, ChunkBuf, ReadAt};
 pub use unpack::{unpack, unpack_to_dir, update, UnpackReport};

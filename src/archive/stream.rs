@@ -11,25 +11,27 @@
 //! unless asked for ([`super::holes`]).
 //!
 //! What is checked, and when: every pages image's layout against its
-//! manifest checksum and every chunk of every generation against its
-//! checksum as stored ([`StreamSource::check`]) before the first image goes
-//! to CRIU; while streaming,
-//! each page against its digest as its chunk is decompressed, and each
-//! other file against its checksum before a byte of it is sent. A damaged
-//! archive is therefore refused before anything is restored; a page that
-//! passes its chunk's checksum yet fails its digest (a crafted archive)
-//! closes the stream, and CRIU's restore fails and kills what it began.
+//! manifest checksum ([`StreamSource::check_layouts`]) before the first
+//! image goes to CRIU; every chunk of every generation against its checksum
+//! as stored ([`StreamSource::check_chunks`]) while CRIU reads the other
+//! images, and before the first page goes to it (a pages image waits for
+//! that check); each other file against its checksum before a byte of it
+//! is sent; while streaming, each page against its digest as its chunk is
+//! decompressed. A damaged archive is therefore refused before any memory
+//! is restored; a page that passes its chunk's checksum yet fails its
+//! digest (a crafted archive) closes the stream, and CRIU's restore fails
+//! and kills what it began.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
 use super::chain::Chain;
 use super::format::{digest, SOURCE_GEN_BASE};
-use super::holes::{Holes, ZeroPages};
+use super::holes::ZeroPages;
 use super::read::ChunkBuf;
 use super::{ArchiveError, Corruption, Progress};
 use crate::criu::streamer::{ImageSink, ImageSource};
@@ -49,18 +51,39 @@ const WINDOWS_AHEAD: usize = 2;
 /// A page of a pages image: zero, or (generation, slot).
 pub(crate) type PageSource = Option<(u32, u32)>;
 
-/// An archive chain to stream, once [`StreamSource::check`] has passed.
+/// An archive chain to stream, once [`StreamSource::check_layouts`] has
+/// passed (and, for its pages, [`StreamSource::check_chunks`]).
 pub struct StreamSource<'c> {
     chain: &'c Chain,
     pool: rayon::ThreadPool,
     progress: &'c dyn Progress,
     zero_pages: ZeroPages,
-    /// Set by a passing [`StreamSource::check`].
+    /// Set by a passing [`StreamSource::check_layouts`].
     checked: OnceLock<Checked>,
+    /// The outcome of [`StreamSource::check_chunks`], which pages images
+    /// wait for.
+    chunks: ChunkCheck,
     chunks_read: AtomicUsize,
 }
 
-/// What [`StreamSource::check`] prepared.
+/// The outcome of the check of every stored chunk, awaited by whoever
+/// streams a pages image.
+#[derive(Default)]
+struct ChunkCheck {
+    state: Mutex<ChunkState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+enum ChunkState {
+    #[default]
+    Pending,
+    Passed,
+    /// The finding goes to whoever ran the check.
+    Failed,
+}
+
+/// What [`StreamSource::check_layouts`] prepared.
 struct Checked {
     /// Per file of the head: the source of each page streamed (pages
     /// images only).
@@ -72,7 +95,7 @@ struct Checked {
 
 impl<'c> StreamSource<'c> {
     /// Prepares the chain for streaming on `threads` threads; nothing is
-    /// streamed before [`StreamSource::check`] has passed.
+    /// streamed before [`StreamSource::check_layouts`] has passed.
     pub fn new(
         chain: &'c Chain,
         threads: usize,
@@ -84,6 +107,7 @@ impl<'c> StreamSource<'c> {
             progress,
             zero_pages: ZeroPages::default(),
             checked: OnceLock::new(),
+            chunks: ChunkCheck::default(),
             chunks_read: AtomicUsize::new(0),
         })
     }
@@ -95,11 +119,19 @@ impl<'c> StreamSource<'c> {
         self
     }
 
-    /// Checks every pages image's layout against its manifest checksum and
-    /// every chunk of every generation against its checksum as stored
-    /// (without decompressing), and finds the zero pages to leave out;
-    /// returns how long it took.
+    /// Checks the whole chain ([`StreamSource::check_layouts`], then
+    /// [`StreamSource::check_chunks`]); returns how long it took.
     pub fn check(&self) -> Result<Duration, ArchiveError> {
+        let start = Instant::now();
+        self.check_layouts()?;
+        self.check_chunks()?;
+        Ok(start.elapsed())
+    }
+
+    /// Checks every pages image's layout against its manifest checksum and
+    /// finds the zero pages to leave out; nothing is streamed before this
+    /// has passed. Returns how long it took.
+    pub fn check_layouts(&self) -> Result<Duration, ArchiveError> {
         let start = Instant::now();
         let files = &self.chain.head().index().files;
         let mut layouts = Vec::with_capacity(files.len());
@@ -118,14 +150,7 @@ impl<'c> StreamSource<'c> {
             }
             layouts.push(Some(pages));
         }
-        self.pool.install(|| {
-            (0..self.chain.generations())
-                .try_for_each(|g| self.chain.generation(g).check_stored_chunks())
-        })?;
-        let holes = match self.zero_pages {
-            ZeroPages::LeaveOut => super::holes::plan(self.chain, &layouts)?,
-            ZeroPages::Write => Holes::default(),
-        };
+        let holes = super::holes::plan(self.chain, &layouts, self.zero_pages)?;
         for (fi, kept) in &holes.kept {
             if let Some(pages) = &mut layouts[*fi] {
                 let mut keep = kept.iter();
@@ -140,8 +165,63 @@ impl<'c> StreamSource<'c> {
         Ok(start.elapsed())
     }
 
+    /// Checks every chunk of every generation against its checksum as
+    /// stored (without decompressing). Pages images are streamed only once
+    /// this has passed; the other images need not wait for it (each is
+    /// checked against its own checksum as it is read), so it can run
+    /// while CRIU reads them. Returns how long it took.
+    pub fn check_chunks(&self) -> Result<Duration, ArchiveError> {
+        let start = Instant::now();
+        // At normal priority: the pages, and so CRIU, wait for it.
+        let result = super::build_pool(self.pool.current_num_threads(), None).and_then(|pool| {
+            pool.install(|| {
+                (0..self.chain.generations())
+                    .try_for_each(|g| self.chain.generation(g).check_stored_chunks())
+            })
+        });
+        let mut state = self.chunks.state.lock().unwrap_or_else(|p| p.into_inner());
+        let outcome = match result {
+            Ok(()) => {
+                *state = ChunkState::Passed;
+                Ok(start.elapsed())
+            }
+            Err(e) => {
+                *state = ChunkState::Failed;
+                Err(e)
+            }
+        };
+        self.chunks.done.notify_all();
+        outcome
+    }
+
+    /// Waits for the chunk check to pass; if it failed (its finding goes
+    /// to whoever ran it), no page is streamed.
+    fn chunks_checked(&self) -> Result<(), ArchiveError> {
+        let mut state = self.chunks.state.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *state {
+                ChunkState::Pending => {
+                    state = self
+                        .chunks
+                        .done
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner())
+                }
+                ChunkState::Passed => return Ok(()),
+                ChunkState::Failed => {
+                    return Err(ArchiveError::corrupt(
+                        self.chain.head().path(),
+                        Corruption::Index {
+                            detail: "a chunk failed its check: no page is streamed".into(),
+                        },
+                    ))
+                }
+            }
+        }
+    }
+
     /// Zero pages left out of the pagemaps CRIU reads (0 before
-    /// [`StreamSource::check`]).
+    /// [`StreamSource::check_layouts`]).
     pub fn zero_pages_left_out(&self) -> u64 {
         self.checked.get().map_or(0, |c| c.zero_pages_left_out)
     }
@@ -379,6 +459,19 @@ impl ImageSource for StreamSource<'_> {
         self.chain.head().file_index(name).is_some()
     }
 
+    fn size(&self, name: &str) -> Option<u64> {
+        let head = self.chain.head();
+        let fi = head.file_index(name)?;
+        let checked = self.checked.get()?;
+        if let Some(rewritten) = checked.pagemaps.get(&fi) {
+            return Some(rewritten.len() as u64);
+        }
+        match &checked.layouts[fi] {
+            Some(pages) => Some((pages.len() * PAGE_SIZE) as u64),
+            None => Some(head.index().files[fi].size),
+        }
+    }
+
     fn write_image(&self, name: &str, out: &mut dyn ImageSink) -> Result<u64, ArchiveError> {
         let head = self.chain.head();
         let fi = head.file_index(name).ok_or_else(|| {
@@ -401,6 +494,7 @@ impl ImageSource for StreamSource<'_> {
         }
         match &checked.layouts[fi] {
             Some(pages) => {
+                self.chunks_checked()?;
                 let n = self.stream_pages(name, pages, out)?;
                 // Pages left out count as done.
                 let size = head.index().files[fi].size;

@@ -9,8 +9,13 @@
 //!    directory, repeated; median throughput in MB/s of raw pages, ratio.
 //! 3. Baselines on the concatenated pages images: single-threaded zstd (the
 //!    zstd library, one frame) and the `zstd` command line with `-T0`.
-//! 4. Restore: from the images directory and from an archive, alternating,
-//!    repeated; the workload is stopped after each and its pid waited for.
+//! 4. Restore, for each layout of the zero pages ([`Layout`]: scattered,
+//!    every other page, every fourth, none, all, one run): the workload
+//!    filled that way is dumped, packed, and restored from the images
+//!    directory and from the archive (leaving zero pages out as ferry
+//!    decides, leaving every one out, and writing every one), the kinds
+//!    taking turns, repeated; the workload is stopped after each and its
+//!    pid waited for.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter};
@@ -25,7 +30,7 @@ use crate::archive::{self, NoProgress, PackOptions, ZeroPages};
 use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
 use crate::criu::{Criu, DumpRequest, NoHooks, RestoreRequest};
 use crate::process;
-use crate::workload::{Launch, Workload};
+use crate::workload::{Launch, Mix, Workload, ZeroLayout};
 
 /// Bytes each stream compresses when measuring the machine's ceiling.
 const CEILING_BYTES: usize = 128 << 20;
@@ -47,7 +52,81 @@ pub struct CompressBench {
     pub workdir: Option<PathBuf>,
     /// Where compressed output goes.
     pub sink: Sink,
-    pub restore: bool,
+    /// Measure packing and the zstd baselines (on the scattered layout).
+    pub pack: bool,
+    /// Layouts whose restores are compared (none: no restore).
+    pub layouts: Vec<Layout>,
+}
+
+/// Where the workload's zero pages lie, as a restore meets them: the
+/// non-zero pages keep the bundled mix of repeated, text and random pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// A quarter of the pages, each drawn at random (the bundled workload).
+    Scattered,
+    /// Every other page.
+    Every2,
+    /// Every fourth page.
+    Every4,
+    /// No zero page.
+    None,
+    /// Every page.
+    All,
+    /// Half of the pages, in one run in the middle.
+    OneRun,
+}
+
+impl Layout {
+    pub const EVERY: [Layout; 6] = [
+        Layout::Scattered,
+        Layout::Every2,
+        Layout::Every4,
+        Layout::None,
+        Layout::All,
+        Layout::OneRun,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Scattered => "scattered",
+            Layout::Every2 => "every-2",
+            Layout::Every4 => "every-4",
+            Layout::None => "none",
+            Layout::All => "all",
+            Layout::OneRun => "one-run",
+        }
+    }
+
+    /// The workload mix that lays the zero pages out so.
+    pub fn mix(self) -> Mix {
+        let with = |zero_pct, zeros| Mix {
+            zero_pct,
+            zeros,
+            ..Mix::default()
+        };
+        match self {
+            Layout::Scattered => Mix::default(),
+            Layout::Every2 => with(25, ZeroLayout::Every(2)),
+            Layout::Every4 => with(25, ZeroLayout::Every(4)),
+            Layout::None => with(0, ZeroLayout::Scattered),
+            Layout::All => with(25, ZeroLayout::Every(1)),
+            Layout::OneRun => with(50, ZeroLayout::OneRun),
+        }
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Layout, String> {
+        Layout::EVERY
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Layout::EVERY.iter().map(|l| l.name()).collect();
+                format!("layout {s:?}: expected one of {}", names.join(", "))
+            })
+    }
 }
 
 /// Where the compressors' output goes.
@@ -76,7 +155,8 @@ pub struct CompressResults {
     /// How much faster N independent single-threaded zstd streams go than
     /// one, per level: the most any N-thread compressor can gain here.
     pub machine_ceiling: Vec<Ceiling>,
-    pub restore: Option<RestoreResult>,
+    /// One per layout measured.
+    pub restore: Vec<RestoreResult>,
     pub targets: Vec<Target>,
 }
 
@@ -125,10 +205,15 @@ pub struct Ceiling {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreResult {
+    pub layout: Layout,
+    /// Zero pages in the dump.
+    pub zero_pages: u64,
     pub from_dir: Timing,
     /// As `ferry restore --archive` does by default: the zero pages of
-    /// private anonymous memory left unwritten.
+    /// private anonymous memory left unwritten where that is cheaper.
     pub from_archive: Timing,
+    /// Every such zero page left unwritten, however short its run.
+    pub from_archive_every_hole: Timing,
     /// With `--write-zero-pages`: every page written, as from the directory.
     pub from_archive_all_pages: Timing,
     /// Of the default archive restores: checking the archive and streaming
@@ -137,8 +222,12 @@ pub struct RestoreResult {
     pub archive_level: i32,
     /// Zero pages the default archive restore left unwritten.
     pub zero_pages_left_out: u64,
+    /// Zero pages left unwritten when every one is.
+    pub zero_pages_left_out_every: u64,
     /// (archive median / dir median) - 1, in percent.
     pub overhead_pct: f64,
+    /// The same, every zero page left out.
+    pub overhead_every_hole_pct: f64,
     /// The same, every page written.
     pub overhead_all_pages_pct: f64,
 }
@@ -201,20 +290,84 @@ impl CompressBench {
             .prefix("ferry-bench-")
             .tempdir_in(&base)
             .map_err(io_err(&base))?;
-        let images = work.path().join("images");
-        let report = work.path().join("workload.report");
-        log(&format!("starting a {} MiB workload", self.size_mib));
-        let mut w = Launch::new(&self.workload_exe, self.size_mib, &report)
-            .spawn()
-            .map_err(|source| BenchError::Workload {
-                what: "start",
-                source,
-            })?;
+        let mut restore = Vec::new();
+        let mut pack = None;
+        if self.pack {
+            let d = self.dump_layout(criu, work.path(), Layout::Scattered, log)?;
+            pack = Some(self.pack_figures(&d, work.path(), log)?);
+            if self.layouts.contains(&Layout::Scattered) {
+                restore.push(self.restore(criu, &d, work.path(), log)?);
+            }
+            d.remove();
+        }
+        for &layout in &self.layouts {
+            if self.pack && layout == Layout::Scattered {
+                continue;
+            }
+            let d = self.dump_layout(criu, work.path(), layout, log)?;
+            restore.push(self.restore(criu, &d, work.path(), log)?);
+            d.remove();
+        }
+        let pack = pack.unwrap_or_default();
+        let mut results = CompressResults {
+            size_mib: self.size_mib,
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            kernel: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            workdir: base.display().to_string(),
+            sink: self.sink,
+            pages_bytes: pack.pages_bytes,
+            dump_frozen_us: pack.dump_frozen_us,
+            ferry: pack.ferry,
+            zstd_single: pack.zstd_single,
+            zstd_cli: pack.zstd_cli,
+            zstd_cli_missing: pack.zstd_cli_missing,
+            machine_ceiling: pack.machine_ceiling,
+            restore,
+            targets: Vec::new(),
+        };
+        results.targets = targets(&results);
+        Ok(results)
+    }
+
+    /// Starts the workload with `layout`'s zero pages and dumps it with
+    /// CRIU into a directory of its own under `work`.
+    fn dump_layout(
+        &self,
+        criu: &Criu,
+        work: &Path,
+        layout: Layout,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<Dumped, BenchError> {
+        let dir = work.join(layout.name());
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let images = dir.join("images");
+        let report = dir.join("workload.report");
+        log(&format!(
+            "starting a {} MiB workload, zero pages: {}",
+            self.size_mib,
+            layout.name()
+        ));
+        let mut launch = Launch::new(&self.workload_exe, self.size_mib, &report);
+        launch.mix = layout.mix();
+        let mut w = launch.spawn().map_err(|source| BenchError::Workload {
+            what: "start",
+            source,
+        })?;
         w.wait_ready(READY_TIMEOUT)
             .map_err(|source| BenchError::Workload {
                 what: "wait until ready",
                 source,
             })?;
+        let zero_pages = w
+            .report()
+            .map_err(|source| BenchError::Workload {
+                what: "read its report",
+                source,
+            })?
+            .pages
+            .zero;
         log("dumping it with CRIU");
         let dump = checkpoint::dump(criu, &DumpRequest::new(w.pid(), &images), &mut NoHooks)?;
         w.reap(PID_FREE_TIMEOUT)
@@ -222,8 +375,27 @@ impl CompressBench {
                 what: "reap",
                 source,
             })?;
-        let pages = concat_pages(&images, &work.path().join("pages.cat"))?;
+        Ok(Dumped {
+            layout,
+            dir,
+            images,
+            report,
+            pid: w.pid(),
+            zero_pages,
+            frozen_us: dump.stats.map(|s| s.frozen.as_micros() as u64),
+        })
+    }
 
+    /// Pack throughput against the zstd baselines, and the machine's
+    /// ceiling, on dump `d`.
+    fn pack_figures(
+        &self,
+        d: &Dumped,
+        work: &Path,
+        log: &mut dyn FnMut(&str),
+    ) -> Result<PackFigures, BenchError> {
+        let images = &d.images;
+        let pages = concat_pages(images, &work.join("pages.cat"))?;
         // Configurations take turns, so that slow phases of the machine
         // fall on all of them alike.
         let configs: Vec<(i32, usize)> = self
@@ -236,7 +408,7 @@ impl CompressBench {
         for run in 0..self.repeat {
             log(&format!("ferry pack, run {} of {}", run + 1, self.repeat));
             for (i, &(level, threads)) in configs.iter().enumerate() {
-                let (t, bytes) = self.pack_once(&images, work.path(), level, threads)?;
+                let (t, bytes) = self.pack_once(images, work, level, threads)?;
                 samples[i].push(t);
                 sizes[i] = bytes;
             }
@@ -262,10 +434,10 @@ impl CompressBench {
         let cli = crate::probe::which("zstd");
         for &level in &self.levels {
             log(&format!("zstd library, level {level}, one thread"));
-            zstd_single.push(self.zstd_library(work.path(), level, pages)?);
+            zstd_single.push(self.zstd_library(work, level, pages)?);
             if let Some(cli) = &cli {
                 log(&format!("zstd -{level} -T0"));
-                zstd_cli.push(self.zstd_cli(cli, work.path(), level, pages)?);
+                zstd_cli.push(self.zstd_cli(cli, work, level, pages)?);
             }
         }
         let streams = self.threads.iter().copied().max().unwrap_or(1);
@@ -275,34 +447,20 @@ impl CompressBench {
                 log(&format!(
                     "machine ceiling: {streams} independent zstd streams, level {level}"
                 ));
-                machine_ceiling.push(self.ceiling(work.path(), level, streams)?);
+                machine_ceiling.push(self.ceiling(work, level, streams)?);
             }
         }
-        let restore = if self.restore {
-            Some(self.restore(criu, &images, work.path(), &report, w.pid(), log)?)
-        } else {
-            None
-        };
-        let mut results = CompressResults {
-            size_mib: self.size_mib,
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            kernel: nix::sys::utsname::uname()
-                .map(|u| u.release().to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            workdir: base.display().to_string(),
-            sink: self.sink,
+        let cat = work.join("pages.cat");
+        let _ = fs::remove_file(&cat);
+        Ok(PackFigures {
             pages_bytes: pages,
-            dump_frozen_us: dump.stats.map(|s| s.frozen.as_micros() as u64),
+            dump_frozen_us: d.frozen_us,
             ferry,
             zstd_single,
             zstd_cli,
             zstd_cli_missing: cli.is_none().then(|| "zstd is not installed".to_string()),
             machine_ceiling,
-            restore,
-            targets: Vec::new(),
-        };
-        results.targets = targets(&results);
-        Ok(results)
+        })
     }
 
     /// One pack; returns its wall time and the archive's size.
@@ -472,20 +630,20 @@ impl CompressBench {
         ))
     }
 
+    /// Restores dump `d` from its images directory and from an archive
+    /// of it, each kind in turn, `repeat` times.
     fn restore(
         &self,
         criu: &Criu,
-        images: &Path,
+        d: &Dumped,
         work: &Path,
-        report: &Path,
-        pid: i32,
         log: &mut dyn FnMut(&str),
     ) -> Result<RestoreResult, BenchError> {
         let level = archive::DEFAULT_LEVEL;
         let arch = work.join("restore.ferry");
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         archive::pack_to_file(
-            images,
+            &d.images,
             &arch,
             &PackOptions {
                 level,
@@ -495,82 +653,131 @@ impl CompressBench {
                 progress: &NoProgress,
             },
         )?;
-        let mut dir_samples = Vec::new();
-        let mut arch_samples = Vec::new();
-        let mut all_samples = Vec::new();
+        // The directory, then the archive as ferry restores it by default,
+        // leaving every zero page out, and writing every page.
+        let kinds = [
+            None,
+            Some(ZeroPages::LeaveOut),
+            Some(ZeroPages::LeaveOutEvery),
+            Some(ZeroPages::Write),
+        ];
+        let mut samples: [Vec<Duration>; 4] = Default::default();
         let mut unpack_samples = Vec::new();
-        let mut left_out = 0;
+        let mut left_out = [0u64; 2];
         for run in 0..self.repeat {
-            // The three kinds take turns going first: a host that slows
-            // down or speeds up over a run weighs on each alike.
-            for kind in (0..3).map(|k| (k + run) % 3) {
+            // The kinds take turns going first: a host that slows down or
+            // speeds up over a run weighs on each alike.
+            for k in (0..kinds.len()).map(|k| (k + run) % kinds.len()) {
                 let start = Instant::now();
-                let pid_now = if kind == 0 {
-                    let r = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)?;
-                    dir_samples.push(start.elapsed());
-                    // The directory restore leaves its log and stats: drop
-                    // them so the images stay as CRIU wrote them.
-                    let _ = fs::remove_file(images.join("restore.log"));
-                    let _ = fs::remove_file(images.join("stats-restore"));
-                    r.pid
-                } else {
-                    let opts = ArchiveRestoreOptions {
-                        parent: None,
-                        threads,
-                        staging: None,
-                        zero_pages: if kind == 1 {
-                            ZeroPages::LeaveOut
-                        } else {
-                            ZeroPages::Write
-                        },
-                        progress: &NoProgress,
-                    };
-                    let r = checkpoint::restore_from_archive(
-                        criu,
-                        &arch,
-                        &RestoreRequest::new(""),
-                        &opts,
-                        &mut NoHooks,
-                    )?;
-                    if kind == 1 {
-                        arch_samples.push(start.elapsed());
-                        unpack_samples.push(r.unpack.wall);
-                        left_out = r.unpack.zero_pages_left_out;
-                    } else {
-                        all_samples.push(start.elapsed());
+                let pid_now = match kinds[k] {
+                    None => {
+                        let r = checkpoint::restore(
+                            criu,
+                            &RestoreRequest::new(&d.images),
+                            &mut NoHooks,
+                        )?;
+                        samples[k].push(start.elapsed());
+                        // The directory restore leaves its log and stats:
+                        // drop them so the images stay as CRIU wrote them.
+                        let _ = fs::remove_file(d.images.join("restore.log"));
+                        let _ = fs::remove_file(d.images.join("stats-restore"));
+                        r.pid
                     }
-                    r.restore.pid
+                    Some(zero_pages) => {
+                        let opts = ArchiveRestoreOptions {
+                            parent: None,
+                            threads,
+                            staging: None,
+                            zero_pages,
+                            progress: &NoProgress,
+                        };
+                        let r = checkpoint::restore_from_archive(
+                            criu,
+                            &arch,
+                            &RestoreRequest::new(""),
+                            &opts,
+                            &mut NoHooks,
+                        )?;
+                        samples[k].push(start.elapsed());
+                        match zero_pages {
+                            ZeroPages::LeaveOut => {
+                                unpack_samples.push(r.unpack.wall);
+                                left_out[0] = r.unpack.zero_pages_left_out;
+                            }
+                            ZeroPages::LeaveOutEvery => left_out[1] = r.unpack.zero_pages_left_out,
+                            ZeroPages::Write => {}
+                        }
+                        r.restore.pid
+                    }
                 };
-                stop(Workload::adopt(pid_now, report), pid)?;
+                stop(Workload::adopt(pid_now, &d.report), d.pid)?;
             }
             let ms = |v: &[Duration]| v.last().map_or(0.0, |d| d.as_secs_f64() * 1e3);
             log(&format!(
-                "restore, run {} of {}: from images dir {:.0} ms, from archive {:.0} ms ({:.0} ms writing zero pages)",
+                "restore ({}), run {} of {}: from images dir {:.0} ms, from archive {:.0} ms ({:.0} ms leaving every zero page out, {:.0} ms writing them)",
+                d.layout.name(),
                 run + 1,
                 self.repeat,
-                ms(&dir_samples),
-                ms(&arch_samples),
-                ms(&all_samples),
+                ms(&samples[0]),
+                ms(&samples[1]),
+                ms(&samples[2]),
+                ms(&samples[3]),
             ));
         }
         let _ = fs::remove_file(&arch);
-        let from_dir = Timing::of(dir_samples);
-        let from_archive = Timing::of(arch_samples);
-        let from_archive_all_pages = Timing::of(all_samples);
+        let [from_dir, from_archive, from_archive_every_hole, from_archive_all_pages] =
+            samples.map(Timing::of);
         let over = |t: &Timing| {
             (t.median.as_secs_f64() / from_dir.median.as_secs_f64().max(1e-9) - 1.0) * 100.0
         };
         Ok(RestoreResult {
+            layout: d.layout,
+            zero_pages: d.zero_pages,
             overhead_pct: over(&from_archive),
+            overhead_every_hole_pct: over(&from_archive_every_hole),
             overhead_all_pages_pct: over(&from_archive_all_pages),
             from_dir,
             from_archive,
+            from_archive_every_hole,
             from_archive_all_pages,
             unpack: Timing::of(unpack_samples),
-            zero_pages_left_out: left_out,
+            zero_pages_left_out: left_out[0],
+            zero_pages_left_out_every: left_out[1],
             archive_level: level,
         })
     }
+}
+
+/// A workload of one layout, dumped.
+struct Dumped {
+    layout: Layout,
+    /// Holds the images, the report and nothing else.
+    dir: PathBuf,
+    images: PathBuf,
+    report: PathBuf,
+    /// The dumped (and stopped) workload's pid, which its restores take.
+    pid: i32,
+    zero_pages: u64,
+    frozen_us: Option<u64>,
+}
+
+impl Dumped {
+    /// Frees the room the images take (tmpfs is memory).
+    fn remove(self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What [`CompressBench::pack_figures`] measured.
+#[derive(Default)]
+struct PackFigures {
+    pages_bytes: u64,
+    dump_frozen_us: Option<u64>,
+    ferry: Vec<PackResult>,
+    zstd_single: Vec<BaselineResult>,
+    zstd_cli: Vec<BaselineResult>,
+    zstd_cli_missing: Option<String>,
+    machine_ceiling: Vec<Ceiling>,
 }
 
 /// Counts the bytes written through it.
@@ -669,9 +876,12 @@ fn targets(r: &CompressResults) -> Vec<Target> {
             });
         }
     }
-    if let Some(rs) = &r.restore {
+    for rs in &r.restore {
         out.push(Target {
-            what: "restore from archive vs from images directory".into(),
+            what: format!(
+                "restore from archive vs from images directory, zero pages {}",
+                rs.layout.name()
+            ),
             goal: "at most 10% more wall time".into(),
             measured: format!(
                 "{:+.1}% ({} vs {} median)",
@@ -737,25 +947,37 @@ pub fn render(r: &CompressResults) -> String {
     if let Some(m) = &r.zstd_cli_missing {
         s += &format!("(zstd CLI baseline skipped: {m})\n");
     }
-    if let Some(rs) = &r.restore {
+    if !r.restore.is_empty() {
         s += &format!(
-            "restore: from images dir {} (min {}, max {}); from archive {} (min {}, max {}; check + stream {}; {} zero pages left unwritten); {:+.1}%\n",
-            millis(rs.from_dir.median),
-            millis(rs.from_dir.min),
-            millis(rs.from_dir.max),
-            millis(rs.from_archive.median),
-            millis(rs.from_archive.min),
-            millis(rs.from_archive.max),
-            millis(rs.unpack.median),
-            rs.zero_pages_left_out,
-            rs.overhead_pct
+            "{:<10} {:>7} {:>8} {:>22} {:>22} {:>22} {:>22}\n",
+            "RESTORE",
+            "ZERO",
+            "LEFT OUT",
+            "IMAGES DIR",
+            "ARCHIVE",
+            "EVERY ZERO LEFT OUT",
+            "EVERY PAGE WRITTEN"
         );
+    }
+    for rs in &r.restore {
+        let t = |t: &Timing| format!("{} ({}-{})", millis(t.median), millis(t.min), millis(t.max));
         s += &format!(
-            "restore from archive writing every page (--write-zero-pages): {} (min {}, max {}); {:+.1}%\n",
-            millis(rs.from_archive_all_pages.median),
-            millis(rs.from_archive_all_pages.min),
-            millis(rs.from_archive_all_pages.max),
-            rs.overhead_all_pages_pct
+            "{:<10} {:>7} {:>8} {:>22} {:>22} {:>22} {:>22}\n",
+            rs.layout.name(),
+            rs.zero_pages,
+            rs.zero_pages_left_out,
+            t(&rs.from_dir),
+            format!("{} {:+.1}%", t(&rs.from_archive), rs.overhead_pct),
+            format!(
+                "{} {:+.1}%",
+                t(&rs.from_archive_every_hole),
+                rs.overhead_every_hole_pct
+            ),
+            format!(
+                "{} {:+.1}%",
+                t(&rs.from_archive_all_pages),
+                rs.overhead_all_pages_pct
+            ),
         );
     }
     for t in &r.targets {

@@ -39,6 +39,11 @@ struct Args {
     /// Percent of pages of compressible random text (random pages take the rest).
     #[arg(long, default_value_t = 25)]
     text_pct: u8,
+    /// Where the zero pages lie: `scattered` (--zero-pct of them, at
+    /// random), `every-N` (every N-th page) or `one-run` (--zero-pct of the
+    /// pages in one run, in the middle).
+    #[arg(long, default_value = "scattered")]
+    zero_layout: ferry::workload::ZeroLayout,
     /// Seed of the page contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -70,8 +75,9 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     children: u32,
     /// Fork a twin once the memory is filled. It shares the memory
-    /// copy-on-write; then the first process zeroes every page whose index
-    /// is 1 modulo 7 and the twin every page 2 modulo 7, so that each holds
+    /// copy-on-write; then the first process zeroes every run of 8 pages
+    /// whose index (page index / 8) is 1 modulo 7 and the twin every run
+    /// 2 modulo 7, so that each holds
     /// zero pages where the other does not (to test restores of inherited
     /// memory). The twin reports to `<report>.twin`, is the first of the
     /// report's children, and ends when its parent does.
@@ -85,8 +91,11 @@ struct Args {
     child: bool,
 }
 
-/// The twin and its parent each zero one page in this many.
+/// The twin and its parent each zero one run of pages in this many.
 const TWIN_SHARE: usize = 7;
+/// Pages in a run the twin or its parent zeroes: long enough that a
+/// restore leaves the run out (see `ferry::archive::MIN_INNER_RUN`).
+const TWIN_RUN: usize = 8;
 /// Memory a child process holds, in pages.
 const CHILD_PAGES: usize = 64;
 /// How often a child checks whether its parent is gone.
@@ -107,6 +116,7 @@ fn main() -> Result<()> {
         zero_pct: args.zero_pct,
         repeat_pct: args.repeat_pct,
         text_pct: args.text_pct,
+        zeros: args.zero_layout,
     };
     if let Err(e) = mix.validate() {
         bail!("bad page mix: {e}");
@@ -142,7 +152,7 @@ impl Memory {
         let mut random_pages = Vec::new();
         let mut counts = PageCounts::default();
         for (i, page) in map.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            let class = mix.class_of(seed, i);
+            let class = mix.class_at(seed, i, pages);
             fill_page(page, class, seed, i as u64);
             hashes.push(xxh3_64(page));
             counts.add(class);
@@ -165,15 +175,17 @@ impl Memory {
             .all(|(page, h)| xxh3_64(page) == *h)
     }
 
-    /// Zeroes every page whose index is `k` modulo [`TWIN_SHARE`].
+    /// Zeroes every run of [`TWIN_RUN`] pages whose index is `k` modulo
+    /// [`TWIN_SHARE`].
     fn zero_share(&mut self, k: usize, mix: Mix, seed: u64) {
         let pages = self.hashes.len();
-        for i in (k..pages).step_by(TWIN_SHARE) {
+        let in_share = |i: usize| (i / TWIN_RUN) % TWIN_SHARE == k;
+        for i in (0..pages).filter(|&i| in_share(i)) {
             let page = &mut self.map[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];
             page.fill(0);
             self.hashes[i] = xxh3_64(page);
             let c = &mut self.counts;
-            match mix.class_of(seed, i) {
+            match mix.class_at(seed, i, pages) {
                 PageClass::Zero => continue,
                 PageClass::Repeat => c.repeat -= 1,
                 PageClass::Text => c.text -= 1,
@@ -181,7 +193,7 @@ impl Memory {
             }
             c.zero += 1;
         }
-        self.random_pages.retain(|i| i % TWIN_SHARE != k);
+        self.random_pages.retain(|&i| !in_share(i));
     }
 
     fn dirty(&mut self, pages: u64, seed: u64, nonce: &mut u64, rng: &mut fastrand::Rng) {

@@ -117,6 +117,17 @@ pub enum CheckpointError {
     },
     #[error("cannot stream the images of archive {} to CRIU: {detail}", path.display())]
     Stream { path: PathBuf, detail: String },
+    #[error(
+        "restore from archive {} abandoned: CRIU stopped reading its images, so the stream was closed and CRIU removed what it had begun{}",
+        path.display(),
+        log.as_ref().map(|l| format!("; CRIU's log: {}", l.display())).unwrap_or_default()
+    )]
+    Stalled {
+        path: PathBuf,
+        log: Option<PathBuf>,
+        #[source]
+        source: Box<crate::criu::streamer::StreamError<ArchiveError>>,
+    },
     #[error("cannot pack the images in {} into an archive; the images are kept there", images.display())]
     Pack {
         images: PathBuf,

@@ -1,7 +1,10 @@
 //! Restoring from an archive without unpacking it: resolve and check the
-//! whole chain (every chunk's checksum, every pages image's layout, every
-//! metadata image) and validate the images as a directory restore would,
-//! while CRIU starts, and before it is given any image; CRIU reads its
+//! whole chain (every pages image's layout, every metadata image) and
+//! validate the images as a directory restore would, while CRIU starts,
+//! and before it is given any image; every chunk's checksum is checked
+//! while CRIU reads the metadata images, and before it is given any page
+//! (so a damaged archive fails CRIU before any memory is restored, while
+//! it sets the processes up, and CRIU removes what it began). CRIU reads its
 //! images from ferry's image streamer
 //! ([`crate::criu::streamer`]): the pages go from the archive, decompressed
 //! in parallel and checked page by page, through a pipe straight into
@@ -27,6 +30,9 @@ use crate::image::{ImageFile, ImagesDir};
 
 /// Room the staging directory needs beyond the metadata images.
 const STAGING_SLACK: u64 = 16 << 20;
+/// How long a refusal waits for the processes CRIU began to restore to be
+/// reaped (their new parent, init, may take a few seconds on some hosts).
+const LATE_REFUSAL_REAP: Duration = Duration::from_secs(10);
 
 /// A restore from an archive.
 #[derive(Debug, Clone)]
@@ -108,7 +114,17 @@ pub fn restore_from_archive(
     let served = match served {
         Ok(prepared) => Ok(prepared),
         Err(Served::Refused(e)) => return Err(*e),
-        Err(Served::Stream(e)) => Err(stream_error(archive)(e)),
+        Err(Served::RefusedLate(e, pids)) => {
+            // CRIU may have started the processes before it asked for
+            // their pages; it killed them, and they are gone once reaped.
+            for pid in pids {
+                if !crate::process::wait_pid_free(pid, LATE_REFUSAL_REAP) {
+                    tracing::warn!(pid, "a process CRIU began to restore is still there");
+                }
+            }
+            return Err(*e);
+        }
+        Err(Served::Stream(e)) => Err(e),
     };
     let outcome = match restored {
         Ok(outcome) => outcome,
@@ -117,7 +133,18 @@ pub fn restore_from_archive(
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "archive".into());
-            let source = match staging::keep_log(&req.log_path(), &format!("restore-{stem}")) {
+            let kept = staging::keep_log(&req.log_path(), &format!("restore-{stem}"));
+            // CRIU failed because ferry gave up on it, not the other way.
+            if let Err(e) = served {
+                if stalled(&e) {
+                    return Err(CheckpointError::Stalled {
+                        path: archive.to_path_buf(),
+                        log: kept,
+                        source: Box::new(e),
+                    });
+                }
+            }
+            let source = match kept {
                 Some(kept) => source.with_log(kept),
                 None => source,
             };
@@ -128,7 +155,7 @@ pub fn restore_from_archive(
         }
     };
     // Past CRIU's own failure (reported above, a broken pipe echoing it).
-    let served = served?;
+    let served = served.map_err(stream_error(archive))?;
     let outcome = after_restore(outcome, served.gpu_record.as_ref())?;
     tracing::debug!(opened = ?served.opened, staged = ?served.staged, check = ?served.check, stream = ?served.wall, criu = ?outcome.wall, "restore from archive: phases");
     if let Ok(u) = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF) {
@@ -162,6 +189,9 @@ enum Served {
     /// Before a byte went to CRIU: the archive, its images or this host
     /// cannot restore.
     Refused(Box<CheckpointError>),
+    /// The same, found once CRIU had read the metadata images but before
+    /// it was given any page: it may have started these processes.
+    RefusedLate(Box<CheckpointError>, Vec<i32>),
     /// While streaming.
     Stream(StreamError<crate::archive::ArchiveError>),
 }
@@ -222,8 +252,40 @@ fn serve_archive(
     let gpu_record = gpu_gate(images).map_err(Served::refused)?;
     check_pids_free(&validated).map_err(Served::refused)?;
     let staged = start.elapsed();
-    let check = source.check().map_err(bad)?;
-    let served = streamer.serve(&source, ended).map_err(|e| match e {
+    let mut check = source.check_layouts().map_err(bad)?;
+    // The chunks are checked while CRIU reads the metadata images (and
+    // starts the processes); no pages image is streamed before they pass.
+    let (chunks, served) = std::thread::scope(|s| {
+        let chunks = s.spawn(|| source.check_chunks());
+        let served = streamer.serve(&source, ended);
+        (chunks.join(), served)
+    });
+    match chunks {
+        Ok(Ok(took)) => check += took,
+        Ok(Err(finding)) => {
+            let error = CheckpointError::Archive {
+                path: archive.to_path_buf(),
+                source: finding,
+            };
+            // (A tree of its own pid namespace is restored in a new one.)
+            let own_pid_ns = validated.tree.iter().any(|e| e.pid == 1);
+            let pids = validated
+                .tree
+                .iter()
+                .filter(|_| !own_pid_ns)
+                .flat_map(|e| e.threads.iter().copied().chain([e.pid]))
+                .filter_map(|p| i32::try_from(p).ok())
+                .collect();
+            return Err(Served::RefusedLate(Box::new(error), pids));
+        }
+        Err(_) => {
+            return Err(Served::refused(CheckpointError::Stream {
+                path: archive.to_path_buf(),
+                detail: "the chunk check panicked".into(),
+            }))
+        }
+    }
+    let served = served.map_err(|e| match e {
         // A page that failed its check says more than CRIU's short read.
         StreamError::Source {
             source: source @ crate::archive::ArchiveError::Corrupt { .. },
@@ -248,6 +310,11 @@ fn serve_archive(
             zero_pages_left_out: source.zero_pages_left_out(),
         },
     })
+}
+
+/// Whether the streamer gave up because CRIU stopped reading an image.
+fn stalled(e: &StreamError<crate::archive::ArchiveError>) -> bool {
+    crate::criu::streamer::caused_by(e, std::io::ErrorKind::TimedOut)
 }
 
 fn stream_error(

@@ -132,6 +132,18 @@ pub struct CompressArgs {
     /// Skip the restore comparison.
     #[arg(long)]
     pub no_restore: bool,
+    /// Skip the pack and zstd figures (measure restores only).
+    #[arg(long)]
+    pub no_pack: bool,
+    /// Layouts of the zero pages whose restores are compared: scattered
+    /// (a quarter of the pages at random, the bundled workload), every-2,
+    /// every-4, none, all, one-run (half the pages in one run).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "scattered,every-2,every-4,none,all,one-run"
+    )]
+    pub layouts: Vec<crate::bench::compress::Layout>,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -163,7 +175,12 @@ pub fn run(global: &GlobalArgs, args: &BenchArgs, out: &mut dyn Write) -> Result
         } else {
             Sink::Null
         },
-        restore: !a.no_restore,
+        pack: !a.no_pack,
+        layouts: if a.no_restore {
+            Vec::new()
+        } else {
+            a.layouts.clone()
+        },
     };
     let results = bench.run(&criu, &mut |m| eprintln!("bench: {m}"))?;
     if a.json {

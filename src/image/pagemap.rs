@@ -157,13 +157,17 @@ pub fn in_parent(path: &Path, bytes: &[u8]) -> Result<Option<(Pagemap, Vec<u8>)>
 /// `bytes`, a pagemap image, with the present pages for which
 /// `leave_out(vaddr, index)` holds taken out (`index`: the page's place in
 /// the pages image); a range is split around the pages taken out of it,
-/// and one left with none is dropped. Ranges in the parent or only lazy
-/// keep their place. Returns the new image and, per page of the pages
-/// image, whether it stays in. It takes a flag per present page: callers
-/// bound that (a restore by the length of the pages image).
+/// and one left with none is dropped. A run of such pages inside a range
+/// (pages kept on both sides) is taken out only if it is at least
+/// `min_inner_run` pages long: each such run splits its range in two, and
+/// a reader pays for every range. Ranges in the parent or only lazy keep
+/// their place. Returns the new image and, per page of the pages image,
+/// whether it stays in. It takes a flag per present page: callers bound
+/// that (a restore by the length of the pages image).
 pub fn without_pages(
     path: &Path,
     bytes: &[u8],
+    min_inner_run: usize,
     mut leave_out: impl FnMut(u64, usize) -> bool,
 ) -> Result<(Vec<u8>, Vec<bool>), ImageError> {
     let pagemap = Pagemap::parse(path, bytes)?;
@@ -186,6 +190,7 @@ pub fn without_pages(
             let vaddr = range.vaddr + k * PAGE_SIZE as u64;
             kept.push(!leave_out(vaddr, first + k as usize));
         }
+        keep_short_inner_runs(&mut kept[first..], min_inner_run);
         let mut k = 0;
         while k < range.nr_pages as usize {
             if !kept[first + k] {
@@ -208,6 +213,26 @@ pub fn without_pages(
         }
     }
     Ok((out, kept))
+}
+
+/// Puts back (marks kept) every run of pages left out of `range` that has
+/// pages kept on both sides and is shorter than `min_run`.
+fn keep_short_inner_runs(range: &mut [bool], min_run: usize) {
+    let Some(first_kept) = range.iter().position(|&k| k) else {
+        return;
+    };
+    let mut k = first_kept;
+    while k < range.len() {
+        if range[k] {
+            k += 1;
+            continue;
+        }
+        let run = range[k..].iter().take_while(|&&keep| !keep).count();
+        if k + run < range.len() && run < min_run {
+            range[k..k + run].fill(true);
+        }
+        k += run;
+    }
 }
 
 /// An image's entries: (offset, payload), in order.
@@ -388,7 +413,7 @@ pub(crate) mod tests {
                 wide,
             );
             let mut asked = Vec::new();
-            let (out, kept) = without_pages(&p, &bytes, |vaddr, i| {
+            let (out, kept) = without_pages(&p, &bytes, 1, |vaddr, i| {
                 asked.push((vaddr, i));
                 [1, 2, 4].contains(&i)
             })
@@ -423,7 +448,7 @@ pub(crate) mod tests {
                 ]
             );
             // Counted in the field the image used.
-            let again = without_pages(&p, &out, |_, _| false).unwrap().0;
+            let again = without_pages(&p, &out, 1, |_, _| false).unwrap().0;
             assert_eq!(again, out);
         }
     }
@@ -432,7 +457,7 @@ pub(crate) mod tests {
     fn a_range_left_with_no_pages_is_dropped() {
         let p = PathBuf::from("pagemap-1.img");
         let bytes = image(2, &[(0x1000, 2, PE_PRESENT), (0x8000, 1, PE_PRESENT)]);
-        let (out, kept) = without_pages(&p, &bytes, |vaddr, _| vaddr < 0x8000).unwrap();
+        let (out, kept) = without_pages(&p, &bytes, 1, |vaddr, _| vaddr < 0x8000).unwrap();
         assert_eq!(kept, [false, false, true]);
         let after = Pagemap::parse(&p, &out).unwrap();
         assert_eq!(after.ranges.len(), 1);
@@ -444,5 +469,38 @@ pub(crate) mod tests {
         let p = PathBuf::from("pagemap-1.img");
         let bytes = image(1, &[(0x1000, 4, PE_PRESENT), (0x20000, 8, PE_LAZY)]);
         assert!(in_parent(&p, &bytes).unwrap().is_none());
+    }
+
+    /// Runs of pages to leave out inside a range are left out only when at
+    /// least `min_inner_run` long; runs at either end of a range, and a
+    /// whole range, always go.
+    #[test]
+    fn short_runs_inside_a_range_stay() {
+        let p = PathBuf::from("pagemap-1.img");
+        // Pages left out: 0-1 (start), 4 (1), 7-8 (2), 11-13 (3), 16-19
+        // (4), 22-23 (end); and the whole second range.
+        let out_of_first = [0, 1, 4, 7, 8, 11, 12, 13, 16, 17, 18, 19, 22, 23];
+        let bytes = image(3, &[(0x0, 24, PE_PRESENT), (0x100000, 3, PE_PRESENT)]);
+        let spans = |out: &[u8]| {
+            Pagemap::parse(&p, out)
+                .unwrap()
+                .ranges
+                .iter()
+                .map(|r| ((r.vaddr / 0x1000) as usize, r.nr_pages as usize))
+                .collect::<Vec<_>>()
+        };
+        let leave = |vaddr: u64, i: usize| vaddr >= 0x100000 || out_of_first.contains(&i);
+        let (out, kept) = without_pages(&p, &bytes, 1, leave).unwrap();
+        assert_eq!(spans(&out), [(2, 2), (5, 2), (9, 2), (14, 2), (20, 2)]);
+        assert_eq!(kept.iter().filter(|k| !**k).count(), 17);
+        let (out, kept) = without_pages(&p, &bytes, 3, leave).unwrap();
+        assert_eq!(spans(&out), [(2, 9), (14, 2), (20, 2)]);
+        assert_eq!(kept.iter().filter(|k| !**k).count(), 14);
+        let (out, _) = without_pages(&p, &bytes, 5, leave).unwrap();
+        assert_eq!(spans(&out), [(2, 20)]);
+        // A range every page of which goes is dropped whatever the minimum.
+        let (out, kept) = without_pages(&p, &bytes, usize::MAX, |_, _| true).unwrap();
+        assert!(spans(&out).is_empty());
+        assert!(kept.iter().all(|k| !k));
     }
 }

@@ -9,25 +9,63 @@
 //! least that many bytes have been sent after them), and a writer fills a
 //! buffer again only when it is its sole owner (`Arc::get_mut`). Zero pages
 //! are sent from a static zero block, which nothing ever writes.
+//!
+//! The pipe is written without blocking: where it is full, the writer waits
+//! for room in short polls, so that it notices when the transfer is
+//! abandoned ([`Watch::cancel`]) or when the reader has taken nothing for
+//! [`Watch::stall`] (a stalled reader ends in an error, never a hang).
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::ops::Range;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use memmap2::MmapMut;
 use nix::fcntl::{fcntl, FcntlArg, SpliceFFlags};
 
-/// Zeros that zero pages are sent from.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-/// Segments per `vmsplice` call (the kernel takes at most `IOV_MAX`, 1024).
-const BATCH: usize = 512;
+/// Zeros that zero pages are sent from, page-aligned so that each page of
+/// them takes one slot of the pipe.
+#[repr(C, align(4096))]
+struct Zeros([u8; 64 << 10]);
+static ZEROS: Zeros = Zeros([0; 64 << 10]);
+/// Segments per `vmsplice` call (the kernel takes at most `IOV_MAX`).
+const BATCH: usize = 1024;
 /// How long a dropped [`PagePipe`] waits for its reader to take what is in
 /// the pipe before it gives up the buffers for good (leaks them).
 const DRAIN_WAIT: Duration = Duration::from_secs(10);
+/// Longest single wait for room in a full pipe, so that a cancellation is
+/// seen within this time.
+const POLL_SLICE: Duration = Duration::from_millis(50);
+
+/// When a writer gives up on a pipe.
+#[derive(Debug, Clone)]
+pub struct Watch {
+    /// Set by whoever abandons the transfer: a writer waiting for room
+    /// stops within [`POLL_SLICE`] with [`io::ErrorKind::ConnectionAborted`] (not `Interrupted`,
+    /// which `write_all` would retry).
+    pub cancel: Arc<AtomicBool>,
+    /// How long the reader may take nothing from a full pipe before a write
+    /// fails with [`io::ErrorKind::TimedOut`].
+    pub stall: Duration,
+}
+
+impl Watch {
+    /// A watch that is never cancelled, with this stall limit.
+    pub fn new(stall: Duration) -> Watch {
+        Watch {
+            cancel: Arc::new(AtomicBool::new(false)),
+            stall,
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Acquire)
+    }
+}
 
 /// Page-aligned memory that pages are sent from, shared while it may be in
 /// a pipe.
@@ -81,6 +119,9 @@ impl Segment {
 /// The write end of a pipe that pages are spliced into.
 pub struct PagePipe {
     pipe: File,
+    watch: Watch,
+    /// When the reader last made room (or the pipe was opened).
+    last_room: Instant,
     /// Bytes sent so far.
     sent: u64,
     /// Shares of the buffers the reader may still be reading, with the
@@ -89,12 +130,62 @@ pub struct PagePipe {
 }
 
 impl PagePipe {
-    pub fn new(pipe: File) -> PagePipe {
-        PagePipe {
+    /// Takes the write end of a pipe, made non-blocking: writes wait for
+    /// room as `watch` says.
+    pub fn new(pipe: File, watch: Watch) -> io::Result<PagePipe> {
+        let flags = fcntl(&pipe, FcntlArg::F_GETFL).map_err(io::Error::from)?;
+        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        fcntl(&pipe, FcntlArg::F_SETFL(flags)).map_err(io::Error::from)?;
+        Ok(PagePipe {
             pipe,
+            watch,
+            last_room: Instant::now(),
             sent: 0,
             held: VecDeque::new(),
+        })
+    }
+
+    /// The pipe's capacity in bytes.
+    pub fn capacity(&self) -> io::Result<usize> {
+        fcntl(&self.pipe, FcntlArg::F_GETPIPE_SZ)
+            .map(|n| n.max(0) as usize)
+            .map_err(io::Error::from)
+    }
+
+    /// Waits until the pipe has room, the reader is gone (an error), the
+    /// transfer is cancelled, or the reader has taken nothing for the
+    /// watch's stall limit.
+    fn wait_for_room(&mut self) -> io::Result<()> {
+        loop {
+            if self.watch.cancelled() {
+                return Err(io::Error::new(
+                    io::ErrorKind::ConnectionAborted,
+                    "the transfer was abandoned",
+                ));
+            }
+            let waited = self.last_room.elapsed();
+            if waited >= self.watch.stall {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "the reader took nothing from a full pipe for {:.1} s",
+                        waited.as_secs_f64()
+                    ),
+                ));
+            }
+            let slice = (self.watch.stall - waited).min(POLL_SLICE);
+            match poll_out(&self.pipe, slice)? {
+                Room::Yes => return Ok(()),
+                Room::ReaderGone => return Err(io::ErrorKind::BrokenPipe.into()),
+                Room::No => {}
+            }
         }
+    }
+
+    /// Notes that the pipe took `n` bytes.
+    fn took(&mut self, n: usize) {
+        self.sent += n as u64;
+        self.last_room = Instant::now();
     }
 
     /// Sends `segments` in order, by reference.
@@ -114,8 +205,8 @@ impl PagePipe {
                 }
                 Segment::Zeros(mut n) => {
                     while n > 0 {
-                        let k = n.min(ZEROS.len());
-                        slices.push(IoSlice::new(&ZEROS[..k]));
+                        let k = n.min(ZEROS.0.len());
+                        slices.push(IoSlice::new(&ZEROS.0[..k]));
                         n -= k;
                     }
                 }
@@ -132,13 +223,33 @@ impl PagePipe {
             // every buffer is shared by `shares`, kept in `self.held` until
             // at least the pipe's capacity in bytes has been sent after it
             // (or the pipe drained, see Drop), and writers fill a buffer only
-            // as its sole owner; ZEROS is immutable.
-            let n = unsafe { nix::fcntl::vmsplice(&self.pipe, &batch, SpliceFFlags::empty()) }
-                .map_err(io::Error::from)?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            self.sent += n as u64;
+            // as its sole owner; ZEROS is immutable. Should this call fail
+            // after taking some pages, the shares are still held below.
+            let spliced = unsafe {
+                nix::fcntl::vmsplice(&self.pipe, &batch, SpliceFFlags::SPLICE_F_NONBLOCK)
+            };
+            let n = match spliced {
+                Ok(0) => {
+                    self.hold(shares);
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => n,
+                Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::EINTR) => {
+                    if let Err(e) = self.wait_for_room() {
+                        self.hold(shares);
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.hold(shares);
+                    return Err(e.into());
+                }
+            };
+            self.took(n);
+            // A short write means the pipe is full: wait for the reader
+            // rather than ask again at once.
+            let short = n < batch.iter().map(|s| s.len()).sum::<usize>();
             let mut n = n;
             while n > 0 && first < slices.len() {
                 let left = slices[first].len() - skip;
@@ -151,12 +262,16 @@ impl PagePipe {
                     n = 0;
                 }
             }
+            if short && first < slices.len() {
+                if let Err(e) = self.wait_for_room() {
+                    self.hold(shares);
+                    return Err(e);
+                }
+            }
         }
-        if !shares.is_empty() {
-            self.held.push_back((shares, self.sent));
-        }
+        self.hold(shares);
         // Asked each time: the reader may have resized the pipe.
-        let capacity = fcntl(&self.pipe, FcntlArg::F_GETPIPE_SZ).map_err(io::Error::from)? as u64;
+        let capacity = self.capacity()? as u64;
         while self
             .held
             .front()
@@ -165,6 +280,13 @@ impl PagePipe {
             self.held.pop_front();
         }
         Ok(())
+    }
+
+    /// Keeps `shares` until the reader must have taken what was sent so far.
+    fn hold(&mut self, shares: Vec<PageBuf>) {
+        if !shares.is_empty() {
+            self.held.push_back((shares, self.sent));
+        }
     }
 
     /// Bytes in the pipe not yet read.
@@ -204,6 +326,7 @@ impl Drop for PagePipe {
         loop {
             match self.unread() {
                 Ok(0) => return,
+                Ok(_) if self.watch.cancelled() => break,
                 Ok(_) if !self.reader_gone() && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_micros(200))
                 }
@@ -218,13 +341,56 @@ impl Drop for PagePipe {
 
 impl io::Write for PagePipe {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = self.pipe.write(data)?;
-        self.sent += n as u64;
-        Ok(n)
+        loop {
+            match self.pipe.write(data) {
+                Ok(n) => {
+                    self.took(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.wait_for_room()?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// What a poll of a pipe's write end found.
+enum Room {
+    Yes,
+    No,
+    ReaderGone,
+}
+
+/// Waits up to `timeout` for room in the pipe `pipe` writes to.
+fn poll_out(pipe: &File, timeout: Duration) -> io::Result<Room> {
+    let mut fds = [libc::pollfd {
+        fd: pipe.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    }];
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    // SAFETY: poll reads and writes `fds`, one valid entry, for the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(Room::No)
+        } else {
+            Err(e)
+        };
+    }
+    let revents = fds[0].revents;
+    Ok(if revents & libc::POLLERR != 0 {
+        Room::ReaderGone
+    } else if revents & libc::POLLOUT != 0 {
+        Room::Yes
+    } else {
+        Room::No
+    })
 }
 
 #[cfg(test)]
@@ -239,7 +405,11 @@ mod tests {
         const PAGE: usize = 4096;
         const ROUNDS: usize = 300;
         let (mut r, w) = std::io::pipe().unwrap();
-        let mut pipe = PagePipe::new(File::from(std::os::fd::OwnedFd::from(w)));
+        let mut pipe = PagePipe::new(
+            File::from(std::os::fd::OwnedFd::from(w)),
+            Watch::new(Duration::from_secs(30)),
+        )
+        .unwrap();
         let reader = std::thread::spawn(move || {
             let mut all = Vec::new();
             let mut buf = vec![0u8; 3 * PAGE + 100];
@@ -283,5 +453,60 @@ mod tests {
         let got = reader.join().unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "a page changed after it was sent");
+    }
+
+    /// A reader that takes nothing: the write fails once the stall limit
+    /// has passed, naming the stall, instead of blocking for ever.
+    #[test]
+    fn a_reader_that_takes_nothing_fails_the_write_after_the_stall_limit() {
+        let (_r, w) = std::io::pipe().unwrap();
+        let stall = Duration::from_millis(300);
+        let mut pipe =
+            PagePipe::new(File::from(std::os::fd::OwnedFd::from(w)), Watch::new(stall)).unwrap();
+        let buf = page_buffer(4 << 20).unwrap();
+        let mut segs = Vec::new();
+        Segment::push_buf(&mut segs, &buf, 0, 4 << 20);
+        let start = Instant::now();
+        let e = pipe.send(&segs).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(start.elapsed() >= stall && start.elapsed() < stall * 10);
+        let e = io::Write::write_all(&mut pipe, &[1u8; 1 << 20]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        // The buffer stays shared: the pipe still holds its pages.
+        assert!(Arc::strong_count(&buf) > 1);
+        pipe.watch.cancel.store(true, Ordering::Release);
+    }
+
+    /// A writer waiting for room stops soon after the transfer is
+    /// abandoned.
+    #[test]
+    fn a_cancelled_transfer_stops_a_waiting_writer() {
+        let (_r, w) = std::io::pipe().unwrap();
+        let watch = Watch::new(Duration::from_secs(60));
+        let cancel = watch.cancel.clone();
+        let mut pipe = PagePipe::new(File::from(std::os::fd::OwnedFd::from(w)), watch).unwrap();
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            cancel.store(true, Ordering::Release);
+        });
+        let start = Instant::now();
+        let e = io::Write::write_all(&mut pipe, &vec![7u8; 8 << 20]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{e}");
+        assert!(start.elapsed() < Duration::from_secs(5));
+        stopper.join().unwrap();
+    }
+
+    /// A reader that closes its end: the writer gets a broken pipe.
+    #[test]
+    fn a_closed_reader_is_a_broken_pipe() {
+        let (r, w) = std::io::pipe().unwrap();
+        let mut pipe = PagePipe::new(
+            File::from(std::os::fd::OwnedFd::from(w)),
+            Watch::new(Duration::from_secs(60)),
+        )
+        .unwrap();
+        drop(r);
+        let e = io::Write::write_all(&mut pipe, &[1u8; 4096]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
     }
 }

@@ -111,6 +111,8 @@ impl Launch {
             .arg(self.mix.repeat_pct.to_string())
             .arg("--text-pct")
             .arg(self.mix.text_pct.to_string())
+            .arg("--zero-layout")
+            .arg(self.mix.zeros.to_string())
             .arg("--seed")
             .arg(self.seed.to_string())
             .arg("--report")

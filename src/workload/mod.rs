@@ -54,6 +54,9 @@ pub struct Mix {
     pub zero_pct: u8,
     pub repeat_pct: u8,
     pub text_pct: u8,
+    /// Where the zero pages lie ([`ZeroLayout::Scattered`] places
+    /// `zero_pct` of them at random).
+    pub zeros: ZeroLayout,
 }
 
 impl Default for Mix {
@@ -62,6 +65,50 @@ impl Default for Mix {
             zero_pct: 25,
             repeat_pct: 25,
             text_pct: 25,
+            zeros: ZeroLayout::Scattered,
+        }
+    }
+}
+
+/// Where a workload's zero pages lie: the layouts a restore must handle
+/// alike (scattered single pages cut CRIU's page ranges into many short
+/// ones; long runs leave few).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ZeroLayout {
+    /// `zero_pct` of the pages, each drawn at random.
+    Scattered,
+    /// Every n-th page (index divisible by n), whatever `zero_pct` says:
+    /// `Every(1)` is all zero.
+    Every(u32),
+    /// One run of `zero_pct` of the pages, in the middle of the memory.
+    OneRun,
+}
+
+impl std::fmt::Display for ZeroLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ZeroLayout::Scattered => write!(f, "scattered"),
+            ZeroLayout::Every(n) => write!(f, "every-{n}"),
+            ZeroLayout::OneRun => write!(f, "one-run"),
+        }
+    }
+}
+
+impl std::str::FromStr for ZeroLayout {
+    type Err = String;
+
+    /// `scattered`, `every-N` (N >= 1) or `one-run`.
+    fn from_str(s: &str) -> Result<ZeroLayout, String> {
+        match s {
+            "scattered" => Ok(ZeroLayout::Scattered),
+            "one-run" => Ok(ZeroLayout::OneRun),
+            _ => match s.strip_prefix("every-").map(str::parse::<u32>) {
+                Some(Ok(n)) if n >= 1 => Ok(ZeroLayout::Every(n)),
+                _ => Err(format!(
+                    "zero layout {s:?}: expected scattered, every-N (N >= 1) or one-run"
+                )),
+            },
         }
     }
 }
@@ -78,7 +125,41 @@ impl Mix {
         Ok(())
     }
 
-    /// The class of page `index`, a pure function of seed, index and mix.
+    /// The class of page `index` of `pages`, a pure function of seed,
+    /// index and mix.
+    pub fn class_at(&self, seed: u64, index: usize, pages: usize) -> PageClass {
+        let zero = match self.zeros {
+            ZeroLayout::Scattered => return self.class_of(seed, index),
+            ZeroLayout::Every(n) => index.is_multiple_of(n.max(1) as usize),
+            ZeroLayout::OneRun => {
+                let len = pages * usize::from(self.zero_pct.min(100)) / 100;
+                let start = (pages - len) / 2;
+                (start..start + len).contains(&index)
+            }
+        };
+        if zero {
+            return PageClass::Zero;
+        }
+        // The other classes in proportion to their shares.
+        let random_pct = 100u64.saturating_sub(
+            u64::from(self.zero_pct) + u64::from(self.repeat_pct) + u64::from(self.text_pct),
+        );
+        let (repeat, text) = (u64::from(self.repeat_pct), u64::from(self.text_pct));
+        let total = repeat + text + random_pct;
+        if total == 0 {
+            return PageClass::Random;
+        }
+        let roll = mix64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % total;
+        if roll < repeat {
+            PageClass::Repeat
+        } else if roll < repeat + text {
+            PageClass::Text
+        } else {
+            PageClass::Random
+        }
+    }
+
+    /// The class of page `index` when the zero pages are scattered.
     pub fn class_of(&self, seed: u64, index: usize) -> PageClass {
         let roll = (mix64(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) % 100) as u8;
         if roll < self.zero_pct {
@@ -287,11 +368,53 @@ mod tests {
     }
 
     #[test]
+    fn zero_layouts_place_zero_pages_where_they_say() {
+        let pages = 1000;
+        let zeros = |mix: Mix| -> Vec<usize> {
+            (0..pages)
+                .filter(|&i| mix.class_at(3, i, pages) == PageClass::Zero)
+                .collect()
+        };
+        let every = |n| Mix {
+            zeros: ZeroLayout::Every(n),
+            ..Mix::default()
+        };
+        assert_eq!(zeros(every(4)), (0..pages).step_by(4).collect::<Vec<_>>());
+        assert_eq!(zeros(every(1)).len(), pages);
+        let run = zeros(Mix {
+            zero_pct: 50,
+            zeros: ZeroLayout::OneRun,
+            ..Mix::default()
+        });
+        assert_eq!(run, (250..750).collect::<Vec<_>>());
+        let none = zeros(Mix {
+            zero_pct: 0,
+            ..Mix::default()
+        });
+        assert!(none.is_empty());
+        // The other classes keep their shares around the zero pages.
+        let mut counts = PageCounts::default();
+        for i in 0..10_000 {
+            counts.add(every(2).class_at(3, i, 10_000));
+        }
+        assert_eq!(counts.zero, 5_000);
+        for n in [counts.repeat, counts.text, counts.random] {
+            assert!((1_450..1_900).contains(&n), "{counts:?}");
+        }
+        for s in ["scattered", "every-2", "one-run"] {
+            assert_eq!(s.parse::<ZeroLayout>().unwrap().to_string(), s);
+        }
+        assert!("every-0".parse::<ZeroLayout>().is_err());
+        assert!("sideways".parse::<ZeroLayout>().is_err());
+    }
+
+    #[test]
     fn rejects_overfull_mix() {
         let mix = Mix {
             zero_pct: 50,
             repeat_pct: 40,
             text_pct: 20,
+            ..Mix::default()
         };
         assert!(mix.validate().is_err());
     }
