@@ -7,9 +7,9 @@ use std::fs;
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferry::archive::{pack_dir, pack_to_file, unpack, Chain, NoProgress, PackOptions};
-use ferry::workload::{fill_page, Mix};
-use ferry::PAGE_SIZE;
+use ferry_archive::{pack_dir, pack_to_file, unpack, Chain, NoProgress, PackOptions};
+use ferry_lab::workload::{fill_page, Mix};
+use ferry_sys::PAGE_SIZE;
 
 /// Size of the synthetic pages image.
 const IMAGE_MIB: usize = 64;

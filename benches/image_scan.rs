@@ -4,9 +4,9 @@
 //! 25% repeated, 25% text, 25% random).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ferry::inspect::PageScan;
-use ferry::workload::{fill_page, Mix};
-use ferry::PAGE_SIZE;
+use ferry_archive::inspect::PageScan;
+use ferry_lab::workload::{fill_page, Mix};
+use ferry_sys::PAGE_SIZE;
 
 /// Size of the synthetic pages image: big enough to spread over all cores.
 const IMAGE_MIB: usize = 64;

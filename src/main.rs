@@ -1,15 +1,30 @@
 //! The `ferry` binary: parse the command line, set up logging, run, map the
-//! outcome to an exit status. Everything else lives in the library.
+//! outcome to an exit status. The commands live in [`cli`]; what they do,
+//! in the library crates under `crates/`.
+
+mod cli;
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferry::cli::{self, exit, Cli};
+use cli::{exit, Cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors.
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let default = match cli.global.verbose {
         0 => "warn",
         1 => "info",

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use ferry::workload::{Launch, Report, Workload};
+use ferry_lab::workload::{Launch, Report, Workload};
 
 /// xxh3-128 of every file of a directory (independent of the archive's own
 /// checksums, which hash 4 KiB blocks).
@@ -287,7 +287,7 @@ fn damaged_archives_are_refused_before_anything_is_restored() {
         assert!(err.contains(expect), "expected '{expect}' in:\n{err}");
         assert!(err.contains("nothing was restored"), "{err}");
         assert!(
-            !ferry::process::pid_in_use(pid),
+            !ferry_image::process::pid_in_use(pid),
             "pid {pid} was restored from a damaged archive"
         );
         assert!(
@@ -297,7 +297,7 @@ fn damaged_archives_are_refused_before_anything_is_restored() {
         );
     };
     // A byte in the middle of the first pages chunk.
-    let archive = ferry::archive::Archive::open(&a).unwrap();
+    let archive = ferry_archive::Archive::open(&a).unwrap();
     let chunk = archive
         .index()
         .chunks

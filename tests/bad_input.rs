@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ferry::checkpoint::{self, CheckpointError, TargetAfterFailure};
-use ferry::criu::{Criu, DumpRequest, HookError, Notification, Script};
+use ferry_core::checkpoint::{self, CheckpointError, TargetAfterFailure};
+use ferry_criu::{Criu, DumpRequest, HookError, Notification, Script};
 use nix::sys::signal::Signal;
 
 /// Files left in a directory after a failed dump.
@@ -42,7 +42,7 @@ fn free_pid() -> i32 {
         .unwrap();
     (2..max)
         .rev()
-        .find(|p| !ferry::process::pid_in_use(*p))
+        .find(|p| !ferry_image::process::pid_in_use(*p))
         .unwrap()
 }
 
@@ -161,8 +161,8 @@ fn a_pid_that_exits_during_the_dump_gives_a_clear_error() {
     // seizes the tree: the workload dies right there.
     let mut kill_it = |n: &mut Notification| -> Result<(), HookError> {
         if n.script == Script::PreDump {
-            ferry::process::signal(pid, Signal::SIGKILL)?;
-            while ferry::process::is_alive(pid) {
+            ferry_image::process::signal(pid, Signal::SIGKILL)?;
+            while ferry_image::process::is_alive(pid) {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -188,7 +188,7 @@ fn a_dump_aborted_while_frozen_leaves_the_workload_running() {
     let mut abort = |n: &mut Notification| -> Result<(), HookError> {
         if n.script == Script::PostDump {
             // Memory is written and the tree is still frozen here.
-            let st = ferry::process::ProcessInfo::read(w.pid())?;
+            let st = ferry_image::process::ProcessInfo::read(w.pid())?;
             saw_frozen = st.is_stopped();
             return Err("test aborts the dump at post-dump".into());
         }
@@ -225,7 +225,7 @@ fn restore_fails(imgs: &Path, pid: i32, expect: &str) {
     let err = ferry(["restore", "-D"]).arg(imgs).fails_with(1);
     assert!(err.contains(expect), "expected '{expect}' in:\n{err}");
     assert!(
-        !ferry::process::pid_in_use(pid),
+        !ferry_image::process::pid_in_use(pid),
         "a refused restore started pid {pid}"
     );
 }
@@ -289,7 +289,7 @@ fn restore_from_truncated_images_is_refused_before_criu_runs() {
 
     // Intact again: it restores.
     let restored = ferry(["restore", "--json", "-D"]).arg(&imgs).json();
-    let w = ferry::workload::Workload::adopt(
+    let w = ferry_lab::workload::Workload::adopt(
         restored["pid"].as_i64().unwrap() as i32,
         imgs.parent().unwrap().join("report"),
     );

@@ -5,7 +5,7 @@ mod common;
 
 use common::containers::*;
 use common::*;
-use ferry::workload::Report;
+use ferry_lab::workload::Report;
 
 #[test]
 fn stop_mode_dump_then_restore_through_docker() {

@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry::workload::{Launch, Workload};
+use ferry_lab::workload::{Launch, Workload};
 
 #[test]
 fn stop_mode_dump_then_restore_continues_the_counter() {
@@ -75,9 +75,10 @@ fn leave_running_keeps_the_original_and_restores_after_it_stops() {
     let w = Workload::adopt(restored["pid"].as_i64().unwrap() as i32, w.report_path());
     // The restored copy resumes from the dump's state: below the original's
     // last value, at or above the value read before the dump.
-    let first = ferry::workload::Report::wait_for(w.report_path(), CONTINUE, |r| r.counter < last)
-        .unwrap()
-        .counter;
+    let first =
+        ferry_lab::workload::Report::wait_for(w.report_path(), CONTINUE, |r| r.counter < last)
+            .unwrap()
+            .counter;
     assert!(
         first >= before,
         "restored counter {first} is older than the dump ({before})"
@@ -102,7 +103,7 @@ fn a_tree_with_children_comes_back_whole() {
     assert!(w.reap(Duration::from_secs(10)).unwrap());
     for k in &kids {
         assert!(
-            ferry::process::wait_pid_free(*k as i32, Duration::from_secs(10)),
+            ferry_image::process::wait_pid_free(*k as i32, Duration::from_secs(10)),
             "child {k} left behind"
         );
     }
@@ -121,11 +122,11 @@ fn a_tree_with_children_comes_back_whole() {
     assert_counting(&w);
     for k in &kids {
         assert!(
-            ferry::process::is_alive(*k as i32),
+            ferry_image::process::is_alive(*k as i32),
             "child {k} not restored"
         );
     }
-    let tree = ferry::process::tree(w.pid()).unwrap();
+    let tree = ferry_image::process::tree(w.pid()).unwrap();
     assert_eq!(tree.len(), 3, "{tree:?}");
 }
 
@@ -142,9 +143,9 @@ fn a_tree_holding_a_zombie_restores() {
     launch.twin = true;
     let mut w = start_with(launch);
     let zombie = w.report().unwrap().children[0] as i32;
-    ferry::process::signal(zombie, nix::sys::signal::Signal::SIGKILL).unwrap();
+    ferry_image::process::signal(zombie, nix::sys::signal::Signal::SIGKILL).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while ferry::process::is_alive(zombie) {
+    while ferry_image::process::is_alive(zombie) {
         assert!(
             std::time::Instant::now() < deadline,
             "{zombie} not a zombie"
@@ -155,7 +156,7 @@ fn a_tree_holding_a_zombie_restores() {
         .arg(images(dir.path()))
         .ok();
     assert!(w.reap(Duration::from_secs(10)).unwrap());
-    assert!(ferry::process::wait_pid_free(
+    assert!(ferry_image::process::wait_pid_free(
         zombie,
         Duration::from_secs(10)
     ));

@@ -92,7 +92,7 @@ fn a_gpu_holding_process_is_refused_unless_ignore_gpu() {
         "{err}"
     );
     assert!(err.contains("nothing was frozen"), "{err}");
-    assert!(ferry::process::is_alive(h.0.id() as i32));
+    assert!(ferry_image::process::is_alive(h.0.id() as i32));
 
     let out = ferry(["dump", "-R", "--ignore-gpu", "-t", &pid, "-D"])
         .arg(&imgs)
@@ -140,5 +140,5 @@ fn a_checkpoint_with_gpu_state_is_not_restored_on_a_host_without_its_gpus() {
         && (err.contains("no usable GPU") || err.contains("this host has"));
     assert!(names_gpu, "{err}");
     assert!(err.contains("nothing was restored"), "{err}");
-    assert!(!ferry::process::pid_in_use(w.pid()));
+    assert!(!ferry_image::process::pid_in_use(w.pid()));
 }

@@ -22,10 +22,10 @@ use common::containers::{bundle_running, require_runc, rootfs_tar};
 use common::dockerd::DockerdProc;
 use common::etcd::EtcdProc;
 use common::*;
-use ferry::ha::etcd::Etcd;
-use ferry::ha::keys::ClusterView;
-use ferry::lab::Lab;
-use ferry::target::container::ContainerStatus;
+use ferry_agent::ha::etcd::Etcd;
+use ferry_agent::ha::keys::ClusterView;
+use ferry_core::target::container::ContainerStatus;
+use ferry_lab::Lab;
 
 const HOSTS: usize = 3;
 const SERVICE: &str = "counter";
@@ -109,11 +109,11 @@ impl CopyProbe {
     fn running(&self) -> bool {
         match self.kind {
             Kind::Runc => {
-                ferry::target::runc::status(&self.runc_root, &self.container)
+                ferry_core::target::runc::status(&self.runc_root, &self.container)
                     == Some(ContainerStatus::Running)
             }
             Kind::Docker => {
-                ferry::target::docker::status(&self.docker_socket, &self.container)
+                ferry_core::target::docker::status(&self.docker_socket, &self.container)
                     .ok()
                     .flatten()
                     .as_deref()
@@ -143,7 +143,7 @@ impl CopyProbe {
                     .output();
             }
             Kind::Docker => {
-                let _ = ferry::target::docker::remove(&self.docker_socket, &self.container);
+                let _ = ferry_core::target::docker::remove(&self.docker_socket, &self.container);
             }
             Kind::Process => {
                 if let Some(pid) = self.pid() {
@@ -351,7 +351,7 @@ impl Cluster {
     fn view(&self) -> ClusterView {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match ferry::ha::status::read(&self.client, &self.name) {
+            match ferry_agent::ha::status::read(&self.client, &self.name) {
                 Ok(v) => return v,
                 Err(e) if Instant::now() > deadline => panic!("cannot read etcd: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -472,7 +472,7 @@ impl Drop for Cluster {
         }
         // What agents killed mid-checkpoint left in tmpfs (a restarted
         // agent sweeps it; the last ones are not restarted).
-        ferry::checkpoint::staging::sweep_stale("ferry-agent-", None, Duration::ZERO);
+        ferry_core::checkpoint::staging::sweep_stale("ferry-agent-", None, Duration::ZERO);
     }
 }
 
@@ -518,7 +518,7 @@ impl Client {
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (Arc::clone(&samples), Arc::clone(&stop));
         let etcd = Etcd::connect(&[url.to_string()]).unwrap();
-        let key = ferry::ha::keys::service_key(cluster, SERVICE, "address");
+        let key = ferry_agent::ha::keys::service_key(cluster, SERVICE, "address");
         let handle = std::thread::spawn(move || {
             let mut addr: Option<String> = None;
             let mut n = 0;
@@ -527,7 +527,7 @@ impl Client {
                 if addr.is_none() {
                     addr = etcd.get_prefix(&key).ok().and_then(|(e, _)| {
                         e.first().and_then(|e| {
-                            serde_json::from_slice::<ferry::ha::keys::AddressRecord>(&e.value)
+                            serde_json::from_slice::<ferry_agent::ha::keys::AddressRecord>(&e.value)
                                 .ok()
                                 .map(|a| a.addr)
                         })
@@ -546,7 +546,7 @@ impl Client {
                 };
                 s2.lock().unwrap().push(Sample {
                     at: Instant::now(),
-                    unix_ms: ferry::ha::keys::now_unix_ms(),
+                    unix_ms: ferry_agent::ha::keys::now_unix_ms(),
                     ok,
                     why,
                 });
@@ -733,10 +733,10 @@ fn fault_loop(tag: &str, kind: Kind, faults: usize) {
             .next_back()
             .unwrap_or(0);
         let t0 = Instant::now();
-        let fault_unix_ms = ferry::ha::keys::now_unix_ms();
+        let fault_unix_ms = ferry_agent::ha::keys::now_unix_ms();
         eprintln!(
             "round {round}: {kind:?} at unix ms {}",
-            ferry::ha::keys::now_unix_ms()
+            ferry_agent::ha::keys::now_unix_ms()
         );
         match kind {
             Fault::KillLeader => {
@@ -1057,21 +1057,21 @@ fn switchover(tag: &str, kind: Kind) {
     // Fencing: the old leader's token no longer opens a standby's door.
     let standby = (0..HOSTS).find(|&i| i != to).unwrap();
     let agent = c.agents[standby].as_ref().unwrap();
-    let secret = ferry::transport::Secret::from_file(&agent.key).unwrap();
+    let secret = ferry_transport::Secret::from_file(&agent.key).unwrap();
     let mut conn =
-        ferry::transport::Conn::connect(&agent.addr, &secret, Duration::from_secs(5)).unwrap();
-    let stale = ferry::ha::keys::CheckpointRecord {
+        ferry_transport::Conn::connect(&agent.addr, &secret, Duration::from_secs(5)).unwrap();
+    let stale = ferry_transport::msg::OfferedCheckpoint {
         generation: 1_000_000,
         token,
         leader: Cluster::host(leader),
-        taken_unix_ms: ferry::ha::keys::now_unix_ms(),
+        taken_unix_ms: ferry_agent::ha::keys::now_unix_ms(),
         frozen_ms: 0.0,
         archive_bytes: 0,
         raw_bytes: 0,
         base: 1_000_000,
         schedule: None,
     };
-    conn.send_msg(&ferry::transport::Msg::Offer {
+    conn.send_msg(&ferry_transport::Msg::Offer {
         service: SERVICE.into(),
         checkpoint: stale,
     })
@@ -1127,7 +1127,7 @@ fn proc_state(pid: i32) -> Option<char> {
 
 /// Kills and reaps a child, and stops a member, even when the test fails.
 struct FenceFixture {
-    member: Arc<ferry::ha::Member>,
+    member: Arc<ferry_agent::ha::Member>,
     threads: Vec<std::thread::JoinHandle<()>>,
     child: std::process::Child,
 }
@@ -1158,7 +1158,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
     require_criu();
     let dir = scratch("ha-fence-dump");
     let etcd = EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
-    let config = ferry::ha::HaConfig {
+    let config = ferry_agent::ha::HaConfig {
         etcd: vec![etcd.url.clone()],
         cluster: "fence".into(),
         name: "h0".into(),
@@ -1167,13 +1167,13 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         lease_ttl: Duration::from_secs(4),
         docker_socket: PathBuf::from("/nonexistent"),
     };
-    let member = ferry::ha::Member::join(
+    let member = ferry_agent::ha::Member::join(
         config,
         "127.0.0.1:9".into(),
         dir.path().join("runc"),
         dir.path().join("store"),
-        ferry::transport::Secret::from_bytes(&[7; 32]),
-        ferry::criu::Criu::locate(None, None).expect("CRIU"),
+        ferry_transport::Secret::from_bytes(&[7; 32]),
+        ferry_criu::Criu::locate(None, None).expect("CRIU"),
         "fence-test-boot".into(),
     )
     .expect("join the cluster");
@@ -1185,7 +1185,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         threads,
         child,
     };
-    let copy = ferry::ha::HostCopy::Process {
+    let copy = ferry_agent::ha::HostCopy::Process {
         record: dir.path().join("copy.pid"),
     };
     copy.adopt(pid).unwrap();
@@ -1193,7 +1193,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         .led
         .lock()
         .unwrap()
-        .insert("svc".into(), ferry::ha::member::Led::running(copy));
+        .insert("svc".into(), ferry_agent::ha::member::Led::running(copy));
     let wait_state = |want: bool, within: Duration| {
         let deadline = Instant::now() + within;
         while (proc_state(pid) == Some('T')) != want && Instant::now() < deadline {

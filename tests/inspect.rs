@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferry::workload::{Launch, Mix};
+use ferry_lab::workload::{Launch, Mix};
 
 /// Pages a process holds besides the workload's buffer (stack, heap, libc,
 /// the report record...). Generous: the test checks the buffer is counted,

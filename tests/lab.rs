@@ -1,4 +1,4 @@
-//! End-to-end tests of the downtime laboratory (`ferry::lab`) against the
+//! End-to-end tests of the downtime laboratory (`ferry_lab`) against the
 //! real `ip`, `tc`, `nsenter`, BusyBox and CRIU, as root. A missing tool
 //! fails the test with the reason; nothing is skipped. Every lab has a
 //! unique name and is removed when its `Lab` drops, even on a panic; every
@@ -15,8 +15,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry::lab::{cold_migrate, sweep_stale, Host, Lab, Prober};
-use ferry::workload::Workload;
+use ferry_lab::workload::Workload;
+use ferry_lab::{cold_migrate, sweep_stale, Host, Lab, Prober};
 
 const WORKLOAD: &str = env!("CARGO_BIN_EXE_ferry-workload");
 /// Bound for a workload to fill its memory and start sending.
@@ -32,7 +32,7 @@ fn require(tools: &[&str]) {
     );
     for tool in tools {
         assert!(
-            ferry::probe::which(tool).is_some(),
+            ferry_sys::which(tool).is_some(),
             "`{tool}` is not installed: the lab tests need it (run scripts/setup.sh as root)"
         );
     }
@@ -264,7 +264,7 @@ fn wait_bounded(child: &mut Child, what: &str, deadline: Instant) -> std::proces
 /// fill 1 Gbit/s on a small VM, while dd moves 1 MiB.
 fn transfer_mbit_s(lab: &Lab, mib: u64) -> f64 {
     const PORT: u16 = 5001;
-    let dd = ferry::probe::which("dd").expect("dd (coreutils) is not installed");
+    let dd = ferry_sys::which("dd").expect("dd (coreutils) is not installed");
     let (h0, h1) = (lab.host(0), lab.host(1));
     let mut rx = h1
         .command("busybox")
@@ -398,7 +398,7 @@ fn cold_migration_moves_a_workload_between_hosts() {
     let report = cold_migrate(&lab, 0, 1, pid, &work).unwrap_or_else(|e| {
         panic!(
             "cold migration failed: {}",
-            ferry::units::chain(&e as &dyn std::error::Error)
+            ferry_image::units::chain(&e as &dyn std::error::Error)
         )
     });
     // The restored process: same pid, now in host 1's namespace.
@@ -454,7 +454,7 @@ fn failed_cold_migration_names_the_step_and_cleans_up() {
     let dead = gone.id() as i32;
     gone.wait().expect("reap true");
     match cold_migrate(&lab, 0, 1, dead, &dir.path().join("cold")) {
-        Err(ferry::lab::LabError::Criu {
+        Err(ferry_lab::LabError::Criu {
             step,
             pid,
             log_tail,

@@ -118,7 +118,7 @@ impl Drop for Program {
             let _ = c.wait();
         } else {
             // A restored program's parent is init, which reaps it later.
-            ferry::process::wait_pid_free(self.pid, Duration::from_secs(30));
+            ferry_image::process::wait_pid_free(self.pid, Duration::from_secs(30));
         }
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
 use common::*;
-use ferry::workload::{Launch, Workload};
+use ferry_lab::workload::{Launch, Workload};
 
 /// Runs `cmd` (a migration) while reaping the workload when the migration
 /// ends it, as its parent must for its pid to be free for the restore.
@@ -201,8 +201,8 @@ fn the_agent_killed_during_precopy_leaves_the_application_running() {
         w.pid(),
         &["--max-rounds", "5", "--max-downtime", "1ms"],
     )
-    .env(ferry::fault::ENV, "migrate-after-round-1")
-    .env(ferry::fault::HOLD_ENV, "3000");
+    .env(ferry_core::fault::ENV, "migrate-after-round-1")
+    .env(ferry_core::fault::HOLD_ENV, "3000");
     let h = std::thread::spawn(move || cmd.run());
     assert!(
         agent.wait_for("migration begins", Duration::from_secs(30)),
@@ -249,7 +249,7 @@ fn a_final_dump_whose_stream_breaks_leaves_the_application_running() {
     // ferry stops reading a pages image from CRIU's pipe after its first
     // block: CRIU's dump fails on the broken pipe, CRIU resumes the tree.
     let err = migrate_cmd(&agent, w.pid(), &[])
-        .env(ferry::fault::ENV, "migrate-capture-fails")
+        .env(ferry_core::fault::ENV, "migrate-capture-fails")
         .fails_with(1);
     assert!(
         err.contains("fault migrate-capture-fails injected"),
@@ -415,7 +415,7 @@ struct KillCopies<'a>(&'a Path);
 impl Drop for KillCopies<'_> {
     fn drop(&mut self) {
         for p in copies(self.0, false) {
-            let _ = ferry::process::signal(p, nix::sys::signal::Signal::SIGKILL);
+            let _ = ferry_image::process::signal(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
 }
@@ -606,7 +606,7 @@ fn a_runc_container_migrates_between_namespace_hosts_and_continues() {
     let agent_root = dir.path().join("agent-runc");
     // Two namespace hosts; the agent in host 1 restores containers into
     // its own runc root.
-    let lab = ferry::lab::Lab::create("runc", 2, Some(1000)).expect("lab");
+    let lab = ferry_lab::Lab::create("runc", 2, Some(1000)).expect("lab");
     let agent = AgentProc::start_full(
         dir.path(),
         &dir.path().join("store"),

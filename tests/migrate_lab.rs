@@ -1,5 +1,5 @@
 //! Migration between two "hosts" (network namespaces joined by a link
-//! shaped to 1 Gbit/s, see `ferry::lab`), watched by a heartbeat prober in
+//! shaped to 1 Gbit/s, see `ferry_lab`), watched by a heartbeat prober in
 //! the root namespace, and the faults a network brings: a cut link.
 
 mod common;
@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
 use common::*;
-use ferry::lab::{Lab, Prober};
-use ferry::workload::{Launch, Workload};
+use ferry_lab::workload::{Launch, Workload};
+use ferry_lab::{Lab, Prober};
 
 const RATE_MBIT: u64 = 1000;
 

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 
 use common::*;
-use ferry::workload::Launch;
+use ferry_lab::workload::Launch;
 
 #[test]
 fn an_established_tcp_connection_is_refused_without_tcp_established() {

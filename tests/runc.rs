@@ -31,7 +31,9 @@ fn stop_mode_dump_then_restore_through_runc() {
     for f in ["descriptors.json", "ferry-target.json", "inventory.img"] {
         assert!(imgs.join(f).exists(), "{f} missing");
     }
-    let at_dump = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    let at_dump = ferry_lab::workload::Report::read(&c.report())
+        .unwrap()
+        .counter;
     assert!(at_dump >= before);
 
     let run = ferry(["restore", "--json", "--runc", &c.id, "-D"])
@@ -68,9 +70,10 @@ fn leave_running_then_restore_as_a_new_container() {
     let run = ferry(["restore", "--json", "--runc", &copy, "-D"])
         .arg(&imgs)
         .json();
-    let first = ferry::workload::Report::wait_for(&c.report(), CONTINUE, |r| r.counter < ran_on)
-        .unwrap()
-        .counter;
+    let first =
+        ferry_lab::workload::Report::wait_for(&c.report(), CONTINUE, |r| r.counter < ran_on)
+            .unwrap()
+            .counter;
     assert!(
         first >= before,
         "copy restarted from {first}, dumped after {before}"
@@ -88,7 +91,9 @@ fn runc_restores_from_an_archive() {
     counter_above(&c.report(), 50);
     let a = dir.path().join("c.ferry");
     ferry(["dump", "--runc", &c.id, "--archive"]).arg(&a).ok();
-    let at_dump = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    let at_dump = ferry_lab::workload::Report::read(&c.report())
+        .unwrap()
+        .counter;
     let run = ferry(["restore", "--json", "--runc", &c.id, "--archive"])
         .arg(&a)
         .json();
@@ -135,7 +140,9 @@ fn plain_runc_restore_accepts_ferrys_images_of_the_same_size_as_runc_checkpoint(
         .arg("--bundle")
         .arg(&c.bundle)
         .arg(&c.id));
-    let at = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    let at = ferry_lab::workload::Report::read(&c.report())
+        .unwrap()
+        .counter;
     counter_above(&c.report(), at + 100);
 }
 
@@ -191,7 +198,9 @@ fn failures_are_clear_and_the_source_keeps_running() {
     // The source ran through all of it.
     let (status, _) = RuncContainer::status(&c.id).unwrap();
     assert_eq!(status, "running");
-    let now = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    let now = ferry_lab::workload::Report::read(&c.report())
+        .unwrap()
+        .counter;
     counter_above(&c.report(), now + 50);
 
     // A stopped container is refused.
@@ -205,9 +214,9 @@ fn failures_are_clear_and_the_source_keeps_running() {
 
 #[test]
 fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
-    use ferry::checkpoint::{self, CheckpointError, TargetAfterFailure};
-    use ferry::criu::{Criu, DumpRequest, HookError, Notification, Script};
-    use ferry::target::ContainerRef;
+    use ferry_core::checkpoint::{self, CheckpointError, TargetAfterFailure};
+    use ferry_core::target::ContainerRef;
+    use ferry_criu::{Criu, DumpRequest, HookError, Notification, Script};
 
     require_criu();
     require_runc();
@@ -216,7 +225,7 @@ fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
     counter_above(&c.report(), 50);
     let container = ContainerRef::Runc {
         id: c.id.clone(),
-        root: ferry::target::runc::DEFAULT_ROOT.into(),
+        root: ferry_core::target::runc::DEFAULT_ROOT.into(),
     };
     let mut saw_frozen = false;
     let freezer = format!("/sys/fs/cgroup/freezer/{}/freezer.state", c.id);
@@ -224,7 +233,7 @@ fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
     let mut abort = |n: &mut Notification| -> Result<(), HookError> {
         if n.script == Script::PostDump {
             // CRIU froze the cgroup, seized the tasks and holds them stopped.
-            saw_frozen = ferry::process::ProcessInfo::read(init as i32)?.is_stopped();
+            saw_frozen = ferry_image::process::ProcessInfo::read(init as i32)?.is_stopped();
             return Err("test aborts the container dump at post-dump".into());
         }
         Ok(())
@@ -248,6 +257,8 @@ fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
         .contains("FROZEN"));
     let (status, _) = RuncContainer::status(&c.id).unwrap();
     assert_eq!(status, "running");
-    let now = ferry::workload::Report::read(&c.report()).unwrap().counter;
+    let now = ferry_lab::workload::Report::read(&c.report())
+        .unwrap()
+        .counter;
     counter_above(&c.report(), now + 50);
 }

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ferry::workload::Workload;
+use ferry_lab::workload::Workload;
 
 /// A `criu service` process for one test, killed when dropped.
 struct Service(Child);

@@ -12,8 +12,8 @@
 
 use std::path::Path;
 
-use ferry::archive::format::{Header, Trailer, HEADER_LEN, VERSION_MAJOR, VERSION_MINOR};
-use ferry::archive::Archive;
+use ferry_archive::format::{Header, Trailer, HEADER_LEN, VERSION_MAJOR, VERSION_MINOR};
+use ferry_archive::Archive;
 use libfuzzer_sys::fuzz_target;
 
 fn wrap_index(index: &[u8]) -> Vec<u8> {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use ferry::image::{core, inventory, mm::MemoryMap, pagemap, pagemap::Pagemap, pstree, DumpStats};
+use ferry_image::{core, inventory, mm::MemoryMap, pagemap, pagemap::Pagemap, pstree, DumpStats};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

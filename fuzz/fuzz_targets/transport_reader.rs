@@ -6,9 +6,9 @@
 
 #![no_main]
 
-use ferry::transport::frame::read_frame;
-use ferry::transport::pages::{decode_batch, decode_bitmap, decode_digests};
-use ferry::transport::Msg;
+use ferry_transport::frame::read_frame;
+use ferry_transport::pages::{decode_batch, decode_bitmap, decode_digests};
+use ferry_transport::Msg;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,6 +1,6 @@
 //! ferry's bundled stateful workload: resident memory with a known mix of
 //! zero, repeated, text and random pages, and a counter that it reports.
-//! See `ferry::workload` for the layout and the report format.
+//! See `ferry_lab::workload` for the layout and the report format.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use ferry::workload::{self, fill_page, Mix, PageClass, PageCounts, Report};
-use ferry::PAGE_SIZE;
+use ferry_lab::workload::{self, fill_page, Mix, PageClass, PageCounts, Report};
+use ferry_sys::PAGE_SIZE;
 use memmap2::MmapMut;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -43,7 +43,7 @@ struct Args {
     /// random), `every-N` (every N-th page) or `one-run` (--zero-pct of the
     /// pages in one run, in the middle).
     #[arg(long, default_value = "scattered")]
-    zero_layout: ferry::workload::ZeroLayout,
+    zero_layout: ferry_lab::workload::ZeroLayout,
     /// Seed of the page contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -94,7 +94,7 @@ struct Args {
 /// The twin and its parent each zero one run of pages in this many.
 const TWIN_SHARE: usize = 7;
 /// Pages in a run the twin or its parent zeroes: long enough that a
-/// restore leaves the run out (see `ferry::archive::MIN_INNER_RUN`).
+/// restore leaves the run out (see `ferry_archive::MIN_INNER_RUN`).
 const TWIN_RUN: usize = 8;
 /// Memory a child process holds, in pages.
 const CHILD_PAGES: usize = 64;
@@ -217,7 +217,7 @@ fn run(args: &Args, mix: Mix, stop: &AtomicBool, verify: &AtomicBool) -> Result<
     let twin_args;
     let args = match args.twin {
         false => args,
-        true => match ferry::sys::spawn::fork_single_threaded().context("fork the twin")? {
+        true => match ferry_sys::spawn::fork_single_threaded().context("fork the twin")? {
             Some(pid) => {
                 memory.zero_share(1, mix, args.seed);
                 twin = Some(nix::unistd::Pid::from_raw(pid));

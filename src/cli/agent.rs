@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{exit, CliError, GlobalArgs};
-use crate::agent::{self, AgentConfig};
+use ferry_agent::{self as agent, AgentConfig};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -21,10 +21,10 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent")]
     pub store: PathBuf,
     /// runc's state directory for containers restored here.
-    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT)]
     pub runc_root: PathBuf,
     /// dockerd's API socket, for Docker containers restored here.
-    #[arg(long, value_name = "SOCKET", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "SOCKET", default_value = ferry_core::target::docker::DEFAULT_SOCKET)]
     pub docker_socket: PathBuf,
     /// Where images are rebuilt before a restore (default: tmpfs when it fits).
     #[arg(long, value_name = "DIR")]
@@ -63,7 +63,7 @@ pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result
         keep_images: args.keep_images,
         ha: match (&args.cluster, &args.name, args.advertise) {
             (Some(cluster), Some(name), Some(ip)) if !args.etcd.is_empty() => {
-                Some(crate::ha::HaConfig {
+                Some(ferry_agent::ha::HaConfig {
                     etcd: args.etcd.clone(),
                     cluster: cluster.clone(),
                     name: name.clone(),
@@ -91,7 +91,7 @@ pub struct KeygenArgs {
 }
 
 pub fn keygen(args: &KeygenArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    crate::transport::Secret::generate(&args.file)?;
+    ferry_transport::Secret::generate(&args.file)?;
     writeln!(out, "wrote a new shared secret to {}", args.file.display())?;
     Ok(exit::OK)
 }

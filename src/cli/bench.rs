@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{exit, write_json, CliError, GlobalArgs};
-use crate::bench::compress::{render, CompressBench, Sink};
+use ferry_lab::bench::compress::{render, CompressBench, Sink};
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -55,7 +55,7 @@ pub struct MigrateArgs {
 }
 
 fn run_migrate(a: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    use crate::bench::migrate::{self, Method, MigrateBench};
+    use ferry_lab::bench::migrate::{self, Method, MigrateBench};
     let methods: Vec<Method> = a.methods.iter().filter_map(|m| Method::parse(m)).collect();
     let tmp;
     let workdir = match &a.workdir {
@@ -69,7 +69,7 @@ fn run_migrate(a: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     };
     let bench = MigrateBench {
         ferry_exe: std::env::current_exe()?,
-        workload_exe: crate::workload::find_exe().ok_or(super::DemoError::NoWorkload)?,
+        workload_exe: ferry_lab::workload::find_exe().ok_or(super::DemoError::NoWorkload)?,
         sizes_mib: a.sizes.clone(),
         dirty_mib_s: a.dirty.clone(),
         methods,
@@ -143,7 +143,7 @@ pub struct CompressArgs {
         value_delimiter = ',',
         default_value = "scattered,every-2,every-4,none,all,one-run"
     )]
-    pub layouts: Vec<crate::bench::compress::Layout>,
+    pub layouts: Vec<ferry_lab::bench::compress::Layout>,
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -164,7 +164,7 @@ pub fn run(global: &GlobalArgs, args: &BenchArgs, out: &mut dyn Write) -> Result
         a.threads.clone()
     };
     let bench = CompressBench {
-        workload_exe: crate::workload::find_exe().ok_or(super::DemoError::NoWorkload)?,
+        workload_exe: ferry_lab::workload::find_exe().ok_or(super::DemoError::NoWorkload)?,
         size_mib: a.size_mib,
         levels: a.levels.clone(),
         threads,

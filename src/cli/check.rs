@@ -5,7 +5,7 @@ use std::io::Write;
 use clap::Args;
 
 use super::{exit, write_json, CliError, GlobalArgs};
-use crate::probe::HostReport;
+use ferry_core::probe::HostReport;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -21,7 +21,7 @@ pub struct CheckArgs {
 
 pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     if args.gpu {
-        let probe = crate::gpu::probe();
+        let probe = ferry_core::gpu::probe();
         if args.json {
             write_json(out, &probe)?;
         } else {
@@ -42,10 +42,10 @@ pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result
     })
 }
 
-fn render_gpu(p: &crate::gpu::GpuProbe) -> String {
-    use crate::units::bytes;
+fn render_gpu(p: &ferry_core::gpu::GpuProbe) -> String {
+    use ferry_image::units::bytes;
     let Some(inv) = p.inventory() else {
-        let crate::gpu::GpuProbe::Unavailable { reason } = p else {
+        let ferry_core::gpu::GpuProbe::Unavailable { reason } = p else {
             return String::new();
         };
         return format!("No GPU here: {reason}\n");

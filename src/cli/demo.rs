@@ -13,12 +13,12 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{exit, CliError, GlobalArgs};
-use crate::archive::{self, ArchiveError, NoProgress, PackOptions, ZeroPages};
-use crate::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
-use crate::criu::{CriuError, DumpRequest, NoHooks, RestoreRequest};
-use crate::inspect::{inspect, render_human, InspectError};
-use crate::units::{bytes, millis, percent};
-use crate::workload::{self, Launch};
+use ferry_archive::inspect::{inspect, render_human, InspectError};
+use ferry_archive::{self as archive, ArchiveError, NoProgress, PackOptions, ZeroPages};
+use ferry_core::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
+use ferry_criu::{CriuError, DumpRequest, NoHooks, RestoreRequest};
+use ferry_image::units::{bytes, millis, percent};
+use ferry_lab::workload::{self, Launch};
 
 /// Longest time the workload may take to fill its memory and start counting.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -225,7 +225,7 @@ pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<
         out,
         "   memory verified: all {} pages ({}) hold what they held before",
         verified.pages.total,
-        bytes(verified.pages.total * crate::PAGE_SIZE as u64)
+        bytes(verified.pages.total * ferry_sys::PAGE_SIZE as u64)
     )?;
 
     writeln!(

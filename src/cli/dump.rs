@@ -9,11 +9,11 @@ use serde::Serialize;
 use super::pack::{describe_pack, PackFlags};
 use super::progress::Bar;
 use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
-use crate::archive::PackReport;
-use crate::checkpoint;
-use crate::criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
-use crate::image::{DumpStats, ImagesDir};
-use crate::units::{bytes, millis};
+use ferry_archive::PackReport;
+use ferry_core::checkpoint;
+use ferry_criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
+use ferry_image::units::{bytes, millis};
+use ferry_image::{DumpStats, ImagesDir};
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("to").required(true).multiple(true).args(["images_dir", "archive"]))]
@@ -84,7 +84,7 @@ pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<
     let mut pid = req.pid;
     let (outcome, pack): (DumpOutcome, Option<PackReport>) = match &args.archive {
         Some(archive) => {
-            let rss = crate::process::tree_rss_bytes(req.pid).unwrap_or(0);
+            let rss = ferry_image::process::tree_rss_bytes(req.pid).unwrap_or(0);
             let bar = Bar::new(rss, "packing");
             let source = format!(
                 "{} on {}",

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{exit, write_json, CliError};
-use crate::ha::etcd::Etcd;
-use crate::ha::keys::{App, ServiceSpec};
-use crate::ha::status;
+use ferry_agent::ha::etcd::Etcd;
+use ferry_agent::ha::keys::{App, ServiceSpec};
+use ferry_agent::ha::status;
 
 #[derive(Debug, Args)]
 pub struct HaArgs {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{exit, write_json, CliError};
-use crate::inspect::{inspect, render_human};
+use ferry_archive::inspect::{inspect, render_human};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {

@@ -7,9 +7,9 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
-use crate::migrate::{self, MigrateOptions, MigrateTarget};
-use crate::transport::msg::RestoreOpts;
-use crate::transport::Secret;
+use ferry_migrate::{self as migrate, MigrateOptions, MigrateTarget};
+use ferry_transport::msg::RestoreOpts;
+use ferry_transport::Secret;
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
@@ -27,7 +27,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "NAME", conflicts_with = "runc")]
     pub docker: Option<String>,
     /// dockerd's API socket here.
-    #[arg(long, value_name = "SOCKET", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "SOCKET", default_value = ferry_core::target::docker::DEFAULT_SOCKET)]
     pub docker_socket: PathBuf,
     /// The Docker container's name on the destination.
     #[arg(long, value_name = "NAME", requires = "docker")]
@@ -37,7 +37,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "ID")]
     pub runc: Option<String>,
     /// runc's state directory here.
-    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT)]
     pub runc_root: PathBuf,
     /// The container's bundle on the destination (default: the same path).
     #[arg(long, value_name = "DIR", requires = "runc")]

@@ -30,9 +30,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::checkpoint::CheckpointError;
-use crate::criu::{Criu, CriuError};
-use crate::inspect::InspectError;
+use ferry_archive::inspect::InspectError;
+use ferry_core::checkpoint::CheckpointError;
+use ferry_criu::{Criu, CriuError};
 
 pub use demo::DemoError;
 
@@ -124,7 +124,7 @@ pub struct CriuFlags {
     #[arg(long)]
     pub file_locks: bool,
     /// CRIU log verbosity, 0 (none) to 4 (debug).
-    #[arg(long, default_value_t = crate::criu::DEFAULT_LOG_LEVEL, value_parser = clap::value_parser!(u8).range(0..=4))]
+    #[arg(long, default_value_t = ferry_criu::DEFAULT_LOG_LEVEL, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub log_level: u8,
 }
 
@@ -135,19 +135,19 @@ pub struct ContainerFlags {
     #[arg(long, value_name = "ID")]
     pub runc: Option<String>,
     /// runc's state directory.
-    #[arg(long, value_name = "DIR", default_value = crate::target::runc::DEFAULT_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT)]
     pub runc_root: PathBuf,
     /// A Docker container, by name or id.
     #[arg(long, value_name = "NAME")]
     pub docker: Option<String>,
     /// Docker Engine API socket.
-    #[arg(long, value_name = "PATH", default_value = crate::target::docker::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "PATH", default_value = ferry_core::target::docker::DEFAULT_SOCKET)]
     pub docker_socket: PathBuf,
 }
 
 impl ContainerFlags {
-    pub fn container(&self) -> Option<crate::target::ContainerRef> {
-        use crate::target::ContainerRef;
+    pub fn container(&self) -> Option<ferry_core::target::ContainerRef> {
+        use ferry_core::target::ContainerRef;
         match (&self.runc, &self.docker) {
             (Some(id), _) => Some(ContainerRef::Runc {
                 id: id.clone(),
@@ -173,19 +173,19 @@ pub enum CliError {
     #[error(transparent)]
     Demo(Box<DemoError>),
     #[error(transparent)]
-    Archive(#[from] crate::archive::ArchiveError),
+    Archive(#[from] ferry_archive::ArchiveError),
     #[error(transparent)]
-    Bench(#[from] crate::bench::compress::BenchError),
+    Bench(#[from] ferry_lab::bench::compress::BenchError),
     #[error(transparent)]
-    Migrate(#[from] Box<crate::migrate::MigrateError>),
+    Migrate(#[from] Box<ferry_migrate::MigrateError>),
     #[error(transparent)]
-    Agent(#[from] crate::agent::AgentError),
+    Agent(#[from] ferry_agent::AgentError),
     #[error(transparent)]
-    BenchMigrate(#[from] crate::bench::migrate::MigrateBenchError),
+    BenchMigrate(#[from] ferry_lab::bench::migrate::MigrateBenchError),
     #[error(transparent)]
-    Transport(#[from] crate::transport::TransportError),
+    Transport(#[from] ferry_transport::TransportError),
     #[error(transparent)]
-    Ha(#[from] crate::ha::HaError),
+    Ha(#[from] ferry_agent::ha::HaError),
     #[error("{0}")]
     Usage(String),
     #[error("cannot write output")]
@@ -214,7 +214,7 @@ impl CliError {
             CliError::Checkpoint(e) => e.criu(),
             CliError::Demo(e) => e.criu(),
             CliError::Migrate(e) => match e.as_ref() {
-                crate::migrate::MigrateError::Dump(c) => c.criu(),
+                ferry_migrate::MigrateError::Dump(c) => c.criu(),
                 _ => None,
             },
             _ => None,
@@ -238,7 +238,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Keygen(a) => agent::keygen(a, out),
         Command::Ha(a) => ha::run(a, out),
         Command::ProbeSocketHolder => {
-            crate::probe::hold_inet_socket()?;
+            ferry_core::probe::hold_inet_socket()?;
             Ok(exit::OK)
         }
     }

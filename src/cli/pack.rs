@@ -7,8 +7,8 @@ use clap::Args;
 
 use super::progress::Bar;
 use super::{exit, write_json, CliError};
-use crate::archive::{self, Chain, PackOptions, PackReport, UnpackReport};
-use crate::units::{bytes, millis, percent};
+use ferry_archive::{self as archive, Chain, PackOptions, PackReport, UnpackReport};
+use ferry_image::units::{bytes, millis, percent};
 
 /// Compression flags shared by every command that writes an archive.
 #[derive(Debug, Clone, Args)]

@@ -3,7 +3,7 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::archive::Progress;
+use ferry_archive::Progress;
 
 /// A byte progress bar that the archive code advances.
 pub struct Bar(ProgressBar);

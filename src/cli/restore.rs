@@ -9,11 +9,11 @@ use serde::Serialize;
 use super::pack::threads;
 use super::progress::Bar;
 use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
-use crate::archive::{UnpackReport, ZeroPages};
-use crate::checkpoint::{self, ArchiveRestoreOptions};
-use crate::criu::{NoHooks, RestoreRequest, Timeline};
-use crate::image::RestoreStats;
-use crate::units::millis;
+use ferry_archive::{UnpackReport, ZeroPages};
+use ferry_core::checkpoint::{self, ArchiveRestoreOptions};
+use ferry_criu::{NoHooks, RestoreRequest, Timeline};
+use ferry_image::units::millis;
+use ferry_image::RestoreStats;
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("from").required(true).args(["images_dir", "archive"]))]
@@ -147,7 +147,7 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
             out,
             "  Streamed {} images ({}) from the archive to CRIU in {}, nothing unpacked ({} threads, {} chunks, {} generation(s))",
             u.files,
-            crate::units::bytes(u.bytes_written),
+            ferry_image::units::bytes(u.bytes_written),
             millis(u.wall),
             u.threads,
             u.chunks_read,
@@ -158,7 +158,7 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
                 out,
                 "  {} zero pages ({}) of private anonymous memory left unwritten: they read as zero (--write-zero-pages writes them)",
                 u.zero_pages_left_out,
-                crate::units::bytes(u.zero_pages_left_out * crate::PAGE_SIZE as u64)
+                ferry_image::units::bytes(u.zero_pages_left_out * ferry_sys::PAGE_SIZE as u64)
             )?;
         }
         writeln!(out, "  CRIU restore {}", millis(outcome.wall))?;
@@ -168,7 +168,7 @@ pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Resu
 
 /// Restores a container through its engine.
 fn run_container(
-    container: &crate::target::ContainerRef,
+    container: &ferry_core::target::ContainerRef,
     args: &RestoreArgs,
     out: &mut dyn Write,
 ) -> Result<u8, CliError> {
@@ -193,7 +193,7 @@ fn run_container(
         }
         (None, None) => unreachable!("clap requires --images-dir or --archive"),
     };
-    let flags = crate::target::runc::RestoreFlags {
+    let flags = ferry_core::target::runc::RestoreFlags {
         tcp_established: args.flags.tcp_established,
         ext_unix_sk: args.flags.ext_unix_sk,
         file_locks: args.flags.file_locks,

@@ -103,8 +103,8 @@ impl AgentProc {
         cmd.args(extra);
         if let Some(f) = fault {
             // Held long enough for the test to act, short enough to go on.
-            cmd.env(ferry::fault::ENV, f)
-                .env(ferry::fault::HOLD_ENV, "8000");
+            cmd.env(ferry_core::fault::ENV, f)
+                .env(ferry_core::fault::HOLD_ENV, "8000");
         }
         let mut child = cmd.spawn().expect("spawn ferry agent");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -179,10 +179,10 @@ impl AgentProc {
         use nix::unistd::Pid;
         let pid = self.child.id() as i32;
         // Stopped first, so that none forks between the listing and the kill.
-        for p in ferry::process::tree(pid).unwrap_or_default() {
+        for p in ferry_image::process::tree(pid).unwrap_or_default() {
             let _ = kill(Pid::from_raw(p), Signal::SIGSTOP);
         }
-        for p in ferry::process::tree(pid).unwrap_or_default() {
+        for p in ferry_image::process::tree(pid).unwrap_or_default() {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         self.kill();

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use ferry::workload::Report;
+use ferry_lab::workload::Report;
 
 use super::{CONTINUE, READY, WORKLOAD};
 
@@ -36,7 +36,7 @@ pub fn sh(cmd: &mut Command) -> Output {
 /// Fails the test, with the remedy, when runc is missing.
 pub fn require_runc() {
     assert!(
-        ferry::probe::which("runc").is_some(),
+        ferry_sys::which("runc").is_some(),
         "runc is not installed: run scripts/setup.sh as root"
     );
 }
@@ -262,7 +262,7 @@ pub fn verify_memory(report: &Path, host_pid: i32) -> bool {
     let before = Report::read_within(report, Duration::from_secs(5))
         .unwrap()
         .verify_seq;
-    ferry::process::signal(host_pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
+    ferry_image::process::signal(host_pid, nix::sys::signal::Signal::SIGUSR1).unwrap();
     Report::wait_for(report, CONTINUE, |r| r.verify_seq > before)
         .unwrap()
         .mem_ok

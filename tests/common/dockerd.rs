@@ -18,7 +18,7 @@ impl DockerdProc {
     /// `dir` (created), and imports `image_tar` as `image`.
     pub fn start(dir: &Path, netns: &str, image_tar: &Path, image: &str) -> DockerdProc {
         assert!(
-            ferry::probe::which("dockerd").is_some(),
+            ferry_sys::which("dockerd").is_some(),
             "dockerd is not installed: run scripts/setup.sh as root (package docker.io)"
         );
         std::fs::create_dir_all(dir).unwrap();

@@ -24,7 +24,7 @@ impl EtcdProc {
     /// Starts etcd with its data in `dir/etcd`, serving clients on `ip`.
     pub fn start(dir: &Path, ip: IpAddr) -> EtcdProc {
         assert!(
-            ferry::probe::which("etcd").is_some(),
+            ferry_sys::which("etcd").is_some(),
             "etcd is not installed: run scripts/setup.sh as root (package etcd-server)"
         );
         let client = format!("http://{ip}:{}", free_port(ip));
@@ -84,7 +84,7 @@ impl EtcdProc {
     }
 
     fn wait_ready(&self) {
-        let etcd = ferry::ha::etcd::Etcd::connect(std::slice::from_ref(&self.url)).unwrap();
+        let etcd = ferry_agent::ha::etcd::Etcd::connect(std::slice::from_ref(&self.url)).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if etcd.get_prefix("/ferry-test-ready").is_ok() {

@@ -14,7 +14,7 @@ pub mod containers;
 pub mod dockerd;
 pub mod etcd;
 
-use ferry::workload::{Launch, Workload};
+use ferry_lab::workload::{Launch, Workload};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
 pub const WORKLOAD: &str = env!("CARGO_BIN_EXE_ferry-workload");
@@ -26,7 +26,7 @@ pub const CONTINUE: Duration = Duration::from_secs(30);
 
 /// Fails the test, with the remedy, when CRIU is not installed.
 pub fn require_criu() {
-    let found = ferry::probe::which("criu").is_some() || std::env::var_os("FERRY_CRIU").is_some();
+    let found = ferry_sys::which("criu").is_some() || std::env::var_os("FERRY_CRIU").is_some();
     assert!(
         found,
         "CRIU is not installed: these tests need the real CRIU >= 4 (run scripts/setup.sh as root)"
@@ -184,7 +184,7 @@ pub fn images(dir: &Path) -> PathBuf {
 /// Asserts the workload runs and keeps counting (not frozen, not dead).
 pub fn assert_counting(w: &Workload) {
     assert!(w.is_alive(), "workload pid {} is not alive", w.pid());
-    let state = ferry::process::ProcessInfo::read(w.pid()).expect("read workload state");
+    let state = ferry_image::process::ProcessInfo::read(w.pid()).expect("read workload state");
     assert!(
         !state.is_stopped(),
         "workload pid {} is stopped: {state:?}",

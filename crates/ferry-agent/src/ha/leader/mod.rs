@@ -1,0 +1,187 @@
+//! One service's role on this host, played by the member's loop every
+//! poll: lead it (run, publish, checkpoint, replicate, move), take it over
+//! when it has no leader and this host holds the newest checkpoint, or
+//! make sure no stale copy of it runs here.
+
+mod election;
+mod lead;
+mod moves;
+mod restore;
+mod take_checkpoint;
+
+use take_checkpoint::{adopt, checkpoint_and_replicate};
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::copy::HostCopy;
+use super::keys::{self, AddressRecord, CheckpointRecord, ClusterView, ServiceView};
+use super::member::Member;
+use super::replica::{self, Link};
+use super::replicator::Replicator;
+
+/// Archives per chain before the next full one. A standby applies a full
+/// archive as cheaply as an incremental one (only changed pages are
+/// written), but the leader compresses and sends all of the memory.
+const CHAIN_LENGTH: usize = 30;
+/// A failed checkpoint (e.g. a client connection open at the freeze) is
+/// retried after this, not after a whole interval.
+const RETRY: Duration = Duration::from_millis(300);
+/// Tries of a planned switchover's live migration before it is given up.
+const MOVE_TRIES: u32 = 3;
+/// Without a leader for this long, any live eligible host campaigns, not
+/// only the one holding the newest checkpoint.
+const CAMPAIGN_GRACE: Duration = Duration::from_secs(3);
+/// zstd level of the periodic checkpoints (fast: they happen often).
+const LEVEL: i32 = 1;
+/// How long a new leader waits for its copy to accept connections before
+/// it leaves the publishing of the address to the role loop.
+const ACCEPT_WAIT: Duration = Duration::from_millis(500);
+/// How often it tries meanwhile.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// What a first checkpoint's dump is taken to last.
+const FIRST_DUMP_ESTIMATE: Duration = Duration::from_millis(300);
+
+struct Leading {
+    token: i64,
+    copy: HostCopy,
+    /// Archives of the current chain, oldest first (a chain restored from
+    /// a standby's holding goes on here).
+    chain: Vec<Link>,
+    /// The newest checkpoint of the chain.
+    last: Option<CheckpointRecord>,
+    next_generation: u64,
+    next_checkpoint: Instant,
+    /// Whether the last schedule kept the interval as a bound on lost work
+    /// (a change is logged).
+    interval_holds: bool,
+    /// Sends each checkpoint to the standbys.
+    replicator: Replicator,
+    address: AddressRecord,
+    address_published: bool,
+    /// How long the last checkpoint's dump took.
+    last_dump: Duration,
+    /// Whether a checkpoint was taken since the lease's renewals stopped
+    /// getting through (one is taken at once: fencing may follow).
+    saved_while_overdue: bool,
+}
+
+pub struct ServiceRun {
+    name: String,
+    leading: Option<Leading>,
+    leaderless_since: Option<Instant>,
+    waiting_logged: bool,
+}
+
+impl ServiceRun {
+    pub fn new(name: &str) -> ServiceRun {
+        ServiceRun {
+            name: name.to_string(),
+            leading: None,
+            leaderless_since: None,
+            waiting_logged: false,
+        }
+    }
+
+    /// Whether this host leads the service.
+    pub fn is_leading(&self) -> bool {
+        self.leading.is_some()
+    }
+
+    pub fn step(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView) {
+        let Some(spec) = sv.spec.as_ref() else { return };
+        if !spec.eligible(m.name()) {
+            return;
+        }
+        let copy = HostCopy::of(m, spec);
+        // While this host cannot vouch for its lease (renewals failing),
+        // fencing alone acts; roles change only on what etcd says.
+        let Some(lease) = m.lease_id() else { return };
+        let mine = sv
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.host == m.name() && sv.leader_lease == lease);
+        if sv.leader.is_some() {
+            self.leaderless_since = None;
+        }
+        match (&self.leading, mine) {
+            (Some(l), true) if l.token == sv.token => self.lead(m, view, sv, spec),
+            (Some(_), _) => {
+                tracing::warn!(service = %self.name, "no longer the leader: stopping this copy");
+                self.stop_leading(m, &copy);
+            }
+            (None, true) => {
+                // The key names this host: a handover by `ha move`, or a
+                // leader that lost track of itself. Adopt or restore.
+                if let (Some(pid), false) = (sv.leader.as_ref().and_then(|l| l.pid), copy.exists())
+                {
+                    // A process tree moved here live: its pid came with
+                    // the key.
+                    if let Err(e) = copy.adopt(pid) {
+                        tracing::warn!(service = %self.name, pid, error = %ferry_image::units::chain(&e), "cannot adopt the moved process tree");
+                    }
+                }
+                let running = copy.exists();
+                tracing::info!(service = %self.name, token = sv.token, running, "this host holds the leader key");
+                self.become_leader(m, sv, spec, sv.token, Instant::now(), running);
+            }
+            (None, false) => {
+                // Never a copy here without the key: a healed partition or
+                // a crashed agent may have left one.
+                // (A planned switchover to this host restores the copy
+                // before the leader key is handed over: it stays.)
+                let moving_here = sv.move_to.as_ref().is_some_and(|mv| mv.to == m.name());
+                if !moving_here
+                    && !m.led.lock().is_ok_and(|l| l.contains_key(&self.name))
+                    && copy.exists()
+                {
+                    tracing::warn!(service = %self.name, "a copy runs here without leadership: deleting it");
+                    copy.delete();
+                }
+                if sv.leader.is_none() {
+                    self.maybe_campaign(m, view, sv, spec);
+                } else {
+                    self.keep_standby_record(m, sv);
+                }
+            }
+        }
+    }
+
+    fn stop_leading(&mut self, m: &Member, copy: &HostCopy) {
+        if let Ok(mut led) = m.led.lock() {
+            led.remove(&self.name);
+        }
+        copy.delete();
+        self.leading = None;
+    }
+
+    /// Re-publishes this host's verified checkpoint if etcd lost it (e.g.
+    /// the host's lease was renewed under a new id).
+    fn keep_standby_record(&self, m: &Member, sv: &ServiceView) {
+        let Ok(h) = m.holdings.lock() else { return };
+        let Some(held) = h.get(&self.name) else {
+            return;
+        };
+        let published = sv
+            .standbys
+            .get(m.name())
+            .is_some_and(|r| r.checkpoint == held.checkpoint);
+        if !published {
+            let record = keys::StandbyRecord {
+                host: m.name().to_string(),
+                checkpoint: held.checkpoint.clone(),
+                verified_unix_ms: keys::now_unix_ms(),
+            };
+            drop(h);
+            replica::publish(m, &self.name, &record);
+        }
+    }
+}
+
+/// Whether the service accepts TCP connections at `addr`.
+fn accepts(addr: &str) -> bool {
+    addr.parse::<std::net::SocketAddr>()
+        .ok()
+        .and_then(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_millis(100)).ok())
+        .is_some()
+}

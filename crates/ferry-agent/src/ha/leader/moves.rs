@@ -1,0 +1,129 @@
+//! A planned switchover (`ferry ha move`): live-migrate the running copy to
+//! the chosen host, then hand it the leadership.
+
+use std::time::Duration;
+
+use super::super::copy::{self};
+use super::super::etcd::{delete_op, put_op};
+use super::super::keys::{self, AddressRecord, HostRecord, LeaderRecord, ServiceSpec};
+use super::super::member::{Led, Member};
+use super::*;
+
+impl ServiceRun {
+    /// Planned switchover: live-migrate the container to `to`, then hand
+    /// the leader key over to that host's lease in one fenced transaction.
+    pub(super) fn move_to(
+        &mut self,
+        m: &Member,
+        spec: &ServiceSpec,
+        to: &str,
+        host: Option<&HostRecord>,
+    ) {
+        let move_key = keys::service_key(m.cluster(), &self.name, "move");
+        let Some(host) = host else {
+            tracing::error!(service = %self.name, to, "move refused: the host is not a live member");
+            let _ = m.etcd.delete(&move_key);
+            return;
+        };
+        let Some(l) = self.leading.as_ref() else {
+            return;
+        };
+        let dest_id = copy::container_name(m.cluster(), &spec.name, &host.name);
+        let Some(target) = l.copy.migrate_target(spec, dest_id) else {
+            tracing::error!(service = %self.name, to, "move refused: no copy runs here");
+            let _ = m.etcd.delete(&move_key);
+            return;
+        };
+        let moved_pid = match target {
+            ferry_migrate::MigrateTarget::Process { pid } => Some(pid),
+            _ => None,
+        };
+        tracing::info!(service = %self.name, to, "planned switchover: live migration");
+        let opts = ferry_migrate::MigrateOptions {
+            target,
+            to: host.agent.clone(),
+            secret: m.secret.clone(),
+            max_downtime: Duration::from_millis(300),
+            max_rounds: 8,
+            streams: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            restore: Default::default(),
+            ignore_gpu: false,
+            staging: None,
+            keep_images: None,
+            io_timeout: Duration::from_secs(30),
+        };
+        // While it moves, fencing must not pause it (the migration freezes
+        // it itself); it is re-registered if the move fails.
+        if let Ok(mut led) = m.led.lock() {
+            led.remove(&self.name);
+        }
+        let token = l.token;
+        let copy = l.copy.clone();
+        // A failed migration leaves the service running here, so a few
+        // tries are safe: one fails when, say, a client connection is open
+        // at the freeze.
+        let mut outcome = ferry_migrate::migrate(&m.criu, &opts);
+        for attempt in 2..=MOVE_TRIES {
+            let Err(e) = &outcome else { break };
+            tracing::warn!(service = %self.name, to = %host.name, attempt, error = %ferry_image::units::chain(e), "move failed; the service runs here; trying again");
+            std::thread::sleep(RETRY);
+            outcome = ferry_migrate::migrate(&m.criu, &opts);
+        }
+        match outcome {
+            Ok(report) => {
+                let key = keys::service_key(m.cluster(), &self.name, "leader");
+                let record = LeaderRecord {
+                    host: host.name.clone(),
+                    since_unix_ms: keys::now_unix_ms(),
+                    pid: moved_pid,
+                };
+                let handed = m.etcd.fenced(
+                    &key,
+                    token,
+                    vec![
+                        put_op(&key, keys::to_json(&record), host.lease),
+                        // Clients follow at once; the new leader re-publishes
+                        // it with its token when it adopts the service.
+                        put_op(
+                            &keys::service_key(m.cluster(), &self.name, "address"),
+                            keys::to_json(&AddressRecord {
+                                host: host.name.clone(),
+                                addr: std::net::SocketAddr::new(
+                                    host.ip.parse().unwrap_or(m.config.ip),
+                                    spec.port,
+                                )
+                                .to_string(),
+                                token: 0,
+                                restored_generation: 0,
+                                restored_taken_unix_ms: 0,
+                                takeover_ms: report.final_phase.frozen_ms,
+                                since_unix_ms: keys::now_unix_ms(),
+                            }),
+                            host.lease,
+                        ),
+                        delete_op(&move_key),
+                    ],
+                );
+                match handed {
+                    Ok(true) => {
+                        tracing::info!(service = %self.name, to = %host.name, frozen_ms = report.final_phase.frozen_ms, "moved live; leadership handed over")
+                    }
+                    other => {
+                        // Leadership was lost meanwhile: the moved copy must
+                        // not outlive the request (its host then deletes it).
+                        tracing::error!(service = %self.name, to = %host.name, outcome = ?other, "moved, but the leader key could not be handed over");
+                        let _ = m.etcd.delete(&move_key);
+                    }
+                }
+                self.leading = None;
+            }
+            Err(e) => {
+                tracing::error!(service = %self.name, to = %host.name, error = %ferry_image::units::chain(&e), "move failed; the service keeps running here");
+                if let Ok(mut led) = m.led.lock() {
+                    led.insert(self.name.clone(), Led::running(copy));
+                }
+                let _ = m.etcd.delete(&move_key);
+            }
+        }
+    }
+}

@@ -1,0 +1,530 @@
+//! An agent as a member of an HA cluster: its lease (renewal and the
+//! fencing that hangs on it), its registration, and the loop that plays
+//! each service's role on this host.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::copy::HostCopy;
+use super::etcd::Etcd;
+use super::keys::{self, ClusterView, HostRecord};
+use super::leader::ServiceRun;
+use super::replica::Holding;
+use super::{HaConfig, HaError};
+use ferry_criu::Criu;
+use ferry_transport::Secret;
+
+/// How often the member reads the cluster and acts.
+pub(super) const POLL: Duration = Duration::from_millis(100);
+/// How long joining may wait for etcd.
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// How often fencing looks at the lease.
+const FENCE_POLL: Duration = Duration::from_millis(20);
+/// A read of the cluster longer than this is logged (etcd slow or unreachable).
+const SLOW_POLL: Duration = Duration::from_millis(300);
+/// How often the host's health record is rewritten.
+const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A renewal is overdue this long after the next one was due (renewals go
+/// every quarter TTL): etcd is taken to be away.
+const RENEWAL_MARGIN: Duration = Duration::from_millis(100);
+
+/// The lease as this host knows it.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    id: i64,
+    ttl: Duration,
+    /// Send time of the last renewal etcd confirmed.
+    renewed: Instant,
+}
+
+impl Lease {
+    fn deadline(&self) -> Instant {
+        self.renewed + self.ttl
+    }
+
+    /// When fencing pauses the led services without a renewal.
+    fn pause_at(&self) -> Instant {
+        self.renewed + self.ttl * 3 / 4
+    }
+}
+
+/// A service this host leads, as the fencing sees it.
+#[derive(Debug, Clone)]
+pub struct Led {
+    pub copy: HostCopy,
+    pub paused: bool,
+    /// CRIU is dumping the copy (a checkpoint): fencing holds off pausing
+    /// it until the dump ends ([`Member::dumping`]).
+    pub dumping: bool,
+}
+
+impl Led {
+    /// A copy that runs, as fencing first sees it.
+    pub fn running(copy: HostCopy) -> Led {
+        Led {
+            copy,
+            paused: false,
+            dumping: false,
+        }
+    }
+}
+
+/// Marks a led service's copy as being dumped; unmarks it when dropped.
+pub struct Dumping<'m> {
+    member: &'m Member,
+    service: String,
+}
+
+impl Drop for Dumping<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut led) = self.member.led.lock() {
+            if let Some(l) = led.get_mut(&self.service) {
+                l.dumping = false;
+            }
+        }
+    }
+}
+
+/// Shared by the member's threads and the agent's connections.
+pub struct Member {
+    pub config: HaConfig,
+    pub etcd: Etcd,
+    pub agent_addr: String,
+    pub runc_root: PathBuf,
+    pub store: PathBuf,
+    pub secret: Secret,
+    pub criu: Criu,
+    pub boot_id: String,
+    lease: Mutex<Option<Lease>>,
+    /// Services led here, by name: what fencing must stop.
+    pub led: Mutex<HashMap<String, Led>>,
+    /// Newest verified checkpoint held per service (as a standby).
+    pub holdings: Mutex<HashMap<String, Holding>>,
+    /// Highest fencing token seen per service.
+    pub tokens: Mutex<HashMap<String, i64>>,
+    /// Services whose checkpoint is being received now.
+    pub receiving: Mutex<std::collections::HashSet<String>>,
+    stop: AtomicBool,
+}
+
+impl Member {
+    /// Joins the cluster: connects to etcd and takes a lease (failing here
+    /// is fatal: an agent asked to join must not run outside the cluster).
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        config: HaConfig,
+        agent_addr: String,
+        runc_root: PathBuf,
+        store: PathBuf,
+        secret: Secret,
+        criu: Criu,
+        boot_id: String,
+    ) -> Result<Arc<Member>, HaError> {
+        super::valid_name(&config.cluster)?;
+        super::valid_name(&config.name)?;
+        let etcd = Etcd::connect(&config.etcd)?;
+        let want = config.lease_ttl.as_secs().max(1) as i64;
+        // etcd may be starting or busy: keep asking for a while.
+        let deadline = Instant::now() + JOIN_TIMEOUT;
+        let (renewed, (id, granted)) = loop {
+            let sent = Instant::now();
+            match etcd.grant(want) {
+                Ok(g) => break (sent, g),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(e) => {
+                    tracing::info!(error = %e, "etcd not answering yet; retrying");
+                    std::thread::sleep(POLL);
+                }
+            }
+        };
+        if granted != want {
+            tracing::warn!(
+                asked = want,
+                granted,
+                "etcd granted a longer lease than asked (its minimum TTL is 1.5 x its election timeout)"
+            );
+        }
+        tracing::info!(cluster = %config.cluster, host = %config.name, lease = id, ttl_s = granted, etcd = %etcd.endpoints(), "joined the cluster");
+        let ha_dir = store.join("ha");
+        std::fs::create_dir_all(&ha_dir).map_err(|source| HaError::Io {
+            path: ha_dir.clone(),
+            source,
+        })?;
+        Ok(Arc::new(Member {
+            config,
+            etcd,
+            agent_addr,
+            runc_root,
+            store,
+            secret,
+            criu,
+            boot_id,
+            lease: Mutex::new(Some(Lease {
+                id,
+                ttl: Duration::from_secs(granted.max(1) as u64),
+                renewed,
+            })),
+            led: Mutex::new(HashMap::new()),
+            holdings: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(HashMap::new()),
+            receiving: Mutex::new(std::collections::HashSet::new()),
+            stop: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn cluster(&self) -> &str {
+        &self.config.cluster
+    }
+
+    /// The lease as this host knows it, if it has one.
+    fn lease(&self) -> Option<Lease> {
+        self.lease.lock().ok().and_then(|l| *l)
+    }
+
+    /// The lease id while the lease is valid by this host's reckoning.
+    pub fn lease_id(&self) -> Option<i64> {
+        let lease = self.lease()?;
+        (Instant::now() < lease.deadline()).then_some(lease.id)
+    }
+
+    /// Whether the lease has time left for an action of `need`.
+    pub fn lease_valid_for(&self, need: Duration) -> bool {
+        self.lease()
+            .is_some_and(|l| Instant::now() + need < l.deadline())
+    }
+
+    /// Whether a renewal of the lease is overdue (etcd away or out of
+    /// reach); false without a lease (there is nothing to renew).
+    pub fn renewal_overdue(&self) -> bool {
+        self.lease()
+            .is_some_and(|l| l.renewed.elapsed() > l.ttl / 4 + RENEWAL_MARGIN)
+    }
+
+    /// Whether fencing leaves the led services alone (does not pause them)
+    /// for `need` from now, on the renewals confirmed so far.
+    pub fn unfenced_for(&self, need: Duration) -> bool {
+        self.lease()
+            .is_some_and(|l| Instant::now() + need < l.pause_at())
+    }
+
+    /// Marks `service`'s copy as being dumped, if it is led here and runs
+    /// (None while fencing holds it paused, or once fencing deleted it).
+    /// Until the mark is dropped fencing does not pause the copy: CRIU
+    /// holds it stopped meanwhile, and a pause under CRIU ends up in the
+    /// images (CRIU restores a stopped task stopped: a copy restored from
+    /// them would never answer) or, for a container, puts the cgroup
+    /// freezer between CRIU and the engine. A lease that runs out still
+    /// deletes the copy, dump or not.
+    pub fn dumping(&self, service: &str) -> Option<Dumping<'_>> {
+        let mut led = self.led.lock().ok()?;
+        let l = led.get_mut(service).filter(|l| !l.paused)?;
+        l.dumping = true;
+        Some(Dumping {
+            member: self,
+            service: service.to_string(),
+        })
+    }
+
+    /// The directory of one service's HA files.
+    pub fn service_dir(&self, service: &str) -> PathBuf {
+        self.store.join("ha").join(service)
+    }
+
+    /// Starts the lease keeper and the role loop; returns their handles.
+    pub fn start(self: &Arc<Member>) -> Vec<std::thread::JoinHandle<()>> {
+        let keeper = Arc::clone(self);
+        let looper = Arc::clone(self);
+        let fencer = Arc::clone(self);
+        vec![
+            // Fencing on a clock of its own: an etcd call stuck on a cut
+            // link must never delay it.
+            std::thread::Builder::new()
+                .name("ferry-ha-fence".into())
+                .spawn(move || {
+                    while !fencer.stop.load(Ordering::Relaxed) {
+                        fencer.fence();
+                        std::thread::sleep(FENCE_POLL);
+                    }
+                })
+                .expect("spawn the fencing thread"),
+            std::thread::Builder::new()
+                .name("ferry-ha-lease".into())
+                .spawn(move || keeper.keep_lease())
+                .expect("spawn the lease thread"),
+            std::thread::Builder::new()
+                .name("ferry-ha-roles".into())
+                .spawn(move || looper.play_roles())
+                .expect("spawn the HA thread"),
+        ]
+    }
+
+    /// Stops the member: services led here are stopped (their standbys
+    /// take over), then the lease is revoked so that happens at once.
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let led: Vec<(String, Led)> = self
+            .led
+            .lock()
+            .map(|mut l| l.drain().collect())
+            .unwrap_or_default();
+        for (svc, l) in led {
+            tracing::info!(service = %svc, "agent stopping: stopping the service it leads");
+            l.copy.delete();
+        }
+        if let Some(id) = self.lease().map(|l| l.id) {
+            if let Err(e) = self.etcd.revoke(id) {
+                tracing::warn!(error = %e, "cannot revoke the lease; it expires by itself");
+            }
+        }
+    }
+
+    /// Renews the lease every quarter TTL (fencing acts on what it finds).
+    fn keep_lease(&self) {
+        let mut failing = false;
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(lease) = self.lease() else {
+                self.regain_lease();
+                std::thread::sleep(POLL);
+                continue;
+            };
+            let sent = Instant::now();
+            match self.etcd.keep_alive(lease.id, lease.ttl / 2) {
+                Ok(true) => {
+                    if failing {
+                        tracing::info!(lease = lease.id, "lease renewals get through again");
+                        failing = false;
+                    }
+                    if let Ok(mut l) = self.lease.lock() {
+                        *l = Some(Lease {
+                            renewed: sent,
+                            ..lease
+                        });
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(lease = lease.id, "the lease expired");
+                    if let Ok(mut l) = self.lease.lock() {
+                        *l = None;
+                    }
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(lease = lease.id, error = %e, "lease renewal failed");
+                        failing = true;
+                    }
+                }
+            }
+            let next = sent + lease.ttl / 4;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+    }
+
+    fn regain_lease(&self) {
+        let sent = Instant::now();
+        let want = self.config.lease_ttl.as_secs().max(1) as i64;
+        match self.etcd.grant(want) {
+            Ok((id, ttl)) => {
+                tracing::info!(lease = id, "took a new lease");
+                if let Ok(mut l) = self.lease.lock() {
+                    *l = Some(Lease {
+                        id,
+                        ttl: Duration::from_secs(ttl.max(1) as u64),
+                        renewed: sent,
+                    });
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot take a new lease"),
+        }
+    }
+
+    /// Pauses, deletes or thaws the led services by the lease's state: at
+    /// 3/4 of the TTL without renewal they are paused (a copy CRIU is
+    /// dumping, once the dump ends), at the deadline deleted, and thawed
+    /// when a renewal gets through in time.
+    fn fence(&self) {
+        let lease = self.lease();
+        let now = Instant::now();
+        let (doubt, lost) = match lease {
+            Some(l) => (now >= l.pause_at(), now >= l.deadline()),
+            None => (true, true),
+        };
+        let Ok(mut led) = self.led.lock() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for (svc, l) in led.iter_mut() {
+            if lost {
+                tracing::error!(service = %svc, "lease lost: deleting this copy of the service (fencing)");
+                l.copy.delete();
+                gone.push(svc.clone());
+            } else if doubt && !l.paused && !l.dumping {
+                tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
+                match l.copy.pause() {
+                    Ok(()) => l.paused = true,
+                    Err(e) => tracing::error!(service = %svc, error = %e, "cannot pause"),
+                }
+            } else if !doubt && l.paused {
+                tracing::info!(service = %svc, "lease renewed: resuming the service");
+                match l.copy.resume() {
+                    Ok(()) => l.paused = false,
+                    Err(e) => tracing::error!(service = %svc, error = %e, "cannot resume"),
+                }
+            }
+        }
+        for svc in gone {
+            led.remove(&svc);
+        }
+    }
+
+    /// Reads the whole cluster.
+    pub fn view(&self) -> Result<ClusterView, HaError> {
+        self.view_within(super::etcd::CALL_TIMEOUT)
+    }
+
+    /// [`Member::view`], waiting at most `timeout`.
+    fn view_within(&self, timeout: Duration) -> Result<ClusterView, HaError> {
+        let (entries, revision) = self
+            .etcd
+            .get_prefix_within(&keys::cluster_prefix(self.cluster()), timeout)?;
+        Ok(ClusterView::parse(self.cluster(), &entries, revision))
+    }
+
+    /// How long the role loop waits for its read of the cluster: a leader
+    /// no longer than a quarter TTL, so that it notices an overdue renewal
+    /// in time to checkpoint before fencing (a read that times out only
+    /// means a round on the last view).
+    fn view_timeout(&self, leading: bool) -> Duration {
+        match self.lease().map(|l| l.ttl) {
+            Some(ttl) if leading => (ttl / 4).min(super::etcd::CALL_TIMEOUT),
+            _ => super::etcd::CALL_TIMEOUT,
+        }
+    }
+
+    fn heartbeat(&self, lease: i64) -> Result<(), HaError> {
+        let (mem, disk) = health(&self.store);
+        let record = HostRecord {
+            name: self.name().to_string(),
+            agent: self.agent_addr.clone(),
+            ip: self.config.ip.to_string(),
+            boot_id: self.boot_id.clone(),
+            lease,
+            mem_available_bytes: mem,
+            disk_free_bytes: disk,
+            gpu: gpu_summary(),
+            heartbeat_unix_ms: keys::now_unix_ms(),
+        };
+        self.etcd.put(
+            &keys::host_key(self.cluster(), self.name()),
+            keys::to_json(&record),
+            lease,
+        )
+    }
+
+    fn play_roles(self: Arc<Member>) {
+        let mut runs: HashMap<String, ServiceRun> = HashMap::new();
+        let mut last_beat: Option<(Instant, i64)> = None;
+        let mut last_view: Option<ClusterView> = None;
+        while !self.stop.load(Ordering::Relaxed) {
+            let tick = Instant::now();
+            // While a renewal is overdue etcd is taken to be away: no call
+            // to it holds up the leaders (each would wait its timeout).
+            let away = self.renewal_overdue();
+            if let Some(lease) = self.lease_id().filter(|_| !away) {
+                let due = last_beat.is_none_or(|(t, id)| id != lease || t.elapsed() >= HEARTBEAT);
+                if due {
+                    match self.heartbeat(lease) {
+                        Ok(()) => last_beat = Some((Instant::now(), lease)),
+                        Err(e) => tracing::debug!(error = %e, "heartbeat not written"),
+                    }
+                }
+            }
+            let view = if away {
+                None
+            } else {
+                let t_view = Instant::now();
+                let leading = runs.values().any(ServiceRun::is_leading);
+                let read = self.view_within(self.view_timeout(leading));
+                if t_view.elapsed() > SLOW_POLL {
+                    tracing::info!(
+                        ms = t_view.elapsed().as_millis() as u64,
+                        ok = read.is_ok(),
+                        "slow read of the cluster state"
+                    );
+                }
+                read.map_err(|e| tracing::debug!(error = %e, "cannot read the cluster"))
+                    .ok()
+            };
+            match view {
+                Some(view) => {
+                    for (name, sv) in &view.services {
+                        if sv.spec.is_none() {
+                            continue;
+                        }
+                        let run = runs
+                            .entry(name.clone())
+                            .or_insert_with(|| ServiceRun::new(name));
+                        run.step(&self, &view, sv);
+                    }
+                    last_view = Some(view);
+                }
+                None => {
+                    // While etcd is away nobody's role can change, and a
+                    // leader whose lease is valid by its own reckoning
+                    // goes on checkpointing on the last view it read (its
+                    // standbys admit those checkpoints once etcd answers
+                    // again); every other role waits for etcd.
+                    if let Some(view) = &last_view {
+                        for (name, sv) in &view.services {
+                            if let Some(run) = runs.get_mut(name).filter(|r| r.is_leading()) {
+                                run.step(&self, view, sv);
+                            }
+                        }
+                    }
+                }
+            }
+            let spent = tick.elapsed();
+            if spent < POLL {
+                std::thread::sleep(POLL - spent);
+            }
+        }
+    }
+}
+
+/// Available memory and free disk under `store`.
+fn health(store: &std::path::Path) -> (u64, u64) {
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    let disk = ferry_core::checkpoint::staging::available(store).unwrap_or(0);
+    (mem, disk)
+}
+
+/// One line about this host's GPUs, computed once.
+fn gpu_summary() -> String {
+    static SUMMARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SUMMARY
+        .get_or_init(|| match ferry_core::gpu::probe::probe() {
+            ferry_core::gpu::probe::GpuProbe::Available(inv) => {
+                let names: Vec<&str> = inv.devices.iter().map(|d| d.name.as_str()).collect();
+                format!("{} GPU(s): {}", names.len(), names.join(", "))
+            }
+            ferry_core::gpu::probe::GpuProbe::Unavailable { reason } => format!("none ({reason})"),
+        })
+        .clone()
+}

@@ -1,0 +1,178 @@
+//! A migration's restore on the agent: into a container through its engine,
+//! or a process tree through CRIU (post-copy: with the lazy-pages daemon,
+//! its pages relayed from the source or read from the rebuilt images). The
+//! restored copy stays stopped until the source commits.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{Session, SessionError};
+use crate::page_source::PageRelay;
+use ferry_core::checkpoint::{self, Source};
+use ferry_core::target::runc::RestoreFlags;
+use ferry_core::target::ContainerRef;
+use ferry_criu::page_server::PageSourceListener;
+use ferry_criu::{Criu, NoHooks, RestoreRequest};
+use ferry_transport::msg::RestoreOpts;
+use ferry_transport::{Conn, Msg};
+
+/// How long the lazy-pages daemon may run before the restore starts
+/// anyway (each takes ~35 ms to come up here; CRIU needs the daemon's
+/// socket near the end of that).
+const LAZY_HEAD_START: Duration = Duration::from_millis(10);
+/// How long the lazy-pages daemon may take to listen.
+const LAZY_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a lazy restore waits for its page-source connection.
+const PAGE_SOURCE_WAIT: Duration = Duration::from_secs(10);
+
+impl Session<'_> {
+    /// Restores what the source sent, stopped until the commit.
+    pub(super) fn restore(&mut self, opts: &RestoreOpts) -> Result<Msg, SessionError> {
+        if self.restored.is_some() {
+            return Err(SessionError::AlreadyRestored);
+        }
+        let Some(images) = self.images.as_ref().map(|t| t.path().to_path_buf()) else {
+            return Err(SessionError::NotRebuilt);
+        };
+        let start = Instant::now();
+        let (pid, stats) = match self.container() {
+            Some(_) if opts.lazy_pages => return Err(SessionError::LazyContainer),
+            Some((container, bundle)) => (
+                self.restore_container(&images, &container, bundle.as_deref(), opts)?,
+                None,
+            ),
+            None => self.restore_tree(&images, opts)?,
+        };
+        self.restored = Some(pid);
+        Ok(Msg::Restored {
+            pid,
+            ms: start.elapsed().as_secs_f64() * 1e3,
+            stats,
+        })
+    }
+
+    /// Hands the images to the container's engine (runc restores running:
+    /// it has no leave-stopped).
+    fn restore_container(
+        &self,
+        images: &Path,
+        container: &ContainerRef,
+        bundle: Option<&Path>,
+        opts: &RestoreOpts,
+    ) -> Result<i32, SessionError> {
+        let restored = checkpoint::restore_container(
+            container,
+            Source::Dir(images),
+            bundle,
+            RestoreFlags {
+                tcp_established: opts.tcp_established,
+                ext_unix_sk: opts.ext_unix_sk,
+                file_locks: opts.file_locks,
+                consume_images: false,
+            },
+        )
+        .map_err(|e| SessionError::Restore(Box::new(e)))?;
+        tracing::info!(session = %self.id, container = %container.describe(), pid = restored.pid, "container restored");
+        Ok(restored.pid)
+    }
+
+    /// Restores a process tree with CRIU, left stopped; post-copy starts
+    /// the lazy-pages daemon first.
+    fn restore_tree(
+        &mut self,
+        images: &Path,
+        opts: &RestoreOpts,
+    ) -> Result<(i32, Option<serde_json::Value>), SessionError> {
+        let criu = Criu::locate(
+            self.agent.config.criu.as_deref(),
+            self.agent.config.criu_service.as_deref(),
+        )?;
+        if opts.lazy_pages {
+            self.start_lazy(&criu, images, opts.remote_pages)?;
+        }
+        let req = RestoreRequest {
+            tcp_established: opts.tcp_established,
+            shell_job: opts.shell_job,
+            ext_unix_sk: opts.ext_unix_sk,
+            file_locks: opts.file_locks,
+            log_level: opts.log_level,
+            leave_stopped: true,
+            lazy_pages: opts.lazy_pages,
+            // The staged images serve this restore only (unless they are
+            // to be kept, or a lazy restore reads them later): each page
+            // is punched out as CRIU restores it, so the memory it frees
+            // is what the next pages are restored into. A failed restore
+            // needs them no more: the source still has the application
+            // (but on one kernel, where the source is gone and restores
+            // from these images if this restore fails).
+            consume_images: !opts.lazy_pages && !self.agent.config.keep_images && !self.same_kernel,
+            ..RestoreRequest::new(images)
+        };
+        if let Some(lazy) = self.lazy.as_mut() {
+            // A head start: the daemon usually listens before CRIU needs it
+            // then, and a lost race costs a whole second restore.
+            let _ = lazy.wait_listening(LAZY_HEAD_START);
+        }
+        let daemon_was_up = self.lazy.as_ref().is_none_or(|l| l.listening());
+        let mut restored = checkpoint::restore(&criu, &req, &mut NoHooks);
+        if let (Err(e), false, Some(lazy)) = (&restored, daemon_was_up, self.lazy.as_mut()) {
+            tracing::info!(session = %self.id, error = %ferry_image::units::chain(e), "the lazy restore may have come before its daemon listened; trying again once it does");
+            lazy.wait_listening(LAZY_START_TIMEOUT)?;
+            restored = checkpoint::restore(&criu, &req, &mut NoHooks);
+        }
+        let outcome = restored.map_err(|e| SessionError::Restore(Box::new(e)))?;
+        tracing::info!(session = %self.id, pid = outcome.pid, "restored (stopped until commit)");
+        let stats = outcome
+            .stats
+            .as_ref()
+            .and_then(|s| serde_json::to_value(s).ok());
+        Ok((outcome.pid, stats))
+    }
+
+    /// Post-copy: starts the lazy-pages daemon, its pages relayed from the
+    /// source's frozen tree (a lazy dump) or read from the rebuilt images.
+    ///
+    /// Hardly waited for: CRIU's restore takes about as long to need the
+    /// daemon's socket as the daemon takes to make it (~35 ms each), so
+    /// they start 10 ms apart. Should CRIU get there first, it fails
+    /// before it restored anything, and the restore is tried again.
+    fn start_lazy(
+        &mut self,
+        criu: &Criu,
+        images: &Path,
+        remote_pages: bool,
+    ) -> Result<(), SessionError> {
+        let page_source = if remote_pages {
+            let conn = self.take_page_source()?;
+            let listener = PageSourceListener::bind().map_err(SessionError::PageSourceListen)?;
+            let port = listener.port().map_err(SessionError::PageSourceListen)?;
+            self.relay = Some(PageRelay::start(conn, listener));
+            Some(port)
+        } else {
+            None
+        };
+        self.lazy = Some(criu.spawn_lazy_pages(images, page_source)?);
+        Ok(())
+    }
+
+    /// The page-source connection the source opened for this session
+    /// (it comes on a connection of its own, just before the restore).
+    fn take_page_source(&self) -> Result<Conn, SessionError> {
+        let deadline = Instant::now() + PAGE_SOURCE_WAIT;
+        loop {
+            if let Some(conn) = self
+                .agent
+                .page_sources
+                .lock()
+                .ok()
+                .and_then(|mut p| p.remove(&self.id))
+            {
+                return Ok(conn);
+            }
+            if Instant::now() >= deadline {
+                return Err(SessionError::NoPageSource(PAGE_SOURCE_WAIT));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}

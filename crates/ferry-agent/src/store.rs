@@ -1,0 +1,200 @@
+//! The agent's content-addressed page store: one append-only file of
+//! records `digest u128 LE | 4096 bytes`, indexed in memory by digest.
+//!
+//! A page is stored once however many checkpoints, sessions or processes
+//! hold it. Records are appended with one positioned write per batch; a
+//! batch that does not fit (ENOSPC) is cut off again, so the file never
+//! holds a partial record that the index points to. At start the file is
+//! read back and every record's digest checked: a torn or damaged tail is
+//! truncated away.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, RwLock};
+
+use ferry_image::page::{self, Digest};
+use ferry_sys::PAGE_SIZE;
+
+const DIGEST_BYTES: usize = 16;
+const RECORD_BYTES: usize = DIGEST_BYTES + PAGE_SIZE;
+pub const PAGES_FILE: &str = "pages.dat";
+
+pub struct PageStore {
+    path: PathBuf,
+    reader: File,
+    writer: Mutex<(File, u64)>,
+    index: RwLock<HashMap<Digest, u64>>,
+}
+
+impl PageStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> io::Result<PageStore> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(PAGES_FILE);
+        let writer = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut index = HashMap::new();
+        let mut good = 0u64;
+        let mut r = BufReader::with_capacity(1 << 20, writer.try_clone()?);
+        let mut rec = vec![0u8; RECORD_BYTES];
+        loop {
+            match r.read_exact(&mut rec) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+            let mut d = [0u8; DIGEST_BYTES];
+            d.copy_from_slice(&rec[..DIGEST_BYTES]);
+            let digest = u128::from_le_bytes(d);
+            if page::digest(&rec[DIGEST_BYTES..]) != digest {
+                break;
+            }
+            index.insert(digest, good + DIGEST_BYTES as u64);
+            good += RECORD_BYTES as u64;
+        }
+        let len = writer.metadata()?.len();
+        if len != good {
+            tracing::warn!(path = %path.display(), dropped = len - good, "page store: dropping a damaged or torn tail");
+            writer.set_len(good)?;
+        }
+        Ok(PageStore {
+            reader: File::open(&path)?,
+            path,
+            writer: Mutex::new((writer, good)),
+            index: RwLock::new(index),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.read().map(|i| i.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn contains(&self, d: Digest) -> bool {
+        self.index
+            .read()
+            .map(|i| i.contains_key(&d))
+            .unwrap_or(false)
+    }
+
+    /// Stores the pages not yet held; returns how many were new. The
+    /// digests must already have been checked against the data.
+    pub fn put_batch(&self, digests: &[Digest], data: &[u8]) -> io::Result<u64> {
+        let mut w = self
+            .writer
+            .lock()
+            .map_err(|_| io::Error::other("page store lock poisoned"))?;
+        let mut buf = Vec::with_capacity(digests.len() * RECORD_BYTES);
+        let mut fresh = Vec::new();
+        {
+            let index = self
+                .index
+                .read()
+                .map_err(|_| io::Error::other("page store index poisoned"))?;
+            let mut seen = std::collections::HashSet::new();
+            for (d, p) in digests.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+                if index.contains_key(d) || !seen.insert(*d) {
+                    continue;
+                }
+                fresh.push((*d, w.1 + buf.len() as u64 + DIGEST_BYTES as u64));
+                buf.extend_from_slice(&d.to_le_bytes());
+                buf.extend_from_slice(p);
+            }
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let at = w.1;
+        if let Err(e) = w.0.write_all_at(&buf, at) {
+            let _ = w.0.set_len(at);
+            return Err(e);
+        }
+        w.1 += buf.len() as u64;
+        let n = fresh.len() as u64;
+        self.index
+            .write()
+            .map_err(|_| io::Error::other("page store index poisoned"))?
+            .extend(fresh);
+        Ok(n)
+    }
+
+    /// A read-only view of the records written so far, for rebuilding many
+    /// pages at once. Appends after the call are not in it; the only
+    /// truncation the store ever does removes a failed batch's records,
+    /// which no index entry (and so no reader) points to.
+    pub fn view(&self) -> io::Result<StoreView<'_>> {
+        Ok(StoreView {
+            map: ferry_sys::mmap::map_readonly(&self.reader, false)?,
+            store: self,
+        })
+    }
+
+    /// Copies page `d` into `out`; false when it is not held.
+    pub fn read_page(&self, d: Digest, out: &mut [u8]) -> io::Result<bool> {
+        let Some(off) = self.index.read().ok().and_then(|i| i.get(&d).copied()) else {
+            return Ok(false);
+        };
+        self.reader.read_exact_at(&mut out[..PAGE_SIZE], off)?;
+        Ok(true)
+    }
+}
+
+/// See [`PageStore::view`].
+pub struct StoreView<'a> {
+    map: memmap2::Mmap,
+    store: &'a PageStore,
+}
+
+impl StoreView<'_> {
+    /// Page `d`, if held (and written before the view was taken).
+    pub fn page(&self, d: Digest) -> Option<&[u8]> {
+        let off = self.store.index.read().ok()?.get(&d).copied()? as usize;
+        self.map.get(off..off + PAGE_SIZE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page_of(b: u8) -> Vec<u8> {
+        vec![b; PAGE_SIZE]
+    }
+
+    #[test]
+    fn stores_once_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PageStore::open(dir.path()).unwrap();
+        let data = [page_of(1), page_of(2), page_of(1)].concat();
+        let ds: Vec<_> = data.chunks(PAGE_SIZE).map(page::digest).collect();
+        assert_eq!(s.put_batch(&ds, &data).unwrap(), 2);
+        assert_eq!(s.put_batch(&ds, &data).unwrap(), 0);
+        let mut out = page_of(0);
+        assert!(s.read_page(ds[1], &mut out).unwrap());
+        assert_eq!(out, page_of(2));
+        drop(s);
+        let f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(PAGES_FILE))
+            .unwrap();
+        f.write_all_at(&[9u8; 100], 2 * RECORD_BYTES as u64)
+            .unwrap();
+        let s = PageStore::open(dir.path()).unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(s.contains(ds[0]));
+    }
+}

@@ -1,0 +1,183 @@
+//! Dumping a process tree: pre-flight, CRIU, and clean-up after failure.
+
+use std::fs;
+use std::io::{self, ErrorKind};
+use std::path::Path;
+
+use super::{CheckpointError, TargetAfterFailure};
+use crate::gpu::{self, Carrier, GpuPlan};
+use crate::target::preflight::{self, Allow};
+use ferry_criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
+use ferry_image::process::{self, ProcessError, ProcessInfo};
+use ferry_image::FileClass;
+
+/// Dumps the tree rooted at `req.pid` into `req.images_dir` (created if
+/// absent). See the module docs for what is checked and guaranteed.
+pub fn dump(
+    criu: &Criu,
+    req: &DumpRequest,
+    hooks: &mut dyn NotifyHook,
+) -> Result<DumpOutcome, CheckpointError> {
+    check_target(req.pid)?;
+    preflight::check(
+        req.pid,
+        Allow {
+            tcp_established: req.tcp_established,
+            ext_unix_sk: req.ext_unix_sk,
+        },
+    )?;
+    let pids =
+        process::tree(req.pid).map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
+    let plan = gpu::assess(&pids, req.ignore_gpu)?;
+    prepare_dir(&req.images_dir)?;
+    if let GpuPlan::Ignored { uses, .. } = &plan {
+        tracing::warn!(
+            pids = ?uses.iter().map(|u| u.pid).collect::<Vec<_>>(),
+            "--ignore-gpu: dumping WITHOUT the GPU state these processes hold; they will restore with a broken GPU context"
+        );
+    }
+    let toggled = suspend_gpu(&plan)?;
+    let result = criu.dump(req, hooks);
+    // The GPU state goes back to the GPU wherever the processes still run.
+    if req.leave_running || result.is_err() {
+        resume_gpu(&toggled);
+    }
+    match result {
+        Ok(outcome) => {
+            if let Some(record) = plan.record() {
+                let path = req.images_dir.join(gpu::RECORD_FILE);
+                let text = serde_json::to_string_pretty(record).unwrap_or_default();
+                std::fs::write(&path, text)
+                    .map_err(|source| CheckpointError::Record { path, source })?;
+            }
+            Ok(outcome)
+        }
+        Err(source) => {
+            let after = settle_target(req.pid);
+            remove_partial_images(&req.images_dir, &req.log_file);
+            Err(CheckpointError::DumpFailed {
+                pid: req.pid,
+                after,
+                source,
+            })
+        }
+    }
+}
+
+/// With `cuda-checkpoint` as carrier: moves each GPU-using process's state
+/// into host memory before CRIU freezes it. Returns what to toggle back.
+fn suspend_gpu(plan: &GpuPlan) -> Result<Vec<(std::path::PathBuf, i32)>, CheckpointError> {
+    let GpuPlan::Carry {
+        carrier: Carrier::CudaCheckpoint(tool),
+        record,
+        ..
+    } = plan
+    else {
+        return Ok(Vec::new());
+    };
+    let mut done = Vec::new();
+    for &pid in &record.pids {
+        if let Err(e) = gpu::decide::toggle(tool, pid) {
+            resume_gpu(&done);
+            return Err(e.into());
+        }
+        done.push((tool.clone(), pid));
+    }
+    Ok(done)
+}
+
+fn resume_gpu(toggled: &[(std::path::PathBuf, i32)]) {
+    for (tool, pid) in toggled {
+        if let Err(e) = gpu::decide::toggle(tool, *pid) {
+            tracing::error!(pid, error = %e, "cannot give the GPU state back to the process");
+        }
+    }
+}
+
+fn check_target(pid: i32) -> Result<(), CheckpointError> {
+    match ProcessInfo::read(pid) {
+        Ok(p) if p.is_zombie() => Err(CheckpointError::Zombie { pid, comm: p.comm }),
+        Ok(_) => Ok(()),
+        Err(ProcessError::NotFound { .. }) => Err(CheckpointError::NoSuchProcess { pid }),
+        // /proc unreadable for another reason: let CRIU report it.
+        Err(_) => Ok(()),
+    }
+}
+
+fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
+    let not_writable = |source| CheckpointError::DirNotWritable {
+        path: dir.to_path_buf(),
+        source,
+    };
+    match fs::metadata(dir) {
+        Ok(m) if !m.is_dir() => {
+            return Err(CheckpointError::NotADirectory {
+                path: dir.to_path_buf(),
+            })
+        }
+        Ok(_) => {
+            // A streamed dump's capture listens in the directory already.
+            let entries = fs::read_dir(dir)
+                .map_err(not_writable)?
+                .filter(|e| {
+                    e.as_ref().map_or(true, |e| {
+                        e.file_name() != ferry_criu::capture::CAPTURE_SOCKET
+                    })
+                })
+                .count();
+            if entries > 0 {
+                return Err(CheckpointError::DirNotEmpty {
+                    path: dir.to_path_buf(),
+                    entries,
+                });
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            fs::create_dir_all(dir).map_err(not_writable)?;
+        }
+        Err(e) => return Err(not_writable(e)),
+    }
+    // Root ignores permission bits; a read-only mount or immutable directory
+    // still refuses, so try for real.
+    let probe = dir.join(".ferry-write-test");
+    fs::write(&probe, b"").map_err(not_writable)?;
+    fs::remove_file(&probe).map_err(not_writable)?;
+    Ok(())
+}
+
+/// After a failed dump: make sure nothing of the tree is left stopped.
+fn settle_target(pid: i32) -> TargetAfterFailure {
+    if !process::is_alive(pid) {
+        return TargetAfterFailure::Gone;
+    }
+    let resumed = process::resume_stopped(pid);
+    if resumed.is_empty() {
+        TargetAfterFailure::Running
+    } else {
+        TargetAfterFailure::Resumed(resumed)
+    }
+}
+
+/// Removes what a failed dump wrote, except CRIU's log.
+fn remove_partial_images(dir: &Path, log_file: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_log = name == log_file || ferry_image::dir::classify_name(&name) == FileClass::Log;
+        if !is_log {
+            if let Err(e) = remove(&entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove partial image");
+            }
+        }
+    }
+}
+
+fn remove(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}

@@ -1,0 +1,362 @@
+//! `ferry migrate`: move a running process tree, runc container or Docker
+//! container to another host's agent.
+//!
+//! 1. **Begin**: connect and authenticate (control stream), say what comes
+//!    and how big; the agent checks its room and GPUs. Open the data
+//!    streams ([`streams`]).
+//! 2. **Pre-copy** ([`precopy`]) while the application runs: read its
+//!    memory live ([`ferry_core::live`]; no soft-dirty tracking needed), send
+//!    pages whose content the destination lacks, repeat while the changed
+//!    bytes shrink, stop when the predicted final transfer fits
+//!    `--max-downtime` or after `--max-rounds`.
+//!    Then the agent lays out each process's pages image ahead, in the
+//!    order CRIU writes it, from the last round's layout.
+//! 3. **Final copy** ([`final_copy`]): CRIU dumps the tree and leaves it
+//!    *stopped*; the images stream into ferry as CRIU writes them
+//!    ([`images`]: digested on the way, nothing written to disk). Only
+//!    pages the destination lacks are sent,
+//!    the rest is named by digest in page recipes; the agent patches the
+//!    images laid out ahead (or rebuilds them), checks them byte-identical
+//!    (checksums) and restores them (a process tree stopped; a container
+//!    through its engine); on `Restored` ferry commits: the agent resumes
+//!    its copy and the source's is killed.
+//! 4. **Post-copy** (`--lazy-pages`) of a process tree whose pids the
+//!    destination can give it while the source keeps them (another kernel,
+//!    or a tree that is its own pid namespace's init) skips 2 and 3: CRIU
+//!    dumps lazily and the destination fetches the memory from the frozen
+//!    source after the resume ([`post_copy`]). Other trees pre-copy, then
+//!    restore lazily from the rebuilt images (userfaultfd).
+//!
+//! **Nothing is lost.** Before the commit the source copy is only stopped,
+//! so any failure (agent gone, link cut, restore failed, no room) resumes
+//! it. One exception is forced by physics: when both ends share a kernel
+//! (lab namespaces; detected by equal boot ids) they share one pid space,
+//! and the restore needs the source's pids, so the source is killed just
+//! before the restore; if the restore then fails ferry restores the
+//! application locally from the destination's rebuilt images (same host,
+//! kept whole by the agent, checked against what was sent).
+
+#![forbid(unsafe_code)]
+
+mod final_copy;
+mod images;
+mod post_copy;
+mod precopy;
+mod report;
+pub mod streams;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ferry_core::checkpoint::CheckpointError;
+use ferry_core::live::LiveError;
+use ferry_criu::Criu;
+use ferry_transport::msg::{RestoreOpts, Target};
+use ferry_transport::{Conn, Msg, Secret, TransportError};
+
+pub use report::{FinalReport, MigrateReport, RoundReport, StopReason};
+
+/// What moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrateTarget {
+    /// A process tree, by its root's pid.
+    Process { pid: i32 },
+    /// A runc container; `bundle` names its bundle on the destination
+    /// (default: the same path as here).
+    Runc {
+        id: String,
+        root: PathBuf,
+        bundle: Option<PathBuf>,
+        /// The id on the destination (default: the same id).
+        new_id: Option<String>,
+    },
+    /// A Docker container (through `socket`), restored on the destination
+    /// under `new_name` (default: the same name).
+    Docker {
+        name: String,
+        socket: PathBuf,
+        new_name: Option<String>,
+    },
+}
+
+/// How to migrate.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub target: MigrateTarget,
+    /// The destination agent, HOST:PORT.
+    pub to: String,
+    pub secret: Secret,
+    pub max_downtime: Duration,
+    pub max_rounds: u32,
+    /// Data streams (default: one per core).
+    pub streams: usize,
+    pub restore: RestoreOpts,
+    pub ignore_gpu: bool,
+    /// Where the final dump is staged (default: tmpfs when it fits).
+    pub staging: Option<PathBuf>,
+    /// Keep a copy of the final dump's images here (for checks).
+    pub keep_images: Option<PathBuf>,
+    /// Longest wait for the destination's answer or for a send to go out
+    /// (a dead agent or a cut link fails the migration after this).
+    pub io_timeout: Duration,
+}
+
+/// Time allowed to connect and authenticate.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("no process with pid {pid} to migrate")]
+    NoSuchProcess { pid: i32 },
+    #[error(transparent)]
+    Runc(#[from] ferry_core::target::runc::RuncError),
+    #[error(transparent)]
+    Docker(#[from] ferry_core::target::docker::DockerError),
+    #[error(
+        "post-copy (--lazy-pages) is not supported for containers yet: their engine restores them"
+    )]
+    LazyContainer,
+    #[error("pre-flight check refused the migration; nothing was frozen")]
+    Preflight(#[from] ferry_core::target::preflight::PreflightError),
+    #[error("GPU check refused the migration; nothing was frozen")]
+    Gpu(#[from] ferry_core::gpu::GpuError),
+    #[error("cannot reach the destination agent {to}; the application keeps running here")]
+    Connect {
+        to: String,
+        #[source]
+        source: TransportError,
+    },
+    #[error("the destination refused the migration; the application keeps running here")]
+    Refused(#[source] TransportError),
+    #[error("pre-copy failed; the application keeps running here")]
+    Precopy(#[source] PrecopyError),
+    #[error("the final dump failed; the application keeps running here")]
+    Dump(#[source] Box<CheckpointError>),
+    #[error("the final dump failed while its images streamed to ferry; the application keeps running here")]
+    DumpStream(#[source] ferry_criu::streamer::StreamError<images::CaptureError>),
+    #[error("cannot create staging in {}", path.display())]
+    Staging {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the final copy failed; {after}")]
+    Final {
+        after: Fate,
+        #[source]
+        source: FinalError,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrecopyError {
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FinalError {
+    #[error("cannot read the final dump's {}", path.display())]
+    Images {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    PageServer(#[from] ferry_criu::page_server::PageServerError),
+}
+
+/// Where the application is after a failed final copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// The source copy was resumed.
+    ResumedHere,
+    /// Same kernel: the source was gone, ferry restored it here as `pid`.
+    RestoredHere { pid: i32 },
+    /// Everything failed; the images to restore by hand are at `images`.
+    Lost { images: PathBuf, why: String },
+}
+
+impl std::fmt::Display for Fate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fate::ResumedHere => f.write_str("the application was resumed here"),
+            Fate::RestoredHere { pid } => write!(
+                f,
+                "the application was restored here from the final dump as pid {pid}"
+            ),
+            Fate::Lost { images, why } => write!(
+                f,
+                "THE APPLICATION IS NOT RUNNING: the local restore failed too ({why}); its images are kept in {}",
+                images.display()
+            ),
+        }
+    }
+}
+
+/// Migrates `opts.pid` to the agent at `opts.to`.
+pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, MigrateError> {
+    let start = Instant::now();
+    let (pid, target) = match &opts.target {
+        MigrateTarget::Process { pid } => (*pid, Target::Process { pid: *pid }),
+        MigrateTarget::Runc {
+            id,
+            root,
+            bundle,
+            new_id,
+        } => {
+            if opts.restore.lazy_pages {
+                return Err(MigrateError::LazyContainer);
+            }
+            let state = ferry_core::target::runc::locate(root, id)?;
+            (
+                state.init_pid,
+                Target::Runc {
+                    id: new_id.clone().unwrap_or_else(|| id.clone()),
+                    bundle: bundle.clone(),
+                },
+            )
+        }
+        MigrateTarget::Docker {
+            name,
+            socket,
+            new_name,
+        } => {
+            if opts.restore.lazy_pages {
+                return Err(MigrateError::LazyContainer);
+            }
+            let c = ferry_core::target::docker::locate(socket, name)?;
+            (
+                c.state.init_pid,
+                Target::Docker {
+                    name: new_name.clone().unwrap_or_else(|| name.clone()),
+                },
+            )
+        }
+    };
+    if !ferry_image::process::is_alive(pid) {
+        return Err(MigrateError::NoSuchProcess { pid });
+    }
+    ferry_core::target::preflight::check(
+        pid,
+        ferry_core::target::preflight::Allow {
+            tcp_established: opts.restore.tcp_established,
+            ext_unix_sk: opts.restore.ext_unix_sk,
+        },
+    )?;
+    let pids = ferry_image::process::tree(pid).map_err(|_| MigrateError::NoSuchProcess { pid })?;
+    let plan = ferry_core::gpu::assess(&pids, opts.ignore_gpu)?;
+    let rss = ferry_image::process::tree_rss_bytes(pid).unwrap_or(0);
+
+    let session = session_id();
+    let connect_err = |source| MigrateError::Connect {
+        to: opts.to.clone(),
+        source,
+    };
+    let mut control =
+        Conn::connect(&opts.to, &opts.secret, CONNECT_TIMEOUT).map_err(connect_err)?;
+    control
+        .send_msg(&Msg::Begin {
+            session: session.clone(),
+            target,
+            expected_bytes: rss,
+            boot_id: ferry_sys::host::boot_id(),
+            host: ferry_sys::host::hostname(),
+            gpu: plan.record().map(|r| Box::new(r.into())),
+        })
+        .map_err(connect_err)?;
+    let (dest_host, dest_boot) = match control.recv_msg() {
+        Ok(Msg::Accepted { host, boot_id, .. }) => (host, boot_id),
+        Ok(other) => {
+            return Err(MigrateError::Refused(TransportError::Unexpected {
+                peer: opts.to.clone(),
+                got: format!("{other:?}"),
+                expected: "Accepted",
+            }))
+        }
+        Err(e) => return Err(MigrateError::Refused(e)),
+    };
+    control
+        .set_read_timeout(Some(opts.io_timeout))
+        .map_err(connect_err)?;
+    let same_kernel = !dest_boot.is_empty() && dest_boot == ferry_sys::host::boot_id();
+    let mut sender = streams::PageSender::open(
+        &opts.to,
+        &opts.secret,
+        &session,
+        opts.streams,
+        CONNECT_TIMEOUT,
+        opts.io_timeout,
+    )
+    .map_err(connect_err)?;
+    tracing::info!(%session, to = %opts.to, %dest_host, same_kernel, streams = sender.streams(), "migration begins");
+
+    let source = final_copy::Source {
+        target: &opts.target,
+        pid,
+    };
+    if post_copy::usable(opts, pid, same_kernel) {
+        // Post-copy from a lazy dump: no pre-copy, no memory moved while
+        // frozen; the destination fetches it on demand afterwards.
+        let (final_phase, restored_pid) =
+            post_copy::run(criu, &source, opts, &mut control, &session)?;
+        return Ok(MigrateReport {
+            destination: opts.to.clone(),
+            destination_host: dest_host,
+            same_kernel,
+            post_copy: true,
+            streams: sender.streams(),
+            rounds: Vec::new(),
+            stop_reason: StopReason::PostCopy,
+            precopy_ms: 0.0,
+            layout_ms: 0.0,
+            final_phase,
+            restored_pid,
+            total_ms: start.elapsed().as_secs_f64() * 1e3,
+        });
+    }
+    let pre_start = Instant::now();
+    let mut pre = precopy::Precopy::new(pid);
+    let stop_reason = pre
+        .run(&mut control, &mut sender, opts)
+        .map_err(MigrateError::Precopy)?;
+    let layout_ms = precopy::send_layouts(&mut control, &pre.layout)
+        .map_err(|e| MigrateError::Precopy(e.into()))?;
+    let precopy_ms = pre_start.elapsed().as_secs_f64() * 1e3;
+
+    let (final_phase, restored_pid) = final_copy::run(
+        criu,
+        &source,
+        opts,
+        &mut control,
+        &mut sender,
+        &mut pre.known,
+        same_kernel,
+    )?;
+    Ok(MigrateReport {
+        destination: opts.to.clone(),
+        destination_host: dest_host,
+        same_kernel,
+        post_copy: opts.restore.lazy_pages,
+        streams: sender.streams(),
+        rounds: pre.rounds,
+        stop_reason,
+        precopy_ms,
+        layout_ms,
+        final_phase,
+        restored_pid,
+        total_ms: start.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+fn session_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("m{t:x}-{:x}-{:08x}", std::process::id(), fastrand::u32(..))
+}

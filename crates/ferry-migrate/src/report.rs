@@ -1,0 +1,183 @@
+//! What a migration reports: per pre-copy round and for the final phase.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+use ferry_image::units;
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    /// Pages read (populated pages of the tree).
+    pub populated_pages: u64,
+    pub zero_pages: u64,
+    /// Non-zero pages whose content the destination did not hold yet.
+    pub changed_pages: u64,
+    /// Of those, pages actually sent (the rest it held from earlier).
+    pub sent_pages: u64,
+    /// Bytes on the wire (compressed frames).
+    pub wire_bytes: u64,
+    pub scan_ms: f64,
+    pub ms: f64,
+    /// Wire throughput of this round, MB/s.
+    pub bandwidth_mb_s: f64,
+    /// New content per second since the previous round began, MB/s.
+    pub dirty_rate_mb_s: f64,
+    /// Transfer time the final copy would need if it started now.
+    pub predicted_final_ms: f64,
+}
+
+/// Why pre-copy stopped.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The predicted final transfer fits --max-downtime.
+    Converged,
+    /// --max-rounds reached.
+    MaxRounds,
+    /// The changed bytes stopped shrinking: the application dirties memory
+    /// about as fast as the link carries it.
+    NotConverging,
+    /// No pre-copy: post-copy from a lazy dump fetches the memory on
+    /// demand after the destination resumed the application.
+    PostCopy,
+}
+
+/// The frozen phase.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FinalReport {
+    /// CRIU's dump, its images streamed into ferry: from the request
+    /// (freeze) to the last image taken, digesting the pages and queuing
+    /// those the destination lacks included (nothing is written to disk).
+    pub dump_ms: f64,
+    /// CRIU's own statistics of the dump.
+    pub criu_dump: Option<serde_json::Value>,
+    /// Sending what was queued and the images' metadata and recipes.
+    pub transfer_ms: f64,
+    pub pages_in_images: u64,
+    pub zero_pages: u64,
+    pub pages_sent: u64,
+    pub wire_bytes: u64,
+    /// Destination: writing and verifying the images.
+    pub rebuild_ms: f64,
+    /// Pages the destination found in place in images laid out ahead.
+    pub pages_in_place: u64,
+    /// Source side, one kernel only: waiting for the source's pids to free.
+    pub pid_wait_ms: f64,
+    /// Destination: CRIU restore (left stopped).
+    pub restore_ms: f64,
+    pub criu_restore: Option<serde_json::Value>,
+    /// Commit round trip (the destination resumes the application).
+    pub commit_ms: f64,
+    /// From the dump request (freeze) to the destination's resume: the
+    /// application's downtime as ferry measured it (an upper bound: CRIU
+    /// freezes a little after the request).
+    pub frozen_ms: f64,
+    /// Post-copy from a lazy dump: the images held no lazy memory, which
+    /// the destination fetched from the frozen source afterwards.
+    pub lazy_dump: bool,
+    /// From the resume to every page resident on the destination.
+    pub post_copy_ms: f64,
+    /// Page requests the destination made after the dump, and the pages.
+    pub post_copy_requests: u64,
+    pub post_copy_pages: u64,
+    /// Of those, pages named by number: their content had gone over in
+    /// full shortly before.
+    pub post_copy_repeated_pages: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub destination: String,
+    pub destination_host: String,
+    /// Both ends run on one kernel (lab namespaces): the source is stopped
+    /// for good before the destination restores, pids being shared.
+    pub same_kernel: bool,
+    /// Post-copy (`--lazy-pages`): the destination restored before the
+    /// application's memory was resident.
+    pub post_copy: bool,
+    pub streams: usize,
+    pub rounds: Vec<RoundReport>,
+    pub stop_reason: StopReason,
+    pub precopy_ms: f64,
+    /// Agent time laying out the pages images ahead (part of pre-copy).
+    pub layout_ms: f64,
+    #[serde(rename = "final")]
+    pub final_phase: FinalReport,
+    pub restored_pid: i32,
+    pub total_ms: f64,
+}
+
+impl MigrateReport {
+    pub fn render(&self, out: &mut dyn Write) -> io::Result<()> {
+        writeln!(
+            out,
+            "migrated to {} ({}) as pid {}{}",
+            self.destination,
+            self.destination_host,
+            self.restored_pid,
+            if self.same_kernel {
+                " [same kernel]"
+            } else {
+                ""
+            }
+        )?;
+        writeln!(
+            out,
+            "pre-copy: {} round(s) in {} over {} stream(s), stopped: {:?}",
+            self.rounds.len(),
+            units::millis(std::time::Duration::from_secs_f64(self.precopy_ms / 1e3)),
+            self.streams,
+            self.stop_reason
+        )?;
+        writeln!(
+            out,
+            "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>9} {:>11} {:>11} {:>10}",
+            "round",
+            "populated",
+            "changed",
+            "sent",
+            "wire",
+            "ms",
+            "bw MB/s",
+            "dirty MB/s",
+            "pred ms"
+        )?;
+        for r in &self.rounds {
+            writeln!(
+                out,
+                "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>9.1} {:>11.1} {:>11.1} {:>10.1}",
+                r.round,
+                r.populated_pages,
+                r.changed_pages,
+                r.sent_pages,
+                units::bytes(r.wire_bytes),
+                r.ms,
+                r.bandwidth_mb_s,
+                r.dirty_rate_mb_s,
+                r.predicted_final_ms
+            )?;
+        }
+        let f = &self.final_phase;
+        writeln!(
+            out,
+            "final: dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
+            f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
+            units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
+        )?;
+        if f.lazy_dump {
+            writeln!(
+                out,
+                "post-copy from a lazy dump: {} pages ({} zero and {} repeated, not sent) in {} requests, all resident {:.1} ms after the resume",
+                f.post_copy_pages, f.zero_pages, f.post_copy_repeated_pages, f.post_copy_requests, f.post_copy_ms
+            )?;
+        }
+        writeln!(
+            out,
+            "frozen (downtime): {:.1} ms; total {:.1} ms",
+            f.frozen_ms, self.total_ms
+        )
+    }
+}

@@ -1,0 +1,30 @@
+//! Who this host is, as ferry tells hosts apart: its name, its kernel's
+//! boot id, and the tools on its `$PATH`.
+
+use std::path::PathBuf;
+
+/// This host's name ("unknown" when it has none that is UTF-8).
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// This kernel's boot id (empty when it cannot be read): equal on both
+/// sides suggests one machine (one pid space), as when lab "hosts" are
+/// network namespaces; it does not prove it (VMs cloned from one snapshot
+/// share it).
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The first file called `name` in `$PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}

@@ -1,0 +1,24 @@
+//! Every direct syscall ferry makes and every `unsafe` block in the crate.
+//!
+//! The rest of ferry is `#![forbid(unsafe_code)]`-clean: it reaches the kernel
+//! through safe crates (nix, memmap2, std) or through the small, documented
+//! functions here. Each `unsafe` block carries a `// SAFETY:` comment.
+
+pub mod host;
+pub mod kernel;
+pub mod mmap;
+pub mod net;
+pub mod pipe;
+pub mod procmem;
+pub mod sched;
+pub mod seqpacket;
+pub mod sockdiag;
+pub mod spawn;
+pub mod unix_fd;
+
+/// Size of a memory page as CRIU writes it in page images (x86-64, arm64 4K).
+pub const PAGE_SIZE: usize = 4096;
+
+pub use host::which;
+pub use net::set_socket_buffers;
+pub use seqpacket::{Packet, SeqPacket};
