@@ -6,11 +6,13 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{exit, CliError, GlobalArgs};
+use super::{exit, CliError};
 use ferry_agent::{self as agent, AgentConfig};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Address to listen on (port 0: any free port, printed at start).
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7070")]
     pub listen: SocketAddr,
@@ -50,13 +52,13 @@ pub struct AgentArgs {
     pub lease_ttl: u64,
 }
 
-pub fn run(global: &GlobalArgs, args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+pub fn run(args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let config = AgentConfig {
         listen: args.listen,
         key: args.key.clone(),
         store: args.store.clone(),
-        criu: global.criu.clone(),
-        criu_service: global.criu_service.clone(),
+        criu: args.criu.criu.clone(),
+        criu_service: args.criu.criu_service.clone(),
         runc_root: args.runc_root.clone(),
         docker_socket: args.docker_socket.clone(),
         staging: args.staging.clone(),

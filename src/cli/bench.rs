@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::{exit, write_json, CliError, GlobalArgs};
+use super::{exit, write_json, CliError};
 use ferry_lab::bench::compress::{render, CompressBench, Sink};
 
 #[derive(Debug, Args)]
@@ -110,6 +110,8 @@ fn run_migrate(a: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
 
 #[derive(Debug, Args)]
 pub struct CompressArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Resident memory of the workload, in MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
@@ -149,12 +151,12 @@ pub struct CompressArgs {
     pub json: bool,
 }
 
-pub fn run(global: &GlobalArgs, args: &BenchArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let a = match &args.which {
         BenchCommand::Compress(a) => a,
         BenchCommand::Migrate(a) => return run_migrate(a, out),
     };
-    let criu = global.criu()?;
+    let criu = a.criu.locate()?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = if a.threads.is_empty() {
         let mut t = vec![1, cpus];

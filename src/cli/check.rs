@@ -4,11 +4,13 @@ use std::io::Write;
 
 use clap::Args;
 
-use super::{exit, write_json, CliError, GlobalArgs};
+use super::{exit, write_json, CliError};
 use ferry_core::probe::HostReport;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Report this host's GPUs through NVML instead (devices, memory,
     /// driver, CUDA, MIG, the processes on each). No GPU is a normal state:
     /// the exit status is 0 either way.
@@ -19,7 +21,7 @@ pub struct CheckArgs {
     pub json: bool,
 }
 
-pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+pub fn run(args: &CheckArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     if args.gpu {
         let probe = ferry_core::gpu::probe();
         if args.json {
@@ -29,7 +31,7 @@ pub fn run(global: &GlobalArgs, args: &CheckArgs, out: &mut dyn Write) -> Result
         }
         return Ok(exit::OK);
     }
-    let report = HostReport::gather(global.criu());
+    let report = HostReport::gather(args.criu.locate());
     if args.json {
         write_json(out, &report)?;
     } else {

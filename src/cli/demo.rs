@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{exit, CliError, GlobalArgs};
+use super::{exit, CliError};
 use ferry_archive::inspect::{inspect, render_human, InspectError};
 use ferry_archive::{self as archive, ArchiveError, NoProgress, PackOptions, ZeroPages};
 use ferry_core::checkpoint::{self, ArchiveRestoreOptions, CheckpointError};
@@ -29,6 +29,8 @@ const RUN_TICKS: u64 = 300;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Resident memory of the demo workload, in MiB.
     #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
@@ -79,8 +81,8 @@ fn step(what: &'static str) -> impl FnOnce(io::Error) -> DemoError {
     move |source| DemoError::Workload { what, source }
 }
 
-pub fn run(global: &GlobalArgs, args: &DemoArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    let criu = global.criu()?;
+pub fn run(args: &DemoArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let criu = args.criu.locate()?;
     let exe = workload::find_exe().ok_or(DemoError::NoWorkload)?;
     let temp;
     let workdir = match &args.workdir {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::pack::{describe_pack, PackFlags};
 use super::progress::Bar;
-use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
+use super::{exit, write_json, CliError, ContainerFlags, CriuFlags};
 use ferry_archive::PackReport;
 use ferry_core::checkpoint;
 use ferry_criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
@@ -19,6 +19,8 @@ use ferry_image::{DumpStats, ImagesDir};
 #[command(group = clap::ArgGroup::new("to").required(true).multiple(true).args(["images_dir", "archive"]))]
 #[command(group = clap::ArgGroup::new("what").required(true).args(["pid", "runc", "docker"]))]
 pub struct DumpArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Root pid of the process tree to dump.
     #[arg(short = 't', long = "pid", visible_alias = "tree", value_name = "PID")]
     pub pid: Option<i32>,
@@ -65,8 +67,8 @@ struct DumpReport {
     pack: Option<PackReport>,
 }
 
-pub fn run(global: &GlobalArgs, args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    let criu = global.criu()?;
+pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let criu = args.criu.locate()?;
     let container = args.container.container();
     let req = DumpRequest {
         leave_running: args.leave_running,

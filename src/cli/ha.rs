@@ -32,8 +32,8 @@ pub struct HaArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum HaCommand {
-    /// Declare a service (a runc bundle, or a process tree) to keep
-    /// available.
+    /// Declare a service (a runc bundle, a Docker image, or a process
+    /// tree) to keep available.
     Run(RunArgs),
     /// Hosts, their health, each service's leader, address, checkpoints.
     Status(StatusArgs),
@@ -80,12 +80,16 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
+    /// Print the cluster view as JSON (etcd's records, with the ages of
+    /// heartbeats and checkpoints).
     #[arg(long)]
     pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct MoveArgs {
+    /// The service to move (its leader live-migrates it, then hands the
+    /// leadership to the host it moved to).
     #[arg(value_name = "SERVICE")]
     pub service: String,
     /// The host to move it to.

@@ -10,7 +10,7 @@ use ferry_archive::inspect::{inspect, render_human};
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Images directory to inspect.
+    /// An images directory or a ferry archive to inspect.
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     /// Print the report as JSON.

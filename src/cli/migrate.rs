@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{exit, write_json, CliError, CriuFlags, GlobalArgs};
+use super::{exit, write_json, CliError, CriuFlags};
 use ferry_migrate::{self as migrate, MigrateOptions, MigrateTarget};
 use ferry_transport::msg::RestoreOpts;
 use ferry_transport::Secret;
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Root of the process tree to move.
     #[arg(
         short = 't',
@@ -109,8 +111,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-pub fn run(global: &GlobalArgs, args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    let criu = global.criu()?;
+pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let criu = args.criu.locate()?;
     let opts = MigrateOptions {
         target: match (&args.runc, args.pid) {
             _ if args.docker.is_some() => MigrateTarget::Docker {

@@ -60,19 +60,24 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// CRIU binary, run as `criu swrk` (default: `criu` on PATH).
-    #[arg(long, global = true, env = "FERRY_CRIU", value_name = "PATH")]
-    pub criu: Option<PathBuf>,
-    /// Use a running `criu service --address SOCKET` instead of spawning CRIU.
-    #[arg(long, global = true, value_name = "SOCKET")]
-    pub criu_service: Option<PathBuf>,
     /// Log more on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
-impl GlobalArgs {
-    fn criu(&self) -> Result<Criu, CriuError> {
+/// How ferry reaches CRIU: offered by the commands that run it.
+#[derive(Debug, Clone, Args)]
+pub struct CriuArgs {
+    /// CRIU binary, run as `criu swrk` (default: `criu` on PATH).
+    #[arg(long, env = "FERRY_CRIU", value_name = "PATH")]
+    pub criu: Option<PathBuf>,
+    /// Use a running `criu service --address SOCKET` instead of spawning CRIU.
+    #[arg(long, value_name = "SOCKET")]
+    pub criu_service: Option<PathBuf>,
+}
+
+impl CriuArgs {
+    fn locate(&self) -> Result<Criu, CriuError> {
         Criu::locate(self.criu.as_deref(), self.criu_service.as_deref())
     }
 }
@@ -81,11 +86,14 @@ impl GlobalArgs {
 pub enum Command {
     /// Report what this host can do: CRIU, kernel features, engines, NVML.
     Check(check::CheckArgs),
-    /// Checkpoint a process tree into an images directory.
+    /// Checkpoint a process tree, a runc or a Docker container into an
+    /// images directory or an archive.
     Dump(dump::DumpArgs),
-    /// Restore a process tree from an images directory.
+    /// Restore a process tree, a runc or a Docker container from an images
+    /// directory or an archive.
     Restore(restore::RestoreArgs),
-    /// Report what a dump is made of (process tree, pages, files, CRIU stats).
+    /// Report what a dump or an archive is made of (process tree, pages,
+    /// files, CRIU stats, compression).
     Inspect(inspect::InspectArgs),
     /// Pack a CRIU images directory into a ferry archive.
     Pack(pack::PackArgs),
@@ -93,9 +101,10 @@ pub enum Command {
     Unpack(pack::UnpackArgs),
     /// Run the bundled workload, checkpoint it, restore it and show it continued.
     Demo(demo::DemoArgs),
-    /// Measure (results for notes and the README, never pass/fail).
+    /// Measure (results for docs/benchmarks.md, never pass/fail).
     Bench(bench::BenchArgs),
-    /// Move a running process tree to another host's agent (live migration).
+    /// Move a running process tree, runc or Docker container to another
+    /// host's agent (live migration).
     Migrate(migrate::MigrateArgs),
     /// Receive migrations: listen, keep pages and checkpoints, restore.
     Agent(agent::AgentArgs),
@@ -225,16 +234,16 @@ impl CliError {
 /// Runs a parsed command line; returns the exit status.
 pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
     match &cli.command {
-        Command::Check(a) => check::run(&cli.global, a, out),
-        Command::Dump(a) => dump::run(&cli.global, a, out),
-        Command::Restore(a) => restore::run(&cli.global, a, out),
+        Command::Check(a) => check::run(a, out),
+        Command::Dump(a) => dump::run(a, out),
+        Command::Restore(a) => restore::run(a, out),
         Command::Inspect(a) => inspect::run(a, out),
         Command::Pack(a) => pack::run_pack(a, out),
         Command::Unpack(a) => pack::run_unpack(a, out),
-        Command::Demo(a) => demo::run(&cli.global, a, out),
-        Command::Bench(a) => bench::run(&cli.global, a, out),
-        Command::Migrate(a) => migrate::run(&cli.global, a, out),
-        Command::Agent(a) => agent::run(&cli.global, a, out),
+        Command::Demo(a) => demo::run(a, out),
+        Command::Bench(a) => bench::run(a, out),
+        Command::Migrate(a) => migrate::run(a, out),
+        Command::Agent(a) => agent::run(a, out),
         Command::Keygen(a) => agent::keygen(a, out),
         Command::Ha(a) => ha::run(a, out),
         Command::ProbeSocketHolder => {

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::pack::threads;
 use super::progress::Bar;
-use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, GlobalArgs};
+use super::{exit, write_json, CliError, ContainerFlags, CriuFlags};
 use ferry_archive::{UnpackReport, ZeroPages};
 use ferry_core::checkpoint::{self, ArchiveRestoreOptions};
 use ferry_criu::{NoHooks, RestoreRequest, Timeline};
@@ -18,10 +18,13 @@ use ferry_image::RestoreStats;
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("from").required(true).args(["images_dir", "archive"]))]
 pub struct RestoreArgs {
+    #[command(flatten)]
+    pub criu: super::CriuArgs,
     /// Directory holding the images to restore.
     #[arg(short = 'D', long, value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
-    /// Restore from a ferry archive (unpacked into a staging directory).
+    /// Restore from a ferry archive: CRIU reads the images straight from it
+    /// (checked, decompressed on the way; nothing unpacked).
     #[arg(long, value_name = "FILE")]
     pub archive: Option<PathBuf>,
     /// With --archive: where the parent archive is, if not where recorded.
@@ -73,11 +76,11 @@ struct RestoreReport {
     timeline: Timeline,
 }
 
-pub fn run(global: &GlobalArgs, args: &RestoreArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+pub fn run(args: &RestoreArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     if let Some(container) = args.container.container() {
         return run_container(&container, args, out);
     }
-    let criu = global.criu()?;
+    let criu = args.criu.locate()?;
     let req = RestoreRequest {
         tcp_established: args.flags.tcp_established,
         shell_job: args.flags.shell_job,
