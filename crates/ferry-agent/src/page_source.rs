@@ -18,7 +18,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why post-copy's page relay stopped before the daemon had every page.
 #[derive(Debug, thiserror::Error)]
-pub enum RelayError {
+pub(crate) enum RelayError {
     #[error("cannot time the source's answers")]
     Timeout(#[source] ferry_transport::TransportError),
     #[error("serving the criu lazy-pages daemon")]
@@ -29,7 +29,7 @@ pub enum RelayError {
 
 /// What the source sent that does not fit the request it answers.
 #[derive(Debug, thiserror::Error)]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     #[error("the source answered a page request with {0}")]
     Unexpected(&'static str),
     #[error("the source named page {index} of a {pages}-page request")]
@@ -41,7 +41,7 @@ pub enum AnswerError {
 }
 
 /// The thread relaying the daemon's requests to the source.
-pub struct PageRelay {
+pub(crate) struct PageRelay {
     thread: JoinHandle<Result<Served, RelayError>>,
 }
 

@@ -27,7 +27,7 @@ use ferry_transport::pages::{self, ZERO_PAGE};
 
 /// Why a file could not be laid out or rebuilt.
 #[derive(Debug, thiserror::Error)]
-pub enum RebuildError {
+pub(crate) enum RebuildError {
     #[error("cannot map the page store")]
     Store(#[source] std::io::Error),
     #[error("cannot write {}", path.display())]
@@ -63,7 +63,7 @@ pub struct Rebuilt {
 }
 
 /// A pages image laid out ahead for one process.
-pub struct Ahead {
+pub(crate) struct Ahead {
     pub path: PathBuf,
     pub vaddrs: Vec<u64>,
     /// What each page of the file holds (NOT_WRITTEN where the store lacked it).
@@ -77,7 +77,7 @@ const NOT_WRITTEN: Digest = u128::MAX;
 
 /// Writes `digests` (pages of the store; ZERO_PAGE as zeros) into a new
 /// file `path`.
-pub fn lay_out(
+pub(crate) fn lay_out(
     store: &PageStore,
     path: &Path,
     vaddrs: Vec<u64>,

@@ -20,7 +20,7 @@ use ferry_sys::PAGE_SIZE;
 
 const DIGEST_BYTES: usize = 16;
 const RECORD_BYTES: usize = DIGEST_BYTES + PAGE_SIZE;
-pub const PAGES_FILE: &str = "pages.dat";
+pub(crate) const PAGES_FILE: &str = "pages.dat";
 
 pub struct PageStore {
     path: PathBuf,
@@ -93,7 +93,7 @@ impl PageStore {
 
     /// Stores the pages not yet held; returns how many were new. The
     /// digests must already have been checked against the data.
-    pub fn put_batch(&self, digests: &[Digest], data: &[u8]) -> io::Result<u64> {
+    pub(crate) fn put_batch(&self, digests: &[Digest], data: &[u8]) -> io::Result<u64> {
         let mut w = self
             .writer
             .lock()
@@ -144,7 +144,8 @@ impl PageStore {
     }
 
     /// Copies page `d` into `out`; false when it is not held.
-    pub fn read_page(&self, d: Digest, out: &mut [u8]) -> io::Result<bool> {
+    #[cfg(test)]
+    pub(crate) fn read_page(&self, d: Digest, out: &mut [u8]) -> io::Result<bool> {
         let Some(off) = self.index.read().ok().and_then(|i| i.get(&d).copied()) else {
             return Ok(false);
         };

@@ -115,16 +115,8 @@ impl Chain {
         self.archives.len()
     }
 
-    pub fn slot_digest(&self, g: usize, slot: u64) -> Option<Digest> {
+    pub(crate) fn slot_digest(&self, g: usize, slot: u64) -> Option<Digest> {
         self.archives.get(g)?.slot_digest(slot)
-    }
-
-    /// Paths of the ancestors, parent first.
-    pub fn ancestor_paths(&self) -> Vec<PathBuf> {
-        self.archives[1..]
-            .iter()
-            .map(|a| a.path().to_path_buf())
-            .collect()
     }
 }
 

@@ -7,9 +7,9 @@ use xxhash_rust::xxh3::xxh3_64;
 /// First bytes of every archive.
 pub const MAGIC: &[u8; 8] = b"FERRYARC";
 /// Tag opening every chunk.
-pub const CHUNK_TAG: &[u8; 4] = b"FCHK";
+pub(crate) const CHUNK_TAG: &[u8; 4] = b"FCHK";
 /// Tag opening the trailer.
-pub const TRAILER_TAG: &[u8; 8] = b"FERRYEND";
+pub(crate) const TRAILER_TAG: &[u8; 8] = b"FERRYEND";
 
 /// Readers refuse archives of another major version.
 pub const VERSION_MAJOR: u16 = 1;
@@ -17,14 +17,14 @@ pub const VERSION_MAJOR: u16 = 1;
 pub const VERSION_MINOR: u16 = 1;
 
 pub const HEADER_LEN: usize = 40;
-pub const CHUNK_HEADER_LEN: usize = 32;
-pub const TRAILER_LEN: usize = 48;
+pub(crate) const CHUNK_HEADER_LEN: usize = 32;
+pub(crate) const TRAILER_LEN: usize = 48;
 
 /// Largest raw chunk a reader accepts: bounds what a damaged or hostile
 /// archive can make a reader allocate.
-pub const MAX_CHUNK_RAW: usize = 16 << 20;
+pub(crate) const MAX_CHUNK_RAW: usize = 16 << 20;
 /// Largest decoded index a reader accepts.
-pub const MAX_INDEX_RAW: usize = 1 << 30;
+pub(crate) const MAX_INDEX_RAW: usize = 1 << 30;
 
 /// Archive identity: 16 random bytes chosen when the archive is written.
 pub type ArchiveId = [u8; 16];
@@ -32,7 +32,7 @@ pub type ArchiveId = [u8; 16];
 /// How a chunk's payload is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Codec {
+pub(crate) enum Codec {
     /// Stored as is (chosen when zstd would not save space).
     Raw = 0,
     Zstd = 1,
@@ -51,7 +51,7 @@ impl Codec {
 /// What a chunk holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum ChunkKind {
+pub(crate) enum ChunkKind {
     /// Consecutive unique pages (slots) of a pages image.
     Pages = 1,
     /// A consecutive piece of another file.
@@ -117,7 +117,7 @@ pub enum HeaderFault {
 /// The fixed header of each chunk; its checksum covers these fields and
 /// the payload that follows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkHeader {
+pub(crate) struct ChunkHeader {
     pub codec: Codec,
     pub kind: ChunkKind,
     pub raw_len: u32,
@@ -127,7 +127,7 @@ pub struct ChunkHeader {
 
 impl ChunkHeader {
     /// The checksum of a chunk: its header fields, then its payload.
-    pub fn checksum_of(codec: Codec, kind: ChunkKind, raw_len: u32, payload: &[u8]) -> u64 {
+    pub(crate) fn checksum_of(codec: Codec, kind: ChunkKind, raw_len: u32, payload: &[u8]) -> u64 {
         let mut fields = [0u8; 12];
         fields[0] = codec as u8;
         fields[1] = kind as u8;
@@ -224,10 +224,10 @@ pub fn file_checksum(block_digests: impl IntoIterator<Item = Digest>, size: u64)
 }
 
 /// Source of a run of pages in a pages image's layout.
-pub const SOURCE_ZERO: u32 = 0;
+pub(crate) const SOURCE_ZERO: u32 = 0;
 /// Source `1 + g` is generation `g`: 0 this archive, 1 its parent, 2 the
 /// grandparent, ...
-pub const SOURCE_GEN_BASE: u32 = 1;
+pub(crate) const SOURCE_GEN_BASE: u32 = 1;
 
 /// The index: everything a reader needs to find any file or chunk.
 #[derive(Clone, PartialEq, Message)]

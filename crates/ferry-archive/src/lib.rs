@@ -75,7 +75,7 @@ pub use unpack::{unpack, unpack_to_dir, update, UnpackReport};
 /// Pages per chunk (1 MiB raw): large enough for zstd to find redundancy,
 /// small enough to spread a 1 GiB image over all cores and to bound what a
 /// reader holds per thread.
-pub const CHUNK_PAGES: usize = 256;
+pub(crate) const CHUNK_PAGES: usize = 256;
 
 /// Default zstd level: chosen from `ferry bench compress` (see README).
 pub const DEFAULT_LEVEL: i32 = 1;
@@ -122,9 +122,6 @@ pub struct NoProgress;
 impl Progress for NoProgress {
     fn advance(&self, _: u64) {}
 }
-
-/// File name suffix of ferry archives (a convention, not required).
-pub const EXTENSION: &str = "ferry";
 
 /// Everything that can go wrong writing or reading an archive.
 #[derive(Debug, thiserror::Error)]

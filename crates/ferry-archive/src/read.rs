@@ -141,7 +141,7 @@ impl Archive<[u8]> {
 }
 
 impl<R: ReadAt + ?Sized> Archive<R> {
-    pub fn from_reader(path: &Path, reader: Box<R>) -> Result<Archive<R>, ArchiveError> {
+    pub(crate) fn from_reader(path: &Path, reader: Box<R>) -> Result<Archive<R>, ArchiveError> {
         let path = path.to_path_buf();
         let corrupt = |what| ArchiveError::corrupt(&path, what);
         let len = reader
@@ -223,7 +223,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
 
     /// The recorded digest of a slot's page.
-    pub fn slot_digest(&self, slot: u64) -> Option<Digest> {
+    pub(crate) fn slot_digest(&self, slot: u64) -> Option<Digest> {
         let at = usize::try_from(slot).ok()?.checked_mul(16)?;
         let b = self.index.slot_digests.get(at..at + 16)?;
         Some(u128::from_le_bytes(b.try_into().ok()?))
@@ -241,7 +241,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
 
     /// The name of the file a chunk belongs to.
-    pub fn chunk_file_name(&self, chunk: usize) -> String {
+    pub(crate) fn chunk_file_name(&self, chunk: usize) -> String {
         self.index
             .chunks
             .get(chunk)
@@ -251,7 +251,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
 
     /// Reads, verifies and decompresses one chunk.
-    pub fn read_chunk(&self, chunk: usize) -> Result<Vec<u8>, ArchiveError> {
+    pub(crate) fn read_chunk(&self, chunk: usize) -> Result<Vec<u8>, ArchiveError> {
         let mut buf = ChunkBuf::default();
         self.read_chunk_into(chunk, &mut buf)?;
         Ok(buf.raw)
@@ -259,7 +259,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
 
     /// Like [`Archive::read_chunk`], into reusable buffers: returns the raw
     /// bytes, which live in `buf`.
-    pub fn read_chunk_into<'b>(
+    pub(crate) fn read_chunk_into<'b>(
         &self,
         chunk: usize,
         buf: &'b mut ChunkBuf,
@@ -292,7 +292,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     /// checked: its header is still checked against the index, its payload
     /// is not hashed again (the streaming reader checks every page's digest
     /// instead). Returns the raw length.
-    pub fn read_checked_chunk_to(
+    pub(crate) fn read_checked_chunk_to(
         &self,
         chunk: usize,
         buf: &mut ChunkBuf,
@@ -381,7 +381,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     /// Checks every chunk's header and checksum as stored, on all threads
     /// of the current pool, without decompressing anything: what a reader
     /// that decompresses later (streaming) checks up front.
-    pub fn check_stored_chunks(&self) -> Result<(), ArchiveError> {
+    pub(crate) fn check_stored_chunks(&self) -> Result<(), ArchiveError> {
         (0..self.index.chunks.len())
             .into_par_iter()
             .try_for_each_init(Vec::new, |stored, c| {
@@ -418,7 +418,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
 
     /// Position of a file in the index.
-    pub fn file_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn file_index(&self, name: &str) -> Option<usize> {
         self.index.files.iter().position(|f| f.name == name)
     }
 }

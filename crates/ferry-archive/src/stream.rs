@@ -39,7 +39,7 @@ use ferry_sys::pipe::{PageBuf, Segment};
 use ferry_sys::PAGE_SIZE;
 
 /// Pages per window: 4 MiB.
-pub const WINDOW_PAGES: usize = 1024;
+pub(crate) const WINDOW_PAGES: usize = 1024;
 /// Decompressed chunks kept between windows (pages repeated across the
 /// image, such as deduplicated ones, refer back to earlier chunks).
 const CACHE_CHUNKS: usize = 16;

@@ -12,7 +12,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRY_FAULT";
 /// How long a process waits at its fault point, unless
 /// `FERRY_FAULT_HOLD_MS` says otherwise.
-pub const HOLD: Duration = Duration::from_secs(60);
+pub(crate) const HOLD: Duration = Duration::from_secs(60);
 pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 
 /// Points: `agent-before-rebuild` (final copy received, nothing rebuilt),
@@ -57,9 +57,6 @@ pub fn fails(name: &str) -> bool {
 pub fn fails(_name: &str) -> bool {
     false
 }
-
-/// Whether this build can inject faults (`ferry --version` says so).
-pub const ENABLED: bool = cfg!(feature = "fault-injection");
 
 #[cfg(feature = "fault-injection")]
 fn armed(name: &str) -> bool {

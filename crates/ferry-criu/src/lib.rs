@@ -90,7 +90,7 @@ impl Criu {
     /// The binary to run as a command line (for what CRIU's RPC cannot
     /// do): the one named, or `criu` on `$PATH` when ferry talks to a
     /// service.
-    pub fn cli_binary(&self) -> Result<PathBuf, CriuError> {
+    pub(crate) fn cli_binary(&self) -> Result<PathBuf, CriuError> {
         match self {
             Criu::Swrk { binary } => Ok(binary.clone()),
             Criu::Service { .. } => which("criu").ok_or(CriuError::NotFound {

@@ -36,7 +36,7 @@ pub const HEADER_LEN: usize = 32;
 pub const PAGE: usize = 4096;
 /// The most pages ferry serves in one answer (CRIU's background requests
 /// are far smaller; this only bounds a hostile or broken request).
-pub const MAX_PAGES_PER_GET: u64 = 4 << 10;
+pub(crate) const MAX_PAGES_PER_GET: u64 = 4 << 10;
 
 const PS_IOV_ADD_F: u32 = 6;
 const PS_IOV_GET: u32 = 7;
@@ -49,7 +49,7 @@ const PE_PRESENT: u32 = 1 << 2;
 
 /// One header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Iov {
+pub(crate) struct Iov {
     pub cmd: u32,
     pub nr_pages: u64,
     pub vaddr: u64,
@@ -251,7 +251,7 @@ impl PageSourceListener {
 
 /// Fills a buffer with `pages` pages of task `pid` (as the images name
 /// it) from `vaddr`: `(pid, vaddr, pages, buf)`.
-pub type FetchPages<'a> = dyn FnMut(u64, u64, u64, &mut [u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+pub(crate) type FetchPages<'a> = dyn FnMut(u64, u64, u64, &mut [u8]) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
     + 'a;
 
 /// What a served daemon session amounted to.

@@ -30,7 +30,7 @@ use prost::Message;
 use ferry_sys::pipe::{PagePipe, Segment, Watch};
 
 /// The socket a restoring CRIU connects to, in its images directory.
-pub const SERVE_SOCKET: &str = "streamer-serve.sock";
+pub(crate) const SERVE_SOCKET: &str = "streamer-serve.sock";
 /// Largest request ferry accepts (a file name).
 const MAX_REQUEST: u32 = 4096;
 /// Pipe capacity asked for each image (the default 64 KiB makes CRIU and
@@ -42,7 +42,7 @@ const ACCEPT_POLL: Duration = Duration::from_millis(1);
 /// How long CRIU may take nothing from an image's pipe before the restore
 /// is abandoned: it reads each image as soon as it has asked for it, so
 /// this only ever passes when it has stopped.
-pub const STALL: Duration = Duration::from_secs(30);
+pub(crate) const STALL: Duration = Duration::from_secs(30);
 
 /// Where a streamed restore's images come from.
 pub trait ImageSource: Sync {
@@ -174,7 +174,8 @@ impl Streamer {
 
     /// How long CRIU may take nothing from an image's pipe before the
     /// restore is abandoned (default [`STALL`]).
-    pub fn stall_limit(mut self, stall: Duration) -> Streamer {
+    #[cfg(test)]
+    pub(crate) fn stall_limit(mut self, stall: Duration) -> Streamer {
         self.stall = stall;
         self
     }

@@ -20,11 +20,11 @@ pub struct TaskCore {
 }
 
 /// `task_state` of a live task (criu/include/image.h).
-pub const TASK_ALIVE: u32 = 1;
+pub(crate) const TASK_ALIVE: u32 = 1;
 /// `task_state` of a zombie: it has no memory images.
-pub const TASK_DEAD: u32 = 2;
+pub(crate) const TASK_DEAD: u32 = 2;
 /// `task_state` of a stopped task.
-pub const TASK_STOPPED: u32 = 3;
+pub(crate) const TASK_STOPPED: u32 = 3;
 
 impl TaskCore {
     /// Alive or stopped tasks own memory (mm and pagemap images); zombies don't.

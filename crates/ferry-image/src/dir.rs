@@ -173,7 +173,7 @@ impl ImagesDir {
         self.files.iter().any(|f| f.name == name)
     }
 
-    pub fn file_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn file_path(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
 

@@ -19,19 +19,19 @@ pub enum Magic {
 }
 
 pub const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
-pub const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
-pub const INVENTORY_MAGIC: u32 = 0x5831_3116;
-pub const PSTREE_MAGIC: u32 = 0x5027_3030;
+pub(crate) const IMG_SERVICE_MAGIC: u32 = 0x5510_5940;
+pub(crate) const INVENTORY_MAGIC: u32 = 0x5831_3116;
+pub(crate) const PSTREE_MAGIC: u32 = 0x5027_3030;
 pub const PAGEMAP_MAGIC: u32 = 0x5608_4025;
-pub const CORE_MAGIC: u32 = 0x5505_3847;
+pub(crate) const CORE_MAGIC: u32 = 0x5505_3847;
 pub const MM_MAGIC: u32 = 0x5749_2820;
-pub const STATS_MAGIC: u32 = 0x5709_3306;
+pub(crate) const STATS_MAGIC: u32 = 0x5709_3306;
 
-pub const PSTREE: Magic = Magic::Common(PSTREE_MAGIC, "PSTREE_MAGIC");
-pub const PAGEMAP: Magic = Magic::Common(PAGEMAP_MAGIC, "PAGEMAP_MAGIC");
-pub const CORE: Magic = Magic::Common(CORE_MAGIC, "CORE_MAGIC");
-pub const MM: Magic = Magic::Common(MM_MAGIC, "MM_MAGIC");
-pub const STATS: Magic = Magic::Service(STATS_MAGIC, "STATS_MAGIC");
+pub(crate) const PSTREE: Magic = Magic::Common(PSTREE_MAGIC, "PSTREE_MAGIC");
+pub(crate) const PAGEMAP: Magic = Magic::Common(PAGEMAP_MAGIC, "PAGEMAP_MAGIC");
+pub(crate) const CORE: Magic = Magic::Common(CORE_MAGIC, "CORE_MAGIC");
+pub(crate) const MM: Magic = Magic::Common(MM_MAGIC, "MM_MAGIC");
+pub(crate) const STATS: Magic = Magic::Service(STATS_MAGIC, "STATS_MAGIC");
 
 /// Bytes taken by the length prefix of every entry.
 const ENTRY_LEN_BYTES: usize = 4;
@@ -131,7 +131,7 @@ pub fn decode_all<M: Message + Default>(
 }
 
 /// Decodes a file that must hold exactly one entry.
-pub fn decode_one<M: Message + Default>(
+pub(crate) fn decode_one<M: Message + Default>(
     path: &Path,
     bytes: &[u8],
     magic: Magic,

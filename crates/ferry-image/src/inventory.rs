@@ -9,7 +9,7 @@ use super::framing::{self, Magic};
 use super::{ImageError, Problem};
 
 /// The only image format version CRIU has written since v1.4 (`CRTOOLS_IMAGES_V1_1`).
-pub const IMAGES_V1_1: u32 = 2;
+pub(crate) const IMAGES_V1_1: u32 = 2;
 
 /// The inventory of a dump.
 #[derive(Debug, Clone, PartialEq, Eq)]

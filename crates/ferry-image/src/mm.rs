@@ -29,7 +29,7 @@ impl Vma {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    pub fn is_anonymous(&self) -> bool {
+    pub(crate) fn is_anonymous(&self) -> bool {
         self.status & (VMA_ANON_SHARED | VMA_ANON_PRIVATE) != 0
     }
 

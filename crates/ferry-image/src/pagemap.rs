@@ -11,7 +11,7 @@ use super::{ImageError, Problem};
 use ferry_sys::PAGE_SIZE;
 
 /// Pages are in the parent snapshot (`--prev-images-dir` / `parent_img`).
-pub const PE_PARENT: u32 = 1 << 0;
+pub(crate) const PE_PARENT: u32 = 1 << 0;
 /// Pages may be restored lazily (post-copy).
 pub const PE_LAZY: u32 = 1 << 1;
 /// Pages are stored in this dump's `pages-<id>.img`.
@@ -33,7 +33,7 @@ impl PageRange {
     pub fn is_in_parent(&self) -> bool {
         self.flags & PE_PARENT != 0
     }
-    pub fn is_lazy(&self) -> bool {
+    pub(crate) fn is_lazy(&self) -> bool {
         self.flags & PE_LAZY != 0
     }
     pub fn bytes(&self) -> u64 {

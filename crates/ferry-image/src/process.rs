@@ -106,21 +106,6 @@ pub fn pid_in_use(pid: i32) -> bool {
     fs::metadata(format!("/proc/{pid}")).is_ok()
 }
 
-/// The command line of a process, arguments joined by spaces.
-pub fn cmdline(pid: i32) -> Result<String, ProcessError> {
-    let path = PathBuf::from(format!("/proc/{pid}/cmdline"));
-    let raw = fs::read(&path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => ProcessError::NotFound { pid },
-        _ => ProcessError::Read { path, source: e },
-    })?;
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    Ok(args.join(" "))
-}
-
 /// The pid and every descendant of it, parents before children.
 pub fn tree(pid: i32) -> Result<Vec<i32>, ProcessError> {
     ProcessInfo::read(pid)?;

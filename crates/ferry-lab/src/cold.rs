@@ -45,11 +45,11 @@ use super::{describe, Host, Lab, LabError};
 use ferry_image::units::serde_micros;
 
 /// Longest a dumped pid may stay in use before the restore gives up.
-pub const PID_FREE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const PID_FREE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the copy receiver may take to listen.
 pub const LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest one `criu dump` or `criu restore` may run.
-pub const CRIU_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const CRIU_TIMEOUT: Duration = Duration::from_secs(300);
 /// Fixed part of the copy's time limit.
 const COPY_TIMEOUT_BASE: Duration = Duration::from_secs(30);
 /// The copy may take this many times its duration at the link's rate.
@@ -105,7 +105,7 @@ pub struct ColdReport {
 
 impl ColdReport {
     /// The migration's cost without this machine's pid-reuse artefact.
-    pub fn total_without_pid_wait(&self) -> Duration {
+    pub(crate) fn total_without_pid_wait(&self) -> Duration {
         self.total.saturating_sub(self.pid_wait)
     }
 }

@@ -37,9 +37,9 @@ use nix::unistd::Pid;
 use super::{command, run, LabError};
 
 /// Where `ip netns` keeps its named namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 /// Lock serialising subnet choice among labs of all processes.
-pub const LOCK_PATH: &str = "/run/ferry-lab.lock";
+pub(crate) const LOCK_PATH: &str = "/run/ferry-lab.lock";
 /// Prefix of every namespace a lab creates.
 const NETNS_PREFIX: &str = "ferry-";
 /// Prefix of the root-namespace end of a lab's uplink.
@@ -51,7 +51,7 @@ const HOST_IF: &str = "eth0";
 /// Tags are cut to this many `[a-z0-9]` characters to keep names short.
 const TAG_MAX_CHARS: usize = 8;
 /// Host I gets 10.A.B.(I+2): .1 is the gateway, .255 the broadcast.
-pub const MAX_HOSTS: usize = 200;
+pub(crate) const MAX_HOSTS: usize = 200;
 /// Second octet range of lab subnets (10.200.0.0/24 to 10.250.255.0/24).
 const SUBNET_FIRST: u8 = 200;
 const SUBNET_LAST: u8 = 250;
@@ -349,7 +349,7 @@ impl Lab {
 
     /// Bytes host `index`'s link has received and sent so far, Ethernet,
     /// IP and TCP headers included (the counters of its `eth0`).
-    pub fn link_bytes(&self, index: usize) -> Result<LinkBytes, LabError> {
+    pub(crate) fn link_bytes(&self, index: usize) -> Result<LinkBytes, LabError> {
         let host = self.checked_host(index)?;
         let mut cmd = ip([
             "-n",

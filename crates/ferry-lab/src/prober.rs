@@ -33,12 +33,12 @@ use crate::workload::parse_heartbeat;
 use ferry_image::units::serde_micros;
 
 /// Longest the receive thread blocks before checking its stop flag.
-pub const READ_TIMEOUT: Duration = Duration::from_millis(20);
+pub(crate) const READ_TIMEOUT: Duration = Duration::from_millis(20);
 /// Receive buffer asked of the kernel: a few thousand heartbeats (each
 /// datagram is charged its buffer's true size, ~1 KB), seconds of a 1 kHz
 /// sender, so a stalled receive thread loses nothing. As root it is forced
 /// past `net.core.rmem_max` (208 KB by default, ~200 heartbeats).
-pub const RECV_BUFFER_BYTES: usize = 4 << 20;
+pub(crate) const RECV_BUFFER_BYTES: usize = 4 << 20;
 /// Pause after a receive error other than a timeout, so a persistent
 /// error cannot spin the thread.
 const ERROR_BACKOFF: Duration = Duration::from_millis(1);
@@ -249,7 +249,8 @@ impl ProbeReport {
     }
 
     /// Every silence longer than `threshold`, in time order.
-    pub fn gaps_over(&self, threshold: Duration) -> Vec<Gap> {
+    #[cfg(test)]
+    pub(crate) fn gaps_over(&self, threshold: Duration) -> Vec<Gap> {
         gaps(&self.arrivals)
             .filter(|g| g.length > threshold)
             .collect()

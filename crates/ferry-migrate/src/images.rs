@@ -47,7 +47,7 @@ const STREAM_BLOCKS: usize = 3;
 
 /// What goes to the destination, file by file in name order.
 #[derive(Default)]
-pub struct Outgoing {
+pub(crate) struct Outgoing {
     pub entries: Vec<ImageEntry>,
     /// Each file's content, or its recipe for a pages image.
     pub blobs: Vec<Vec<u8>>,
@@ -165,7 +165,7 @@ enum Captured {
 }
 
 /// The images of a streamed dump, taken as CRIU writes them.
-pub struct StreamedImages<'a> {
+pub(crate) struct StreamedImages<'a> {
     out: Mutex<Outbox<'a>>,
     /// Where each image is also written as it streams, if anywhere.
     copy_to: Option<PathBuf>,
@@ -318,7 +318,7 @@ impl ImageCapture for StreamedImages<'_> {
 
 /// Why images in a directory are not the ones that were sent.
 #[derive(Debug, thiserror::Error)]
-pub enum VerifyError {
+pub(crate) enum VerifyError {
     #[error("cannot read {}", path.display())]
     Read {
         path: std::path::PathBuf,
@@ -336,7 +336,7 @@ pub enum VerifyError {
 /// Checks that `dir` holds every image of `entries` with its size and
 /// checksum (a source on the destination's kernel, before it restores from
 /// the destination's images).
-pub fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), VerifyError> {
+pub(crate) fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), VerifyError> {
     for e in entries {
         let path = dir.join(&e.name);
         let read = |source| VerifyError::Read {
@@ -378,7 +378,7 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Every image file of a dump directory, whole (a lazy dump's images: its
 /// memory is not in them), with their entries.
-pub fn whole_files(dir: &Path) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8>>)> {
+pub(crate) fn whole_files(dir: &Path) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8>>)> {
     let mut entries = Vec::new();
     let mut blobs = Vec::new();
     for name in image_files(dir)? {

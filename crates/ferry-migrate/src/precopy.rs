@@ -229,7 +229,7 @@ fn query_and_send(
 
 /// Sends the last round's layouts, so that the agent lays out the pages
 /// images now, while the application still runs; returns the agent's time.
-pub fn send_layouts(
+pub(crate) fn send_layouts(
     control: &mut Conn,
     layout: &BTreeMap<i32, (Vec<u64>, Vec<Digest>)>,
 ) -> Result<f64, TransportError> {

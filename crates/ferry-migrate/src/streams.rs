@@ -15,7 +15,7 @@ use ferry_transport::{pages, Conn, Msg, Secret, TransportError};
 
 /// Pages per batch (1 MiB of pages: big enough for zstd and for the link,
 /// small enough to spread over the streams).
-pub const BATCH_PAGES: usize = 256;
+pub(crate) const BATCH_PAGES: usize = 256;
 /// Batches queued per stream before `push` waits (bounded memory).
 const QUEUE_BATCHES: usize = 4;
 
@@ -24,7 +24,7 @@ enum Job {
     Flush(SyncSender<Result<(), String>>),
 }
 
-pub struct PageSender {
+pub(crate) struct PageSender {
     txs: Vec<SyncSender<Job>>,
     threads: Vec<JoinHandle<()>>,
     next: usize,

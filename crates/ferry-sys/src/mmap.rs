@@ -88,7 +88,7 @@ pub fn map_or_read(file: &File, populate: bool) -> io::Result<FileBytes> {
 /// Nothing may truncate or write the file while the map lives: the bytes
 /// it returns are borrowed as immutable, and a truncation turns reads into
 /// SIGBUS.
-pub unsafe fn map_readonly_unchecked(file: &File, populate: bool) -> io::Result<Mmap> {
+pub(crate) unsafe fn map_readonly_unchecked(file: &File, populate: bool) -> io::Result<Mmap> {
     let mut opts = MmapOptions::new();
     if populate {
         opts.populate();
@@ -132,7 +132,7 @@ pub fn map_writable(file: &File, populate: bool) -> io::Result<MmapMut> {
 /// # Safety
 ///
 /// Nothing else may truncate, write or map the file while the map lives.
-pub unsafe fn map_writable_unchecked(file: &File, populate: bool) -> io::Result<MmapMut> {
+pub(crate) unsafe fn map_writable_unchecked(file: &File, populate: bool) -> io::Result<MmapMut> {
     let mut opts = MmapOptions::new();
     if populate {
         opts.populate();

@@ -10,7 +10,7 @@ use super::msg::Msg;
 use super::TransportError;
 
 /// Shortest secret accepted, in bytes (128 bits).
-pub const MIN_SECRET_BYTES: usize = 16;
+pub(crate) const MIN_SECRET_BYTES: usize = 16;
 /// zstd level for compressed payloads: level 1 keeps up with a 10 Gbit/s
 /// link on one core (see `ferry bench compress`).
 const PAYLOAD_ZSTD_LEVEL: i32 = 1;

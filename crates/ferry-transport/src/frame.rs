@@ -6,11 +6,11 @@ use std::io::{Read, Write};
 pub const MAGIC: &[u8; 4] = b"FRY1";
 pub const VERSION: u8 = 3;
 pub const HEADER_LEN: usize = 20;
-pub const TAG_LEN: usize = 16;
+pub(crate) const TAG_LEN: usize = 16;
 /// Largest payload a peer accepts (a batch of pages is at most ~4 MiB).
-pub const MAX_PAYLOAD: usize = 64 << 20;
+pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
 /// Flag: the payload is zstd-compressed.
-pub const FLAG_ZSTD: u16 = 1;
+pub(crate) const FLAG_ZSTD: u16 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -58,7 +58,7 @@ fn tag(key: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; TAG_LEN] {
 }
 
 /// Writes one frame tagged with `key`.
-pub fn write_frame(
+pub(crate) fn write_frame(
     w: &mut impl Write,
     key: &[u8; 32],
     kind: FrameKind,
@@ -97,7 +97,7 @@ pub enum FrameFault {
 
 /// Key of `Refused` frames: a refusal carries no authority (the refusing
 /// peer may not share our key), only a reason to show.
-pub const PUBLIC_KEY: [u8; 32] = [0; 32];
+pub(crate) const PUBLIC_KEY: [u8; 32] = [0; 32];
 
 /// Reads one frame and checks its tag with `key`. `Ok(None)` at a clean end
 /// of stream before a frame starts.
@@ -109,7 +109,7 @@ pub fn read_frame(
 }
 
 /// [`read_frame`] with the key chosen by frame kind.
-pub fn read_frame_keyed(
+pub(crate) fn read_frame_keyed(
     r: &mut impl Read,
     key_for: &dyn Fn(FrameKind) -> [u8; 32],
 ) -> std::io::Result<Option<Result<Frame, FrameFault>>> {

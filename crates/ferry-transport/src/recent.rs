@@ -13,7 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use ferry_image::page::{self, Digest};
 
 /// Pages remembered (16 MiB of them on the agent).
-pub const RECENT_PAGES: usize = 4096;
+pub(crate) const RECENT_PAGES: usize = 4096;
 
 /// The source's half: digests of the pages sent in full, by number.
 #[derive(Debug, Default)]

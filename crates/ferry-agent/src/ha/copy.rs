@@ -34,7 +34,7 @@ pub enum HostCopy {
 }
 
 /// The container id (runc) or name (Docker) of `service` on `host`.
-pub fn container_name(cluster: &str, service: &str, host: &str) -> String {
+pub(crate) fn container_name(cluster: &str, service: &str, host: &str) -> String {
     format!("ferry-{cluster}-{service}-{host}")
 }
 
@@ -143,7 +143,7 @@ impl HostCopy {
     }
 
     /// What a checkpoint dumps: the container, or the tree by its pid.
-    pub fn dump_target(&self) -> Result<(Option<ContainerRef>, i32), HaError> {
+    pub(crate) fn dump_target(&self) -> Result<(Option<ContainerRef>, i32), HaError> {
         match self {
             HostCopy::Runc { root, id } => Ok((
                 Some(ContainerRef::Runc {
@@ -172,7 +172,7 @@ impl HostCopy {
 
     /// The migration target of a planned switchover; `new_id` is the
     /// container's id on the destination.
-    pub fn migrate_target(
+    pub(crate) fn migrate_target(
         &self,
         spec: &ServiceSpec,
         new_id: String,
@@ -260,7 +260,7 @@ impl HostCopy {
 }
 
 /// A dump request for a checkpoint of the copy while it runs.
-pub fn running_dump(pid: i32, images: &Path) -> DumpRequest {
+pub(crate) fn running_dump(pid: i32, images: &Path) -> DumpRequest {
     let mut req = DumpRequest::new(pid, images.to_path_buf());
     req.leave_running = true;
     req.tcp_skip_in_flight = true;

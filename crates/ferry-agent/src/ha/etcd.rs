@@ -11,7 +11,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOpt
 use super::HaError;
 
 /// Longest wait for one etcd call.
-pub const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// One key as read from etcd.
 #[derive(Debug, Clone)]
@@ -125,7 +125,7 @@ impl Etcd {
     }
 
     /// Grants a lease of `ttl_s` seconds; returns (id, granted ttl).
-    pub fn grant(&self, ttl_s: i64) -> Result<(i64, i64), HaError> {
+    pub(crate) fn grant(&self, ttl_s: i64) -> Result<(i64, i64), HaError> {
         let mut c = self.client()?;
         let r = self.call(
             "grant a lease",
@@ -136,7 +136,7 @@ impl Etcd {
 
     /// Renews lease `id` once, waiting at most `timeout`; returns whether
     /// the lease still exists (false: it expired).
-    pub fn keep_alive(&self, id: i64, timeout: Duration) -> Result<bool, HaError> {
+    pub(crate) fn keep_alive(&self, id: i64, timeout: Duration) -> Result<bool, HaError> {
         let mut c = self.client()?;
         // Opening the keep-alive stream sends the first renewal and reads
         // its answer; etcd answers TTL 0 for an expired lease, which the
@@ -152,7 +152,7 @@ impl Etcd {
         })
     }
 
-    pub fn revoke(&self, id: i64) -> Result<(), HaError> {
+    pub(crate) fn revoke(&self, id: i64) -> Result<(), HaError> {
         let mut c = self.client()?;
         self.call("revoke the lease", async move { c.lease_revoke(id).await })
             .map(|_| ())
@@ -164,7 +164,7 @@ impl Etcd {
     }
 
     /// [`Etcd::get_prefix`], waiting at most `timeout`.
-    pub fn get_prefix_within(
+    pub(crate) fn get_prefix_within(
         &self,
         prefix: &str,
         timeout: Duration,
@@ -222,7 +222,7 @@ impl Etcd {
 
     /// Runs `ops` only while `guard` was last written at revision `token`
     /// (the writer still holds what the token names). Returns whether they ran.
-    pub fn fenced(&self, guard: &str, token: i64, ops: Vec<TxnOp>) -> Result<bool, HaError> {
+    pub(crate) fn fenced(&self, guard: &str, token: i64, ops: Vec<TxnOp>) -> Result<bool, HaError> {
         let mut c = self.client()?;
         let txn = Txn::new()
             .when([Compare::mod_revision(guard, CompareOp::Equal, token)])
@@ -236,7 +236,7 @@ impl Etcd {
 }
 
 /// A put for [`Etcd::fenced`].
-pub fn put_op(key: &str, value: Vec<u8>, lease: i64) -> TxnOp {
+pub(crate) fn put_op(key: &str, value: Vec<u8>, lease: i64) -> TxnOp {
     TxnOp::put(
         key,
         value,
@@ -245,6 +245,6 @@ pub fn put_op(key: &str, value: Vec<u8>, lease: i64) -> TxnOp {
 }
 
 /// A delete for [`Etcd::fenced`].
-pub fn delete_op(key: &str) -> TxnOp {
+pub(crate) fn delete_op(key: &str) -> TxnOp {
     TxnOp::delete(key, None)
 }

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 
 use super::etcd::Entry;
 
-pub fn cluster_prefix(cluster: &str) -> String {
+pub(crate) fn cluster_prefix(cluster: &str) -> String {
     format!("/ferry/{cluster}/")
 }
 
-pub fn host_key(cluster: &str, host: &str) -> String {
+pub(crate) fn host_key(cluster: &str, host: &str) -> String {
     format!("/ferry/{cluster}/hosts/{host}")
 }
 
@@ -36,7 +36,7 @@ pub fn service_key(cluster: &str, svc: &str, leaf: &str) -> String {
     format!("/ferry/{cluster}/services/{svc}/{leaf}")
 }
 
-pub fn standby_key(cluster: &str, svc: &str, host: &str) -> String {
+pub(crate) fn standby_key(cluster: &str, svc: &str, host: &str) -> String {
     format!("/ferry/{cluster}/services/{svc}/standbys/{host}")
 }
 
@@ -74,7 +74,7 @@ pub struct ServiceSpec {
 }
 
 impl ServiceSpec {
-    pub fn eligible(&self, host: &str) -> bool {
+    pub(crate) fn eligible(&self, host: &str) -> bool {
         self.hosts.is_empty() || self.hosts.iter().any(|h| h == host)
     }
 }
@@ -306,7 +306,7 @@ fn parse_into<T: for<'de> Deserialize<'de>>(bytes: &[u8], put: impl FnOnce(T)) -
     }
 }
 
-pub fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 

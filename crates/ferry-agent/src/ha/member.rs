@@ -189,20 +189,20 @@ impl Member {
     }
 
     /// The lease id while the lease is valid by this host's reckoning.
-    pub fn lease_id(&self) -> Option<i64> {
+    pub(crate) fn lease_id(&self) -> Option<i64> {
         let lease = self.lease()?;
         (Instant::now() < lease.deadline()).then_some(lease.id)
     }
 
     /// Whether the lease has time left for an action of `need`.
-    pub fn lease_valid_for(&self, need: Duration) -> bool {
+    pub(crate) fn lease_valid_for(&self, need: Duration) -> bool {
         self.lease()
             .is_some_and(|l| Instant::now() + need < l.deadline())
     }
 
     /// Whether a renewal of the lease is overdue (etcd away or out of
     /// reach); false without a lease (there is nothing to renew).
-    pub fn renewal_overdue(&self) -> bool {
+    pub(crate) fn renewal_overdue(&self) -> bool {
         self.lease()
             .is_some_and(|l| l.renewed.elapsed() > l.ttl / 4 + RENEWAL_MARGIN)
     }
@@ -233,7 +233,7 @@ impl Member {
     }
 
     /// The directory of one service's HA files.
-    pub fn service_dir(&self, service: &str) -> PathBuf {
+    pub(crate) fn service_dir(&self, service: &str) -> PathBuf {
         self.store.join("ha").join(service)
     }
 

@@ -45,7 +45,7 @@ pub mod etcd;
 pub mod keys;
 mod leader;
 pub mod member;
-pub mod replica;
+pub(crate) mod replica;
 mod replicator;
 mod schedule;
 pub mod status;
@@ -74,7 +74,7 @@ pub struct HaConfig {
 }
 
 impl HaConfig {
-    pub fn agent_addr(&self, listen: SocketAddr) -> String {
+    pub(crate) fn agent_addr(&self, listen: SocketAddr) -> String {
         SocketAddr::new(self.ip, listen.port()).to_string()
     }
 }
@@ -120,7 +120,7 @@ pub enum HaError {
 }
 
 /// Names of clusters, hosts and services become etcd keys and container ids.
-pub fn valid_name(name: &str) -> Result<(), HaError> {
+pub(crate) fn valid_name(name: &str) -> Result<(), HaError> {
     let ok = !name.is_empty()
         && name.len() <= 40
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');

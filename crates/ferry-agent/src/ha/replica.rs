@@ -66,7 +66,7 @@ fn archive_name(generation: u64) -> String {
 }
 
 /// Where the leader keeps its own archives of `service`.
-pub fn leader_dir(member: &Member, service: &str) -> PathBuf {
+pub(crate) fn leader_dir(member: &Member, service: &str) -> PathBuf {
     member.service_dir(service).join("leader")
 }
 
@@ -82,7 +82,7 @@ fn standby_dir(member: &Member, service: &str, token: i64) -> PathBuf {
 
 /// Links (or copies) a chain's archives into `dir` under their usual
 /// names; returns the chain as it lies there.
-pub fn link_into(chain: &[Link], dir: &Path) -> Result<Vec<Link>, HaError> {
+pub(crate) fn link_into(chain: &[Link], dir: &Path) -> Result<Vec<Link>, HaError> {
     let mut out = Vec::with_capacity(chain.len());
     for l in chain {
         let path = archive_path(dir, l.generation);
@@ -107,7 +107,7 @@ pub fn archive_path(dir: &Path, g: u64) -> PathBuf {
 
 /// What one replication sent.
 #[derive(Debug, Clone, Copy)]
-pub struct Sent {
+pub(crate) struct Sent {
     pub archives: usize,
     pub bytes: u64,
     /// The standby's verification time.
@@ -198,7 +198,7 @@ fn unexpected(want: &str, got: &Msg) -> HaError {
 }
 
 /// Standby side: serves one `Offer` (already read) on `conn`.
-pub fn serve_offer(
+pub(crate) fn serve_offer(
     member: &Member,
     conn: &mut Conn,
     service: &str,
@@ -487,7 +487,7 @@ fn admit(member: &Member, service: &str, cp: &CheckpointRecord) -> Result<(), Ha
 }
 
 /// Publishes this host's newest verified checkpoint of `service`.
-pub fn publish(member: &Member, service: &str, record: &StandbyRecord) {
+pub(crate) fn publish(member: &Member, service: &str, record: &StandbyRecord) {
     let Some(lease) = member.lease_id() else {
         return;
     };

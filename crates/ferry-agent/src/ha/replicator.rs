@@ -50,7 +50,7 @@ struct Shared {
 
 /// Replication of one service's checkpoints while this host leads it.
 /// Dropping it stops the workers (a transfer in progress ends first).
-pub struct Replicator {
+pub(crate) struct Replicator {
     service: String,
     shared: Arc<Shared>,
     workers: HashMap<String, std::thread::JoinHandle<()>>,
@@ -112,7 +112,7 @@ impl Replicator {
 
     /// Whether `host` verified a checkpoint of this leader's and its last
     /// transfer did not fail.
-    pub fn in_sync(&self, host: &str) -> bool {
+    pub(crate) fn in_sync(&self, host: &str) -> bool {
         self.shared
             .state
             .lock()
@@ -122,7 +122,7 @@ impl Replicator {
     /// The replication lag to plan with, from the recent times from a
     /// checkpoint's taking to its verification by a standby in sync (the
     /// first one: from then on a failover restores it). None before any.
-    pub fn lag_estimate(&self) -> Option<Duration> {
+    pub(crate) fn lag_estimate(&self) -> Option<Duration> {
         let s = self.shared.state.lock().ok()?;
         plan_lag(s.lags.iter().copied())
     }

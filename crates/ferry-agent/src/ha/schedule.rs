@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 /// The role loop's period: a due checkpoint may start this much late.
-pub const SLACK: Duration = super::member::POLL;
+pub(crate) const SLACK: Duration = super::member::POLL;
 
 /// The shortest period, as a share of the interval: below it the service
 /// would spend most of its time frozen, and the interval cannot be held.
@@ -22,7 +22,7 @@ const FLOOR_DIVISOR: u32 = 4;
 
 /// The time from one checkpoint's start to the next one's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Period {
+pub(crate) struct Period {
     pub period: Duration,
     /// Whether the interval holds with the lag measured: false when even
     /// the shortest period leaves more than an interval exposed.

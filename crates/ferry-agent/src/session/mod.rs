@@ -28,7 +28,7 @@ use ferry_transport::{Conn, Msg, TransportError};
 
 /// A connection silent for this long is dead (a pre-copy round of a large
 /// application over a slow link keeps the control stream quiet for a while).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a restored (stopped) copy waits for the source's commit
 /// before it is killed.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,7 +44,7 @@ const LAYOUT_BYTES_PER_PAGE: usize = 24;
 /// Why the agent refuses or fails a step of a migration (sent to the
 /// source as the text of an `Error`).
 #[derive(Debug, thiserror::Error)]
-pub enum SessionError {
+pub(crate) enum SessionError {
     #[error("bad session id '{0}'")]
     BadId(String),
     #[error("no room: the migration needs about {} in {} and {} is free", units::bytes(*need), dir.display(), units::bytes(*free))]
@@ -123,7 +123,7 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Serves a migration's control connection until commit or failure.
-pub fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), AgentError> {
+pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Result<(), AgentError> {
     if let Err(why) = admit(agent, &begin) {
         let message = why.reply();
         tracing::warn!(session = %begin.id, from = %begin.source_host, why = %message, "migration refused");

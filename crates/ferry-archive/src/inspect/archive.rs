@@ -111,7 +111,7 @@ impl PageCounter for LayoutCounter<'_> {
     }
 }
 
-pub fn inspect_archive(path: &Path) -> Result<DumpReport, InspectError> {
+pub(crate) fn inspect_archive(path: &Path) -> Result<DumpReport, InspectError> {
     let archive = Archive::open(path)?;
     let index = archive.index();
     let mut listing = Vec::with_capacity(index.files.len());

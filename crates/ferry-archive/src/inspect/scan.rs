@@ -25,7 +25,7 @@ pub struct PageScan {
 impl PageScan {
     /// Scans the first `pages` pages of a pages file; returns (zero pages,
     /// duplicate pages). The file's length was checked by validation.
-    pub fn scan_file(&mut self, path: &Path, pages: u64) -> Result<(u64, u64), ImageError> {
+    pub(crate) fn scan_file(&mut self, path: &Path, pages: u64) -> Result<(u64, u64), ImageError> {
         if pages == 0 {
             return Ok((0, 0));
         }

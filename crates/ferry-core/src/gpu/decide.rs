@@ -13,13 +13,13 @@ use super::{GpuInventory, GpuRecord};
 use ferry_image::units::bytes;
 
 /// Where CRIU looks for plugins (its compiled-in library directory).
-pub const CRIU_PLUGIN_DIRS: &[&str] = &[
+pub(crate) const CRIU_PLUGIN_DIRS: &[&str] = &[
     "/usr/lib/criu",
     "/usr/local/lib/criu",
     "/opt/ferry/criu/usr/lib/criu",
 ];
 /// CRIU's CUDA plugin file.
-pub const CUDA_PLUGIN: &str = "cuda_plugin.so";
+pub(crate) const CUDA_PLUGIN: &str = "cuda_plugin.so";
 
 /// What can carry GPU state through a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -198,7 +198,7 @@ fn record(uses: &[GpuUse], inventory: Option<&GpuInventory>, carried_by: Carried
 /// `cuda-checkpoint --toggle --pid PID`: moves the process's GPU state to
 /// host memory (before a dump) or back to the GPU (after a dump that left it
 /// running, and after a restore).
-pub fn toggle(tool: &Path, pid: i32) -> Result<(), GpuError> {
+pub(crate) fn toggle(tool: &Path, pid: i32) -> Result<(), GpuError> {
     let out = Command::new(tool)
         .args(["--toggle", "--pid", &pid.to_string()])
         .stdin(Stdio::null())

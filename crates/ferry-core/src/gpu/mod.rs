@@ -14,7 +14,7 @@
 
 pub mod compat;
 pub mod decide;
-pub mod involvement;
+pub(crate) mod involvement;
 pub mod probe;
 
 use serde::{Deserialize, Serialize};

@@ -22,7 +22,7 @@ pub struct RawDevice {
 }
 
 /// NVML's errors, as nvml-wrapper gives them.
-pub type NvmlError = nvml_wrapper::error::NvmlError;
+pub(crate) type NvmlError = nvml_wrapper::error::NvmlError;
 
 /// What ferry asks NVML.
 pub trait NvmlSource {
@@ -33,7 +33,7 @@ pub trait NvmlSource {
 }
 
 /// The real NVML.
-pub struct RealNvml(Nvml);
+pub(crate) struct RealNvml(Nvml);
 
 impl NvmlSource for RealNvml {
     fn driver_version(&self) -> Result<String, NvmlError> {
@@ -90,7 +90,7 @@ pub fn probe() -> GpuProbe {
 }
 
 /// The inventory `src` describes (the path real and recorded data share).
-pub fn from_source(src: &dyn NvmlSource) -> GpuProbe {
+pub(crate) fn from_source(src: &dyn NvmlSource) -> GpuProbe {
     let unavailable = |e: NvmlError| GpuProbe::Unavailable {
         reason: format!("NVML: {e}"),
     };
@@ -148,9 +148,9 @@ pub(crate) mod recorded {
 
     use super::*;
 
-    pub const GIB: u64 = 1 << 30;
+    pub(crate) const GIB: u64 = 1 << 30;
 
-    pub struct Recorded {
+    pub(crate) struct Recorded {
         pub driver: Result<String, NvmlError>,
         pub devices: Vec<RawDevice>,
     }
@@ -200,7 +200,7 @@ pub(crate) mod recorded {
         }
     }
 
-    pub fn two_h100s() -> Recorded {
+    pub(crate) fn two_h100s() -> Recorded {
         Recorded {
             driver: Ok("550.54.15".into()),
             devices: vec![

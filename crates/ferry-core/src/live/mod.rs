@@ -27,7 +27,7 @@ pub use maps::{dumpable_regions, Region};
 pub use scan::{scan_tree, LayoutSink, PageSink, ScanStats};
 
 /// Pages copied per `process_vm_readv` (1 MiB).
-pub const READ_CHUNK_PAGES: usize = 256;
+pub(crate) const READ_CHUNK_PAGES: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LiveError {

@@ -26,7 +26,7 @@ const TOOLS: &[(&str, &str)] = &[
     ("etcd", "--version"),
 ];
 
-pub fn probe_all() -> Vec<ToolProbe> {
+pub(crate) fn probe_all() -> Vec<ToolProbe> {
     TOOLS
         .iter()
         .map(|(name, flag)| {

@@ -78,7 +78,7 @@ pub enum Layout {
 }
 
 impl Layout {
-    pub const EVERY: [Layout; 6] = [
+    pub(crate) const EVERY: [Layout; 6] = [
         Layout::Scattered,
         Layout::Every2,
         Layout::Every4,

@@ -37,7 +37,7 @@ impl Timing {
     }
 
     /// `bytes` per median second, in MB/s (10^6 bytes).
-    pub fn mb_s(&self, bytes: u64) -> f64 {
+    pub(crate) fn mb_s(&self, bytes: u64) -> f64 {
         bytes as f64 / 1e6 / self.median.as_secs_f64().max(1e-9)
     }
 }

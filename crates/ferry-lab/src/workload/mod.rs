@@ -35,8 +35,8 @@ pub const REPEAT_TEMPLATES: usize = 16;
 /// Size of the report record; the report file always has exactly this size.
 pub const REPORT_BYTES: usize = 1024;
 /// Heartbeat datagram: magic, pid (u32 LE), counter (u64 LE).
-pub const HEARTBEAT_MAGIC: &[u8; 4] = b"FWHB";
-pub const HEARTBEAT_BYTES: usize = 16;
+pub(crate) const HEARTBEAT_MAGIC: &[u8; 4] = b"FWHB";
+pub(crate) const HEARTBEAT_BYTES: usize = 16;
 
 /// What a page of the workload holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,7 +197,7 @@ impl PageCounts {
 }
 
 /// splitmix64's finaliser: a cheap, well-mixed hash of a u64.
-pub fn mix64(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -336,7 +336,7 @@ pub fn heartbeat(pid: u32, counter: u64) -> [u8; HEARTBEAT_BYTES] {
 }
 
 /// Decodes a heartbeat datagram into (pid, counter).
-pub fn parse_heartbeat(bytes: &[u8]) -> Option<(u32, u64)> {
+pub(crate) fn parse_heartbeat(bytes: &[u8]) -> Option<(u32, u64)> {
     if bytes.len() != HEARTBEAT_BYTES || &bytes[..4] != HEARTBEAT_MAGIC {
         return None;
     }

@@ -66,7 +66,7 @@ struct Leading {
     saved_while_overdue: bool,
 }
 
-pub struct ServiceRun {
+pub(crate) struct ServiceRun {
     name: String,
     leading: Option<Leading>,
     leaderless_since: Option<Instant>,
@@ -84,7 +84,7 @@ impl ServiceRun {
     }
 
     /// Whether this host leads the service.
-    pub fn is_leading(&self) -> bool {
+    pub(crate) fn is_leading(&self) -> bool {
         self.leading.is_some()
     }
 
