@@ -1,5 +1,5 @@
-//! `ferry agent`: the receiving end of migrations (and, later, of HA
-//! replication).
+//! `ferry agent`: the receiving end of migrations and of HA replication,
+//! and the host's member of an HA cluster ([`ha`]).
 //!
 //! It listens on a TCP address, authenticates every peer with the shared
 //! secret (see [`ferry_transport`]) before reading anything else, and keeps

@@ -77,7 +77,7 @@ pub use unpack::{unpack, unpack_to_dir, update, UnpackReport};
 /// reader holds per thread.
 pub(crate) const CHUNK_PAGES: usize = 256;
 
-/// Default zstd level: chosen from `ferry bench compress` (see README).
+/// Default zstd level: chosen from `ferry bench compress` (see docs/benchmarks.md).
 pub const DEFAULT_LEVEL: i32 = 1;
 
 /// A pool of `threads` threads (at least one) for packing or reading.

@@ -1,4 +1,5 @@
-//! The CRIU RPC client.
+//! ferry's CRIU client: RPC (dump, restore, notifications), the image
+//! streamer, the capture of a dump's images, and CRIU's page servers.
 //!
 //! ferry drives CRIU through its RPC protocol (criu.org/RPC), never through
 //! its command line. A request goes to either

@@ -11,7 +11,7 @@
 //!   know; the link resets when closed, because CRIU 4.2 takes an orderly
 //!   end without `CLOSE` for success and would kill the tree.
 //!   ferry never asks CRIU's server for pages (its `tee` of the page pipes
-//!   is refused on this kernel, see ENVIRONMENT.md): it reads the frozen
+//!   is refused on this kernel, see docs/migration.md): it reads the frozen
 //!   tree's memory itself.
 //! - **the destination's page source** ([`serve_lazy_daemon`]): `criu
 //!   lazy-pages --page-server` asks a page server for each page a restored

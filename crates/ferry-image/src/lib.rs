@@ -1,4 +1,5 @@
-//! Reading CRIU image files.
+//! CRIU's image files, page digests and `/proc`, read and validated into
+//! ferry's own types (the lowest crate that sees CRIU's protobufs).
 //!
 //! CRIU writes a dump as a directory of image files (criu.org/Images):
 //!

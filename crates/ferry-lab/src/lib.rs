@@ -1,5 +1,7 @@
-//! The downtime laboratory: several "hosts" on one machine, a meter of the
-//! downtime an application sees, and the cold-migration baseline.
+//! Product code for `ferry bench` and `ferry demo`: the bundled workload
+//! ([`workload`]), the benchmarks ([`bench`]) and the downtime laboratory:
+//! several "hosts" on one machine, a meter of the downtime an application
+//! sees, and the cold-migration baseline.
 //!
 //! ```text
 //!  root namespace            ferry-U-sw (the "switch")   ferry-U-hI (host I, I = 0..n)

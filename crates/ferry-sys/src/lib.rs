@@ -1,4 +1,5 @@
-//! Every direct syscall ferry makes and every `unsafe` block in the crate.
+//! Every direct syscall ferry makes and every `unsafe` block in ferry: the
+//! only crate of the workspace allowed `unsafe`.
 //!
 //! The rest of ferry is `#![forbid(unsafe_code)]`-clean: it reaches the kernel
 //! through safe crates (nix, memmap2, std) or through the small, documented

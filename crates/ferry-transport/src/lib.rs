@@ -1,4 +1,6 @@
-//! ferry's wire protocol between a migrating source and a destination agent.
+//! ferry's wire between hosts: authenticated frames, the handshake and its
+//! own message types, between a migrating source (or an HA leader) and an
+//! agent.
 //!
 //! Every byte travels in a frame:
 //!

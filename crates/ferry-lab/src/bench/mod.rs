@@ -1,4 +1,4 @@
-//! `ferry bench`: measurements whose results go in the README and in notes,
+//! `ferry bench`: measurements whose results go in docs/benchmarks.md and in notes,
 //! never timed assertions in tests. Each benchmark runs the real thing
 //! (CRIU dumps of the bundled workload) and repeats every measurement,
 //! reporting the median and the spread.
