@@ -12,6 +12,10 @@ use cli::{exit, Cli};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Everything ferry writes (images, archives, page stores, staging,
+    // logs) holds application memory or keys: root-only, whatever umask
+    // ferry was started with. Its children (CRIU, runc) inherit it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

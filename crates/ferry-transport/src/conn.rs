@@ -34,11 +34,33 @@ impl std::fmt::Debug for Secret {
 impl Secret {
     /// Reads a key file: any bytes, at least [`MIN_SECRET_BYTES`] of them
     /// once surrounding whitespace is trimmed (a hex or base64 line works).
+    /// Reads the secret in `path`, refused (as ssh refuses a private key)
+    /// when the file belongs to another user or other users may read it.
     pub fn from_file(path: &Path) -> Result<Secret, TransportError> {
-        let bytes = std::fs::read(path).map_err(|source| TransportError::SecretFile {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let err = |source| TransportError::SecretFile {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut file = std::fs::File::open(path).map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(TransportError::SecretOwner {
+                path: path.to_path_buf(),
+                owner: meta.uid(),
+                me,
+            });
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(TransportError::SecretExposed {
+                path: path.to_path_buf(),
+                mode: meta.mode() & 0o7777,
+            });
+        }
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(err)?;
         let trimmed = bytes.trim_ascii();
         if trimmed.len() < MIN_SECRET_BYTES {
             return Err(TransportError::SecretTooShort {
@@ -540,6 +562,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("key");
         std::fs::write(&p, "short\n").unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         assert!(matches!(
             Secret::from_file(&p),
             Err(TransportError::SecretTooShort { len: 5, .. })
@@ -548,5 +571,21 @@ mod tests {
         Secret::generate(&g).unwrap();
         Secret::from_file(&g).unwrap();
         assert!(Secret::generate(&g).is_err(), "never overwrites a key");
+    }
+
+    /// A key other users can read is refused, naming the chmod to run.
+    #[test]
+    fn a_key_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let g = dir.path().join("gen");
+        Secret::generate(&g).unwrap();
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&g, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Secret::from_file(&g).unwrap_err();
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        std::fs::set_permissions(&g, std::fs::Permissions::from_mode(0o400)).unwrap();
+        Secret::from_file(&g).unwrap();
     }
 }

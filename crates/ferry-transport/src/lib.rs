@@ -56,6 +56,10 @@ pub enum TransportError {
         #[source]
         source: io::Error,
     },
+    #[error("the shared secret in {} can be read by other users (mode {mode:04o}): run `chmod 600 {}`", path.display(), path.display())]
+    SecretExposed { path: PathBuf, mode: u32 },
+    #[error("the shared secret in {} belongs to uid {owner}, not to this user (uid {me})", path.display())]
+    SecretOwner { path: PathBuf, owner: u32, me: u32 },
     #[error("the shared secret in {} is too short ({len} bytes; at least {min})", path.display())]
     SecretTooShort {
         path: PathBuf,
