@@ -176,6 +176,9 @@ struct Cluster {
     /// stopped before the directory and namespaces it lives in go.
     dockerds: Vec<DockerdProc>,
     kind: Kind,
+    /// A process-tree service runs an ordinary program (a Python counter
+    /// server that never calls setsid) instead of ferry's workload.
+    ordinary: bool,
     dir: tempfile::TempDir,
     lab: Lab,
     etcd: EtcdProc,
@@ -221,6 +224,7 @@ impl Cluster {
             dockerds,
             _turn: turn,
             kind,
+            ordinary: false,
             dir,
             lab,
             etcd,
@@ -289,6 +293,14 @@ impl Cluster {
         ]);
         let cmd = match self.kind {
             Kind::Runc => cmd.arg("--bundle").arg(bundle(self.dir.path())),
+            Kind::Process if self.ordinary => cmd
+                .arg("--")
+                .arg("python3")
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/programs/counter_server.py"
+                ))
+                .arg(&port),
             Kind::Process => workload_args()
                 .into_iter()
                 .fold(cmd.arg("--").arg(WORKLOAD), Cmd::arg),
@@ -680,8 +692,20 @@ fn a_docker_service_survives_the_same_faults() {
     fault_loop("hadk", Kind::Docker, faults().div_ceil(4));
 }
 
+/// An ordinary program (Python, no setsid of its own) as the service: it
+/// is checkpointed, replicated and failed over like the workload.
+#[test]
+fn an_ordinary_program_service_survives_the_faults() {
+    fault_loop_with("haor", Kind::Process, true, faults().div_ceil(4));
+}
+
 fn fault_loop(tag: &str, kind: Kind, faults: usize) {
+    fault_loop_with(tag, kind, false, faults)
+}
+
+fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
     let mut c = Cluster::start(tag, kind);
+    c.ordinary = ordinary;
     c.declare_service();
     let (leader, _) = c.settled(2);
     let status = c.status_text();

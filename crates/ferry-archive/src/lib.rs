@@ -137,6 +137,8 @@ pub enum ArchiveError {
     },
     #[error("{}: not a ferry archive (no FERRYARC magic)", path.display())]
     NotAnArchive { path: PathBuf },
+    #[error("{}: not a regular file (a FIFO, device, socket or directory is never read as an archive)", path.display())]
+    NotAFile { path: PathBuf },
     #[error("{}: archive format {major}.{minor} is newer than this ferry reads ({supported}.x): upgrade ferry", path.display())]
     NewerVersion {
         path: PathBuf,

@@ -127,8 +127,23 @@ pub struct Archive<R: ReadAt + ?Sized = ArchiveFile> {
 
 impl Archive<ArchiveFile> {
     /// Opens an archive file and checks its header, trailer and index.
+    /// Only a regular file is read: a FIFO or a device named as an archive
+    /// (or recorded as a parent) is refused without blocking on it.
     pub fn open(path: &Path) -> Result<Archive<ArchiveFile>, ArchiveError> {
-        let file = File::open(path).map_err(|e| ArchiveError::io("open archive", path, e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(path)
+            .map_err(|e| ArchiveError::io("open archive", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| ArchiveError::io("open archive", path, e))?;
+        if !meta.file_type().is_file() {
+            return Err(ArchiveError::NotAFile {
+                path: path.to_path_buf(),
+            });
+        }
         Archive::from_reader(path, Box::new(ArchiveFile::new(file)))
     }
 }
@@ -571,6 +586,11 @@ fn validate(index: &Index, trailer: &Trailer) -> Result<(Vec<(u64, usize)>, u64)
                 return Err(ctx("page runs do not cover the file"));
             }
         } else {
+            // Each chunk once, in order: a chunk listed twice would repeat
+            // its bytes in the file.
+            if f.data_chunks.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(ctx("lists its chunks out of order or twice"));
+            }
             let mut size = 0u64;
             for &c in &f.data_chunks {
                 let Some(chunk) = index.chunks.get(c as usize) else {
@@ -590,4 +610,52 @@ fn validate(index: &Index, trailer: &Trailer) -> Result<(Vec<(u64, usize)>, u64)
         }
     }
     Ok((slot_chunks, slots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index whose file lists a chunk twice (or out of order) is refused,
+    /// though each entry alone is valid.
+    #[test]
+    fn a_file_listing_a_chunk_twice_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A data file of three chunks.
+        let big: Vec<u8> = (0..(2 * crate::CHUNK_PAGES * PAGE_SIZE + 100))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(dir.path().join("data.img"), &big).unwrap();
+        let mut bytes = Vec::new();
+        let opts = crate::PackOptions {
+            level: 1,
+            threads: 1,
+            parent: None,
+            source: "test".into(),
+            progress: &crate::NoProgress,
+        };
+        crate::pack_dir(dir.path(), &mut bytes, None, &opts).unwrap();
+        let archive = Archive::from_bytes(Path::new("a.ferry"), &bytes).unwrap();
+        let index = archive.index().clone();
+        let last = index.chunks.last().unwrap();
+        let trailer = Trailer {
+            index_offset: last.offset + CHUNK_HEADER_LEN as u64 + u64::from(last.stored_len),
+            index_len: 0,
+            index_raw_len: 0,
+            index_checksum: 0,
+        };
+        assert!(validate(&index, &trailer).is_ok());
+        let fi = index.files.iter().position(|f| f.name == "data.img").unwrap();
+        assert!(index.files[fi].data_chunks.len() >= 2);
+        for chunks in [
+            vec![0, 0, 1],
+            vec![1, 0, 2],
+            index.files[fi].data_chunks.iter().rev().copied().collect(),
+        ] {
+            let mut bad = index.clone();
+            bad.files[fi].data_chunks = chunks;
+            let e = validate(&bad, &trailer).unwrap_err();
+            assert!(e.contains("out of order or twice"), "{e}");
+        }
+    }
 }

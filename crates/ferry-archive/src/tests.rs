@@ -621,3 +621,31 @@ fn streaming_leaves_out_the_zero_pages_of_plain_anonymous_memory() {
         assert!(out == fs::read(d.join(name)).unwrap(), "{name} differs");
     }
 }
+
+/// A FIFO or a directory named as an archive (or recorded as a parent) is
+/// refused at once: reading a FIFO would block for ever.
+#[test]
+fn only_regular_files_are_read_as_archives() {
+    let t = tempfile::tempdir().unwrap();
+    let fifo = t.path().join("fifo.ferry");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let start = std::time::Instant::now();
+    let e = Archive::open(&fifo).unwrap_err();
+    assert!(matches!(e, ArchiveError::NotAFile { .. }), "{e}");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+    let e = Archive::open(t.path()).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+
+    // A child whose recorded parent is a FIFO.
+    let d0 = t.path().join("d0");
+    let d1 = t.path().join("d1");
+    images(&d0, 300, 0);
+    images(&d1, 300, 1);
+    let (a0, a1) = (t.path().join("a0.ferry"), t.path().join("a1.ferry"));
+    pack_to_file(&d0, &a0, &opts(None, 1)).unwrap();
+    pack_to_file(&d1, &a1, &opts(Some(a0.clone()), 1)).unwrap();
+    fs::remove_file(&a0).unwrap();
+    nix::unistd::mkfifo(&a0, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let e = Chain::open(&a1, None).unwrap_err();
+    assert!(e.to_string().contains("not a regular file"), "{e}");
+}

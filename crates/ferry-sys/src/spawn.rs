@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 const INIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts `argv` as pid 1 of a new pid namespace (util-linux `unshare
-/// --pid --fork`, whose process stays outside as its waiter), in a new
-/// session, stdio on `/dev/null`. Its pids are its own, so a checkpoint of
-/// it restores on any host whatever pids are in use there. A thread reaps
-/// the waiter when the namespace ends. Returns the init's pid (as this
-/// namespace sees it).
+/// --pid --fork`, whose process stays outside as its waiter), stdio on
+/// `/dev/null`. Its pids are its own, so a checkpoint of it restores on any
+/// host whatever pids are in use there. It leads a session of its own
+/// (util-linux `setsid` before the command): CRIU refuses to dump a
+/// namespace whose init's session leader is outside it, and an ordinary
+/// program never calls setsid() itself. A thread reaps the waiter when the
+/// namespace ends. Returns the init's pid (as this namespace sees it).
 pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
     if argv.is_empty() {
         return Err(io::Error::new(
@@ -23,7 +25,7 @@ pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
         ));
     }
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--"])
+    cmd.args(["--pid", "--fork", "--", "setsid", "--"])
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

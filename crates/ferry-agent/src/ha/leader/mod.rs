@@ -2,6 +2,13 @@
 //! poll: lead it (run, publish, checkpoint, replicate, move), take it over
 //! when it has no leader and this host holds the newest checkpoint, or
 //! make sure no stale copy of it runs here.
+//!
+//! One file per part of the role: [`election`] (campaigning and becoming
+//! the leader), [`lead`] (running, publishing, scheduling), [`restore`]
+//! (a new leader's copy from the newest checkpoint), [`moves`] (planned
+//! switchovers), [`take_checkpoint`] (one checkpoint, recorded and
+//! replicated); this file holds the per-service state and the step the
+//! member's loop calls.
 
 mod election;
 mod lead;
