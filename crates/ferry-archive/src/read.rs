@@ -645,7 +645,11 @@ mod tests {
             index_checksum: 0,
         };
         assert!(validate(&index, &trailer).is_ok());
-        let fi = index.files.iter().position(|f| f.name == "data.img").unwrap();
+        let fi = index
+            .files
+            .iter()
+            .position(|f| f.name == "data.img")
+            .unwrap();
         assert!(index.files[fi].data_chunks.len() >= 2);
         for chunks in [
             vec![0, 0, 1],
