@@ -83,6 +83,41 @@ fn dump_of_a_missing_pid_is_refused() {
     assert!(err.contains(&format!("no process with pid {pid}")), "{err}");
 }
 
+/// A program whose session leader ferry cannot see (ferry and it in a pid
+/// namespace the session began outside of, as under some CI runners):
+/// ferry names the cause and the way out before CRIU fails on it.
+#[test]
+fn dump_of_a_program_whose_session_is_outside_the_namespace_is_explained() {
+    require_criu();
+    let dir = scratch("outside-session");
+    let imgs = images(dir.path());
+    // unshare without setsid: the namespace's processes keep this test's
+    // session, whose leader is outside it.
+    let script = format!(
+        "sleep 60 & pid=$!; \"$0\" dump --shell-job -t $pid -D '{}'; rc=$?; kill $pid; exit $rc",
+        imgs.display()
+    );
+    let out = Command::new("unshare")
+        .args([
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "sh",
+            "-c",
+            &script,
+            FERRY,
+        ])
+        .output()
+        .expect("run unshare");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("session whose leader is outside this pid namespace"),
+        "{err}"
+    );
+    assert!(err.contains("setsid"), "{err}");
+}
+
 #[test]
 fn dump_into_a_non_empty_directory_is_refused_and_the_workload_runs_on() {
     require_criu();

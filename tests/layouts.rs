@@ -32,8 +32,11 @@ impl Program {
     fn start(dir: &Path, mib: u64, layout: &str) -> Program {
         require_python();
         let report = dir.join("report");
-        let child = Command::new("python3")
-            .arg(PROGRAM)
+        // As from a terminal: a shell leads the session, the program runs
+        // under it in that session (it never calls setsid() itself), and
+        // the shell exits with its status.
+        let mut child = Command::new("setsid")
+            .args(["sh", "-c", "python3 \"$@\" & wait $!", "sh", PROGRAM])
             .arg(mib.to_string())
             .arg(layout)
             .arg(&report)
@@ -42,7 +45,23 @@ impl Program {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start python3 {PROGRAM}: {e}"));
-        let pid = child.id() as i32;
+        let shell = child.id();
+        let children = format!("/proc/{shell}/task/{shell}/children");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let pid = loop {
+            let found = std::fs::read_to_string(&children)
+                .ok()
+                .and_then(|c| c.split_whitespace().next()?.parse::<i32>().ok());
+            if let Some(pid) = found {
+                break pid;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the shell did not start python3 {PROGRAM}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         let p = Program {
             child: Some(child),
             pid,

@@ -12,6 +12,7 @@ use std::time::Duration;
 pub const ENV: &str = "FERRY_FAULT";
 /// How long a process waits at its fault point, unless
 /// `FERRY_FAULT_HOLD_MS` says otherwise.
+#[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
 pub(crate) const HOLD: Duration = Duration::from_secs(60);
 pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 

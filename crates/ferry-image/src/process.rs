@@ -44,6 +44,9 @@ pub struct ProcessInfo {
     /// The one-letter state: R, S, D, T (stopped), t (traced), Z (zombie)...
     pub state: char,
     pub comm: String,
+    /// Its session's id (field 6): 0 when the session's leader is in an
+    /// ancestor pid namespace, invisible from here.
+    pub session: i32,
     /// When it started, in clock ticks after boot (field 22): with the pid,
     /// what tells a process from a later one that reused its pid.
     pub start_time: u64,
@@ -82,16 +85,18 @@ fn parse_stat(pid: i32, text: &str) -> Option<ProcessInfo> {
     let close = text.rfind(')')?;
     let comm = text.get(open + 1..close)?.to_string();
     let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // Fields 3 (state), 4 (ppid) and 22 (starttime), counted from 1 with
-    // pid and comm the first two.
+    // Fields 3 (state), 4 (ppid), 6 (session) and 22 (starttime), counted
+    // from 1 with pid and comm the first two.
     let state = fields.first()?.chars().next()?;
     let ppid = fields.get(1)?.parse().ok()?;
+    let session = fields.get(3)?.parse().ok()?;
     let start_time = fields.get(19)?.parse().ok()?;
     Some(ProcessInfo {
         pid,
         ppid,
         state,
         comm,
+        session,
         start_time,
     })
 }

@@ -97,6 +97,8 @@ fn resume_gpu(toggled: &[(std::path::PathBuf, i32)]) {
 fn check_target(pid: i32) -> Result<(), CheckpointError> {
     match ProcessInfo::read(pid) {
         Ok(p) if p.is_zombie() => Err(CheckpointError::Zombie { pid, comm: p.comm }),
+        // CRIU cannot dump a task whose session it cannot see.
+        Ok(p) if p.session == 0 => Err(CheckpointError::SessionOutside { pid, comm: p.comm }),
         Ok(_) => Ok(()),
         Err(ProcessError::NotFound { .. }) => Err(CheckpointError::NoSuchProcess { pid }),
         // /proc unreadable for another reason: let CRIU report it.

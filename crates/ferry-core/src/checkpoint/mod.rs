@@ -74,6 +74,8 @@ pub enum CheckpointError {
     TargetRecord(Box<crate::target::TargetRecordError>),
     #[error("no process with pid {pid} to dump")]
     NoSuchProcess { pid: i32 },
+    #[error("pid {pid} ({comm}) belongs to a session whose leader is outside this pid namespace, which CRIU cannot dump: start it in a session of its own (setsid CMD, or from a login shell) or in a pid namespace of its own (unshare --pid --fork setsid CMD)")]
+    SessionOutside { pid: i32, comm: String },
     #[error("pid {pid} is a zombie ({comm}): nothing left to dump")]
     Zombie { pid: i32, comm: String },
     #[error("images directory {} is not empty ({entries} entries): dump into a new or empty directory", path.display())]
