@@ -48,6 +48,12 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
+            // A command line clap accepts but ferry cannot act on is still
+            // a usage error.
+            let code = match e {
+                cli::CliError::Usage(_) => exit::USAGE,
+                _ => exit::FAILED,
+            };
             let criu_lines = e
                 .criu_failure()
                 .map(|c| c.log_errors().to_vec())
@@ -56,7 +62,7 @@ fn main() -> ExitCode {
             for line in criu_lines {
                 eprintln!("  criu: {line}");
             }
-            ExitCode::from(exit::FAILED)
+            ExitCode::from(code)
         }
     }
 }

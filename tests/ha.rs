@@ -238,6 +238,11 @@ impl Cluster {
         c
     }
 
+    /// The cluster key every agent holds.
+    fn key(&self) -> PathBuf {
+        common::agent::key(self.dir.path())
+    }
+
     fn host(i: usize) -> String {
         format!("h{i}")
     }
@@ -284,6 +289,8 @@ impl Cluster {
             &self.etcd.url,
             "--cluster",
             &self.name,
+            "--key",
+            &self.key().to_string_lossy(),
             "--port",
             &port,
             "--interval-ms",
@@ -363,7 +370,9 @@ impl Cluster {
     fn view(&self) -> ClusterView {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match ferry_agent::ha::status::read(&self.client, &self.name) {
+            let secret = ferry_transport::Secret::from_file(&self.key()).unwrap();
+            let seals = ferry_agent::ha::status::Seals::Verify(&secret);
+            match ferry_agent::ha::status::read(&self.client, &self.name, seals) {
                 Ok(v) => return v,
                 Err(e) if Instant::now() > deadline => panic!("cannot read etcd: {e}"),
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
@@ -1020,6 +1029,8 @@ fn switchover(tag: &str, kind: Kind) {
         &c.etcd.url,
         "--cluster",
         &c.name,
+        "--key",
+        &c.key().to_string_lossy(),
     ])
     .ok();
     assert!(out.contains("requested"), "{out}");
@@ -1259,4 +1270,97 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         "a renewal did not resume the copy"
     );
     assert!(f.member.dumping("svc").is_some());
+}
+
+/// Write access to etcd alone runs nothing: a spec written straight to
+/// etcd (unsealed, as an intruder or an old ferry writes it) and one
+/// sealed with another key are refused by every agent, which logs them,
+/// and nothing of either runs; `ha status --key` shows them refused, and
+/// `ha run` without the key is refused before it writes anything.
+#[test]
+fn a_spec_without_the_cluster_keys_seal_runs_nowhere() {
+    use ferry_agent::ha::keys::{self, App, ServiceSpec};
+    let c = Cluster::start("unsealed", Kind::Process);
+    let ran = c.dir.path().join("ran");
+    let spec = |name: &str| ServiceSpec {
+        name: name.into(),
+        app: App::Process {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                format!("touch {}; sleep 600", ran.display()),
+            ],
+        },
+        port: PORT,
+        interval_ms: 1000,
+        standbys: 1,
+        hosts: vec![],
+    };
+    c.client
+        .put(
+            &keys::service_key(&c.name, "plain", "spec"),
+            serde_json::to_vec(&spec("plain")).unwrap(),
+            0,
+        )
+        .unwrap();
+    let other = ferry_transport::Secret::from_bytes(b"not the cluster key, 32 bytes ..");
+    c.client
+        .put(
+            &keys::service_key(&c.name, "forged", "spec"),
+            keys::seal(&other, &c.name, "forged", "spec", &spec("forged")),
+            0,
+        )
+        .unwrap();
+    // Every agent refuses both (each logs each once).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let refusals = c
+            .agents
+            .iter()
+            .flatten()
+            .map(|a| a.log().matches("refused an HA record from etcd").count())
+            .collect::<Vec<_>>();
+        if refusals.iter().all(|&n| n >= 2) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{refusals:?}\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A few election rounds later, still nothing ran nor was elected.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!ran.exists(), "an unsealed spec ran\n{}", c.logs());
+    let v = c.view();
+    for svc in ["plain", "forged"] {
+        let s = &v.services[svc];
+        assert!(s.spec.is_none() && s.leader.is_none(), "{svc}: {s:?}");
+        assert_eq!(s.refused.len(), 1, "{svc}: {:?}", s.refused);
+    }
+    let status = ferry([
+        "ha",
+        "status",
+        "--etcd",
+        &c.etcd.url,
+        "--cluster",
+        &c.name,
+        "--key",
+        &c.key().to_string_lossy(),
+    ])
+    .ok();
+    assert_eq!(status.matches("REFUSED spec").count(), 2, "{status}");
+    let err = ferry([
+        "ha",
+        "run",
+        "keyless",
+        "--etcd",
+        &c.etcd.url,
+        "--cluster",
+        &c.name,
+        "--port",
+        "9",
+        "--",
+        "true",
+    ])
+    .fails_with(2);
+    assert!(err.contains("needs --key"), "{err}");
+    assert!(!c.view().services.contains_key("keyless"));
 }

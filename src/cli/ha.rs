@@ -26,6 +26,11 @@ pub struct HaArgs {
     /// The cluster's name.
     #[arg(long, value_name = "NAME", global = true, env = "FERRY_CLUSTER")]
     pub cluster: Option<String>,
+    /// The cluster key (the agents' `--key`): `run` and `move` seal what
+    /// they write with it (agents run nothing unsealed); `status` checks
+    /// the seals with it and shows which are refused.
+    #[arg(long, value_name = "FILE", global = true, env = "FERRY_KEY")]
+    pub key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: HaCommand,
 }
@@ -103,6 +108,19 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             "ferry ha needs --etcd URL and --cluster NAME (or FERRY_ETCD and FERRY_CLUSTER)".into(),
         ));
     };
+    let secret = args
+        .key
+        .as_deref()
+        .map(ferry_transport::Secret::from_file)
+        .transpose()?;
+    let need_key = |what: &str| {
+        secret.as_ref().ok_or_else(|| {
+            CliError::Usage(format!(
+                "ferry ha {what} needs --key FILE (or FERRY_KEY), the cluster key the agents hold: \
+                 agents run only what it seals"
+            ))
+        })
+    };
     let etcd = Etcd::connect(&args.etcd)?;
     match &args.command {
         HaCommand::Run(r) => {
@@ -126,7 +144,7 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
                 standbys: r.standbys,
                 hosts: r.hosts.clone(),
             };
-            status::declare(&etcd, &cluster, &spec)?;
+            status::declare(&etcd, &cluster, &spec, need_key("run")?)?;
             writeln!(
                 out,
                 "service {} declared in cluster {cluster}; the agents elect its leader",
@@ -134,7 +152,11 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             )?;
         }
         HaCommand::Status(s) => {
-            let view = status::read(&etcd, &cluster)?;
+            let seals = match &secret {
+                Some(s) => status::Seals::Verify(s),
+                None => status::Seals::Unchecked,
+            };
+            let view = status::read(&etcd, &cluster, seals)?;
             if s.json {
                 let mut v = serde_json::to_value(&view)?;
                 v["format_version"] = 1.into();
@@ -145,7 +167,7 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             }
         }
         HaCommand::Move(m) => {
-            status::request_move(&etcd, &cluster, &m.service, &m.to)?;
+            status::request_move(&etcd, &cluster, &m.service, &m.to, need_key("move")?)?;
             writeln!(
                 out,
                 "move of {} to {} requested; its leader migrates it live",

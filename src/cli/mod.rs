@@ -8,7 +8,8 @@
 //! Exit codes:
 //! - 0 ([`exit::OK`]): success;
 //! - 1 ([`exit::FAILED`]): the operation failed (the message says why);
-//! - 2 ([`exit::USAGE`]): bad command line (from clap);
+//! - 2 ([`exit::USAGE`]): bad command line (from clap, or an option
+//!   missing that ferry needs for what was asked);
 //! - 3 ([`exit::HOST_NOT_READY`]): `ferry check` found CRIU unusable.
 
 #![forbid(unsafe_code)]

@@ -16,6 +16,98 @@ use ferry_transport::{Conn, Msg, Secret};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the accept loop looks at the shutdown flag.
 const POLL: Duration = Duration::from_millis(50);
+/// Connections served at once; more are closed as soon as accepted.
+const MAX_CONNECTIONS: usize = 256;
+/// Connections from one address still in their handshake; more from it
+/// are closed as soon as accepted (so idle or slow peers on one address
+/// cannot take every slot from a legitimate migration).
+const MAX_HANDSHAKES_PER_PEER: usize = 16;
+/// Pause after `accept` fails for want of descriptors or memory, instead
+/// of spinning on the connection still queued.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Refusals are logged at most this often (with a count).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts of connections now open, and of handshakes in progress per
+/// peer address.
+#[derive(Default)]
+struct Slots {
+    open: usize,
+    handshaking: HashMap<std::net::IpAddr, usize>,
+}
+
+/// One connection's hold on [`Slots`]; its handshake slot is given back by
+/// [`Held::authenticated`], its connection slot when dropped.
+struct Held {
+    slots: Arc<Mutex<Slots>>,
+    peer: std::net::IpAddr,
+    handshaking: bool,
+}
+
+impl Held {
+    /// Takes a slot for a connection from `peer`, or says which limit
+    /// refuses it.
+    fn take(slots: &Arc<Mutex<Slots>>, peer: std::net::IpAddr) -> Result<Held, &'static str> {
+        let mut s = slots.lock().unwrap_or_else(|p| p.into_inner());
+        if s.open >= MAX_CONNECTIONS {
+            return Err("too many connections");
+        }
+        let pending = s.handshaking.entry(peer).or_default();
+        if *pending >= MAX_HANDSHAKES_PER_PEER {
+            return Err("too many handshakes from this address");
+        }
+        *pending += 1;
+        s.open += 1;
+        Ok(Held {
+            slots: Arc::clone(slots),
+            peer,
+            handshaking: true,
+        })
+    }
+
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            release_handshake(&mut s, self.peer);
+        }
+    }
+}
+
+fn release_handshake(s: &mut Slots, peer: std::net::IpAddr) {
+    if let Some(n) = s.handshaking.get_mut(&peer) {
+        *n -= 1;
+        if *n == 0 {
+            s.handshaking.remove(&peer);
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if self.handshaking {
+            release_handshake(&mut s, self.peer);
+        }
+        s.open -= 1;
+    }
+}
+
+/// Logs refused connections, at most once per [`REFUSAL_LOG_EVERY`].
+struct Refusals {
+    since_log: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, peer: std::net::SocketAddr, why: &str) {
+        self.since_log += 1;
+        if self.last.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+            tracing::warn!(%peer, refused = self.since_log, "connection closed unserved: {why}");
+            self.since_log = 0;
+            self.last = Some(std::time::Instant::now());
+        }
+    }
+}
 
 /// State shared by every connection of an agent.
 pub struct Agent {
@@ -96,30 +188,71 @@ pub fn run(
     ready(local);
     let mut threads = Vec::new();
     let mut next_id = 0u64;
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let mut refusals = Refusals {
+        since_log: 0,
+        last: None,
+    };
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, peer)) => {
+                let held = match Held::take(&slots, peer.ip()) {
+                    Ok(h) => h,
+                    Err(why) => {
+                        refusals.note(peer, why);
+                        continue;
+                    }
+                };
                 let _ = stream.set_nonblocking(false);
                 next_id += 1;
                 let id = next_id;
                 if let (Ok(clone), Ok(mut conns)) = (stream.try_clone(), agent.conns.lock()) {
                     conns.insert(id, clone);
                 }
-                let agent = Arc::clone(&agent);
+                let served = Arc::clone(&agent);
                 let secret = secret.clone();
-                threads.push(std::thread::spawn(move || {
-                    if let Err(e) = serve(&agent, stream, &secret) {
-                        tracing::warn!(%peer, error = %ferry_image::units::chain(&e), "connection ended with an error");
+                let spawned = std::thread::Builder::new()
+                    .name(format!("ferry-conn-{id}"))
+                    .spawn(move || {
+                        if let Err(e) = serve(&served, stream, &secret, held) {
+                            tracing::warn!(%peer, error = %ferry_image::units::chain(&e), "connection ended with an error");
+                        }
+                        if let Ok(mut conns) = served.conns.lock() {
+                            conns.remove(&id);
+                        }
+                    });
+                match spawned {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        // The closure, stream and slot are dropped with it.
+                        if let Ok(mut conns) = agent.conns.lock() {
+                            conns.remove(&id);
+                        }
+                        refusals.note(peer, &format!("cannot start a thread for it: {e}"));
                     }
-                    if let Ok(mut conns) = agent.conns.lock() {
-                        conns.remove(&id);
-                    }
-                }));
+                }
                 threads.retain(|t| !t.is_finished());
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => tracing::warn!(error = %e, "accept failed"),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        nix::libc::EMFILE
+                            | nix::libc::ENFILE
+                            | nix::libc::ENOBUFS
+                            | nix::libc::ENOMEM
+                    )
+                ) =>
+            {
+                tracing::warn!(error = %e, "accept failed for want of resources; backing off");
+                std::thread::sleep(ACCEPT_BACKOFF);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(POLL);
+            }
         }
     }
     if let Some(m) = &agent.ha {
@@ -141,8 +274,14 @@ pub fn run(
     Ok(())
 }
 
-fn serve(agent: &Agent, stream: TcpStream, secret: &Secret) -> Result<(), AgentError> {
+fn serve(
+    agent: &Agent,
+    stream: TcpStream,
+    secret: &Secret,
+    mut held: Held,
+) -> Result<(), AgentError> {
     let mut conn = Conn::accept(stream, secret, HANDSHAKE_TIMEOUT)?;
+    held.authenticated();
     conn.set_read_timeout(Some(session::IDLE_TIMEOUT))?;
     match conn.recv_msg()? {
         Msg::Begin {

@@ -4,11 +4,15 @@ use std::io::{Read, Write};
 
 /// First bytes of every frame.
 pub const MAGIC: &[u8; 4] = b"FRY1";
-pub const VERSION: u8 = 3;
+/// 4: frames after the handshake are sealed (see `seal`).
+pub const VERSION: u8 = 4;
 pub const HEADER_LEN: usize = 20;
 pub(crate) const TAG_LEN: usize = 16;
 /// Largest payload a peer accepts (a batch of pages is at most ~4 MiB).
 pub(crate) const MAX_PAYLOAD: usize = 64 << 20;
+/// Largest payload of a handshake frame: nothing bigger is read (or
+/// allocated) before the peer has proven it holds the key.
+pub(crate) const MAX_HANDSHAKE_PAYLOAD: usize = 1024;
 /// Flag: the payload is zstd-compressed.
 pub(crate) const FLAG_ZSTD: u16 = 1;
 
@@ -16,7 +20,7 @@ pub(crate) const FLAG_ZSTD: u16 = 1;
 #[repr(u8)]
 pub enum FrameKind {
     Hello = 1,
-    Proof = 2,
+    // 2 was Proof (version 3's handshake).
     Welcome = 3,
     Refused = 4,
     Msg = 16,
@@ -28,7 +32,6 @@ impl FrameKind {
     pub fn from_u8(v: u8) -> Option<FrameKind> {
         Some(match v {
             1 => FrameKind::Hello,
-            2 => FrameKind::Proof,
             3 => FrameKind::Welcome,
             4 => FrameKind::Refused,
             16 => FrameKind::Msg,
@@ -66,18 +69,52 @@ pub(crate) fn write_frame(
     seq: u64,
     payload: &[u8],
 ) -> std::io::Result<()> {
+    let header = header(kind, flags, seq, payload.len());
+    let t = tag(key, &header, payload);
+    w.write_all(&header)?;
+    w.write_all(payload)?;
+    w.write_all(&t)?;
+    w.flush()
+}
+
+/// A frame's header.
+pub(crate) fn header(kind: FrameKind, flags: u16, seq: u64, len: usize) -> [u8; HEADER_LEN] {
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(MAGIC);
     header[4] = VERSION;
     header[5] = kind as u8;
     header[6..8].copy_from_slice(&flags.to_le_bytes());
     header[8..16].copy_from_slice(&seq.to_le_bytes());
-    header[16..20].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    let t = tag(key, &header, payload);
-    w.write_all(&header)?;
-    w.write_all(payload)?;
-    w.write_all(&t)?;
-    w.flush()
+    header[16..20].copy_from_slice(&(len as u32).to_le_bytes());
+    header
+}
+
+/// A frame header's (kind, flags, seq, payload length), the length at
+/// most `max_payload`.
+pub(crate) fn parse_header(
+    header: &[u8],
+    max_payload: usize,
+) -> Result<(FrameKind, u16, u64, usize), FrameFault> {
+    let field = |r: std::ops::Range<usize>| header.get(r).unwrap_or_default();
+    let magic: [u8; 4] = field(0..4).try_into().unwrap_or_default();
+    if &magic != MAGIC {
+        return Err(FrameFault::Magic(magic));
+    }
+    let (version, kind) = (header.get(4).copied(), header.get(5).copied());
+    if version != Some(VERSION) {
+        return Err(FrameFault::Version(version.unwrap_or_default()));
+    }
+    let kind = kind.unwrap_or_default();
+    let Some(kind) = FrameKind::from_u8(kind) else {
+        return Err(FrameFault::Kind(kind));
+    };
+    let flags = u16::from_le_bytes(field(6..8).try_into().unwrap_or_default());
+    let seq = u64::from_le_bytes(field(8..16).try_into().unwrap_or_default());
+    let len = u32::from_le_bytes(field(16..20).try_into().unwrap_or_default()) as usize;
+    if len > max_payload {
+        return Err(FrameFault::TooLarge(len));
+    }
+    Ok((kind, flags, seq, len))
 }
 
 /// Why a frame was refused.
@@ -89,7 +126,7 @@ pub enum FrameFault {
     Version(u8),
     #[error("unknown frame kind {0}")]
     Kind(u8),
-    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    #[error("payload of {0} bytes exceeds the limit (at most {MAX_PAYLOAD} bytes after the handshake, {MAX_HANDSHAKE_PAYLOAD} during it)")]
     TooLarge(usize),
     #[error("authentication tag mismatch (damaged, forged, or the wrong key)")]
     Tag,
@@ -101,17 +138,20 @@ pub(crate) const PUBLIC_KEY: [u8; 32] = [0; 32];
 
 /// Reads one frame and checks its tag with `key`. `Ok(None)` at a clean end
 /// of stream before a frame starts.
-pub fn read_frame(
+#[cfg(test)]
+fn read_frame(
     r: &mut impl Read,
     key: &[u8; 32],
 ) -> std::io::Result<Option<Result<Frame, FrameFault>>> {
-    read_frame_keyed(r, &|_| *key)
+    read_frame_keyed(r, &|_| *key, MAX_PAYLOAD)
 }
 
-/// [`read_frame`] with the key chosen by frame kind.
+/// [`read_frame`] with the key chosen by frame kind, the payload at most
+/// `max_payload` bytes.
 pub(crate) fn read_frame_keyed(
     r: &mut impl Read,
     key_for: &dyn Fn(FrameKind) -> [u8; 32],
+    max_payload: usize,
 ) -> std::io::Result<Option<Result<Frame, FrameFault>>> {
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
@@ -125,22 +165,10 @@ pub(crate) fn read_frame_keyed(
         }
         got += n;
     }
-    let magic: [u8; 4] = header[0..4].try_into().unwrap_or_default();
-    if &magic != MAGIC {
-        return Ok(Some(Err(FrameFault::Magic(magic))));
-    }
-    if header[4] != VERSION {
-        return Ok(Some(Err(FrameFault::Version(header[4]))));
-    }
-    let Some(kind) = FrameKind::from_u8(header[5]) else {
-        return Ok(Some(Err(FrameFault::Kind(header[5]))));
+    let (kind, flags, seq, len) = match parse_header(&header, max_payload) {
+        Ok(h) => h,
+        Err(fault) => return Ok(Some(Err(fault))),
     };
-    let flags = u16::from_le_bytes([header[6], header[7]]);
-    let seq = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-    let len = u32::from_le_bytes(header[16..20].try_into().unwrap_or_default()) as usize;
-    if len > MAX_PAYLOAD {
-        return Ok(Some(Err(FrameFault::TooLarge(len))));
-    }
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)?;
     let mut t = [0u8; TAG_LEN];

@@ -2,43 +2,49 @@
 //! own message types, between a migrating source (or an HA leader) and an
 //! agent.
 //!
-//! Every byte travels in a frame:
+//! Every message travels in a frame:
 //!
 //! ```text
-//!   0      4        5      6       8         16      20            20+len   36+len
-//!   +------+--------+------+-------+---------+-------+----- ... -----+--------+
-//!   | FRY1 | ver u8 | kind | flags | seq u64 | len   |    payload    |  tag   |
-//!   +------+--------+------+-------+---------+-------+----- ... -----+--------+
-//!   flags bit 0: payload is zstd-compressed.  tag: 16 bytes of BLAKE3 keyed
-//!   hash over header and payload.  All integers little-endian.
+//!   0      4        5      6       8         16      20            20+len
+//!   +------+--------+------+-------+---------+-------+----- ... -----+
+//!   | FRY1 | ver u8 | kind | flags | seq u64 | len   |    payload    |
+//!   +------+--------+------+-------+---------+-------+----- ... -----+
+//!   flags bit 0: payload is zstd-compressed.  All integers little-endian.
 //! ```
 //!
-//! **Authentication comes first.** Both peers hold a shared secret (a key
-//! file). Each opens with `Hello{nonce}`, tagged with a handshake key derived
-//! from the secret, then proves it knows the secret with a keyed hash over
-//! both nonces and its role. Until both proofs check out, nothing but the
-//! handshake is read: a peer without the key, or with the wrong one, is
-//! refused before anything is stored. Afterwards every frame is tagged with a
-//! session key derived from the secret and both nonces, and carries a
-//! sequence number per direction: a flipped byte, a replayed or reordered
-//! frame ends the connection with an error naming it.
+//! **The handshake comes first, and everything after it is sealed.** Both
+//! peers hold a shared secret (a key file). They run a Noise handshake
+//! (`Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s`, through the `snow` crate: the
+//! secret as pre-shared key, ephemeral X25519 keys for forward secrecy):
+//! two messages, carried in `Hello` and `Welcome` frames of at most 1 KiB,
+//! all within one deadline. Each side's message is encrypted under the
+//! secret, so a peer without it fails there and nothing else is read from
+//! it. From then on every frame is sealed ([`seal`]): encrypted and
+//! authenticated with ChaCha20-Poly1305 in segments of at most 64 KiB,
+//! under keys no one can recompute from the secret alone; a flipped byte,
+//! a replayed, dropped or reordered segment ends the connection with an
+//! error. Compressed payloads are decompressed within the 64 MiB frame
+//! limit, never beyond.
 //!
-//! Frame kinds: the handshake (`Hello`, `Welcome`, `Proof`, and `Refused`,
-//! which is readable without the key and carries only a reason), `Msg` (a
-//! JSON control message, see [`msg`]), `Blob` (bytes belonging to the
-//! message before it: an image file, a page recipe, a digest list) and
-//! `Pages` (a batch of pages with their digests, see [`pages`]). Msg, Blob
-//! and Pages payloads may be zstd-compressed (flag bit 0). A migration uses several
-//! connections at once (streams), so that compressing and sending use every
-//! core.
+//! Frame kinds: the handshake (`Hello`, `Welcome`, and `Refused`, which is
+//! readable without the key and carries only a reason), `Msg` (a JSON
+//! control message, see [`msg`]), `Blob` (bytes belonging to the message
+//! before it: an image file, a page recipe, a digest list) and `Pages` (a
+//! batch of pages with their digests, see [`pages`]). Msg, Blob and Pages
+//! payloads may be zstd-compressed (flag bit 0). A migration uses several
+//! connections at once (streams), so that compressing, sealing and sending
+//! use every core.
 
 #![forbid(unsafe_code)]
 
 pub mod conn;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod msg;
 pub mod pages;
 pub mod recent;
+pub(crate) mod seal;
 
 use std::io;
 use std::path::PathBuf;

@@ -12,6 +12,12 @@
 //! | `services/<svc>/standbys/<host>` | host's | each standby, after verifying a checkpoint |
 //! | `services/<svc>/move`            | none   | `ferry ha move`; the leader acts and deletes it |
 //!
+//! `spec` and `move` decide what agents run as root, so they are **sealed
+//! with the cluster key** ([`seal`], [`open`]): the record's JSON travels
+//! as a string beside a keyed BLAKE3 tag over the cluster, the service,
+//! the leaf and those exact bytes. An agent ignores, and logs, one it
+//! cannot verify: write access to etcd alone runs nothing.
+//!
 //! The revision of the leader key's last write is the service's **fencing
 //! token**: the key is written only by an election (create-if-absent) or a
 //! handover (`ha move`, guarded by the current token), so the token grows
@@ -38,6 +44,97 @@ pub fn service_key(cluster: &str, svc: &str, leaf: &str) -> String {
 
 pub(crate) fn standby_key(cluster: &str, svc: &str, host: &str) -> String {
     format!("/ferry/{cluster}/services/{svc}/standbys/{host}")
+}
+
+/// A record sealed with the cluster key: its JSON, exactly as tagged, and
+/// the tag (hex).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Sealed {
+    record: String,
+    seal: String,
+}
+
+const SEAL_CONTEXT: &str = "ferry ha record v1";
+
+/// `record` as stored at `services/<svc>/<leaf>` of `cluster`, sealed.
+pub fn seal<T: Serialize>(
+    secret: &ferry_transport::Secret,
+    cluster: &str,
+    svc: &str,
+    leaf: &str,
+    record: &T,
+) -> Vec<u8> {
+    let json = serde_json::to_string(record).unwrap_or_default();
+    let tag = secret.tag(
+        SEAL_CONTEXT,
+        &[
+            cluster.as_bytes(),
+            svc.as_bytes(),
+            leaf.as_bytes(),
+            json.as_bytes(),
+        ],
+    );
+    to_json(&Sealed {
+        record: json,
+        seal: tag.iter().map(|b| format!("{b:02x}")).collect(),
+    })
+}
+
+/// Why a sealed record was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SealError {
+    #[error("not sealed with a cluster key (written without `ferry ha ... --key`, or by something else)")]
+    NotSealed,
+    #[error("its seal does not verify with this agent's cluster key (another key, or altered)")]
+    BadSeal,
+    #[error("sealed, but its record does not parse: {0}")]
+    Unreadable(String),
+}
+
+/// Opens a sealed record read from `services/<svc>/<leaf>` of `cluster`;
+/// `secret: None` reads it without checking the seal (for display only).
+pub(crate) fn open<T: for<'de> Deserialize<'de>>(
+    secret: Option<&ferry_transport::Secret>,
+    cluster: &str,
+    svc: &str,
+    leaf: &str,
+    bytes: &[u8],
+) -> Result<T, SealError> {
+    let sealed: Sealed = serde_json::from_slice(bytes).map_err(|_| SealError::NotSealed)?;
+    if let Some(secret) = secret {
+        let tag = parse_hex32(&sealed.seal).ok_or(SealError::BadSeal)?;
+        let parts: [&[u8]; 4] = [
+            cluster.as_bytes(),
+            svc.as_bytes(),
+            leaf.as_bytes(),
+            sealed.record.as_bytes(),
+        ];
+        if !secret.verify_tag(SEAL_CONTEXT, &parts, &tag) {
+            return Err(SealError::BadSeal);
+        }
+    }
+    serde_json::from_str(&sealed.record).map_err(|e| SealError::Unreadable(e.to_string()))
+}
+
+fn parse_hex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
+/// How the sealed records of a view were checked.
+#[derive(Debug, Clone, Copy)]
+pub enum Seals<'a> {
+    /// Against the cluster key: a record that fails is left out of the
+    /// view and listed in [`ServiceView::refused`].
+    Verify(&'a ferry_transport::Secret),
+    /// Not checked (`ha status` without `--key`): shown as they claim.
+    Unchecked,
 }
 
 /// A host's registration and health.
@@ -239,6 +336,10 @@ pub struct ServiceView {
     pub standby_leases: BTreeMap<String, i64>,
     #[serde(rename = "move")]
     pub move_to: Option<MoveRequest>,
+    /// Sealed records refused: (leaf, etcd revision of its last write,
+    /// why). An agent ignores them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<(String, i64, String)>,
 }
 
 /// The whole cluster as read from etcd at one revision.
@@ -252,7 +353,11 @@ pub struct ClusterView {
 impl ClusterView {
     /// Parses every key under the cluster's prefix; records that do not
     /// parse are skipped with a warning (a newer ferry may write more).
-    pub fn parse(cluster: &str, entries: &[Entry], revision: i64) -> ClusterView {
+    pub fn parse(cluster: &str, entries: &[Entry], revision: i64, seals: Seals) -> ClusterView {
+        let secret = match seals {
+            Seals::Verify(s) => Some(s),
+            Seals::Unchecked => None,
+        };
         let prefix = cluster_prefix(cluster);
         let mut view = ClusterView {
             revision,
@@ -269,8 +374,33 @@ impl ClusterView {
                 }),
                 ["services", s, leaf @ ..] => {
                     let svc = view.services.entry(s.to_string()).or_default();
+                    let mut refuse = |leaf: &str, why: SealError| {
+                        svc.refused
+                            .push((leaf.to_string(), e.mod_revision, why.to_string()));
+                        true
+                    };
                     match leaf {
-                        ["spec"] => parse_into(&e.value, |r| svc.spec = Some(r)),
+                        ["spec"] => match open::<ServiceSpec>(secret, cluster, s, "spec", &e.value)
+                        {
+                            // The name inside is the one sealed; the key's
+                            // must agree with it.
+                            Ok(r) if r.name == *s => {
+                                svc.spec = Some(r);
+                                true
+                            }
+                            Ok(r) => refuse(
+                                "spec",
+                                SealError::Unreadable(format!("it names service {}", r.name)),
+                            ),
+                            Err(why) => refuse("spec", why),
+                        },
+                        ["move"] => match open(secret, cluster, s, "move", &e.value) {
+                            Ok(r) => {
+                                svc.move_to = Some(r);
+                                true
+                            }
+                            Err(why) => refuse("move", why),
+                        },
                         ["leader"] => parse_into(&e.value, |r| {
                             svc.leader = Some(r);
                             svc.token = e.mod_revision;
@@ -278,7 +408,6 @@ impl ClusterView {
                         }),
                         ["address"] => parse_into(&e.value, |r| svc.address = Some(r)),
                         ["checkpoint"] => parse_into(&e.value, |r| svc.checkpoint = Some(r)),
-                        ["move"] => parse_into(&e.value, |r| svc.move_to = Some(r)),
                         ["standbys", h] => parse_into(&e.value, |r: StandbyRecord| {
                             svc.standbys.insert(h.to_string(), r);
                             svc.standby_leases.insert(h.to_string(), e.lease);
@@ -388,12 +517,99 @@ mod tests {
             },
             entry("/ferry/other/hosts/x", "ignored", 1),
         ];
-        let v = ClusterView::parse(c, &entries, 10);
+        let v = ClusterView::parse(c, &entries, 10, Seals::Unchecked);
         let web = &v.services["web"];
         assert_eq!(web.token, 7);
         assert_eq!(web.leader.as_ref().unwrap().host, "a");
         assert_eq!(web.standbys["b"].checkpoint, cp);
         assert!(web.address.is_none());
         assert!(v.hosts.is_empty());
+    }
+
+    fn spec(name: &str) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            app: App::Process {
+                command: vec!["/bin/true".into()],
+            },
+            port: 80,
+            interval_ms: 1000,
+            standbys: 1,
+            hosts: vec![],
+        }
+    }
+
+    /// Only a spec sealed with the cluster key, for this cluster, service
+    /// and leaf, unaltered, reaches the view; every other is refused with
+    /// its reason.
+    #[test]
+    fn only_specs_sealed_with_the_cluster_key_are_taken() {
+        let key = ferry_transport::Secret::from_bytes(b"the cluster key, 32 bytes long..");
+        let other = ferry_transport::Secret::from_bytes(b"another key, just as long as it.");
+        let c = "c1";
+        let view = |value: Vec<u8>, svc: &str| {
+            let e = Entry {
+                key: service_key(c, svc, "spec"),
+                value,
+                mod_revision: 4,
+                lease: 0,
+            };
+            ClusterView::parse(c, &[e], 5, Seals::Verify(&key))
+                .services
+                .remove(svc)
+                .unwrap()
+        };
+        let good = view(seal(&key, c, "web", "spec", &spec("web")), "web");
+        assert_eq!(good.spec, Some(spec("web")));
+        assert!(good.refused.is_empty());
+
+        let refused = |sv: ServiceView, why: &str| {
+            assert!(sv.spec.is_none());
+            assert_eq!(sv.refused.len(), 1, "{:?}", sv.refused);
+            assert!(sv.refused[0].2.contains(why), "{:?}", sv.refused);
+        };
+        // Plain JSON, as before sealing existed (or as an intruder writes).
+        refused(view(to_json(&spec("web")), "web"), "not sealed");
+        // Sealed with another key.
+        refused(
+            view(seal(&other, c, "web", "spec", &spec("web")), "web"),
+            "does not verify",
+        );
+        // Sealed for another cluster, service or leaf, then copied here.
+        refused(
+            view(seal(&key, "c2", "web", "spec", &spec("web")), "web"),
+            "does not verify",
+        );
+        refused(
+            view(seal(&key, c, "db", "spec", &spec("web")), "web"),
+            "does not verify",
+        );
+        refused(
+            view(seal(&key, c, "web", "move", &spec("web")), "web"),
+            "does not verify",
+        );
+        // Altered after sealing: the command swapped.
+        let mut tampered: serde_json::Value =
+            serde_json::from_slice(&seal(&key, c, "web", "spec", &spec("web"))).unwrap();
+        tampered["record"] = tampered["record"]
+            .as_str()
+            .unwrap()
+            .replace("/bin/true", "/bin/evil")
+            .into();
+        refused(view(to_json(&tampered), "web"), "does not verify");
+        // Sealed, but naming another service than its key.
+        refused(
+            view(seal(&key, c, "web", "spec", &spec("db")), "web"),
+            "names service db",
+        );
+        // Unchecked (ha status without a key): shown as it claims.
+        let e = Entry {
+            key: service_key(c, "web", "spec"),
+            value: seal(&other, c, "web", "spec", &spec("web")),
+            mod_revision: 4,
+            lease: 0,
+        };
+        let v = ClusterView::parse(c, &[e], 5, Seals::Unchecked);
+        assert_eq!(v.services["web"].spec, Some(spec("web")));
     }
 }

@@ -396,7 +396,12 @@ impl Member {
         let (entries, revision) = self
             .etcd
             .get_prefix_within(&keys::cluster_prefix(self.cluster()), timeout)?;
-        Ok(ClusterView::parse(self.cluster(), &entries, revision))
+        Ok(ClusterView::parse(
+            self.cluster(),
+            &entries,
+            revision,
+            keys::Seals::Verify(&self.secret),
+        ))
     }
 
     /// How long the role loop waits for its read of the cluster: a leader
@@ -434,6 +439,9 @@ impl Member {
         let mut runs: HashMap<String, ServiceRun> = HashMap::new();
         let mut last_beat: Option<(Instant, i64)> = None;
         let mut last_view: Option<ClusterView> = None;
+        // Refused records already logged: (service, leaf, revision).
+        let mut refused_logged: std::collections::HashSet<(String, String, i64)> =
+            Default::default();
         while !self.stop.load(Ordering::Relaxed) {
             let tick = Instant::now();
             // While a renewal is overdue etcd is taken to be away: no call
@@ -467,6 +475,16 @@ impl Member {
             match view {
                 Some(view) => {
                     for (name, sv) in &view.services {
+                        for (leaf, revision, why) in &sv.refused {
+                            if refused_logged.insert((name.clone(), leaf.clone(), *revision)) {
+                                tracing::error!(
+                                    service = %name,
+                                    record = %leaf,
+                                    revision,
+                                    "refused an HA record from etcd: {why}; nothing of it is run"
+                                );
+                            }
+                        }
                         if sv.spec.is_none() {
                             continue;
                         }

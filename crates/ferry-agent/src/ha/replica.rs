@@ -441,7 +441,12 @@ fn admit_when_etcd_answers(
 fn admit(member: &Member, service: &str, cp: &CheckpointRecord) -> Result<(), HaError> {
     let prefix = keys::service_key(member.cluster(), service, "");
     let (entries, rev) = member.etcd.get_prefix(&prefix)?;
-    let view = ClusterView::parse(member.cluster(), &entries, rev);
+    let view = ClusterView::parse(
+        member.cluster(),
+        &entries,
+        rev,
+        keys::Seals::Verify(&member.secret),
+    );
     let sv = view.services.get(service);
     let Some(spec) = sv.and_then(|s| s.spec.as_ref()) else {
         return Err(HaError::NoService {

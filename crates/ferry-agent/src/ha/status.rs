@@ -4,28 +4,39 @@
 use std::io::{self, Write};
 
 use super::etcd::Etcd;
+pub use super::keys::Seals;
 use super::keys::{self, ClusterView, MoveRequest, ServiceSpec};
 use super::HaError;
+use ferry_transport::Secret;
 
 /// How long a command line's read keeps trying a slow or restarting etcd
 /// (each try times out as the agents' calls do).
 const READ_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads cluster `cluster`, retrying a failed read for up to 5 s.
-pub fn read(etcd: &Etcd, cluster: &str) -> Result<ClusterView, HaError> {
+/// Reads cluster `cluster`, retrying a failed read for up to 5 s; its
+/// sealed records checked as `seals` says.
+pub fn read(etcd: &Etcd, cluster: &str, seals: Seals) -> Result<ClusterView, HaError> {
     super::valid_name(cluster)?;
     let deadline = std::time::Instant::now() + READ_PATIENCE;
     loop {
         match etcd.get_prefix(&keys::cluster_prefix(cluster)) {
-            Ok((entries, revision)) => return Ok(ClusterView::parse(cluster, &entries, revision)),
+            Ok((entries, revision)) => {
+                return Ok(ClusterView::parse(cluster, &entries, revision, seals))
+            }
             Err(e) if std::time::Instant::now() >= deadline => return Err(e),
             Err(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
         }
     }
 }
 
-/// Declares (or redeclares) a service.
-pub fn declare(etcd: &Etcd, cluster: &str, spec: &ServiceSpec) -> Result<(), HaError> {
+/// Declares (or redeclares) a service, its spec sealed with the cluster
+/// key.
+pub fn declare(
+    etcd: &Etcd,
+    cluster: &str,
+    spec: &ServiceSpec,
+    secret: &Secret,
+) -> Result<(), HaError> {
     super::valid_name(cluster)?;
     super::valid_name(&spec.name)?;
     for h in &spec.hosts {
@@ -33,14 +44,21 @@ pub fn declare(etcd: &Etcd, cluster: &str, spec: &ServiceSpec) -> Result<(), HaE
     }
     etcd.put(
         &keys::service_key(cluster, &spec.name, "spec"),
-        keys::to_json(spec),
+        keys::seal(secret, cluster, &spec.name, "spec", spec),
         0,
     )
 }
 
-/// Asks the leader of `service` to move it live to `to`.
-pub fn request_move(etcd: &Etcd, cluster: &str, service: &str, to: &str) -> Result<(), HaError> {
-    let view = read(etcd, cluster)?;
+/// Asks the leader of `service` to move it live to `to` (the request
+/// sealed with the cluster key).
+pub fn request_move(
+    etcd: &Etcd,
+    cluster: &str,
+    service: &str,
+    to: &str,
+    secret: &Secret,
+) -> Result<(), HaError> {
+    let view = read(etcd, cluster, Seals::Verify(secret))?;
     if view.services.get(service).is_none_or(|s| s.spec.is_none()) {
         return Err(HaError::NoService {
             service: service.into(),
@@ -55,7 +73,13 @@ pub fn request_move(etcd: &Etcd, cluster: &str, service: &str, to: &str) -> Resu
     }
     etcd.put(
         &keys::service_key(cluster, service, "move"),
-        keys::to_json(&MoveRequest { to: to.into() }),
+        keys::seal(
+            secret,
+            cluster,
+            service,
+            "move",
+            &MoveRequest { to: to.into() },
+        ),
         0,
     )
 }
@@ -169,6 +193,12 @@ pub fn render(cluster: &str, view: &ClusterView, out: &mut dyn Write) -> io::Res
         }
         if let Some(m) = &s.move_to {
             writeln!(out, "  move to {} requested", m.to)?;
+        }
+        for (leaf, revision, why) in &s.refused {
+            writeln!(
+                out,
+                "  REFUSED {leaf} (etcd revision {revision}): {why}; agents ignore it"
+            )?;
         }
     }
     Ok(())

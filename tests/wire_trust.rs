@@ -1,0 +1,328 @@
+//! The wire between hosts, as an attacker on the network sees it: what a
+//! migration sends holds none of the process's memory in clear; and an
+//! agent under abuse from peers without the key (and one with it) serves a
+//! legitimate migration meanwhile, its memory bounded.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::agent::AgentProc;
+use common::*;
+use ferry_lab::workload::{Launch, Workload};
+
+/// A connection to `to` from the loopback address `from` (127.0.0.0/8 is
+/// all local): the agent tells peers apart by address.
+fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let [a, b, c, d] = from;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::new(a, b, c, d, 0),
+    )?;
+    let SocketAddr::V4(to) = to else {
+        panic!("the agent listens on IPv4 loopback")
+    };
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// The agent's resident memory now and at its peak, in KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// True when the peer has closed the connection (read gives 0 or an error
+/// within `within`).
+fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            // A refusal frame before the close.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+fn migrate_reaping(w: &mut Workload, cmd: Cmd) -> Run {
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !h.is_finished() && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    h.join().expect("migrate thread")
+}
+
+/// Forwards every connection made to the returned address to `to`,
+/// recording what the client side sends.
+fn recording_relay(to: SocketAddr) -> (String, Arc<Mutex<Vec<u8>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for client in l.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(to) else {
+                return;
+            };
+            let (mut back_from, mut back_to) =
+                (server.try_clone().unwrap(), client.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+                let _ = back_to.shutdown(std::net::Shutdown::Both);
+            });
+            let sink = Arc::clone(&sink);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = match client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                    if server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = server.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An ordinary program (Python, under a shell that leads its session)
+/// holding a secret among random bytes (so no compressor can hide it).
+const HOLDER: &str = "import os, sys, time
+secret = sys.argv[1].encode()
+buf = bytearray(os.urandom(8 << 20))
+for at in range(0, len(buf) - 4096, 1 << 20):
+    buf[at + 100:at + 100 + len(secret)] = secret
+open(sys.argv[2], 'w').write('ready')
+while True:
+    time.sleep(0.05)
+";
+
+#[test]
+fn a_migration_sends_no_page_in_clear() {
+    require_criu();
+    let dir = scratch("wire-clear");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let (relay, seen) = recording_relay(agent.addr.parse().unwrap());
+    let marker = format!("FERRY-TENANT-SECRET-{}", std::process::id());
+    let ready = dir.path().join("ready");
+    let mut shell = std::process::Command::new("setsid")
+        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", HOLDER])
+        .arg(&marker)
+        .arg(&ready)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sh = shell.id();
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let kill = |pid: i32| {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    };
+    let run = ferry([
+        "migrate",
+        "--shell-job",
+        "--json",
+        "--timeout",
+        "10s",
+        "--pid",
+    ])
+    .arg(pid.to_string())
+    .arg("--to")
+    .arg(&relay)
+    .arg("--key")
+    .arg(&agent.key)
+    .run();
+    let _ = shell.wait();
+    let report = run.json();
+    assert_eq!(
+        report["restored_pid"].as_i64(),
+        Some(i64::from(pid)),
+        "{report}"
+    );
+    kill(pid);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.len() > 8 << 20,
+        "only {} bytes crossed the relay",
+        seen.len()
+    );
+    assert!(
+        !seen.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the program's secret crossed the wire in clear"
+    );
+}
+
+#[test]
+fn abuse_from_many_peers_leaves_a_migration_working_and_memory_bounded() {
+    require_criu();
+    let dir = scratch("abuse");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let to: SocketAddr = agent.addr.parse().unwrap();
+    let agent_pid = agent.child.id();
+    let (rss_start, _) = rss_kib(agent_pid);
+
+    // A thousand idle connections from one address: a few wait in their
+    // handshake, the rest are closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..1000 {
+        match connect_from([127, 0, 0, 2], to) {
+            Ok(s) => idle.push(s),
+            Err(e) => panic!("connection {} refused by the kernel: {e}", idle.len()),
+        }
+    }
+    // Within a few seconds (the kernel's accept queue may hold some back
+    // a while), the last hundred have been closed unserved.
+    let mut open: Vec<&mut TcpStream> = idle.iter_mut().rev().take(100).collect();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while !open.is_empty() && Instant::now() < deadline {
+        open.retain_mut(|s| !closed_by_peer(s, Duration::from_millis(10)));
+    }
+    assert!(
+        open.len() <= 16,
+        "{} of the last 100 idle connections are still open",
+        open.len()
+    );
+
+    // A slow-loris handshake, one byte every 300 ms.
+    let loris = std::thread::spawn(move || {
+        let mut s = connect_from([127, 0, 0, 3], to).unwrap();
+        let start = Instant::now();
+        for b in b"FRY1\x04\x01" {
+            if s.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let closed = closed_by_peer(&mut s, Duration::from_secs(15));
+        (closed, start.elapsed())
+    });
+
+    // A header claiming 4 GiB, before any authentication.
+    let mut huge = connect_from([127, 0, 0, 4], to).unwrap();
+    let mut header = Vec::new();
+    header.extend_from_slice(b"FRY1");
+    header.extend_from_slice(&[4, 1, 0, 0]);
+    header.extend_from_slice(&0u64.to_le_bytes());
+    header.extend_from_slice(&u32::MAX.to_le_bytes());
+    huge.write_all(&header).unwrap();
+    assert!(
+        closed_by_peer(&mut huge, Duration::from_secs(5)),
+        "a 4 GiB frame header kept the connection open"
+    );
+
+    // A decompression bomb from a peer holding the key: 64 MiB + 1 of
+    // zeros in a few kilobytes.
+    let secret = ferry_transport::Secret::from_file(&agent.key).unwrap();
+    let mut bomber =
+        ferry_transport::Conn::connect(&agent.addr, &secret, Duration::from_secs(5)).unwrap();
+    bomber.send_pages(&vec![0u8; (64 << 20) + 1], true).unwrap();
+    match bomber.recv() {
+        // Closed: the agent logs why (checked below).
+        Err(_) | Ok(None) => {}
+        Ok(Some(ferry_transport::Incoming::Msg(ferry_transport::Msg::Error { message }))) => {
+            assert!(message.contains("over the limit"), "{message}")
+        }
+        Ok(other) => panic!("the agent answered a decompression bomb with {other:?}"),
+    }
+
+    let (_, hwm_abuse) = rss_kib(agent_pid);
+    // Meanwhile, a legitimate migration.
+    let mut l = Launch::new(WORKLOAD, 32, dir.path().join("report"));
+    l.dirty_mib_s = 1.0;
+    let mut w = start_with(l);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let run = migrate_reaping(
+        &mut w,
+        ferry([
+            "migrate",
+            "--shell-job",
+            "--timeout",
+            "10s",
+            "--json",
+            "--pid",
+        ])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key),
+    );
+    let report = run.json();
+    assert_eq!(
+        report["restored_pid"].as_i64(),
+        Some(pid as i64),
+        "{report}"
+    );
+    let restored = Workload::adopt(pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+
+    let (loris_closed, loris_took) = loris.join().unwrap();
+    assert!(loris_closed, "the slow-loris connection was kept open");
+    assert!(
+        loris_took < Duration::from_secs(15),
+        "the slow-loris connection lasted {loris_took:?}"
+    );
+    let (rss_end, hwm) = rss_kib(agent_pid);
+    eprintln!(
+        "agent memory: {rss_start} KiB at start, peak {hwm_abuse} KiB under abuse, \
+         {rss_end} KiB at the end, peak {hwm} KiB with the migration"
+    );
+    assert!(
+        hwm_abuse < 64 << 10,
+        "the agent's peak RSS under abuse was {hwm_abuse} KiB"
+    );
+    // The 64 MiB bomb was never decompressed, nor a 4 GiB buffer made.
+    assert!(hwm < 128 << 10, "the agent's peak RSS was {hwm} KiB");
+    for logged in ["connection closed unserved", "over the limit"] {
+        assert!(
+            agent.wait_for(logged, Duration::from_secs(1)),
+            "{logged}: {}",
+            agent.log()
+        );
+    }
+    drop(idle);
+    drop(restored);
+}
