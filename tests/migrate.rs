@@ -485,6 +485,106 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
     assert_eq!(a, b);
 }
 
+/// An unprivileged local user racing for post-copy's page servers: as
+/// `nobody`, it connects to every loopback port that listens, over and
+/// over, for the whole migration, and sends CRIU's `CLOSE` on each
+/// connection. Neither page server listens anywhere (each is handed an
+/// already-connected descriptor), so the migration succeeds and the
+/// memory arrives intact.
+#[test]
+fn a_local_user_cannot_reach_post_copys_page_servers() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-lazy-race");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 32, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    // Where `nobody` can write its log and see the stop sign.
+    let shared = tempfile::Builder::new()
+        .prefix("ferry-racer-")
+        .tempdir()
+        .unwrap();
+    let open = |p: &Path, mode| {
+        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap()
+    };
+    open(shared.path(), 0o777);
+    let stop = shared.path().join("stop-racing");
+    let seen = shared.path().join("racer-log");
+    std::fs::write(&seen, "").unwrap();
+    open(&seen, 0o666);
+    let mut racer = std::process::Command::new("setpriv")
+        .args([
+            "--reuid",
+            "nobody",
+            "--regid",
+            "nogroup",
+            "--clear-groups",
+            "--",
+        ])
+        // The system's Python: nobody cannot run a shim under /root.
+        .args(["/usr/bin/python3", "-c", RACER])
+        .arg(&stop)
+        .arg(&seen)
+        .spawn()
+        .expect("setpriv (util-linux) and python3");
+    let run = migrate_reaping(&mut w, lazy_cmd(&agent, pid));
+    std::fs::create_dir_all(&stop).unwrap();
+    let racer_ok = racer.wait().unwrap().success();
+    let report = run.json();
+    let tries = std::fs::read_to_string(&seen).unwrap();
+    assert!(racer_ok, "the racer failed: {tries}");
+    // It did race: the agent's own port at least, many times over.
+    assert!(tries.lines().count() > 10, "{tries}");
+    assert_eq!(
+        report["final"]["lazy_dump"].as_bool(),
+        Some(true),
+        "{report}"
+    );
+    assert_eq!(
+        report["stop_reason"].as_str(),
+        Some("post_copy"),
+        "{report}"
+    );
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+}
+
+/// The racer: connects to each listening 127.0.0.1 port in
+/// /proc/net/tcp, sends a page-server CLOSE header, notes what answered;
+/// until argv[1] exists (at most 120 s).
+const RACER: &str = r#"
+import os, socket, struct, sys, time
+stop, log = sys.argv[1], sys.argv[2]
+close = struct.pack("=IIQQQ", 0x1023, 0, 0, 0, 0)
+end = time.time() + 120
+with open(log, "a") as out:
+    while not os.path.exists(stop) and time.time() < end:
+        for line in open("/proc/net/tcp").readlines()[1:]:
+            f = line.split()
+            addr, port = f[1].split(":")
+            if f[3] != "0A" or addr != "0100007F":
+                continue
+            port = int(port, 16)
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=0.2)
+                s.sendall(close)
+                s.settimeout(0.05)
+                try:
+                    got = len(s.recv(64))
+                except OSError:
+                    got = -1
+                s.close()
+                out.write(f"port {port}: connected, {got} bytes back\n")
+            except OSError as e:
+                out.write(f"port {port}: {e}\n")
+        out.flush()
+        time.sleep(0.001)
+"#;
+
 #[test]
 fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     require_criu();

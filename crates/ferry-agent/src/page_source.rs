@@ -1,17 +1,15 @@
 //! Post-copy from a lazy dump, the agent's half: the `criu lazy-pages`
-//! daemon's page server is ferry's loopback listener, and every page it
+//! daemon's page server is ferry, at the other end of a connection handed
+//! to the daemon as a descriptor (`--ps-socket`), and every page it
 //! asks for comes from the source over the session's page-source
 //! connection (`Msg::PageSource`; see `migrate::post_copy`).
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_criu::page_server::{self, PageSourceListener, Served, PAGE};
+use ferry_criu::page_server::{self, Served, PAGE};
 use ferry_transport::recent::ReceivedPages;
 use ferry_transport::{Conn, Msg};
-
-/// How long the daemon may take to connect to ferry's page server.
-const DAEMON_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Longest wait for the source's answer to one page request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,12 +44,12 @@ pub(crate) struct PageRelay {
 }
 
 impl PageRelay {
-    /// Relays the daemon that connects to `listener` over `conn` until it
-    /// has every page; then tells the source.
-    pub fn start(mut conn: Conn, listener: PageSourceListener) -> PageRelay {
+    /// Relays the daemon at the other end of `daemon` over `conn` until
+    /// it has every page; then tells the source.
+    pub fn start(mut conn: Conn, mut daemon: std::net::TcpStream) -> PageRelay {
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
-            let result = relay(&mut conn, &listener);
+            let result = relay(&mut conn, &mut daemon);
             match &result {
                 Ok(served) => {
                     let _ = conn.send_msg(&Msg::PagesDone {
@@ -80,13 +78,12 @@ impl PageRelay {
     }
 }
 
-fn relay(conn: &mut Conn, listener: &PageSourceListener) -> Result<Served, RelayError> {
+fn relay(conn: &mut Conn, daemon: &mut std::net::TcpStream) -> Result<Served, RelayError> {
     // The source answers each request at once: silence means it is gone.
     conn.set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(RelayError::Timeout)?;
-    let mut daemon = listener.accept(DAEMON_CONNECT_TIMEOUT)?;
     let mut recent = ReceivedPages::default();
-    page_server::serve_lazy_daemon(&mut daemon, &mut |pid, vaddr, pages, buf| {
+    page_server::serve_lazy_daemon(daemon, &mut |pid, vaddr, pages, buf| {
         conn.send_msg(&Msg::PageGet { pid, vaddr, pages })?;
         let (zero, repeat) = match conn.recv_msg()? {
             Msg::PageData { zero, repeat } => (zero, repeat),

@@ -34,8 +34,12 @@ pub struct Exchange {
 }
 
 impl Connection {
-    /// Spawns `binary swrk 3` with one end of a socketpair as fd 3.
-    pub(crate) fn spawn_swrk(binary: &Path) -> Result<Connection, CriuError> {
+    /// Spawns `binary swrk 3` with one end of a socketpair as fd 3, and
+    /// `extra` (a descriptor, and the number the child finds it as).
+    pub(crate) fn spawn_swrk(
+        binary: &Path,
+        extra: Option<(std::os::fd::OwnedFd, i32)>,
+    ) -> Result<Connection, CriuError> {
         let spawn_err = |source| CriuError::Spawn {
             binary: binary.to_path_buf(),
             source,
@@ -46,11 +50,16 @@ impl Connection {
             .arg(SWRK_CHILD_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        cmd.fd_mappings(vec![FdMapping {
+        let mut mappings = vec![FdMapping {
             parent_fd: theirs.into_owned_fd(),
             child_fd: SWRK_CHILD_FD,
-        }])
-        .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
+        }];
+        mappings.extend(extra.map(|(parent_fd, child_fd)| FdMapping {
+            parent_fd,
+            child_fd,
+        }));
+        cmd.fd_mappings(mappings)
+            .map_err(|e| spawn_err(std::io::Error::other(e.to_string())))?;
         let child = cmd.spawn().map_err(spawn_err)?;
         // `cmd` still holds our copy of the child's end: drop it so that the
         // socket reports EOF when the child dies.

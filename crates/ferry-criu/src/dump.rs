@@ -2,7 +2,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -45,12 +45,40 @@ pub struct DumpRequest {
     /// only the total.
     pub stream: bool,
     /// A lazy dump (CRIU `--lazy-pages`): the images leave out the memory
-    /// that can be restored lazily; CRIU keeps the tree frozen and waits on
-    /// a page server on this loopback port until a peer ends the transfer
-    /// ([`super::page_server::LazyDumpLink`]). The request returns only
-    /// then.
-    pub lazy_port: Option<u16>,
+    /// that can be restored lazily; CRIU keeps the tree frozen and serves
+    /// as a page server on this connected socket (given to it as a
+    /// descriptor, `ps-socket`) until the peer at its other end ends the
+    /// transfer ([`super::page_server::LazyDumpLink`]). It sends the
+    /// `status-ready` notification when it starts serving. The request
+    /// returns only when the transfer ends. Needs a `criu swrk` of ferry's
+    /// own (a CRIU service cannot be handed a descriptor).
+    pub lazy_socket: Option<LazySocket>,
 }
+
+/// The page server's end of a lazy dump's connection; CRIU takes it once.
+#[derive(Debug, Clone)]
+pub struct LazySocket(std::sync::Arc<std::sync::Mutex<Option<OwnedFd>>>);
+
+impl LazySocket {
+    pub fn new(fd: OwnedFd) -> LazySocket {
+        LazySocket(std::sync::Arc::new(std::sync::Mutex::new(Some(fd))))
+    }
+
+    fn take(&self) -> Option<OwnedFd> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+impl PartialEq for LazySocket {
+    fn eq(&self, other: &LazySocket) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for LazySocket {}
+
+/// The descriptor a lazy dump's `criu swrk` finds its page-server socket on.
+const LAZY_SOCKET_CHILD_FD: i32 = 4;
 
 /// What CRIU needs to dump a container (the options runc gives it).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -87,7 +115,7 @@ impl DumpRequest {
             leave_stopped: false,
             tcp_skip_in_flight: false,
             stream: false,
-            lazy_port: None,
+            lazy_socket: None,
         }
     }
 
@@ -139,13 +167,31 @@ impl Criu {
             notify_scripts: Some(true),
             ..Default::default()
         };
-        if let Some(port) = req.lazy_port {
+        // CRIU's RPC takes a page-server descriptor only for a page server
+        // that sends (`ps.fd` is ignored with `lazy_pages`), so a lazy dump
+        // gets it from an RPC configuration file, which CRIU applies over
+        // the request: `ps-socket N`, N as the swrk child sees it.
+        let (mut lazy_fd, mut conf_dir) = (None, None);
+        if let Some(socket) = &req.lazy_socket {
+            let fd = socket.take().ok_or(CriuError::LazySocket {
+                why: "the lazy dump's socket was already used".into(),
+            })?;
+            let conf = tempfile::Builder::new()
+                .prefix("ferry-lazy-dump-")
+                .tempdir()
+                .map_err(|e| CriuError::LazySocket {
+                    why: format!("cannot make a directory for CRIU's configuration: {e}"),
+                })?;
+            let path = conf.path().join("rpc.conf");
+            std::fs::write(&path, format!("ps-socket {LAZY_SOCKET_CHILD_FD}\n")).map_err(|e| {
+                CriuError::LazySocket {
+                    why: format!("cannot write {}: {e}", path.display()),
+                }
+            })?;
             opts.lazy_pages = Some(true);
-            opts.ps = Some(pb::CriuPageServerInfo {
-                address: Some("127.0.0.1".into()),
-                port: Some(i32::from(port)),
-                ..Default::default()
-            });
+            opts.config_file = Some(path.display().to_string());
+            lazy_fd = Some(fd);
+            conf_dir = Some(conf);
         }
         if let Some(c) = &req.container {
             opts.root = Some(c.root.display().to_string());
@@ -172,9 +218,14 @@ impl Criu {
         };
         let log = req.log_path();
         let start = Instant::now();
-        let exchange = self
-            .connect()?
-            .request(RequestKind::Dump, msg, hooks, Some(&log))?;
+        // Only CRIU holds the page server's end from here: its exit ends
+        // the connection.
+        let mut connection = match lazy_fd.take() {
+            Some(fd) => self.connect_with_fd(fd, LAZY_SOCKET_CHILD_FD)?,
+            None => self.connect()?,
+        };
+        let exchange = connection.request(RequestKind::Dump, msg, hooks, Some(&log))?;
+        drop(conf_dir);
         let wall = start.elapsed();
         drop(dir);
         Ok(DumpOutcome {

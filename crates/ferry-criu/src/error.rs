@@ -65,6 +65,8 @@ pub enum CriuError {
     UnexpectedResponse { request: RequestKind, got: String },
     #[error("the criu lazy-pages daemon did not start: {why} (log: {})", log.display())]
     LazyPages { why: String, log: PathBuf },
+    #[error("cannot give a lazy dump its page-server socket: {why}")]
+    LazySocket { why: String },
     #[error("CRIU exited during {request} ({status}){}", log_hint(log.as_deref()))]
     Died {
         request: RequestKind,

@@ -4,14 +4,19 @@
 //! faults of the restored tasks, pushes the remaining pages in the
 //! background and exits once every page is in place.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
 
 use super::{Criu, CriuError};
 
 /// The socket the daemon creates in the images directory.
 pub const SOCKET: &str = "lazy-pages.socket";
+/// The descriptor the daemon finds its page source on.
+const PAGE_SOURCE_CHILD_FD: i32 = 3;
 
 /// A running daemon; killed when dropped unless it finished.
 pub struct LazyPages {
@@ -24,12 +29,14 @@ impl Criu {
     /// Starts `criu lazy-pages` on `images`, without waiting for its socket
     /// (it takes about as long to come up as a restore takes to need it:
     /// see [`LazyPages::wait_listening`]). The pages come from the images,
-    /// or, with `page_source`, from a page server on that loopback port
-    /// (see [`super::page_server`]).
+    /// or, with `page_source`, from the page server at the other end of
+    /// that connected socket (see [`super::page_server`]): the daemon gets
+    /// it as a descriptor (`--ps-socket`), so there is no port for anyone
+    /// else to reach.
     pub fn spawn_lazy_pages(
         &self,
         images: &Path,
-        page_source: Option<u16>,
+        page_source: Option<OwnedFd>,
     ) -> Result<LazyPages, CriuError> {
         let binary = self.cli_binary()?;
         let log = images.join("lazy-pages.log");
@@ -38,9 +45,17 @@ impl Criu {
             .arg("-D")
             .arg(images)
             .args(["-o", "lazy-pages.log", "-v2"]);
-        if let Some(port) = page_source {
-            cmd.args(["--page-server", "--address", "127.0.0.1", "--port"])
-                .arg(port.to_string());
+        if let Some(fd) = page_source {
+            cmd.args(["--page-server", "--ps-socket"])
+                .arg(PAGE_SOURCE_CHILD_FD.to_string());
+            cmd.fd_mappings(vec![FdMapping {
+                parent_fd: fd,
+                child_fd: PAGE_SOURCE_CHILD_FD,
+            }])
+            .map_err(|e| CriuError::Spawn {
+                binary: binary.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
         }
         let child = cmd
             .stdin(Stdio::null())
@@ -51,6 +66,9 @@ impl Criu {
                 binary: binary.clone(),
                 source,
             })?;
+        // `cmd` holds the daemon's end of the page source: drop it, so
+        // that the daemon's exit ends the connection.
+        drop(cmd);
         Ok(LazyPages {
             child,
             log,

@@ -36,7 +36,7 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 pub use connection::Connection;
-pub use dump::{ContainerDump, DumpOutcome, DumpRequest};
+pub use dump::{ContainerDump, DumpOutcome, DumpRequest, LazySocket};
 pub use error::{CriuError, RequestKind};
 use ferry_sys::which;
 pub use lazy::LazyPages;
@@ -83,8 +83,26 @@ impl Criu {
     /// Opens a connection for one or more requests.
     pub fn connect(&self) -> Result<Connection, CriuError> {
         match self {
-            Criu::Swrk { binary } => Connection::spawn_swrk(binary),
+            Criu::Swrk { binary } => Connection::spawn_swrk(binary, None),
             Criu::Service { socket } => Connection::connect_service(socket),
+        }
+    }
+
+    /// A `criu swrk` child that also finds `fd` as its descriptor
+    /// `child_fd` (a CRIU service cannot be handed one: an error).
+    pub(crate) fn connect_with_fd(
+        &self,
+        fd: std::os::fd::OwnedFd,
+        child_fd: i32,
+    ) -> Result<Connection, CriuError> {
+        match self {
+            Criu::Swrk { binary } => Connection::spawn_swrk(binary, Some((fd, child_fd))),
+            Criu::Service { socket } => Err(CriuError::LazySocket {
+                why: format!(
+                    "a CRIU service ({}) cannot be handed a socket: run without --criu-service",
+                    socket.display()
+                ),
+            }),
         }
     }
 

@@ -28,6 +28,8 @@ pub enum Script {
     PostSetupNamespaces,
     PostResume,
     OrphanPtsMaster,
+    /// A page server (a lazy dump's) is about to serve.
+    StatusReady,
     /// A name this ferry does not know (a newer CRIU).
     Other(String),
 }
@@ -45,6 +47,7 @@ impl Script {
             "post-setup-namespaces" => Script::PostSetupNamespaces,
             "post-resume" => Script::PostResume,
             "orphan-pts-master" => Script::OrphanPtsMaster,
+            "status-ready" => Script::StatusReady,
             other => Script::Other(other.to_string()),
         }
     }
@@ -61,6 +64,7 @@ impl Script {
             Script::PostSetupNamespaces => "post-setup-namespaces",
             Script::PostResume => "post-resume",
             Script::OrphanPtsMaster => "orphan-pts-master",
+            Script::StatusReady => "status-ready",
             Script::Other(name) => name,
         }
     }

@@ -3,10 +3,12 @@
 //!
 //! - **the source's lazy dump** ([`LazyDumpLink`]): `criu dump
 //!   --lazy-pages` writes every image but the lazy memory, then keeps the
-//!   dumped tree frozen and waits on a page server of its own until a peer
-//!   says the transfer is over. ferry is that peer: it connects first (the
-//!   server takes one connection) and, once the destination holds every
-//!   page, sends `CLOSE`, after which CRIU kills the tree. To fail the
+//!   dumped tree frozen and serves as a page server until its peer says
+//!   the transfer is over. ferry is that peer, over a connection it made
+//!   itself and handed to CRIU as a descriptor (no port anyone else could
+//!   reach first; see [`ferry_sys::net::loopback_pair`]); once the
+//!   destination holds every page it sends `CLOSE`, after which CRIU kills
+//!   the tree. To fail the
 //!   transfer (CRIU then resumes the tree) it sends a command CRIU does not
 //!   know; the link resets when closed, because CRIU 4.2 takes an orderly
 //!   end without `CLOSE` for success and would kill the tree.
@@ -15,8 +17,10 @@
 //!   tree's memory itself.
 //! - **the destination's page source** ([`serve_lazy_daemon`]): `criu
 //!   lazy-pages --page-server` asks a page server for each page a restored
-//!   task faults on, and for the rest in the background. ferry answers
-//!   from the source's memory, fetched over its own authenticated link.
+//!   task faults on, and for the rest in the background. ferry answers,
+//!   over a connection it handed the daemon the same way
+//!   (`--ps-socket`), from the source's memory, fetched over its own
+//!   authenticated link.
 //!
 //! Every message starts with a 32-byte header (CRIU 4.x layout, native
 //! endianness, the compiler's padding after `cmd`):
@@ -27,8 +31,8 @@
 //! answered with an `i32` status (0).
 
 use std::io::{self, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::time::Duration;
 
 /// Bytes of one header.
 pub const HEADER_LEN: usize = 32;
@@ -97,18 +101,15 @@ impl Iov {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PageServerError {
-    #[error("CRIU's lazy page server on port {port} never listened (waited {waited:?})")]
-    NeverListened { port: u16, waited: Duration },
-    #[error("CRIU's lazy page server on port {port} did not confirm the end of the transfer")]
+    #[error("CRIU's lazy page server never became ready (waited {waited:?})")]
+    NeverReady { waited: Duration },
+    #[error("CRIU's lazy page server did not confirm the end of the transfer")]
     Close {
-        port: u16,
         #[source]
         source: io::Error,
     },
-    #[error("CRIU's lazy page server on port {port} answered the end of the transfer with status {status}")]
-    CloseStatus { port: u16, status: i32 },
-    #[error("the criu lazy-pages daemon never connected to ferry's page source")]
-    NoDaemon(#[source] io::Error),
+    #[error("CRIU's lazy page server answered the end of the transfer with status {status}")]
+    CloseStatus { status: i32 },
     #[error("talking to the criu lazy-pages daemon")]
     Daemon(#[source] io::Error),
     #[error("the criu lazy-pages daemon sent command {cmd:#x}, which ferry does not serve")]
@@ -131,48 +132,26 @@ pub enum PageServerError {
 /// --lazy-pages` (source side).
 pub struct LazyDumpLink {
     stream: TcpStream,
-    port: u16,
 }
 
 impl LazyDumpLink {
-    /// Connects to the lazy dump's page server on the loopback `port`,
-    /// retrying until it listens (CRIU starts it once the images are
-    /// written) or `timeout` passes. `alive` is asked between tries: a
-    /// dump that failed never listens.
-    pub fn connect(
-        port: u16,
-        timeout: Duration,
-        alive: &mut dyn FnMut() -> bool,
-    ) -> Result<LazyDumpLink, PageServerError> {
-        let start = Instant::now();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        loop {
-            if let Ok(stream) = TcpStream::connect(addr) {
-                let _ = stream.set_nodelay(true);
-                // CRIU takes an orderly end of this connection for the
-                // end of the transfer (and kills the tree): ferry dying
-                // must reset it instead, which fails the dump and resumes
-                // the tree.
-                if let Err(e) = ferry_sys::net::reset_on_close(&stream, true) {
-                    tracing::warn!(error = %e, "cannot make the lazy dump's link reset on close");
-                }
-                return Ok(LazyDumpLink { stream, port });
-            }
-            if start.elapsed() >= timeout || !alive() {
-                return Err(PageServerError::NeverListened {
-                    port,
-                    waited: start.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    /// ferry's end of the connection whose other end the lazy dump's page
+    /// server was given ([`super::DumpRequest::lazy_socket`]).
+    pub fn new(stream: TcpStream) -> LazyDumpLink {
+        let _ = stream.set_nodelay(true);
+        // CRIU takes an orderly end of this connection for the end of the
+        // transfer (and kills the tree): ferry dying must reset it
+        // instead, which fails the dump and resumes the tree.
+        if let Err(e) = ferry_sys::net::reset_on_close(&stream, true) {
+            tracing::warn!(error = %e, "cannot make the lazy dump's link reset on close");
         }
+        LazyDumpLink { stream }
     }
 
     /// Ends the transfer: CRIU then kills the dumped tree and the dump
     /// succeeds.
     pub fn close(mut self) -> Result<(), PageServerError> {
-        let port = self.port;
-        let err = |source| PageServerError::Close { port, source };
+        let err = |source| PageServerError::Close { source };
         let hdr = Iov::bare(PS_IOV_CLOSE);
         self.stream.write_all(&hdr.encode()).map_err(err)?;
         self.stream
@@ -182,7 +161,7 @@ impl LazyDumpLink {
         self.stream.read_exact(&mut status).map_err(err)?;
         match i32::from_ne_bytes(status) {
             0 => {}
-            status => return Err(PageServerError::CloseStatus { port, status }),
+            status => return Err(PageServerError::CloseStatus { status }),
         }
         // CRIU reads once more after its answer and takes a reset for a
         // failure (it would resume the tree): end the connection in order
@@ -206,46 +185,6 @@ impl LazyDumpLink {
         let _ = self.stream.flush();
         // Give CRIU the command before the reset can discard it.
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The loopback listener the destination's `criu lazy-pages --page-server`
-/// connects to.
-pub struct PageSourceListener {
-    listener: TcpListener,
-}
-
-impl PageSourceListener {
-    pub fn bind() -> io::Result<PageSourceListener> {
-        Ok(PageSourceListener {
-            listener: TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?,
-        })
-    }
-
-    pub fn port(&self) -> io::Result<u16> {
-        Ok(self.listener.local_addr()?.port())
-    }
-
-    /// Waits up to `timeout` for the daemon's connection.
-    pub fn accept(&self, timeout: Duration) -> Result<TcpStream, PageServerError> {
-        self.listener
-            .set_nonblocking(true)
-            .map_err(PageServerError::NoDaemon)?;
-        let deadline = Instant::now() + timeout;
-        loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)
-                        .map_err(PageServerError::NoDaemon)?;
-                    let _ = s.set_nodelay(true);
-                    return Ok(s);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) => return Err(PageServerError::NoDaemon(e)),
-            }
-        }
     }
 }
 
@@ -335,10 +274,8 @@ mod tests {
     /// fetched bytes and CRIU's ADD_F|PE_PRESENT header, then status 0.
     #[test]
     fn the_daemon_gets_what_it_asked_for_then_a_close_status() {
-        let listener = PageSourceListener::bind().unwrap();
-        let port = listener.port().unwrap();
+        let (mut stream, mut s) = ferry_sys::net::loopback_pair().unwrap();
         let daemon = std::thread::spawn(move || {
-            let mut s = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).unwrap();
             let get = Iov {
                 cmd: PS_IOV_GET,
                 nr_pages: 2,
@@ -360,7 +297,6 @@ mod tests {
             s.read_exact(&mut status).unwrap();
             i32::from_ne_bytes(status)
         });
-        let mut stream = listener.accept(Duration::from_secs(5)).unwrap();
         let served = serve_lazy_daemon(&mut stream, &mut |pid, _, _, buf| {
             buf.fill(pid as u8);
             Ok(())

@@ -49,9 +49,19 @@ impl Source<'_> {
         criu: &Criu,
         req: &DumpRequest,
     ) -> Result<DumpOutcome, CheckpointError> {
+        self.dump_with(criu, req, &mut NoHooks)
+    }
+
+    /// [`Source::dump`], CRIU's notifications going to `hooks`.
+    pub(super) fn dump_with(
+        &self,
+        criu: &Criu,
+        req: &DumpRequest,
+        hooks: &mut dyn ferry_criu::NotifyHook,
+    ) -> Result<DumpOutcome, CheckpointError> {
         match self.container() {
-            None => checkpoint::dump(criu, req, &mut NoHooks),
-            Some(c) => checkpoint::dump_container(criu, &c, req, &mut NoHooks).map(|o| o.dump),
+            None => checkpoint::dump(criu, req, hooks),
+            Some(c) => checkpoint::dump_container(criu, &c, req, hooks).map(|o| o.dump),
         }
     }
 

@@ -29,7 +29,6 @@
 //! of its own (it is restored in a new one); [`usable`] says when it is.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, TcpListener};
 use std::time::{Duration, Instant};
 
 use super::final_copy::{
@@ -39,7 +38,7 @@ use super::images;
 use super::report::FinalReport;
 use super::{Fate, FinalError, MigrateError, MigrateOptions, MigrateTarget};
 use ferry_criu::page_server::{LazyDumpLink, PageServerError, PAGE};
-use ferry_criu::{Criu, DumpRequest};
+use ferry_criu::{Criu, DumpRequest, HookError, LazySocket, Notification, Script};
 use ferry_image::process;
 use ferry_transport::msg::RestoreOpts;
 use ferry_transport::recent::SentPages;
@@ -89,14 +88,17 @@ pub fn run(
         path: images.clone(),
         source: e,
     })?;
-    let port = free_loopback_port().map_err(|e| MigrateError::Staging {
+    // CRIU's page server and ferry talk over a connection ferry made
+    // itself: no port for another local user to reach first.
+    let (ours, theirs) = ferry_sys::net::loopback_pair().map_err(|e| MigrateError::Staging {
         path: images.clone(),
         source: e,
     })?;
     let req = DumpRequest {
-        lazy_port: Some(port),
+        lazy_socket: Some(LazySocket::new(theirs.into())),
         ..final_dump_request(opts, pid, &images)
     };
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
     // Task pids as the images name them (innermost namespace) -> here.
     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
     let by_vpid: HashMap<u64, i32> = pids
@@ -113,9 +115,19 @@ pub fn run(
     };
     let frozen_at = Instant::now();
     std::thread::scope(|s| {
-        let dumping = s.spawn(|| source.dump(criu, &req));
-        let link = match LazyDumpLink::connect(port, LISTEN_TIMEOUT, &mut || !dumping.is_finished())
-        {
+        let dumping = s.spawn(|| {
+            // CRIU says `status-ready` when its page server starts: the
+            // images are written then.
+            let mut hooks = move |n: &mut Notification| -> Result<(), HookError> {
+                if n.script == Script::StatusReady {
+                    let _ = ready_tx.send(());
+                }
+                Ok(())
+            };
+            source.dump_with(criu, &req, &mut hooks)
+        });
+        let ready = wait_ready(&ready_rx, LISTEN_TIMEOUT, &mut || !dumping.is_finished());
+        let link = match ready.map(|()| LazyDumpLink::new(ours)) {
             Ok(link) => link,
             Err(e) => {
                 // The dump failed (CRIU resumed the tree), or never got
@@ -373,10 +385,26 @@ fn resume_after_abort(pid: i32) -> Fate {
     Fate::ResumedHere
 }
 
-fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+/// Waits for CRIU's page server to say it is ready, or `timeout`, or the
+/// dump to end (`alive` false: it failed before serving).
+fn wait_ready(
+    ready: &std::sync::mpsc::Receiver<()>,
+    timeout: Duration,
+    alive: &mut dyn FnMut() -> bool,
+) -> Result<(), PageServerError> {
+    let start = Instant::now();
+    loop {
+        match ready.recv_timeout(Duration::from_millis(1)) {
+            Ok(()) => return Ok(()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                if start.elapsed() < timeout && alive() => {}
+            Err(_) => {
+                return Err(PageServerError::NeverReady {
+                    waited: start.elapsed(),
+                })
+            }
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {

@@ -73,7 +73,7 @@ pub(crate) enum SessionError {
     LazyContainer,
     #[error("post-copy from a lazy dump, but no page-source connection came within {0:?}")]
     NoPageSource(Duration),
-    #[error("cannot listen for the lazy-pages daemon")]
+    #[error("cannot connect a page source for the lazy-pages daemon")]
     PageSourceListen(#[source] std::io::Error),
     #[error(transparent)]
     Criu(#[from] ferry_criu::CriuError),

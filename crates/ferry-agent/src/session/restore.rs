@@ -11,7 +11,6 @@ use crate::page_source::PageRelay;
 use ferry_core::checkpoint::{self, Source};
 use ferry_core::target::runc::RestoreFlags;
 use ferry_core::target::ContainerRef;
-use ferry_criu::page_server::PageSourceListener;
 use ferry_criu::{Criu, NoHooks, RestoreRequest};
 use ferry_transport::msg::RestoreOpts;
 use ferry_transport::{Conn, Msg};
@@ -144,10 +143,12 @@ impl Session<'_> {
     ) -> Result<(), SessionError> {
         let page_source = if remote_pages {
             let conn = self.take_page_source()?;
-            let listener = PageSourceListener::bind().map_err(SessionError::PageSourceListen)?;
-            let port = listener.port().map_err(SessionError::PageSourceListen)?;
-            self.relay = Some(PageRelay::start(conn, listener));
-            Some(port)
+            // The daemon gets its end as a descriptor: no port for another
+            // local user to reach first.
+            let (ours, theirs) =
+                ferry_sys::net::loopback_pair().map_err(SessionError::PageSourceListen)?;
+            self.relay = Some(PageRelay::start(conn, ours));
+            Some(theirs.into())
         } else {
             None
         };
