@@ -202,7 +202,10 @@ impl Cluster {
         let dir = scratch(tag);
         let lab = Lab::create(tag, HOSTS, Some(1000)).expect("lab");
         let etcd = EtcdProc::start(dir.path(), lab.gateway().into());
-        let client = Etcd::connect(std::slice::from_ref(&etcd.url)).unwrap();
+        let client = Etcd::connect(&ferry_agent::ha::etcd::EtcdAccess::plain(
+            std::slice::from_ref(&etcd.url),
+        ))
+        .unwrap();
         let name = format!("t{}-{tag}", std::process::id());
         let dockerds = match kind {
             Kind::Docker => {
@@ -538,7 +541,10 @@ impl Client {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (s2, st2) = (Arc::clone(&samples), Arc::clone(&stop));
-        let etcd = Etcd::connect(&[url.to_string()]).unwrap();
+        let etcd = Etcd::connect(&ferry_agent::ha::etcd::EtcdAccess::plain(
+            &[url.to_string()],
+        ))
+        .unwrap();
         let key = ferry_agent::ha::keys::service_key(cluster, SERVICE, "address");
         let handle = std::thread::spawn(move || {
             let mut addr: Option<String> = None;
@@ -1194,7 +1200,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
     let dir = scratch("ha-fence-dump");
     let etcd = EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
     let config = ferry_agent::ha::HaConfig {
-        etcd: vec![etcd.url.clone()],
+        etcd: ferry_agent::ha::etcd::EtcdAccess::plain(std::slice::from_ref(&etcd.url)),
         cluster: "fence".into(),
         name: "h0".into(),
         ip: "127.0.0.1".parse().unwrap(),
@@ -1363,4 +1369,103 @@ fn a_spec_without_the_cluster_keys_seal_runs_nowhere() {
     .fails_with(2);
     assert!(err.contains("needs --key"), "{err}");
     assert!(!c.view().services.contains_key("keyless"));
+}
+
+/// etcd over TLS with client certificates (made by the test): the agent
+/// joins and `ha run` / `ha status` work with the certificates, by flag or
+/// environment; without a client certificate, without the CA, over
+/// http://, or with a key others can read, each is refused with the reason.
+#[test]
+fn etcd_over_tls_with_client_certificates() {
+    use common::etcd::EtcdProc;
+    let dir = scratch("etcd-tls");
+    let (etcd, tls) = EtcdProc::start_tls(dir.path(), "127.0.0.1".parse().unwrap());
+    let key = common::agent::key(dir.path());
+    let cluster = format!("t{}-tls", std::process::id());
+    let tls_args = |cert: bool| {
+        let mut a = vec![
+            "--etcd".to_string(),
+            etcd.url.clone(),
+            "--etcd-cacert".into(),
+            tls.ca.display().to_string(),
+        ];
+        if cert {
+            a.extend([
+                "--etcd-cert".into(),
+                tls.client_cert.display().to_string(),
+                "--etcd-key".into(),
+                tls.client_key.display().to_string(),
+            ]);
+        }
+        a.extend(["--cluster".into(), cluster.clone()]);
+        a
+    };
+    // Declared for a host that does not exist: nothing runs it.
+    ferry([
+        "ha", "run", "web", "--port", "9", "--hosts", "nowhere", "--key",
+    ])
+    .arg(&key)
+    .args_from(tls_args(true))
+    .args_from(["--", "sleep", "1"])
+    .ok();
+    let store = dir.path().join("store");
+    let mut extra = tls_args(true);
+    extra.extend(
+        [
+            "--name",
+            "h1",
+            "--advertise",
+            "127.0.0.1",
+            "--lease-ttl",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let agent = AgentProc::start_args(dir.path(), &store, "127.0.0.1:0", None, None, None, &extra);
+    // The agent's heartbeat arrives; the status is read over TLS, the
+    // certificates given by environment this time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = ferry(["ha", "status", "--json"])
+            .env("FERRY_ETCD", &etcd.url)
+            .env("FERRY_ETCD_CACERT", &tls.ca.display().to_string())
+            .env("FERRY_ETCD_CERT", &tls.client_cert.display().to_string())
+            .env("FERRY_ETCD_KEY", &tls.client_key.display().to_string())
+            .env("FERRY_CLUSTER", &cluster)
+            .json();
+        if status["hosts"]["h1"].is_object() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status["services"]["web"]["spec"].is_object(), "{status}");
+
+    // Refusals, each naming its cause.
+    let refused = |args: Vec<String>, why: &str| {
+        let err = ferry(["ha", "status"]).args_from(args).fails_with(1);
+        assert!(err.contains(why), "expected '{why}' in: {err}");
+    };
+    // No client certificate: etcd refuses the handshake.
+    refused(tls_args(false), "etcd");
+    // No CA: ferry cannot check etcd's certificate.
+    let mut no_ca = tls_args(true);
+    no_ca.drain(2..4);
+    refused(no_ca, "--etcd-cacert");
+    // The certificates with an http:// endpoint.
+    let mut http = tls_args(true);
+    http[1] = etcd.url.replace("https://", "http://");
+    refused(http, "not https://");
+    // A client key others can read.
+    let exposed = dir.path().join("exposed.key");
+    std::fs::copy(&tls.client_key, &exposed).unwrap();
+    std::fs::set_permissions(
+        &exposed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let mut open_key = tls_args(true);
+    open_key[7] = exposed.display().to_string();
+    refused(open_key, "chmod 600");
+    drop(agent);
 }

@@ -34,9 +34,10 @@ pub struct AgentArgs {
     /// Keep each committed migration's images under STORE/checkpoints/.
     #[arg(long)]
     pub keep_images: bool,
-    /// Join an HA cluster through these etcd endpoints (URLs, comma-separated).
-    #[arg(long, value_name = "URL", value_delimiter = ',', requires_all = ["cluster", "name", "advertise"])]
-    pub etcd: Vec<String>,
+    /// Join an HA cluster through etcd (with --cluster, --name and
+    /// --advertise).
+    #[command(flatten)]
+    pub etcd: super::ha::EtcdArgs,
     /// The HA cluster's name.
     #[arg(long, value_name = "NAME")]
     pub cluster: Option<String>,
@@ -64,17 +65,19 @@ pub fn run(args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         staging: args.staging.clone(),
         keep_images: args.keep_images,
         ha: match (&args.cluster, &args.name, args.advertise) {
-            (Some(cluster), Some(name), Some(ip)) if !args.etcd.is_empty() => {
-                Some(ferry_agent::ha::HaConfig {
-                    etcd: args.etcd.clone(),
-                    cluster: cluster.clone(),
-                    name: name.clone(),
-                    ip,
-                    lease_ttl: std::time::Duration::from_secs(args.lease_ttl.max(1)),
-                    docker_socket: args.docker_socket.clone(),
-                })
-            }
-            _ => None,
+            _ if args.etcd.etcd.is_empty() => None,
+            (Some(cluster), Some(name), Some(ip)) => Some(ferry_agent::ha::HaConfig {
+                etcd: args.etcd.access(),
+                cluster: cluster.clone(),
+                name: name.clone(),
+                ip,
+                lease_ttl: std::time::Duration::from_secs(args.lease_ttl.max(1)),
+                docker_socket: args.docker_socket.clone(),
+            }),
+            _ => return Err(CliError::Usage(
+                "ferry agent --etcd needs --cluster, --name and --advertise to join an HA cluster"
+                    .into(),
+            )),
         },
     };
     let mut printed: std::io::Result<()> = Ok(());

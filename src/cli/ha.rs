@@ -8,13 +8,15 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 
 use super::{exit, write_json, CliError};
-use ferry_agent::ha::etcd::Etcd;
+use ferry_agent::ha::etcd::{Etcd, EtcdAccess};
 use ferry_agent::ha::keys::{App, ServiceSpec};
 use ferry_agent::ha::status;
 
+/// How to reach etcd (as etcdctl's `--endpoints`, `--cacert`, `--cert`,
+/// `--key`, `--user`), for `ferry agent` and every `ferry ha` command.
 #[derive(Debug, Args)]
-pub struct HaArgs {
-    /// etcd endpoints (URLs, comma-separated).
+pub struct EtcdArgs {
+    /// etcd endpoints (URLs, comma-separated): https:// for TLS.
     #[arg(
         long,
         value_name = "URL",
@@ -23,6 +25,46 @@ pub struct HaArgs {
         env = "FERRY_ETCD"
     )]
     pub etcd: Vec<String>,
+    /// The CA certificate (PEM) that signed etcd's server certificate.
+    #[arg(long, value_name = "FILE", global = true, env = "FERRY_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// This client's certificate (PEM), for an etcd started with
+    /// --client-cert-auth.
+    #[arg(long, value_name = "FILE", global = true, env = "FERRY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM; root-only).
+    #[arg(long, value_name = "FILE", global = true, env = "FERRY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// A user of etcd's own authentication.
+    #[arg(long, value_name = "NAME", global = true, env = "FERRY_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// The file holding --etcd-user's password (root-only).
+    #[arg(
+        long,
+        value_name = "FILE",
+        global = true,
+        env = "FERRY_ETCD_PASSWORD_FILE"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    pub fn access(&self) -> EtcdAccess {
+        EtcdAccess {
+            endpoints: self.etcd.clone(),
+            cacert: self.etcd_cacert.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            user: self.etcd_user.clone(),
+            password_file: self.etcd_password_file.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct HaArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// The cluster's name.
     #[arg(long, value_name = "NAME", global = true, env = "FERRY_CLUSTER")]
     pub cluster: Option<String>,
@@ -103,7 +145,7 @@ pub struct MoveArgs {
 }
 
 pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
-    let (Some(cluster), false) = (args.cluster.clone(), args.etcd.is_empty()) else {
+    let (Some(cluster), false) = (args.cluster.clone(), args.etcd.etcd.is_empty()) else {
         return Err(CliError::Usage(
             "ferry ha needs --etcd URL and --cluster NAME (or FERRY_ETCD and FERRY_CLUSTER)".into(),
         ));
@@ -121,7 +163,7 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             ))
         })
     };
-    let etcd = Etcd::connect(&args.etcd)?;
+    let etcd = Etcd::connect(&args.etcd.access())?;
     match &args.command {
         HaCommand::Run(r) => {
             let app = match (&r.bundle, &r.docker_image) {

@@ -115,6 +115,15 @@ impl Cmd {
         self.args.push(a.as_ref().to_os_string());
         self
     }
+    pub fn args_from<I, S>(mut self, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_os_string()));
+        self
+    }
     pub fn env(mut self, k: &str, v: &str) -> Cmd {
         self.env.push((k.into(), v.into()));
         self

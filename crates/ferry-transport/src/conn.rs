@@ -726,17 +726,18 @@ mod tests {
         Secret::from_file(&g).unwrap();
     }
 
+    /// The server's end, once its handshake is done.
+    type ServerSide = std::thread::JoinHandle<Result<Conn, TransportError>>;
+    /// What the relay saw the client send.
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<u8>>>;
+
     /// A relay between a client and a server on loopback that records what
     /// the client sends and can damage it: `mangle(offset, byte)` returns
     /// the byte to forward (or None to cut the stream there).
     fn through_relay(
         secret: &[u8],
         mangle: impl Fn(usize, u8) -> Option<u8> + Send + 'static,
-    ) -> (
-        Conn,
-        std::thread::JoinHandle<Result<Conn, TransportError>>,
-        std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-    ) {
+    ) -> (Conn, ServerSide, Seen) {
         use std::io::Write;
         let server_l = TcpListener::bind("127.0.0.1:0").unwrap();
         let relay_l = TcpListener::bind("127.0.0.1:0").unwrap();

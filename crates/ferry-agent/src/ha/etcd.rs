@@ -2,6 +2,7 @@
 //! client is async. Every call has a deadline, so a dead or partitioned
 //! etcd turns into an error after [`CALL_TIMEOUT`], never into a hang.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,20 +24,163 @@ pub struct Entry {
     pub lease: i64,
 }
 
+/// How ferry reaches etcd: its endpoints and credentials (etcdctl's
+/// `--endpoints`, `--cacert`, `--cert`, `--key`, `--user`).
+#[derive(Debug, Clone, Default)]
+pub struct EtcdAccess {
+    /// URLs: `https://` with TLS, `http://` without.
+    pub endpoints: Vec<String>,
+    /// The CA certificate (PEM) etcd's server certificate is checked
+    /// against; needed for `https://` endpoints.
+    pub cacert: Option<PathBuf>,
+    /// This client's certificate and key (PEM), for an etcd that asks for
+    /// one (`--client-cert-auth`). The key must be root-only.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// A user of etcd's own authentication, its password in a root-only
+    /// file (never on a command line, where any local user reads it).
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl EtcdAccess {
+    /// Endpoints without TLS or a user.
+    pub fn plain(endpoints: &[String]) -> EtcdAccess {
+        EtcdAccess {
+            endpoints: endpoints.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads and checks the credentials.
+    fn credentials(&self) -> Result<Credentials, HaError> {
+        let bad = |what: String| HaError::EtcdAccess { what };
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        let tls_files = self.cacert.is_some() || self.cert.is_some() || self.key.is_some();
+        if https > 0 && https < self.endpoints.len() {
+            return Err(bad(
+                "some endpoints are https:// and some not: use one scheme".into(),
+            ));
+        }
+        if https == 0 && tls_files {
+            return Err(bad(
+                "TLS certificates were given, but the endpoints are not https://".into(),
+            ));
+        }
+        let tls = if https > 0 {
+            let Some(ca) = &self.cacert else {
+                return Err(bad(
+                    "https:// endpoints need the CA certificate that signed etcd's (--etcd-cacert)"
+                        .into(),
+                ));
+            };
+            let mut tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(ca, false)?));
+            match (&self.cert, &self.key) {
+                (Some(cert), Some(key)) => {
+                    tls = tls.identity(etcd_client::Identity::from_pem(
+                        read(cert, false)?,
+                        read(key, true)?,
+                    ));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(bad(
+                        "a client certificate needs its key, and a key its certificate (--etcd-cert with --etcd-key)".into(),
+                    ))
+                }
+            }
+            Some(tls)
+        } else {
+            None
+        };
+        let user = match (&self.user, &self.password_file) {
+            (Some(user), Some(file)) => {
+                let password = String::from_utf8(read(file, true)?)
+                    .map_err(|_| bad(format!("{} is not UTF-8", file.display())))?;
+                Some((user.clone(), password.trim_end_matches(['\r', '\n']).to_string()))
+            }
+            (None, None) => None,
+            _ => {
+                return Err(bad(
+                    "an etcd user needs its password file, and a password file its user (--etcd-user with --etcd-password-file)".into(),
+                ))
+            }
+        };
+        Ok(Credentials { tls, user })
+    }
+}
+
+/// Reads a credential file; a secret one (a key, a password) must belong
+/// to this user and be closed to others, as ssh requires of a private key.
+fn read(path: &Path, secret: bool) -> Result<Vec<u8>, HaError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let err = |detail: String| HaError::EtcdAccess {
+        what: format!("{}: {detail}", path.display()),
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| err(e.to_string()))?;
+    if secret {
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me {
+            return Err(err(format!(
+                "belongs to uid {}, not to this user (uid {me})",
+                meta.uid()
+            )));
+        }
+        if meta.mode() & 0o077 != 0 {
+            return Err(err(format!(
+                "mode {:o} lets other users read it: chmod 600 {}",
+                meta.mode() & 0o7777,
+                path.display()
+            )));
+        }
+    }
+    if meta.len() > 1 << 20 {
+        return Err(err("larger than 1 MiB: not a certificate or key".into()));
+    }
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(|e| err(e.to_string()))?;
+    Ok(bytes)
+}
+
+/// The credentials, read once, for every (re)connection.
+#[derive(Clone)]
+struct Credentials {
+    tls: Option<etcd_client::TlsOptions>,
+    user: Option<(String, String)>,
+}
+
 /// A connection to an etcd cluster, usable from any thread.
 pub struct Etcd {
     rt: tokio::runtime::Runtime,
     client: Mutex<Client>,
     broken: AtomicBool,
     endpoints: Vec<String>,
+    credentials: Credentials,
     joined: String,
 }
 
-async fn new_client(endpoints: &[String], joined: &str) -> Result<Client, HaError> {
-    let opts = ConnectOptions::new()
+async fn new_client(
+    endpoints: &[String],
+    credentials: &Credentials,
+    joined: &str,
+) -> Result<Client, HaError> {
+    let mut opts = ConnectOptions::new()
         .with_connect_timeout(CALL_TIMEOUT)
         .with_timeout(CALL_TIMEOUT)
         .with_keep_alive(Duration::from_millis(500), CALL_TIMEOUT);
+    if let Some(tls) = &credentials.tls {
+        opts = opts.with_tls(tls.clone());
+    }
+    if let Some((user, password)) = &credentials.user {
+        opts = opts.with_user(user.clone(), password.clone());
+    }
     let fail = |detail: String| HaError::Etcd {
         endpoints: joined.to_string(),
         what: "connect".into(),
@@ -52,9 +196,11 @@ async fn new_client(endpoints: &[String], joined: &str) -> Result<Client, HaErro
 }
 
 impl Etcd {
-    /// Connects to `endpoints` (URLs). The connection is made lazily: an
-    /// etcd that is down now is retried by every call.
-    pub fn connect(endpoints: &[String]) -> Result<Etcd, HaError> {
+    /// Connects as `access` says. The connection is made lazily: an etcd
+    /// that is down now is retried by every call.
+    pub fn connect(access: &EtcdAccess) -> Result<Etcd, HaError> {
+        let credentials = access.credentials()?;
+        let endpoints = &access.endpoints;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("ferry-etcd")
@@ -62,12 +208,13 @@ impl Etcd {
             .build()
             .map_err(HaError::Runtime)?;
         let joined = endpoints.join(",");
-        let client = rt.block_on(new_client(endpoints, &joined))?;
+        let client = rt.block_on(new_client(endpoints, &credentials, &joined))?;
         Ok(Etcd {
             rt,
             client: Mutex::new(client),
             broken: AtomicBool::new(false),
             endpoints: endpoints.to_vec(),
+            credentials,
             joined,
         })
     }
@@ -80,7 +227,10 @@ impl Etcd {
     /// died under a cut link is not always brought back by the channel.
     fn client(&self) -> Result<Client, HaError> {
         if self.broken.swap(false, Ordering::Relaxed) {
-            match self.rt.block_on(new_client(&self.endpoints, &self.joined)) {
+            match self
+                .rt
+                .block_on(new_client(&self.endpoints, &self.credentials, &self.joined))
+            {
                 Ok(c) => {
                     if let Ok(mut g) = self.client.lock() {
                         *g = c;
@@ -247,4 +397,76 @@ pub(crate) fn put_op(key: &str, value: Vec<u8>, lease: i64) -> TxnOp {
 /// A delete for [`Etcd::fenced`].
 pub(crate) fn delete_op(key: &str) -> TxnOp {
     TxnOp::delete(key, None)
+}
+
+#[cfg(test)]
+mod access_tests {
+    use super::*;
+
+    fn refused(access: EtcdAccess, why: &str) {
+        match access.credentials() {
+            Err(e) => assert!(e.to_string().contains(why), "expected '{why}' in: {e}"),
+            Ok(_) => panic!("accepted; expected '{why}'"),
+        }
+    }
+
+    /// Each inconsistent or unsafe combination is refused before any
+    /// connection, naming what to fix.
+    #[test]
+    fn credentials_are_checked_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, mode: u32| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "secret\n").unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))
+                .unwrap();
+            p
+        };
+        let https = |cacert: Option<PathBuf>| EtcdAccess {
+            cacert,
+            ..EtcdAccess::plain(&["https://127.0.0.1:2379".into()])
+        };
+        refused(https(None), "--etcd-cacert");
+        refused(
+            EtcdAccess {
+                cacert: Some(file("ca.pem", 0o644)),
+                ..EtcdAccess::plain(&["http://127.0.0.1:2379".into()])
+            },
+            "not https://",
+        );
+        refused(
+            EtcdAccess::plain(&["https://a:1".into(), "http://b:1".into()]),
+            "one scheme",
+        );
+        refused(
+            EtcdAccess {
+                cert: Some(file("c.pem", 0o644)),
+                ..https(Some(file("ca.pem", 0o644)))
+            },
+            "needs its key",
+        );
+        refused(
+            EtcdAccess {
+                user: Some("root".into()),
+                ..EtcdAccess::plain(&["http://127.0.0.1:2379".into()])
+            },
+            "password file",
+        );
+        refused(
+            EtcdAccess {
+                user: Some("root".into()),
+                password_file: Some(file("pw", 0o640)),
+                ..EtcdAccess::plain(&["http://127.0.0.1:2379".into()])
+            },
+            "chmod 600",
+        );
+        let ok = EtcdAccess {
+            user: Some("root".into()),
+            password_file: Some(file("pw", 0o600)),
+            ..EtcdAccess::plain(&["http://127.0.0.1:2379".into()])
+        }
+        .credentials()
+        .unwrap();
+        assert_eq!(ok.user, Some(("root".into(), "secret".into())));
+    }
 }

@@ -61,7 +61,7 @@ pub use member::Member;
 /// How an agent joins a cluster.
 #[derive(Debug, Clone)]
 pub struct HaConfig {
-    pub etcd: Vec<String>,
+    pub etcd: etcd::EtcdAccess,
     pub cluster: String,
     /// This host's name in the cluster.
     pub name: String,
@@ -87,6 +87,8 @@ pub enum HaError {
         what: String,
         detail: String,
     },
+    #[error("cannot reach etcd as asked: {what}")]
+    EtcdAccess { what: String },
     #[error("cannot start the etcd client's runtime")]
     Runtime(#[source] io::Error),
     #[error("bad name '{name}': use letters, digits and '-' (at most 40)")]
