@@ -35,9 +35,9 @@ impl Chain {
                     },
                 ));
             };
-            let candidate = match (g, parent) {
-                (0, Some(p)) => p.to_path_buf(),
-                _ => locate(child.path(), &pref.path),
+            let (candidate, given) = match (g, parent) {
+                (0, Some(p)) => (p.to_path_buf(), true),
+                _ => (locate(child.path(), &pref.path), false),
             };
             if !candidate.exists() {
                 return Err(ArchiveError::ParentMissing {
@@ -45,6 +45,22 @@ impl Chain {
                     tried: candidate,
                     recorded: pref.path,
                 });
+            }
+            // A path an archive records is followed only to a file of this
+            // user: an archive from elsewhere cannot point ferry at files
+            // someone else controls. One the user names is their choice.
+            if !given {
+                use std::os::unix::fs::MetadataExt;
+                let owner = std::fs::metadata(&candidate)
+                    .map_err(|e| ArchiveError::io("open parent archive", &candidate, e))?
+                    .uid();
+                if owner != nix::unistd::geteuid().as_raw() {
+                    return Err(ArchiveError::ParentNotOwned {
+                        path: child.path().to_path_buf(),
+                        parent: candidate,
+                        owner,
+                    });
+                }
             }
             let found = Archive::open(&candidate)?;
             if found.id()[..] != expected[..] || found.id()[..] != pref.id[..] {

@@ -135,6 +135,13 @@ pub enum ArchiveError {
         #[source]
         source: io::Error,
     },
+    #[error("{}: declares {pages} pages of memory; keeping track of them alone takes {needs} bytes, more than half of what this host has available ({available} bytes): refused before allocating", path.display())]
+    TooManyPages {
+        path: PathBuf,
+        pages: u64,
+        needs: u64,
+        available: u64,
+    },
     #[error("{}: not a ferry archive (no FERRYARC magic)", path.display())]
     NotAnArchive { path: PathBuf },
     #[error("{}: not a regular file (a FIFO, device, socket or directory is never read as an archive)", path.display())]
@@ -153,6 +160,12 @@ pub enum ArchiveError {
         path: PathBuf,
         tried: PathBuf,
         recorded: String,
+    },
+    #[error("{}: its recorded parent {} belongs to uid {owner}, not to this user: not followed (give the parent with --parent if it is the one)", path.display(), parent.display())]
+    ParentNotOwned {
+        path: PathBuf,
+        parent: PathBuf,
+        owner: u32,
     },
     #[error("{}: parent {} is not the archive this one was made from (expected id {expected}, found {found})", path.display(), parent.display())]
     ParentMismatch {

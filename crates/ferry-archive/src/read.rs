@@ -237,6 +237,37 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         self.slots
     }
 
+    /// Pages its pages images declare, zero runs and pages of earlier
+    /// generations included: what a restore from it puts in memory. A few
+    /// kilobytes of index can declare terabytes.
+    pub fn declared_pages(&self) -> u64 {
+        self.index
+            .files
+            .iter()
+            .filter(|f| f.pages)
+            .map(|f| f.size / PAGE_SIZE as u64)
+            .sum()
+    }
+
+    /// Refuses, before anything is allocated for them, declared pages
+    /// whose per-page bookkeeping (`bytes_per_page` each) would take more
+    /// than half the memory this host has available: a restore of them
+    /// could not fit anyway.
+    pub(crate) fn check_page_table(&self, bytes_per_page: u64) -> Result<(), ArchiveError> {
+        let pages = self.declared_pages();
+        let needs = pages.saturating_mul(bytes_per_page);
+        let available = ferry_sys::host::mem_available().unwrap_or(u64::MAX);
+        if needs > available / 2 {
+            return Err(ArchiveError::TooManyPages {
+                path: self.path.clone(),
+                pages,
+                needs,
+                available,
+            });
+        }
+        Ok(())
+    }
+
     /// The recorded digest of a slot's page.
     pub(crate) fn slot_digest(&self, slot: u64) -> Option<Digest> {
         let at = usize::try_from(slot).ok()?.checked_mul(16)?;

@@ -134,6 +134,8 @@ impl<'c> StreamSource<'c> {
     pub fn check_layouts(&self) -> Result<Duration, ArchiveError> {
         let start = Instant::now();
         let files = &self.chain.head().index().files;
+        // A page's place in the layout, its digest in the check.
+        self.chain.head().check_page_table(32)?;
         let mut layouts = Vec::with_capacity(files.len());
         for (fi, f) in files.iter().enumerate() {
             if !f.pages {

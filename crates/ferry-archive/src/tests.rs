@@ -649,3 +649,82 @@ fn only_regular_files_are_read_as_archives() {
     let e = Chain::open(&a1, None).unwrap_err();
     assert!(e.to_string().contains("not a regular file"), "{e}");
 }
+
+/// An index with valid checksums that declares a thousand zero runs of
+/// 2^32-1 pages each (17 EB of memory in a few hundred bytes): unpacking
+/// and streaming refuse it by name before allocating anything per page.
+#[test]
+fn an_archive_declaring_more_pages_than_the_host_holds_is_refused() {
+    use super::format::{FileEntry, Index, Trailer, VERSION_MAJOR, VERSION_MINOR};
+    use prost::Message;
+    let n = 1000;
+    let index = Index {
+        files: vec![FileEntry {
+            name: "pages-1.img".into(),
+            size: u64::from(u32::MAX) * n * PAGE_SIZE as u64,
+            checksum: vec![0; 16],
+            pages: true,
+            data_chunks: vec![],
+            run_sources: vec![0; n as usize],
+            run_lens: vec![u32::MAX; n as usize],
+            run_slots: vec![0; n as usize],
+        }],
+        page_size: PAGE_SIZE as u32,
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let stored = zstd::bulk::compress(&index, 1).unwrap();
+    let trailer = Trailer {
+        index_offset: HEADER_LEN as u64,
+        index_len: stored.len() as u64,
+        index_raw_len: index.len() as u64,
+        index_checksum: xxhash_rust::xxh3::xxh3_64(&stored),
+    };
+    let header = Header {
+        major: VERSION_MAJOR,
+        minor: VERSION_MINOR,
+        flags: 0,
+        id: [9; 16],
+    };
+    let mut bytes = header.encode().to_vec();
+    bytes.extend_from_slice(&stored);
+    bytes.extend_from_slice(&trailer.encode());
+    assert!(bytes.len() < 4096, "{} bytes", bytes.len());
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("huge.ferry");
+    fs::write(&path, &bytes).unwrap();
+    let archive = Archive::open(&path).unwrap();
+    assert_eq!(archive.declared_pages(), u64::from(u32::MAX) * n);
+
+    let e = unpack_to(&path, &t.path().join("out")).unwrap_err();
+    assert!(matches!(e, ArchiveError::TooManyPages { .. }), "{e}");
+    assert!(e.to_string().contains("refused before allocating"), "{e}");
+    let chain = Chain::open(&path, None).unwrap();
+    let source = super::stream::StreamSource::new(&chain, 1, &NoProgress).unwrap();
+    let e = source.check_layouts().unwrap_err();
+    assert!(matches!(e, ArchiveError::TooManyPages { .. }), "{e}");
+}
+
+/// A parent an archive records is followed only to a file of ferry's own
+/// user; one the user names with --parent is taken as given.
+#[test]
+fn a_recorded_parent_someone_else_owns_is_not_followed() {
+    use std::os::unix::fs::chown;
+    let t = tempfile::tempdir().unwrap();
+    let (d0, d1) = (t.path().join("d0"), t.path().join("d1"));
+    images(&d0, 300, 0);
+    images(&d1, 300, 1);
+    let (a0, a1) = (t.path().join("a0.ferry"), t.path().join("a1.ferry"));
+    pack_to_file(&d0, &a0, &opts(None, 1)).unwrap();
+    pack_to_file(&d1, &a1, &opts(Some(a0.clone()), 1)).unwrap();
+    Chain::open(&a1, None).unwrap();
+    chown(&a0, Some(65534), None).unwrap();
+    let e = Chain::open(&a1, None).unwrap_err();
+    assert!(
+        matches!(e, ArchiveError::ParentNotOwned { owner: 65534, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("--parent"), "{e}");
+    let chain = Chain::open(&a1, Some(&a0)).unwrap();
+    assert_eq!(chain.generations(), 2);
+}

@@ -329,6 +329,9 @@ pub(super) fn check_layout(chain: &Chain, fi: usize) -> Result<Vec<Digest>, Arch
 /// The digest of each page of the head's pages image `fi`, from its layout.
 fn layout_digests(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError> {
     let f = &chain.head().index().files[fi];
+    chain
+        .head()
+        .check_page_table(std::mem::size_of::<Digest>() as u64)?;
     let zero = zero_page_digest();
     let mut digests = Vec::with_capacity((f.size / PAGE_SIZE as u64) as usize);
     for r in 0..f.run_sources.len() {

@@ -520,15 +520,7 @@ impl Member {
 
 /// Available memory and free disk under `store`.
 fn health(store: &std::path::Path) -> (u64, u64) {
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024);
+    let mem = ferry_sys::host::mem_available().unwrap_or(0);
     let disk = ferry_core::checkpoint::staging::available(store).unwrap_or(0);
     (mem, disk)
 }
