@@ -14,7 +14,8 @@ fuzz_target!(|data: &[u8]| {
     // bounds that by the length of the pages image, and so does this.
     if let Ok(pm) = Pagemap::parse(p, data) {
         if pm.present_pages() <= 1 << 20 {
-            let _ = pagemap::without_pages(p, data, 3, |vaddr, i| (vaddr >> 12 ^ i as u64) & 1 == 0);
+            let _ =
+                pagemap::without_pages(p, data, 3, |vaddr, i| (vaddr >> 12 ^ i as u64) & 1 == 0);
         }
     }
     let _ = pstree::parse(p, data);

@@ -18,7 +18,7 @@ pub const VERSION_MINOR: u16 = 1;
 
 pub const HEADER_LEN: usize = 40;
 pub(crate) const CHUNK_HEADER_LEN: usize = 32;
-pub(crate) const TRAILER_LEN: usize = 48;
+pub const TRAILER_LEN: usize = 48;
 
 /// Largest raw chunk a reader accepts: bounds what a damaged or hostile
 /// archive can make a reader allocate.
