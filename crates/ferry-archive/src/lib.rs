@@ -142,6 +142,13 @@ pub enum ArchiveError {
         needs: u64,
         available: u64,
     },
+    #[error("{}: declares {pages} pages ({memory} bytes) of memory, more than twice all this host has ({host} bytes of RAM and swap): refused before allocating", path.display())]
+    MoreMemoryThanHost {
+        path: PathBuf,
+        pages: u64,
+        memory: u64,
+        host: u64,
+    },
     #[error("{}: not a ferry archive (no FERRYARC magic)", path.display())]
     NotAnArchive { path: PathBuf },
     #[error("{}: not a regular file (a FIFO, device, socket or directory is never read as an archive)", path.display())]

@@ -249,12 +249,23 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             .sum()
     }
 
-    /// Refuses, before anything is allocated for them, declared pages
-    /// whose per-page bookkeeping (`bytes_per_page` each) would take more
-    /// than half the memory this host has available: a restore of them
-    /// could not fit anyway.
+    /// Refuses, before anything is allocated or computed for them,
+    /// declared pages that no process on this host could have held (more
+    /// than twice its RAM and swap: a checkpoint holds only pages that were
+    /// resident), or whose per-page bookkeeping (`bytes_per_page` each)
+    /// would take more than half the memory available now.
     pub(crate) fn check_page_table(&self, bytes_per_page: u64) -> Result<(), ArchiveError> {
         let pages = self.declared_pages();
+        let memory = pages.saturating_mul(PAGE_SIZE as u64);
+        let host = ferry_sys::host::mem_total_with_swap().unwrap_or(u64::MAX);
+        if memory > host.saturating_mul(2) {
+            return Err(ArchiveError::MoreMemoryThanHost {
+                path: self.path.clone(),
+                pages,
+                memory,
+                host,
+            });
+        }
         let needs = pages.saturating_mul(bytes_per_page);
         let available = ferry_sys::host::mem_available().unwrap_or(u64::MAX);
         if needs > available / 2 {

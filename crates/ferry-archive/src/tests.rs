@@ -697,12 +697,12 @@ fn an_archive_declaring_more_pages_than_the_host_holds_is_refused() {
     assert_eq!(archive.declared_pages(), u64::from(u32::MAX) * n);
 
     let e = unpack_to(&path, &t.path().join("out")).unwrap_err();
-    assert!(matches!(e, ArchiveError::TooManyPages { .. }), "{e}");
+    assert!(matches!(e, ArchiveError::MoreMemoryThanHost { .. }), "{e}");
     assert!(e.to_string().contains("refused before allocating"), "{e}");
     let chain = Chain::open(&path, None).unwrap();
     let source = super::stream::StreamSource::new(&chain, 1, &NoProgress).unwrap();
     let e = source.check_layouts().unwrap_err();
-    assert!(matches!(e, ArchiveError::TooManyPages { .. }), "{e}");
+    assert!(matches!(e, ArchiveError::MoreMemoryThanHost { .. }), "{e}");
 }
 
 /// A parent an archive records is followed only to a file of ferry's own

@@ -39,3 +39,15 @@ pub fn mem_available() -> Option<u64> {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .map(|kib| kib * 1024)
 }
+
+/// All the memory this host has, RAM and swap (`MemTotal` + `SwapTotal`
+/// in /proc/meminfo), in bytes.
+pub fn mem_total_with_swap() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+    };
+    Some((field("MemTotal:")? + field("SwapTotal:").unwrap_or(0)) * 1024)
+}
