@@ -138,7 +138,11 @@ fn a_migration_sends_no_page_in_clear() {
         .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", HOLDER])
         .arg(&marker)
         .arg(&ready)
+        // Its descriptors are dumped with it: nothing that changes size
+        // meanwhile (the test's own output may be a growing log file).
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
