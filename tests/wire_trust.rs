@@ -330,3 +330,215 @@ fn abuse_from_many_peers_leaves_a_migration_working_and_memory_bounded() {
     drop(idle);
     drop(restored);
 }
+
+/// What a man in the middle does to the data connections of a migration,
+/// inside the first batch of pages each sends.
+#[derive(Clone, Copy, Debug)]
+enum Tamper {
+    /// One byte of a sealed segment flipped.
+    Flip,
+    /// The segment before sent again in its place.
+    Replay,
+    /// Two segments swapped.
+    Reorder,
+    /// The connection cut.
+    Truncate,
+}
+
+/// Reads one handshake frame (20-byte header, its payload, 16-byte tag).
+fn read_handshake_frame(r: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut frame = vec![0u8; 20];
+    r.read_exact(&mut frame)?;
+    let len = u32::from_le_bytes(frame[16..20].try_into().unwrap()) as usize;
+    assert!(len <= 1024, "a handshake frame of {len} bytes");
+    let mut rest = vec![0u8; len + 16];
+    r.read_exact(&mut rest)?;
+    frame.extend_from_slice(&rest);
+    Ok(frame)
+}
+
+/// Reads one sealed segment (u16 length, then the ciphertext), whole.
+fn read_segment(r: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 2];
+    r.read_exact(&mut len)?;
+    let mut seg = len.to_vec();
+    seg.resize(2 + usize::from(u16::from_le_bytes(len)), 0);
+    r.read_exact(&mut seg[2..])?;
+    Ok(seg)
+}
+
+/// Forwards connections to `to`; the first (the control connection) as
+/// is, every later one (the data streams) with `tamper` applied to its
+/// third sealed segment after the handshake.
+fn tampering_relay(to: SocketAddr, tamper: Tamper) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for (n, client) in l.incoming().enumerate() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = TcpStream::connect(to) else {
+                return;
+            };
+            let (mut back_from, mut back_to) =
+                (server.try_clone().unwrap(), client.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+                let _ = back_to.shutdown(std::net::Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = (|| -> std::io::Result<()> {
+                    if n > 0 {
+                        server.write_all(&read_handshake_frame(&mut client)?)?;
+                        // The stream's Join, and the first segment of its
+                        // first batch of pages, go through: the fault
+                        // falls inside that batch.
+                        let mut earlier = Vec::new();
+                        for _ in 0..2 {
+                            earlier = read_segment(&mut client)?;
+                            server.write_all(&earlier)?;
+                        }
+                        let mut next = read_segment(&mut client)?;
+                        match tamper {
+                            Tamper::Flip => {
+                                let mid = next.len() / 2;
+                                next[mid] ^= 0x40;
+                                server.write_all(&next)?;
+                            }
+                            Tamper::Replay => {
+                                server.write_all(&earlier)?;
+                                server.write_all(&next)?;
+                            }
+                            Tamper::Reorder => {
+                                server.write_all(&read_segment(&mut client)?)?;
+                                server.write_all(&next)?;
+                            }
+                            Tamper::Truncate => {
+                                let _ = server.shutdown(std::net::Shutdown::Both);
+                                let _ = client.shutdown(std::net::Shutdown::Both);
+                                return Ok(());
+                            }
+                        }
+                    }
+                    std::io::copy(&mut client, &mut server)?;
+                    Ok(())
+                })();
+                let _ = server.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// An ordinary program holding 8 MiB of random bytes, which counts in a
+/// file (written whole and renamed) while it runs.
+const COUNTER: &str = "import os, sys, time
+buf = bytearray(os.urandom(8 << 20))
+n = 0
+while True:
+    n += 1
+    open(sys.argv[1] + '.tmp', 'w').write(str(n))
+    os.rename(sys.argv[1] + '.tmp', sys.argv[1])
+    time.sleep(0.02)
+";
+
+/// A tampered, replayed, reordered or truncated stream, and the wrong
+/// key: each migration is refused, the agent stores nothing, and the
+/// program runs on at the source, untouched.
+#[test]
+fn a_tampered_stream_or_the_wrong_key_leaves_the_program_running_and_nothing_stored() {
+    require_criu();
+    let dir = scratch("wire-tamper");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let to: SocketAddr = agent.addr.parse().unwrap();
+    let wrong_key = dir.path().join("wrong-key");
+    ferry(["keygen"]).arg(&wrong_key).ok();
+    let count_file = dir.path().join("count");
+    let mut shell = std::process::Command::new("setsid")
+        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", COUNTER])
+        .arg(&count_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let count = || -> u64 {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() == 0 {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sh = shell.id();
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = agent.store.join("pages.dat");
+    let attempts = [
+        (Some(Tamper::Flip), &agent.key),
+        (Some(Tamper::Replay), &agent.key),
+        (Some(Tamper::Reorder), &agent.key),
+        (Some(Tamper::Truncate), &agent.key),
+        (None, &wrong_key),
+    ];
+    let mut failures = Vec::new();
+    for (tamper, key) in attempts {
+        let what = tamper.map_or("the wrong key".to_string(), |t| format!("{t:?}"));
+        let addr = match tamper {
+            Some(t) => tampering_relay(to, t),
+            None => agent.addr.clone(),
+        };
+        let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "10s"])
+            .args_from(["--pid", &pid.to_string(), "--to", &addr])
+            .arg("--key")
+            .arg(key)
+            .run();
+        if run.code() == Some(0) {
+            failures.push(format!("{what}: the migration succeeded"));
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        // Running or sleeping (D: a moment in the kernel), not stopped
+        // (T, t) nor gone (Z, X).
+        if !matches!(state, Some("S" | "R" | "D")) {
+            failures.push(format!("{what}: the program is {state:?} at the source"));
+        }
+        let before = count();
+        std::thread::sleep(Duration::from_millis(300));
+        if count() <= before {
+            failures.push(format!("{what}: the program stopped counting at {before}"));
+        }
+        let stored = std::fs::metadata(&store).map_or(0, |m| m.len());
+        if stored != 0 {
+            failures.push(format!("{what}: the agent stored {stored} bytes of pages"));
+        }
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = shell.wait();
+    assert!(
+        failures.is_empty(),
+        "{}\n--- agent log\n{}",
+        failures.join("\n"),
+        agent.log()
+    );
+    assert!(
+        agent.log().contains("authentication tag mismatch"),
+        "the agent did not refuse a segment:\n{}",
+        agent.log()
+    );
+}

@@ -10,13 +10,13 @@
 
 use ferry_transport::fuzzing;
 use ferry_transport::pages::{decode_batch, decode_bitmap, decode_digests};
-use ferry_transport::Msg;
+use ferry_transport::{Msg, Secret};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     fuzzing::handshake(data);
     fuzzing::sealed(data);
-    let _ = decode_batch(data);
+    let _ = decode_batch(&Secret::from_bytes(b"fuzz").page_key(), data);
     let _ = decode_digests(data);
     let _ = decode_bitmap(data, data.len() * 8);
     let _ = serde_json::from_slice::<Msg>(data);

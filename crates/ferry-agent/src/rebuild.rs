@@ -111,7 +111,7 @@ pub(crate) fn lay_out(
                     None => *d = NOT_WRITTEN,
                 }
             });
-        leaves = pages::leaf_hashes(&map);
+        leaves = pages::leaf_hashes(store.key(), &map);
     }
     Ok(Ahead {
         path: path.to_path_buf(),
@@ -224,7 +224,7 @@ pub fn rebuild(
             file.set_len((recipe.len() * PAGE_SIZE) as u64)
                 .map_err(err)?;
             if recipe.is_empty() {
-                pages::file_checksum(&[])
+                pages::file_checksum(store.key(), &[])
             } else {
                 let mut map =
                     ferry_sys::mmap::map_writable(&file, matched.is_none()).map_err(err)?;
@@ -273,7 +273,7 @@ pub fn rebuild(
                             .map(|&l| {
                                 let from = l * pages::CHECKSUM_LEAF_BYTES;
                                 let to = (from + pages::CHECKSUM_LEAF_BYTES).min(map.len());
-                                (l, pages::leaf_hash(&map[from..to]))
+                                (l, pages::leaf_hash(store.key(), &map[from..to]))
                             })
                             .collect();
                         for (l, h) in fresh {
@@ -281,14 +281,14 @@ pub fn rebuild(
                         }
                         pages::combine_leaves(&leaves)
                     }
-                    _ => pages::file_checksum(&map),
+                    _ => pages::file_checksum(store.key(), &map),
                 };
                 tracing::debug!(file = %entry.name, ms = t0.elapsed().as_millis() as u64, "pages checked");
                 sum
             }
         } else {
             fs::write(&path, blob).map_err(err)?;
-            pages::file_checksum(blob)
+            pages::file_checksum(store.key(), blob)
         };
         let size = fs::metadata(&path).map_err(err)?.len();
         let sum = format!("{sum:032x}");

@@ -132,10 +132,11 @@ pub fn run(
     ready: &mut dyn FnMut(std::net::SocketAddr),
 ) -> Result<(), AgentError> {
     let secret = Secret::from_file(&config.key)?;
-    let store = PageStore::open(&config.store).map_err(|source| AgentError::Store {
-        path: config.store.clone(),
-        source,
-    })?;
+    let store =
+        PageStore::open(&config.store, secret.page_key()).map_err(|source| AgentError::Store {
+            path: config.store.clone(),
+            source,
+        })?;
     let listener = TcpListener::bind(config.listen).map_err(|source| AgentError::Bind {
         addr: config.listen,
         source,

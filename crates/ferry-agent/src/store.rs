@@ -6,7 +6,9 @@
 //! batch that does not fit (ENOSPC) is cut off again, so the file never
 //! holds a partial record that the index points to. At start the file is
 //! read back and every record's digest checked: a torn or damaged tail is
-//! truncated away.
+//! truncated away. Digests are keyed by the cluster key
+//! ([`ferry_transport::Secret::page_key`]): after a key change, no record
+//! verifies, and the store starts empty.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -15,7 +17,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
 
-use ferry_image::page::{self, Digest};
+use ferry_image::page::{Digest, PageKey};
 use ferry_sys::PAGE_SIZE;
 
 const DIGEST_BYTES: usize = 16;
@@ -23,6 +25,7 @@ const RECORD_BYTES: usize = DIGEST_BYTES + PAGE_SIZE;
 pub(crate) const PAGES_FILE: &str = "pages.dat";
 
 pub struct PageStore {
+    key: PageKey,
     path: PathBuf,
     reader: File,
     writer: Mutex<(File, u64)>,
@@ -30,8 +33,8 @@ pub struct PageStore {
 }
 
 impl PageStore {
-    /// Opens (or creates) the store in `dir`.
-    pub fn open(dir: &Path) -> io::Result<PageStore> {
+    /// Opens (or creates) the store in `dir`, its digests under `key`.
+    pub fn open(dir: &Path, key: PageKey) -> io::Result<PageStore> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(PAGES_FILE);
         let writer = OpenOptions::new()
@@ -53,7 +56,7 @@ impl PageStore {
             let mut d = [0u8; DIGEST_BYTES];
             d.copy_from_slice(&rec[..DIGEST_BYTES]);
             let digest = u128::from_le_bytes(d);
-            if page::digest(&rec[DIGEST_BYTES..]) != digest {
+            if key.digest(&rec[DIGEST_BYTES..]) != digest {
                 break;
             }
             index.insert(digest, good + DIGEST_BYTES as u64);
@@ -61,15 +64,21 @@ impl PageStore {
         }
         let len = writer.metadata()?.len();
         if len != good {
-            tracing::warn!(path = %path.display(), dropped = len - good, "page store: dropping a damaged or torn tail");
+            tracing::warn!(path = %path.display(), dropped = len - good, "page store: dropping a damaged or torn tail, or pages of another cluster key");
             writer.set_len(good)?;
         }
         Ok(PageStore {
+            key,
             reader: File::open(&path)?,
             path,
             writer: Mutex::new((writer, good)),
             index: RwLock::new(index),
         })
+    }
+
+    /// The key of its digests.
+    pub fn key(&self) -> &PageKey {
+        &self.key
     }
 
     pub fn path(&self) -> &Path {
@@ -179,9 +188,9 @@ mod tests {
     #[test]
     fn stores_once_and_survives_a_torn_tail() {
         let dir = tempfile::tempdir().unwrap();
-        let s = PageStore::open(dir.path()).unwrap();
+        let s = PageStore::open(dir.path(), PageKey::new([1; 32])).unwrap();
         let data = [page_of(1), page_of(2), page_of(1)].concat();
-        let ds: Vec<_> = data.chunks(PAGE_SIZE).map(page::digest).collect();
+        let ds: Vec<_> = data.chunks(PAGE_SIZE).map(|p| s.key().digest(p)).collect();
         assert_eq!(s.put_batch(&ds, &data).unwrap(), 2);
         assert_eq!(s.put_batch(&ds, &data).unwrap(), 0);
         let mut out = page_of(0);
@@ -194,8 +203,12 @@ mod tests {
             .unwrap();
         f.write_all_at(&[9u8; 100], 2 * RECORD_BYTES as u64)
             .unwrap();
-        let s = PageStore::open(dir.path()).unwrap();
+        let s = PageStore::open(dir.path(), PageKey::new([1; 32])).unwrap();
         assert_eq!(s.len(), 2);
         assert!(s.contains(ds[0]));
+        drop(s);
+        // Another key: nothing in it verifies, so nothing is served.
+        let s = PageStore::open(dir.path(), PageKey::new([2; 32])).unwrap();
+        assert_eq!(s.len(), 0);
     }
 }

@@ -83,6 +83,17 @@ impl Chain {
                     found: format!("{} pages and another ancestry", found.slots()),
                 });
             }
+            if found.page_key() != archives[0].page_key() {
+                return Err(ArchiveError::corrupt(
+                    child.path(),
+                    Corruption::Index {
+                        detail: format!(
+                            "its ancestor {} digests its pages under another key",
+                            candidate.display()
+                        ),
+                    },
+                ));
+            }
             archives.push(found);
         }
         let chain = Chain { archives };

@@ -12,9 +12,9 @@ pub(crate) const CHUNK_TAG: &[u8; 4] = b"FCHK";
 pub(crate) const TRAILER_TAG: &[u8; 8] = b"FERRYEND";
 
 /// Readers refuse archives of another major version.
-pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MAJOR: u16 = 2;
 /// Newer minor versions only add fields readers may ignore.
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
 
 pub const HEADER_LEN: usize = 40;
 pub(crate) const CHUNK_HEADER_LEN: usize = 32;
@@ -208,7 +208,7 @@ fn le_u64(b: &[u8]) -> u64 {
     u64::from_le_bytes(b.try_into().unwrap_or_default())
 }
 
-pub use ferry_image::page::{digest, zero_page_digest, Digest};
+pub use ferry_image::page::{Digest, PageKey};
 
 /// A file's checksum: the digest of its block digests and its size. Files
 /// are cut in 4 KiB blocks (the last may be short) so that the checksum of a
@@ -259,6 +259,12 @@ pub struct Index {
     /// GPU state the checkpoint carries (format 1.1).
     #[prost(message, optional, tag = "11")]
     pub gpu: Option<GpuRecordEntry>,
+    /// The key of the page digests (keyed BLAKE3, see
+    /// [`ferry_image::page::PageKey`]): 32 random bytes chosen when the
+    /// first archive of a chain is written, inherited by its incremental
+    /// archives (format 2).
+    #[prost(bytes = "vec", tag = "12")]
+    pub page_key: Vec<u8>,
 }
 
 /// The manifest's copy of [`ferry_image::gpu_record::GpuRecord`].

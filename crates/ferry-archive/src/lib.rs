@@ -153,8 +153,8 @@ pub enum ArchiveError {
     NotAnArchive { path: PathBuf },
     #[error("{}: not a regular file (a FIFO, device, socket or directory is never read as an archive)", path.display())]
     NotAFile { path: PathBuf },
-    #[error("{}: archive format {major}.{minor} is newer than this ferry reads ({supported}.x): upgrade ferry", path.display())]
-    NewerVersion {
+    #[error("{}: archive format {major}.{minor}, but this ferry reads {supported}.x: {}", path.display(), version_advice(*major, *supported))]
+    OtherVersion {
         path: PathBuf,
         major: u16,
         minor: u16,
@@ -266,3 +266,11 @@ pub fn id_hex(id: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests;
+
+fn version_advice(major: u16, supported: u16) -> &'static str {
+    if major > supported {
+        "upgrade ferry"
+    } else {
+        "written by an older ferry, whose page digests could be collided; unpack it with that ferry and pack it again"
+    }
+}

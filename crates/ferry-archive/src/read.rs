@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::format::{
-    ArchiveId, ChunkHeader, ChunkKind, Codec, Digest, Header, HeaderFault, Index, Trailer,
+    ArchiveId, ChunkHeader, ChunkKind, Codec, Digest, Header, HeaderFault, Index, PageKey, Trailer,
     CHUNK_HEADER_LEN, HEADER_LEN, MAX_CHUNK_RAW, MAX_INDEX_RAW, SOURCE_GEN_BASE, TRAILER_LEN,
     VERSION_MAJOR,
 };
@@ -122,6 +122,7 @@ pub struct Archive<R: ReadAt + ?Sized = ArchiveFile> {
     /// Pages chunks as (first slot, chunk index), ascending.
     slot_chunks: Vec<(u64, usize)>,
     slots: u64,
+    page_key: PageKey,
     reader: Box<R>,
 }
 
@@ -183,7 +184,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             Err(HeaderFault::Checksum) => return Err(corrupt(Corruption::Header)),
         };
         if header.major != VERSION_MAJOR {
-            return Err(ArchiveError::NewerVersion {
+            return Err(ArchiveError::OtherVersion {
                 path,
                 major: header.major,
                 minor: header.minor,
@@ -202,6 +203,13 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             .map_err(|detail| corrupt(Corruption::Index { detail }))?;
         let (slot_chunks, slots) =
             validate(&index, &trailer).map_err(|detail| corrupt(Corruption::Index { detail }))?;
+        let page_key = <[u8; 32]>::try_from(index.page_key.as_slice())
+            .map(PageKey::new)
+            .map_err(|_| {
+                corrupt(Corruption::Index {
+                    detail: format!("page key of {} bytes, not 32", index.page_key.len()),
+                })
+            })?;
         Ok(Archive {
             path,
             header,
@@ -209,6 +217,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
             len,
             slot_chunks,
             slots,
+            page_key,
             reader,
         })
     }
@@ -221,6 +230,10 @@ impl<R: ReadAt + ?Sized> Archive<R> {
     }
     pub fn header(&self) -> &Header {
         &self.header
+    }
+    /// The key its page digests are made with.
+    pub fn page_key(&self) -> &PageKey {
+        &self.page_key
     }
     pub fn index(&self) -> &Index {
         &self.index
@@ -453,7 +466,7 @@ impl<R: ReadAt + ?Sized> Archive<R> {
         for &c in &f.data_chunks {
             out.extend_from_slice(&self.read_chunk(c as usize)?);
         }
-        let digests = out.chunks(PAGE_SIZE).map(super::format::digest);
+        let digests = out.chunks(PAGE_SIZE).map(|b| self.page_key.digest(b));
         if super::format::file_checksum(digests, f.size).to_le_bytes()[..] != f.checksum[..] {
             return Err(ArchiveError::corrupt(
                 &self.path,

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use super::chain::Chain;
-use super::format::{digest, SOURCE_GEN_BASE};
+use super::format::SOURCE_GEN_BASE;
 use super::holes::ZeroPages;
 use super::read::ChunkBuf;
 use super::{ArchiveError, Corruption, Progress};
@@ -270,7 +270,7 @@ impl<'c> StreamSource<'c> {
         let first = u64::from(archive.index().chunks[chunk].first_slot);
         for (i, page) in dst[..n].chunks(PAGE_SIZE).enumerate() {
             let slot = first + i as u64;
-            if Some(digest(page)) != archive.slot_digest(slot) {
+            if Some(archive.page_key().digest(page)) != archive.slot_digest(slot) {
                 return Err(ArchiveError::corrupt(
                     archive.path(),
                     Corruption::Page {

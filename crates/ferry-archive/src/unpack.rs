@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use super::chain::Chain;
-use super::format::{digest, file_checksum, zero_page_digest, Digest, SOURCE_GEN_BASE};
+use super::format::{file_checksum, Digest, SOURCE_GEN_BASE};
 use super::read::ChunkBuf;
 use super::{ArchiveError, Corruption, Progress};
 use ferry_sys::mmap::map_writable;
@@ -140,7 +140,7 @@ fn place(
             }
         }
     }
-    let zero = zero_page_digest();
+    let zero = head.page_key().zero_page_digest();
     let mut refs = Vec::new();
     // Pages that were data in `held` and are zero now.
     let mut zeroed: Vec<(usize, usize)> = Vec::new();
@@ -332,7 +332,7 @@ fn layout_digests(chain: &Chain, fi: usize) -> Result<Vec<Digest>, ArchiveError>
     chain
         .head()
         .check_page_table(std::mem::size_of::<Digest>() as u64)?;
-    let zero = zero_page_digest();
+    let zero = chain.head().page_key().zero_page_digest();
     let mut digests = Vec::with_capacity((f.size / PAGE_SIZE as u64) as usize);
     for r in 0..f.run_sources.len() {
         let (src, len, slot) = (f.run_sources[r], f.run_lens[r], f.run_slots[r]);
@@ -385,7 +385,9 @@ fn run(
             Ok(Some((
                 file,
                 seq,
-                data.chunks(PAGE_SIZE).map(digest).collect(),
+                data.chunks(PAGE_SIZE)
+                    .map(|b| chain.head().page_key().digest(b))
+                    .collect(),
             )))
         }
         Job::Pages {
@@ -403,7 +405,8 @@ fn run(
                 let at = (slot - first) as usize * PAGE_SIZE;
                 let src = &data[at..at + PAGE_SIZE];
                 if slot != checked {
-                    if Some(digest(src)) != archive.slot_digest(u64::from(slot)) {
+                    if Some(archive.page_key().digest(src)) != archive.slot_digest(u64::from(slot))
+                    {
                         return Err(ArchiveError::corrupt(
                             archive.path(),
                             Corruption::Page {

@@ -4,21 +4,77 @@
 
 #![forbid(unsafe_code)]
 
-use xxhash_rust::xxh3::xxh3_128;
-
 use ferry_sys::PAGE_SIZE;
 
-/// Content digest of a page or 4 KiB block (xxh3-128).
+/// Content digest of a page or 4 KiB block: keyed BLAKE3, 128 bits.
 pub type Digest = u128;
 
-pub fn digest(block: &[u8]) -> Digest {
-    xxh3_128(block)
+/// The key under which pages are identified. Page identity decides which
+/// stored page is restored in place of another, so it must be one that the
+/// owner of a page cannot collide: a digest is keyed BLAKE3 under a secret
+/// the checkpointed processes never see (each archive's own random key,
+/// or one derived from the cluster key for migrations and the agent's
+/// store). Without the key, finding two pages with one digest takes
+/// online guesses against ferry itself; with an unkeyed 128-bit hash it
+/// would take 2^64 offline work, and with xxh3 none (see
+/// docs/security.md).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PageKey {
+    key: [u8; 32],
+    zero: Digest,
 }
 
-/// The digest of an all-zero page, computed once.
-pub fn zero_page_digest() -> Digest {
-    static ZERO: std::sync::OnceLock<Digest> = std::sync::OnceLock::new();
-    *ZERO.get_or_init(|| digest(&[0u8; PAGE_SIZE]))
+impl PageKey {
+    pub fn new(key: [u8; 32]) -> PageKey {
+        let mut k = PageKey { key, zero: 0 };
+        k.zero = k.digest(&[0u8; PAGE_SIZE]);
+        k
+    }
+
+    /// A fresh key from the kernel's random source.
+    pub fn random() -> std::io::Result<PageKey> {
+        use std::io::Read;
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
+        Ok(PageKey::new(key))
+    }
+
+    /// A key derived from a shared secret (both ends of a migration
+    /// derive the same one).
+    pub fn derive(secret: &[u8]) -> PageKey {
+        PageKey::new(blake3::derive_key("ferry page identity v1", secret))
+    }
+
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    pub fn digest(&self, block: &[u8]) -> Digest {
+        let h = blake3::keyed_hash(&self.key, block);
+        let mut low = [0u8; 16];
+        low.copy_from_slice(&h.as_bytes()[..16]);
+        u128::from_le_bytes(low)
+    }
+
+    /// The digest of an all-zero page under this key (computed once).
+    pub fn zero_page_digest(&self) -> Digest {
+        self.zero
+    }
+
+    /// `None` for an all-zero page, else its digest.
+    pub fn fingerprint(&self, page: &[u8]) -> Option<Digest> {
+        if is_zero(page) {
+            None
+        } else {
+            Some(self.digest(page))
+        }
+    }
+}
+
+impl std::fmt::Debug for PageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageKey(..)")
+    }
 }
 
 /// Whether every byte is zero (checked eight bytes at a time).
@@ -50,15 +106,6 @@ pub fn looks_random(page: &[u8]) -> bool {
     seen.iter().map(|&x| u32::from(x)).sum::<u32>() > DISTINCT
 }
 
-/// `None` for an all-zero page, else its digest.
-pub fn fingerprint(page: &[u8]) -> Option<Digest> {
-    if is_zero(page) {
-        None
-    } else {
-        Some(digest(page))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,7 +114,7 @@ mod tests {
     fn zero_check_sees_every_byte() {
         let mut page = vec![0u8; PAGE_SIZE];
         assert!(is_zero(&page));
-        assert_eq!(fingerprint(&page), None);
+        assert_eq!(PageKey::new([1; 32]).fingerprint(&page), None);
         for i in [0, 7, 8, 4095] {
             page[i] = 1;
             assert!(!is_zero(&page), "byte {i}");
@@ -94,5 +141,15 @@ mod tests {
         assert!(!looks_random(&counters));
         assert!(!looks_random(&[0u8; PAGE_SIZE]));
         assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+
+    #[test]
+    fn digests_depend_on_the_key() {
+        let (a, b) = (PageKey::new([1; 32]), PageKey::new([2; 32]));
+        let page = [7u8; PAGE_SIZE];
+        assert_ne!(a.digest(&page), b.digest(&page));
+        assert_eq!(a.digest(&page), PageKey::new([1; 32]).digest(&page));
+        assert_eq!(a.zero_page_digest(), a.digest(&[0u8; PAGE_SIZE]));
+        assert_eq!(format!("{a:?}"), "PageKey(..)");
     }
 }

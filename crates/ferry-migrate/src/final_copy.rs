@@ -181,7 +181,12 @@ pub fn run(
     let wire_before = sender.wire_bytes();
     // The images stream into ferry as CRIU writes them: digested on the
     // way, the new pages queued for the destination, nothing written out.
-    let sink = StreamedImages::new(sender, known, copy.then(|| images.clone()));
+    let sink = StreamedImages::new(
+        sender,
+        known,
+        copy.then(|| images.clone()),
+        opts.secret.page_key(),
+    );
     let dumped = dump_streamed(criu, source, &req, &sink)?;
     let (outgoing, counts) = match sink.finish(&images) {
         Ok(done) => done,
@@ -239,7 +244,7 @@ pub fn run(
                 source.restore_here(criu, opts, &images, &pids)
             } else {
                 match progress.dest_images.as_deref() {
-                    Some(dir) => match images::verify_dir(dir, &entries) {
+                    Some(dir) => match images::verify_dir(&opts.secret.page_key(), dir, &entries) {
                         Ok(()) => source.restore_here(criu, opts, dir, &pids),
                         Err(why) => Fate::Lost {
                             images: dir.to_path_buf(),

@@ -29,7 +29,7 @@ use super::streams::PageSender;
 use super::FinalError;
 use ferry_criu::capture::ImageCapture;
 use ferry_image::dir::classify_name;
-use ferry_image::page::{self, Digest};
+use ferry_image::page::{Digest, PageKey};
 use ferry_image::FileClass;
 use ferry_sys::PAGE_SIZE;
 use ferry_transport::msg::ImageEntry;
@@ -116,13 +116,13 @@ impl Recipe {
 
 /// Each page's digest (the zero digest for zero pages) and checksum leaf.
 /// One pass: a page's digest is also its leaf.
-fn digest_chunk(chunk: &[u8]) -> Vec<(Digest, u128)> {
+fn digest_chunk(key: &PageKey, chunk: &[u8]) -> Vec<(Digest, u128)> {
     chunk
         .chunks(pages::CHECKSUM_LEAF_BYTES)
-        .map(|p| match page::fingerprint(p) {
-            _ if p.len() < PAGE_SIZE => (ZERO_PAGE, pages::leaf_hash(p)),
+        .map(|p| match key.fingerprint(p) {
+            _ if p.len() < PAGE_SIZE => (ZERO_PAGE, pages::leaf_hash(key, p)),
             Some(d) => (d, d),
-            None => (ZERO_PAGE, page::zero_page_digest()),
+            None => (ZERO_PAGE, key.zero_page_digest()),
         })
         .collect()
 }
@@ -166,6 +166,7 @@ enum Captured {
 
 /// The images of a streamed dump, taken as CRIU writes them.
 pub(crate) struct StreamedImages<'a> {
+    key: PageKey,
     out: Mutex<Outbox<'a>>,
     /// Where each image is also written as it streams, if anywhere.
     copy_to: Option<PathBuf>,
@@ -177,8 +178,10 @@ impl<'a> StreamedImages<'a> {
         sender: &'a mut PageSender,
         known: &'a mut HashSet<Digest>,
         copy_to: Option<PathBuf>,
+        key: PageKey,
     ) -> StreamedImages<'a> {
         StreamedImages {
+            key,
             out: Mutex::new(Outbox {
                 sender,
                 known,
@@ -208,7 +211,7 @@ impl<'a> StreamedImages<'a> {
         for (name, image) in images {
             match image {
                 Captured::Whole(bytes) => {
-                    let sum = pages::file_checksum(&bytes);
+                    let sum = pages::file_checksum(&self.key, &bytes);
                     outgoing
                         .entries
                         .push(entry(name, bytes.len() as u64, sum, false));
@@ -269,8 +272,10 @@ impl<'a> StreamedImages<'a> {
             let digested = (|| {
                 for (buf, n) in full_rx.iter() {
                     let block = &buf[..n];
-                    let hashed: Vec<Vec<(Digest, u128)>> =
-                        block.par_chunks(HASH_CHUNK).map(digest_chunk).collect();
+                    let hashed: Vec<Vec<(Digest, u128)>> = block
+                        .par_chunks(HASH_CHUNK)
+                        .map(|c| digest_chunk(&self.key, c))
+                        .collect();
                     {
                         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
                         recipe.take(block, hashed, &mut out)?;
@@ -336,7 +341,11 @@ pub(crate) enum VerifyError {
 /// Checks that `dir` holds every image of `entries` with its size and
 /// checksum (a source on the destination's kernel, before it restores from
 /// the destination's images).
-pub(crate) fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), VerifyError> {
+pub(crate) fn verify_dir(
+    key: &PageKey,
+    dir: &Path,
+    entries: &[ImageEntry],
+) -> Result<(), VerifyError> {
     for e in entries {
         let path = dir.join(&e.name);
         let read = |source| VerifyError::Read {
@@ -346,10 +355,10 @@ pub(crate) fn verify_dir(dir: &Path, entries: &[ImageEntry]) -> Result<(), Verif
         let file = File::open(&path).map_err(read)?;
         let len = file.metadata().map_err(read)?.len();
         let sum = if len == 0 {
-            pages::file_checksum(&[])
+            pages::file_checksum(key, &[])
         } else {
             let map = ferry_sys::mmap::map_or_read(&file, true).map_err(read)?;
-            pages::file_checksum(&map)
+            pages::file_checksum(key, &map)
         };
         if len != e.size || format!("{sum:032x}") != e.checksum {
             return Err(VerifyError::Differs {
@@ -378,7 +387,10 @@ fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Every image file of a dump directory, whole (a lazy dump's images: its
 /// memory is not in them), with their entries.
-pub(crate) fn whole_files(dir: &Path) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8>>)> {
+pub(crate) fn whole_files(
+    key: &PageKey,
+    dir: &Path,
+) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8>>)> {
     let mut entries = Vec::new();
     let mut blobs = Vec::new();
     for name in image_files(dir)? {
@@ -386,7 +398,7 @@ pub(crate) fn whole_files(dir: &Path) -> io::Result<(Vec<ImageEntry>, Vec<Vec<u8
         entries.push(entry(
             name,
             bytes.len() as u64,
-            pages::file_checksum(&bytes),
+            pages::file_checksum(key, &bytes),
             false,
         ));
         blobs.push(bytes);

@@ -320,7 +320,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         });
     }
     let pre_start = Instant::now();
-    let mut pre = precopy::Precopy::new(pid);
+    let mut pre = precopy::Precopy::new(pid, opts.secret.page_key());
     let stop_reason = pre
         .run(&mut control, &mut sender, opts)
         .map_err(MigrateError::Precopy)?;

@@ -148,12 +148,13 @@ pub fn run(
         // pages), in a thread of its own.
         let mut serving = None;
         let mut sock = None;
-        let frozen = send_images(control, &images, &mut report)
+        let key = opts.secret.page_key();
+        let frozen = send_images(&key, control, &images, &mut report)
             .and_then(|()| page_source(opts, session))
             .and_then(|mut pages_conn| {
                 sock = pages_conn.socket_handle().ok();
                 let by_vpid = &by_vpid;
-                serving = Some(s.spawn(move || serve_pages(&mut pages_conn, by_vpid)));
+                serving = Some(s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid)));
                 let restore = RestoreOpts {
                     remote_pages: true,
                     ..opts.restore.clone()
@@ -260,15 +261,17 @@ pub fn run(
 
 /// The lazy dump's images, whole, to the agent, which writes them out.
 fn send_images(
+    key: &ferry_image::page::PageKey,
     control: &mut Conn,
     images: &std::path::Path,
     report: &mut FinalReport,
 ) -> Result<(), FinalError> {
     let t = Instant::now();
-    let (entries, blobs) = images::whole_files(images).map_err(|source| FinalError::Images {
-        path: images.to_path_buf(),
-        source,
-    })?;
+    let (entries, blobs) =
+        images::whole_files(key, images).map_err(|source| FinalError::Images {
+            path: images.to_path_buf(),
+            source,
+        })?;
     let before = control.sent_bytes();
     control.send_msg(&Msg::Images { files: entries })?;
     for b in &blobs {
@@ -294,9 +297,13 @@ fn page_source(opts: &MigrateOptions, session: &str) -> Result<Conn, FinalError>
 }
 
 /// Answers the agent's page requests until it reports every page resident.
-fn serve_pages(conn: &mut Conn, by_vpid: &HashMap<u64, i32>) -> Result<Served, FinalError> {
+fn serve_pages(
+    key: ferry_image::page::PageKey,
+    conn: &mut Conn,
+    by_vpid: &HashMap<u64, i32>,
+) -> Result<Served, FinalError> {
     let mut served = Served::default();
-    let mut sent = SentPages::default();
+    let mut sent = SentPages::new(key);
     let deadline = Instant::now() + COMPLETION_TIMEOUT;
     let mut buf = Vec::new();
     loop {

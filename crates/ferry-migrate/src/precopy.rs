@@ -36,11 +36,13 @@ pub struct Precopy {
     pub layout: BTreeMap<i32, (Vec<u64>, Vec<Digest>)>,
     pub rounds: Vec<RoundReport>,
     bandwidth: f64,
+    key: ferry_image::page::PageKey,
 }
 
 impl Precopy {
-    pub fn new(pid: i32) -> Precopy {
+    pub fn new(pid: i32, key: ferry_image::page::PageKey) -> Precopy {
         Precopy {
+            key,
             pid,
             known: HashSet::new(),
             layout: BTreeMap::new(),
@@ -102,6 +104,7 @@ impl Precopy {
         let start = Instant::now();
         let wire_before = sender.wire_bytes();
         let pids = ferry_image::process::tree(self.pid).unwrap_or_else(|_| vec![self.pid]);
+        let key = self.key;
         let known = &mut self.known;
         let layout = &mut self.layout;
         layout.clear();
@@ -116,6 +119,7 @@ impl Precopy {
             let mut data: Vec<u8> = Vec::new();
             let stats = live::scan_tree(
                 &pids,
+                &key,
                 &mut |d| known.insert(d),
                 &mut |d, page| {
                     pending.push(d);
@@ -134,6 +138,7 @@ impl Precopy {
         } else {
             live::scan_tree(
                 &pids,
+                &key,
                 &mut |d| known.insert(d),
                 &mut |d, page| {
                     sent += 1;

@@ -119,6 +119,13 @@ impl Secret {
         blake3::Hash::from(self.tag(context, parts)) == blake3::Hash::from(*tag)
     }
 
+    /// The key page digests are made with on both ends of a migration and
+    /// in the agent's store: derived from this secret, so no checkpointed
+    /// process knows it (see [`ferry_image::page::PageKey`]).
+    pub fn page_key(&self) -> ferry_image::page::PageKey {
+        ferry_image::page::PageKey::new(self.derive("ferry page identity v1", &[]))
+    }
+
     fn derive(&self, context: &str, parts: &[&[u8]]) -> [u8; 32] {
         let mut h = blake3::Hasher::new_keyed(&self.key);
         h.update(context.as_bytes());

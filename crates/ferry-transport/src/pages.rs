@@ -6,12 +6,14 @@
 //!          (ZERO_PAGE for a page of zeros: never sent, written as zeros)
 //! digests: count x u128 (a Query);  bitmap: ceil(count/8) bytes, bit set = missing
 //! ```
-//! Digests are xxh3-128 of the page (see [`ferry_image::page`]), little-endian.
-//! The receiver recomputes every page's digest before it stores it.
+//! Digests are keyed BLAKE3 of the page, 128 bits little-endian, under the
+//! key both ends derive from the cluster key ([`crate::Secret::page_key`];
+//! see [`ferry_image::page::PageKey`]). The receiver recomputes every
+//! page's digest before it stores it.
 
 #![forbid(unsafe_code)]
 
-use ferry_image::page::{self, Digest};
+use ferry_image::page::{Digest, PageKey};
 use ferry_sys::PAGE_SIZE;
 
 /// Recipe entry for an all-zero page.
@@ -40,7 +42,10 @@ pub enum PagesFault {
 }
 
 /// Decodes a batch and checks every page against its digest.
-pub fn decode_batch(batch: &[u8]) -> Result<(Vec<Digest>, &[u8]), PagesFault> {
+pub fn decode_batch<'b>(
+    key: &PageKey,
+    batch: &'b [u8],
+) -> Result<(Vec<Digest>, &'b [u8]), PagesFault> {
     let len = batch.len();
     let count = batch
         .get(..4)
@@ -52,7 +57,7 @@ pub fn decode_batch(batch: &[u8]) -> Result<(Vec<Digest>, &[u8]), PagesFault> {
     let digests = decode_digests(&batch[4..4 + count * DIGEST_BYTES])?;
     let data = &batch[4 + count * DIGEST_BYTES..];
     for (i, (d, p)) in digests.iter().zip(data.chunks_exact(PAGE_SIZE)).enumerate() {
-        if page::digest(p) != *d {
+        if key.digest(p) != *d {
             return Err(PagesFault::Digest { index: i });
         }
     }
@@ -78,36 +83,40 @@ pub fn decode_digests(bytes: &[u8]) -> Result<Vec<Digest>, PagesFault> {
 }
 
 /// Bytes per leaf of [`file_checksum`]: one page, so that a leaf of a
-/// pages image is its page's digest ([`ferry_image::page::digest`]) and a
+/// pages image is its page's digest ([`PageKey::digest`]) and a
 /// receiver that patches a few pages into a file laid out earlier rehashes
 /// only those pages.
 pub const CHECKSUM_LEAF_BYTES: usize = PAGE_SIZE;
 
-/// The checksum both ends compute over a whole image file: xxh3-128 of
-/// the xxh3-128 of each page of it (its leaves; a short tail is a leaf of
+/// The checksum both ends compute over a whole image file: BLAKE3 of the
+/// keyed digest of each page of it (its leaves; a short tail is a leaf of
 /// its own). Leaves are computed on every core, and a receiver that wrote
 /// most of a file earlier keeps their leaves and recomputes only those it
 /// changed since.
-pub fn file_checksum(bytes: &[u8]) -> u128 {
-    combine_leaves(&leaf_hashes(bytes))
+pub fn file_checksum(key: &PageKey, bytes: &[u8]) -> u128 {
+    combine_leaves(&leaf_hashes(key, bytes))
 }
 
 /// The leaves of [`file_checksum`], hashed on every core.
-pub fn leaf_hashes(bytes: &[u8]) -> Vec<u128> {
+pub fn leaf_hashes(key: &PageKey, bytes: &[u8]) -> Vec<u128> {
     use rayon::prelude::*;
     let per_chunk: Vec<Vec<u128>> = bytes
         .par_chunks(PARALLEL_CHUNK)
-        .map(|c| c.chunks(CHECKSUM_LEAF_BYTES).map(leaf_hash).collect())
+        .map(|c| {
+            c.chunks(CHECKSUM_LEAF_BYTES)
+                .map(|l| leaf_hash(key, l))
+                .collect()
+        })
         .collect();
     per_chunk.concat()
 }
 
 /// One leaf: the page's digest (a zero page's is known without hashing).
-pub fn leaf_hash(leaf: &[u8]) -> u128 {
+pub fn leaf_hash(key: &PageKey, leaf: &[u8]) -> u128 {
     if leaf.len() == PAGE_SIZE && ferry_image::page::is_zero(leaf) {
-        ferry_image::page::zero_page_digest()
+        key.zero_page_digest()
     } else {
-        ferry_image::page::digest(leaf)
+        key.digest(leaf)
     }
 }
 
@@ -115,8 +124,13 @@ pub fn leaf_hash(leaf: &[u8]) -> u128 {
 const PARALLEL_CHUNK: usize = 1 << 20;
 
 pub fn combine_leaves(leaves: &[u128]) -> u128 {
-    let bytes: Vec<u8> = leaves.iter().flat_map(|h| h.to_le_bytes()).collect();
-    xxhash_rust::xxh3::xxh3_128(&bytes)
+    let mut h = blake3::Hasher::new();
+    for leaf in leaves {
+        h.update(&leaf.to_le_bytes());
+    }
+    let mut low = [0u8; 16];
+    low.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    u128::from_le_bytes(low)
 }
 
 pub fn encode_bitmap(bits: &[bool]) -> Vec<u8> {
@@ -144,15 +158,26 @@ mod tests {
         let mut data = vec![0u8; 2 * PAGE_SIZE];
         data[5] = 1;
         data[PAGE_SIZE + 9] = 2;
-        let digests: Vec<_> = data.chunks(PAGE_SIZE).map(page::digest).collect();
+        let key = PageKey::new([4; 32]);
+        let digests: Vec<_> = data.chunks(PAGE_SIZE).map(|p| key.digest(p)).collect();
         let mut batch = encode_batch(&digests, &data);
-        let (d, p) = decode_batch(&batch).unwrap();
+        let (d, p) = decode_batch(&key, &batch).unwrap();
         assert_eq!((d, p), (digests.clone(), &data[..]));
         let last = batch.len() - 1;
         batch[last] ^= 1;
-        assert_eq!(decode_batch(&batch), Err(PagesFault::Digest { index: 1 }));
+        assert_eq!(
+            decode_batch(&key, &batch),
+            Err(PagesFault::Digest { index: 1 })
+        );
+        batch[last] ^= 1;
+        // Under another key, the same pages are not the pages named.
+        let other = PageKey::new([5; 32]);
+        assert_eq!(
+            decode_batch(&other, &batch),
+            Err(PagesFault::Digest { index: 0 })
+        );
         assert!(matches!(
-            decode_batch(&batch[..batch.len() - 1]),
+            decode_batch(&key, &batch[..batch.len() - 1]),
             Err(PagesFault::BatchLength { .. })
         ));
     }
@@ -161,17 +186,19 @@ mod tests {
     fn checksum_leaves_update_like_a_full_checksum() {
         let mut file = vec![3u8; 3 * (1 << 20) + 5 * PAGE_SIZE + 100];
         file[PAGE_SIZE..2 * PAGE_SIZE].fill(0);
-        let mut leaves = leaf_hashes(&file);
+        let key = PageKey::new([6; 32]);
+        let mut leaves = leaf_hashes(&key, &file);
         assert_eq!(leaves.len(), 3 * 256 + 5 + 1);
-        assert_eq!(leaves[1], ferry_image::page::zero_page_digest());
-        assert_eq!(leaves[0], ferry_image::page::digest(&file[..PAGE_SIZE]));
-        assert_eq!(combine_leaves(&leaves), file_checksum(&file));
+        assert_eq!(leaves[1], key.zero_page_digest());
+        assert_eq!(leaves[0], key.digest(&file[..PAGE_SIZE]));
+        assert_eq!(combine_leaves(&leaves), file_checksum(&key, &file));
         let at = (1 << 20) + 7;
         file[at] = 9;
-        assert_ne!(combine_leaves(&leaves), file_checksum(&file));
+        assert_ne!(combine_leaves(&leaves), file_checksum(&key, &file));
         let l = at / CHECKSUM_LEAF_BYTES;
-        leaves[l] = leaf_hash(&file[l * CHECKSUM_LEAF_BYTES..(l + 1) * CHECKSUM_LEAF_BYTES]);
-        assert_eq!(combine_leaves(&leaves), file_checksum(&file));
+        let leaf = &file[l * CHECKSUM_LEAF_BYTES..(l + 1) * CHECKSUM_LEAF_BYTES];
+        leaves[l] = leaf_hash(&key, leaf);
+        assert_eq!(combine_leaves(&leaves), file_checksum(&key, &file));
     }
 
     #[test]

@@ -10,24 +10,34 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use ferry_image::page::{self, Digest};
+use ferry_image::page::{Digest, PageKey};
 
 /// Pages remembered (16 MiB of them on the agent).
 pub(crate) const RECENT_PAGES: usize = 4096;
 
 /// The source's half: digests of the pages sent in full, by number.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SentPages {
+    key: PageKey,
     by_digest: HashMap<Digest, u64>,
     order: VecDeque<Digest>,
     next: u64,
 }
 
 impl SentPages {
+    pub fn new(key: PageKey) -> SentPages {
+        SentPages {
+            key,
+            by_digest: HashMap::new(),
+            order: VecDeque::new(),
+            next: 0,
+        }
+    }
+
     /// The number of a page with this content still held on the agent, or
     /// `None` after recording it as sent in full now.
     pub fn reference_or_record(&mut self, bytes: &[u8]) -> Option<u64> {
-        let d = page::digest(bytes);
+        let d = self.key.digest(bytes);
         if let Some(&n) = self.by_digest.get(&d) {
             return Some(n);
         }
@@ -73,7 +83,7 @@ mod tests {
 
     #[test]
     fn both_halves_remember_and_forget_the_same_pages() {
-        let mut sent = SentPages::default();
+        let mut sent = SentPages::new(PageKey::new([8; 32]));
         let mut received = ReceivedPages::default();
         let page = |n: u32| {
             let mut p = vec![0u8; ferry_sys::PAGE_SIZE];

@@ -30,7 +30,7 @@ pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), Ag
     loop {
         match conn.recv() {
             Ok(Some(Incoming::Pages(batch))) => {
-                let (digests, data) = match pages::decode_batch(&batch) {
+                let (digests, data) = match pages::decode_batch(agent.store.key(), &batch) {
                     Ok(x) => x,
                     Err(e) => {
                         let message = format!("bad page batch: {e}");

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use ferry_image::page::fingerprint;
+use ferry_image::page::PageKey;
 use ferry_image::ImageError;
 use ferry_sys::mmap::map_or_read;
 use ferry_sys::PAGE_SIZE;
@@ -17,9 +17,27 @@ const PAGES_PER_TASK: usize = 256;
 
 /// Content fingerprints of the pages scanned so far (across files), so that
 /// a page repeating one from another process counts as a duplicate too.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PageScan {
     seen: HashSet<u128>,
+    /// A key of this scan's own: the counts it reports are not something a
+    /// process can skew with pages crafted to collide.
+    key: PageKey,
+}
+
+impl Default for PageScan {
+    fn default() -> Self {
+        // Without the kernel's random source, a key of this process's
+        // own making: the counts are a report, not an identity.
+        let key = PageKey::random().unwrap_or_else(|_| {
+            let seed = format!("{:?} {}", std::time::SystemTime::now(), std::process::id());
+            PageKey::derive(seed.as_bytes())
+        });
+        PageScan {
+            seen: HashSet::new(),
+            key,
+        }
+    }
 }
 
 impl PageScan {
@@ -39,7 +57,7 @@ impl PageScan {
     pub fn scan_bytes(&mut self, bytes: &[u8]) -> (u64, u64) {
         let prints: Vec<Option<u128>> = bytes
             .par_chunks(PAGE_SIZE * PAGES_PER_TASK)
-            .flat_map_iter(|chunk| chunk.chunks(PAGE_SIZE).map(fingerprint))
+            .flat_map_iter(|chunk| chunk.chunks(PAGE_SIZE).map(|p| self.key.fingerprint(p)))
             .collect();
         let mut zero = 0;
         let mut dup = 0;

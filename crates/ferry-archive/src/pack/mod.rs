@@ -212,7 +212,7 @@ pub fn pack_dir<W: Write + Send>(
         id,
     };
     let writer = ChunkWriter::new(out, header, opts.progress)?;
-    let mut planner = Planner::new(parent.as_ref());
+    let mut planner = Planner::new(parent.as_ref())?;
     let parent_ref = parent.as_ref().map(|c| {
         let head = c.head();
         ParentRef {
@@ -257,6 +257,7 @@ pub fn pack_dir<W: Write + Send>(
                 gpu: ferry_image::gpu_record::GpuRecord::read(dir)?
                     .as_ref()
                     .map(Into::into),
+                page_key: planner.key.bytes().to_vec(),
                 ..Default::default()
             };
             Ok((IndexEncoder::start(&head)?, raw_bytes))

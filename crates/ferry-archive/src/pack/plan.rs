@@ -8,7 +8,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use rayon::prelude::*;
 
 use crate::chain::Chain;
-use crate::format::{self, digest, file_checksum, Digest, FileEntry, SOURCE_GEN_BASE, SOURCE_ZERO};
+use crate::format::{file_checksum, Digest, FileEntry, PageKey, SOURCE_GEN_BASE, SOURCE_ZERO};
 use crate::{ArchiveError, CHUNK_PAGES};
 use ferry_sys::PAGE_SIZE;
 
@@ -74,6 +74,8 @@ pub(super) struct Planner {
     pub(super) slot_of: Vec<u32>,
     pub(super) slot_digests: Vec<Digest>,
     pub(super) counts: Counts,
+    /// The digests' key: the parent's, or a new one for a first archive.
+    pub(super) key: PageKey,
 }
 
 /// New pages of one entropy class waiting for a chunk.
@@ -86,7 +88,12 @@ pub(super) struct Pending {
 }
 
 impl Planner {
-    pub(super) fn new(parent: Option<&Chain>) -> Planner {
+    pub(super) fn new(parent: Option<&Chain>) -> Result<Planner, ArchiveError> {
+        let key = match parent {
+            Some(chain) => *chain.head().page_key(),
+            None => PageKey::random()
+                .map_err(|e| ArchiveError::io("read", std::path::Path::new("/dev/urandom"), e))?,
+        };
         let mut known = DigestMap::default();
         if let Some(chain) = parent {
             // Nearer generations win: insert the oldest first.
@@ -100,12 +107,13 @@ impl Planner {
                 }
             }
         }
-        Planner {
+        Ok(Planner {
             known,
             slot_of: Vec::new(),
             slot_digests: Vec::new(),
             counts: Counts::default(),
-        }
+            key,
+        })
     }
 
     pub(super) fn plan_pages(
@@ -115,7 +123,7 @@ impl Planner {
         src: &Source,
         emit: &mut Emit,
     ) -> Result<FileEntry, ArchiveError> {
-        let zero = format::zero_page_digest();
+        let zero = self.key.zero_page_digest();
         let total = src.bytes.len() / PAGE_SIZE;
         self.known.reserve(total);
         self.slot_digests.reserve(total);
@@ -133,7 +141,7 @@ impl Planner {
         ];
         // The decisions, page by page on this thread, batch after batch as
         // the pool scans them, while it compresses the chunks decided.
-        scan_in_batches(pool, &src.bytes, |batch| {
+        scan_in_batches(pool, &self.key.clone(), &src.bytes, |batch| {
             let from = scanned.len();
             scanned.extend_from_slice(&batch);
             for (i, p) in batch.into_iter().enumerate() {
@@ -246,11 +254,14 @@ impl Planner {
                 src.bytes
                     .par_chunks(PAGE_SIZE)
                     .with_max_len(DIGEST_BATCH_PAGES)
-                    .map(digest)
+                    .map(|b| self.key.digest(b))
                     .collect()
             })
         } else {
-            src.bytes.chunks(PAGE_SIZE).map(digest).collect()
+            src.bytes
+                .chunks(PAGE_SIZE)
+                .map(|b| self.key.digest(b))
+                .collect()
         };
         let size = src.bytes.len() as u64;
         let step = CHUNK_PAGES * PAGE_SIZE;

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use crate::format::Digest;
+use crate::format::{Digest, PageKey};
 use crate::ArchiveError;
-use ferry_image::page::{fingerprint, looks_random};
+use ferry_image::page::looks_random;
 use ferry_sys::PAGE_SIZE;
 
 use super::*;
@@ -14,10 +14,10 @@ use super::*;
 /// A page scanned: zero, or its digest and whether it looks random.
 pub(super) type Scan = Option<(Digest, bool)>;
 
-pub(super) fn scan(pages: &[u8]) -> Vec<Scan> {
+pub(super) fn scan(key: &PageKey, pages: &[u8]) -> Vec<Scan> {
     pages
         .chunks(PAGE_SIZE)
-        .map(|p| fingerprint(p).map(|d| (d, looks_random(p))))
+        .map(|p| key.fingerprint(p).map(|d| (d, looks_random(p))))
         .collect()
 }
 
@@ -29,20 +29,21 @@ pub(super) fn scan(pages: &[u8]) -> Vec<Scan> {
 /// once before it.
 pub(super) fn scan_in_batches(
     pool: &rayon::ThreadPool,
+    key: &PageKey,
     bytes: &[u8],
     mut take: impl FnMut(Vec<Scan>) -> Result<(), ArchiveError>,
 ) -> Result<(), ArchiveError> {
     let batches: Vec<&[u8]> = bytes.chunks(DIGEST_BATCH_PAGES * PAGE_SIZE).collect();
     let threads = pool.current_num_threads();
     if threads == 1 {
-        return batches.into_iter().try_for_each(|b| take(scan(b)));
+        return batches.into_iter().try_for_each(|b| take(scan(key, b)));
     }
     let ahead = SCAN_AHEAD;
     let arrivals = Arrivals::default();
     pool.in_place_scope(|s| {
         let spawn = |k: usize| {
             let (arrivals, b) = (&arrivals, batches[k]);
-            s.spawn(move |_| arrivals.put(k, std::panic::catch_unwind(|| scan(b))));
+            s.spawn(move |_| arrivals.put(k, std::panic::catch_unwind(|| scan(key, b))));
         };
         for k in 0..ahead.min(batches.len()) {
             spawn(k);

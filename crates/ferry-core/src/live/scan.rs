@@ -55,6 +55,7 @@ fn dumpable(region: &Region, e: u64, zero_pfn: Option<u64>) -> bool {
 /// Processes or regions that vanish meanwhile are skipped.
 pub fn scan_tree<E: From<LiveError>>(
     pids: &[i32],
+    key: &page::PageKey,
     wanted: &mut dyn FnMut(Digest) -> bool,
     sink: &mut PageSink<'_, E>,
     layout: &mut LayoutSink<'_>,
@@ -110,7 +111,7 @@ pub fn scan_tree<E: From<LiveError>>(
                     };
                     for (k, p) in run[..got * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
                         stats.populated_pages += 1;
-                        let fp = page::fingerprint(p);
+                        let fp = key.fingerprint(p);
                         if region.private {
                             layout(pid, addr + (k * PAGE_SIZE) as u64, fp);
                         }
@@ -145,10 +146,12 @@ mod tests {
             *b = (i / PAGE_SIZE) as u8 + 1;
         }
         let me = std::process::id() as i32;
-        let target = page::digest(&block[..PAGE_SIZE]);
+        let key = page::PageKey::new([3; 32]);
+        let target = key.digest(&block[..PAGE_SIZE]);
         let mut seen = std::collections::HashSet::new();
         let s = scan_tree::<LiveError>(
             &[me],
+            &key,
             &mut |d| seen.insert(d),
             &mut |_, _| Ok(()),
             &mut |_, _, _| {},
@@ -157,10 +160,11 @@ mod tests {
         assert!(s.populated_pages >= 64 && s.new_pages >= 64, "{s:?}");
         assert!(seen.contains(&target));
         block[0] = 200;
-        let changed = page::digest(&block[..PAGE_SIZE]);
+        let changed = key.digest(&block[..PAGE_SIZE]);
         let mut fresh = Vec::new();
         scan_tree::<LiveError>(
             &[me],
+            &key,
             &mut |d| !seen.contains(&d),
             &mut |d, _| {
                 fresh.push(d);
