@@ -1469,3 +1469,131 @@ fn etcd_over_tls_with_client_certificates() {
     refused(open_key, "chmod 600");
     drop(agent);
 }
+
+/// etcd with its own authentication: agents and `ha` commands work as a
+/// user whose role may write only the cluster's prefix; no user, a wrong
+/// password, or a user without that permission is refused by etcd, each
+/// naming the cause.
+#[test]
+fn etcd_with_a_user_and_password() {
+    use common::etcd::EtcdProc;
+    let dir = scratch("etcd-auth");
+    let etcd = EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
+    let key = common::agent::key(dir.path());
+    let cluster = format!("t{}-auth", std::process::id());
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .args(["--endpoints", &etcd.url, "--user", "root:root-pw"])
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Before auth is on, the root user needs no password to be made.
+    let plain = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .args(["--endpoints", &etcd.url])
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    plain(&["user", "add", "root:root-pw"]);
+    plain(&["user", "grant-role", "root", "root"]);
+    let prefix = format!("/ferry/{cluster}/");
+    plain(&["role", "add", "ferry"]);
+    plain(&[
+        "role",
+        "grant-permission",
+        "ferry",
+        "--prefix=true",
+        "readwrite",
+        &prefix,
+    ]);
+    plain(&["user", "add", "ferry:ferry-pw"]);
+    plain(&["user", "grant-role", "ferry", "ferry"]);
+    plain(&["user", "add", "other:other-pw"]);
+    plain(&["auth", "enable"]);
+    ctl(&["auth", "status"]);
+    let secret = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        p.display().to_string()
+    };
+    let (right, wrong, others) = (
+        secret("ferry.pw", "ferry-pw\n"),
+        secret("wrong.pw", "not-it\n"),
+        secret("other.pw", "other-pw\n"),
+    );
+    let args = |user: &str, pw: &str| {
+        [
+            "--etcd",
+            etcd.url.as_str(),
+            "--etcd-user",
+            user,
+            "--etcd-password-file",
+            pw,
+            "--cluster",
+            cluster.as_str(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    ferry([
+        "ha", "run", "web", "--port", "9", "--hosts", "nowhere", "--key",
+    ])
+    .arg(&key)
+    .args_from(args("ferry", &right))
+    .args_from(["--", "sleep", "1"])
+    .ok();
+    let store = dir.path().join("store");
+    let mut extra = args("ferry", &right);
+    extra.extend(
+        [
+            "--name",
+            "h1",
+            "--advertise",
+            "127.0.0.1",
+            "--lease-ttl",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let agent = AgentProc::start_args(dir.path(), &store, "127.0.0.1:0", None, None, None, &extra);
+    // The agent's heartbeat arrives; the status is read as the same user,
+    // given by environment this time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = ferry(["ha", "status", "--json"])
+            .env("FERRY_ETCD", &etcd.url)
+            .env("FERRY_ETCD_USER", "ferry")
+            .env("FERRY_ETCD_PASSWORD_FILE", &right)
+            .env("FERRY_CLUSTER", &cluster)
+            .json();
+        if status["hosts"]["h1"].is_object() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status["services"]["web"]["spec"].is_object(), "{status}");
+    let refused = |args: Vec<String>, why: &str| {
+        let err = ferry(["ha", "status"]).args_from(args).fails_with(1);
+        assert!(err.contains(why), "expected '{why}' in: {err}");
+    };
+    refused(args("ferry", &wrong), "authentication failed");
+    refused(args("other", &others), "permission denied");
+    let mut anonymous = args("ferry", &right);
+    anonymous.drain(2..6);
+    refused(anonymous, "user name is empty");
+    drop(agent);
+}

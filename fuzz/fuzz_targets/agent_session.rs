@@ -252,14 +252,12 @@ fn run_sequence(data: &[u8]) {
             conns.remove(at);
             at = 0;
         }
-        // Whatever the agent answered meanwhile, read without waiting long.
-        if let Some(conn) = conns.get_mut(at) {
-            let _ = conn.set_read_timeout(Some(Duration::from_millis(2)));
-            while conn.recv().is_ok_and(|m| m.is_some()) {}
-        }
     }
-    for c in &conns {
-        c.shutdown();
+    // Whatever the agent answered, read without waiting long.
+    for conn in &mut conns {
+        let _ = conn.set_read_timeout(Some(Duration::from_millis(2)));
+        while conn.recv().is_ok_and(|m| m.is_some()) {}
+        conn.shutdown();
     }
 }
 

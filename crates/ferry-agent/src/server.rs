@@ -234,7 +234,9 @@ pub fn run(
                 }
                 threads.retain(|t| !t.is_finished());
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(POLL),
+            // Wait for the next connection, waking at least every POLL to
+            // see the stop flag.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener),
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e)
                 if matches!(
@@ -350,4 +352,14 @@ fn serve(
             Ok(())
         }
     }
+}
+
+/// Blocks until `listener` has a connection to accept, a signal arrives,
+/// or [`POLL`] passes.
+fn wait_readable(listener: &TcpListener) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let ms = u16::try_from(POLL.as_millis()).unwrap_or(u16::MAX);
+    let _ = poll(&mut fds, PollTimeout::from(ms));
 }
