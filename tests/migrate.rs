@@ -794,3 +794,86 @@ fn a_docker_container_migrates_into_a_new_container_and_continues() {
         run["restored_pid"].as_i64().unwrap() as i32
     ));
 }
+
+/// An agent that shares this kernel's boot id but not its pid space (in a
+/// pid namespace of its own, as a clone of this VM would be a kernel of
+/// its own) cannot read the source's kernel proof: the migration takes the
+/// route between two hosts (the source stays frozen until the commit)
+/// instead of killing the source before the restore, and an ordinary
+/// program arrives and counts on.
+#[test]
+fn an_equal_boot_id_without_the_kernel_proof_is_another_host() {
+    require_criu();
+    let dir = scratch("migrate-unproved-kernel");
+    let agent = AgentProc::start_wrapped(
+        dir.path(),
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+    let count_file = dir.path().join("count");
+    let program = "import sys, time
+n = 0
+while True:
+    n += 1
+    open(sys.argv[1] + '.tmp', 'w').write(str(n))
+    __import__('os').rename(sys.argv[1] + '.tmp', sys.argv[1])
+    time.sleep(0.02)
+";
+    let mut shell = std::process::Command::new("setsid")
+        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", program])
+        .arg(&count_file)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let count = || -> u64 {
+        std::fs::read_to_string(&count_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() == 0 {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sh = shell.id();
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
+        .args_from(["--pid", &pid.to_string(), "--to", &agent.addr])
+        .arg("--key")
+        .arg(&agent.key)
+        .run();
+    let _ = shell.wait();
+    let report = run.json();
+    assert_eq!(report["same_kernel"].as_bool(), Some(false), "{report}");
+    assert!(
+        agent.wait_for("treated as another kernel", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    // The source is gone; the copy in the agent's namespace counts on.
+    assert!(
+        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .map_or(true, |c| !c.contains("python3")),
+        "the source still runs"
+    );
+    let after = count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count() <= after + 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the migrated program does not count on (at {after})\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(agent);
+}

@@ -172,6 +172,7 @@ fn run_sequence(data: &[u8]) {
                 boot_id: String::new(),
                 host: "fuzz".into(),
                 gpu: None,
+                kernel_proof: None,
             }),
             1 => conn.send_msg(&Msg::Join {
                 session: session.clone(),

@@ -76,11 +76,47 @@ impl AgentProc {
         runc_root: Option<&Path>,
         extra: &[String],
     ) -> AgentProc {
+        let wrapper: Vec<String> = match netns {
+            Some(ns) => [
+                "nsenter".to_string(),
+                format!("--net=/run/netns/{ns}"),
+                "--".into(),
+            ]
+            .into(),
+            None => Vec::new(),
+        };
+        Self::spawn(dir, store, listen, &wrapper, fault, runc_root, extra)
+    }
+
+    /// An agent on loopback run under `wrapper` (a command that runs the
+    /// rest of its arguments, e.g. `unshare --pid --fork --mount-proc`).
+    pub fn start_wrapped(dir: &Path, wrapper: &[&str]) -> AgentProc {
+        let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
+        Self::spawn(
+            dir,
+            &dir.join("store"),
+            "127.0.0.1:0",
+            &wrapper,
+            None,
+            None,
+            &[],
+        )
+    }
+
+    fn spawn(
+        dir: &Path,
+        store: &Path,
+        listen: &str,
+        wrapper: &[String],
+        fault: Option<&str>,
+        runc_root: Option<&Path>,
+        extra: &[String],
+    ) -> AgentProc {
         let key = key(dir);
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).args(["--", FERRY]);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(FERRY);
                 c
             }
             None => Command::new(FERRY),

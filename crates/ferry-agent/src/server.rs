@@ -294,18 +294,23 @@ fn serve(
             boot_id,
             host,
             gpu,
-        } => session::serve_control(
-            agent,
-            conn,
-            session::Begin {
-                id: session,
-                target,
-                expected_bytes,
-                source_host: host,
-                same_kernel: !boot_id.is_empty() && boot_id == self::boot_id(),
-                gpu,
-            },
-        ),
+            kernel_proof,
+        } => {
+            let kernel_proof = prove_kernel(&boot_id, kernel_proof, &host);
+            session::serve_control(
+                agent,
+                conn,
+                session::Begin {
+                    id: session,
+                    target,
+                    expected_bytes,
+                    source_host: host,
+                    same_kernel: kernel_proof.is_some(),
+                    kernel_proof,
+                    gpu,
+                },
+            )
+        }
         Msg::Join { session } => session::serve_data(agent, conn, &session),
         Msg::PageSource { session } => {
             let known = agent
@@ -362,4 +367,28 @@ fn wait_readable(listener: &TcpListener) {
     let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
     let ms = u16::try_from(POLL.as_millis()).unwrap_or(u16::MAX);
     let _ = poll(&mut fds, PollTimeout::from(ms));
+}
+
+/// One kernel is proved, not assumed from an equal boot id (VMs cloned
+/// from one snapshot share it): the source's nonce must be readable here
+/// where it says it holds it. Returns the answer to send back.
+fn prove_kernel(
+    boot: &str,
+    locator: Option<ferry_transport::msg::ProofLocator>,
+    source_host: &str,
+) -> Option<String> {
+    if boot.is_empty() || boot != boot_id() {
+        return None;
+    }
+    let Some(at) = locator else {
+        tracing::warn!(from = %source_host, "same boot id but no kernel proof offered: treated as another kernel");
+        return None;
+    };
+    match ferry_sys::host::read_kernel_proof(at.pid, at.fd) {
+        Ok(nonce) => Some(ferry_transport::msg::kernel_proof_answer(&nonce)),
+        Err(e) => {
+            tracing::warn!(from = %source_host, error = %e, "same boot id but the source's kernel proof is not readable here: treated as another kernel (a machine cloned from one snapshot?)");
+            None
+        }
+    }
 }

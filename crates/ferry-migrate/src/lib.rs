@@ -253,6 +253,10 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     let rss = ferry_image::process::tree_rss_bytes(pid).unwrap_or(0);
 
     let session = session_id();
+    // Held until the agent has answered it.
+    let proof = ferry_sys::host::KernelProof::new()
+        .map_err(|e| tracing::warn!(error = %e, "cannot make a kernel proof: the destination will be treated as another host"))
+        .ok();
     let connect_err = |source| MigrateError::Connect {
         to: opts.to.clone(),
         source,
@@ -267,10 +271,19 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             boot_id: ferry_sys::host::boot_id(),
             host: ferry_sys::host::hostname(),
             gpu: plan.record().map(|r| Box::new(r.into())),
+            kernel_proof: proof.as_ref().map(|p| {
+                let (pid, fd) = p.locator();
+                ferry_transport::msg::ProofLocator { pid, fd }
+            }),
         })
         .map_err(connect_err)?;
-    let (dest_host, dest_boot) = match control.recv_msg() {
-        Ok(Msg::Accepted { host, boot_id, .. }) => (host, boot_id),
+    let (dest_host, dest_boot, answer) = match control.recv_msg() {
+        Ok(Msg::Accepted {
+            host,
+            boot_id,
+            kernel_proof,
+            ..
+        }) => (host, boot_id, kernel_proof),
         Ok(other) => {
             return Err(MigrateError::Refused(TransportError::Unexpected {
                 peer: opts.to.clone(),
@@ -283,7 +296,17 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     control
         .set_read_timeout(Some(opts.io_timeout))
         .map_err(connect_err)?;
-    let same_kernel = !dest_boot.is_empty() && dest_boot == ferry_sys::host::boot_id();
+    // One kernel only when the agent read the nonce this process holds: an
+    // equal boot id alone (VMs cloned from one snapshot) is not enough.
+    let same_boot = !dest_boot.is_empty() && dest_boot == ferry_sys::host::boot_id();
+    let proved = match (&proof, &answer) {
+        (Some(p), Some(a)) => *a == ferry_transport::msg::kernel_proof_answer(p.nonce()),
+        _ => false,
+    };
+    if same_boot && !proved {
+        tracing::warn!(to = %opts.to, "the destination has this kernel's boot id but did not prove it runs on it: treated as another host");
+    }
+    let same_kernel = same_boot && proved;
     let mut sender = streams::PageSender::open(
         &opts.to,
         &opts.secret,

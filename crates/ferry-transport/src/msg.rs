@@ -172,6 +172,23 @@ pub struct RestoreOpts {
     pub remote_pages: bool,
 }
 
+/// Where the source holds its kernel proof
+/// (`ferry_sys::host::KernelProof`): its pid and the descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofLocator {
+    pub pid: u32,
+    pub fd: i32,
+}
+
+/// The answer to a kernel proof: a digest of its nonce (hex), which only a
+/// reader of the nonce, on the source's own kernel, can give.
+pub fn kernel_proof_answer(nonce: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"ferry kernel proof v1\0");
+    h.update(nonce);
+    h.finalize().to_hex().to_string()
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Msg {
@@ -184,6 +201,9 @@ pub enum Msg {
         host: String,
         /// GPU state the application needs on the destination, if any.
         gpu: Option<Box<GpuNeeds>>,
+        /// With an equal boot id, the challenge that proves one kernel.
+        #[serde(default)]
+        kernel_proof: Option<ProofLocator>,
     },
     Join {
         session: String,
@@ -192,6 +212,10 @@ pub enum Msg {
         host: String,
         boot_id: String,
         free_bytes: u64,
+        /// [`kernel_proof_answer`] of the source's nonce, when the agent
+        /// read it: the two run on one kernel.
+        #[serde(default)]
+        kernel_proof: Option<String>,
     },
     Query {
         count: u64,

@@ -26,6 +26,7 @@ pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), Ag
         host: agent.host.clone(),
         boot_id: agent.boot_id.clone(),
         free_bytes: free_bytes(&agent.config.store),
+        kernel_proof: None,
     })?;
     loop {
         match conn.recv() {

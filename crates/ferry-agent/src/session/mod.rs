@@ -110,6 +110,9 @@ pub struct Begin {
     /// the restore, and if the restore fails it restores from this
     /// session's images, which must then stay whole.
     pub same_kernel: bool,
+    /// The answer to the source's kernel proof (set exactly when
+    /// `same_kernel` is).
+    pub kernel_proof: Option<String>,
     pub gpu: Option<Box<ferry_transport::msg::GpuNeeds>>,
 }
 
@@ -148,6 +151,7 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         ahead: Default::default(),
         expected_bytes: begin.expected_bytes,
         same_kernel: begin.same_kernel,
+        kernel_proof: begin.kernel_proof.clone(),
     };
     let result = session.run(&mut conn);
     if let Ok(mut s) = agent.sessions.lock() {
@@ -251,6 +255,7 @@ struct Session<'a> {
     ahead: std::collections::HashMap<i32, super::rebuild::Ahead>,
     expected_bytes: u64,
     same_kernel: bool,
+    kernel_proof: Option<String>,
 }
 
 impl Session<'_> {
@@ -260,6 +265,7 @@ impl Session<'_> {
             host: self.agent.host.clone(),
             boot_id: self.agent.boot_id.clone(),
             free_bytes: free_bytes(&self.agent.config.store),
+            kernel_proof: self.kernel_proof.clone(),
         })?;
         loop {
             let msg = match conn.recv_msg() {
