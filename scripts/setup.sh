@@ -47,9 +47,11 @@ command -v apt-get >/dev/null || die "this script needs a Debian-based system (a
 # container and HA suites, busybox-static for scratch test images, zstd for
 # the compression benchmark, iproute2 for namespace "hosts", python3 for the
 # tests' ordinary programs, openssl for the etcd TLS test's certificates,
-# util-linux for setpriv (an unprivileged racer in the post-copy test).
+# util-linux for setpriv (an unprivileged racer in the post-copy test) and
+# unshare, strace to see that a stop-mode dump syncs before it kills.
 PACKAGES=(runc iptables protobuf-compiler libprotobuf-dev pkg-config docker.io podman etcd-server etcd-client
-          busybox-static zstd iproute2 procps psmisc ca-certificates curl python3 openssl util-linux)
+          busybox-static zstd iproute2 procps psmisc ca-certificates curl python3 openssl util-linux
+          strace)
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -194,3 +194,75 @@ fn restore_prints_the_pid_and_writes_a_pidfile() {
     let w = Workload::adopt(pid, w.report_path());
     assert_counting(&w);
 }
+
+/// A stop-mode dump kills the program only once its images are on stable
+/// storage: every fsync of the dump comes before the SIGKILL (traced with
+/// strace), and the program restores and counts on.
+#[test]
+fn a_stop_mode_dump_syncs_the_images_before_it_kills_the_program() {
+    require_criu();
+    let dir = scratch("durable-dump");
+    let mut p = common::program::FileCounter::start(dir.path(), 4);
+    let images = dir.path().join("images");
+    let trace = dir.path().join("trace");
+    let out = std::process::Command::new("strace")
+        // ferry's own thread only: CRIU refuses to run under a tracer.
+        .args(["-qq", "-e", "trace=fsync,fdatasync,kill", "-o"])
+        .arg(&trace)
+        .arg(common::FERRY)
+        .args(["dump", "--shell-job", "-t", &p.pid.to_string(), "-D"])
+        .arg(&images)
+        .output()
+        .expect("strace (apt-get install strace)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    p.reap_shell();
+    assert_eq!(p.state(), None, "the dumped program still runs");
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = trace.lines().collect();
+    let killed = lines
+        .iter()
+        .position(|l| l.contains(&format!("kill({}, SIGKILL)", p.pid)))
+        .unwrap_or_else(|| panic!("no SIGKILL of {} in:\n{trace}", p.pid));
+    let last_sync = lines
+        .iter()
+        .rposition(|l| l.contains("fsync(") || l.contains("fdatasync("))
+        .unwrap_or_else(|| panic!("no fsync in:\n{trace}"));
+    assert!(last_sync < killed, "an fsync after the kill:\n{trace}");
+    let syncs = lines[..killed]
+        .iter()
+        .filter(|l| l.contains("fsync("))
+        .count();
+    let files = std::fs::read_dir(&images).unwrap().count();
+    assert!(
+        syncs > files,
+        "{syncs} fsyncs for {files} files and their directory"
+    );
+    ferry(["restore", "--shell-job", "-D"]).arg(&images).ok();
+    assert!(p.counts_on(), "the restored program does not count on");
+}
+
+/// When the images cannot be put on stable storage, or the archive cannot
+/// be written, the dump fails and the program runs on where it was.
+#[test]
+fn a_dump_that_cannot_be_kept_leaves_the_program_running() {
+    require_criu();
+    let dir = scratch("undurable-dump");
+    let p = common::program::FileCounter::start(dir.path(), 4);
+    let err = ferry(["dump", "--shell-job", "-t", &p.pid.to_string(), "-D"])
+        .arg(dir.path().join("images"))
+        .env(ferry_core::fault::ENV, "dump-sync-fails")
+        .fails_with(1);
+    assert!(err.contains("stable storage"), "{err}");
+    assert!(err.contains("resumed"), "{err}");
+    assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
+    // An archive where none can be created (/proc takes no files).
+    let err = ferry(["dump", "--shell-job", "-t", &p.pid.to_string(), "--archive"])
+        .arg(format!("/proc/{}/a.ferry", p.pid))
+        .fails_with(1);
+    assert!(err.contains("cannot pack"), "{err}");
+    assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
+}

@@ -809,48 +809,14 @@ fn an_equal_boot_id_without_the_kernel_proof_is_another_host() {
         dir.path(),
         &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
     );
-    let count_file = dir.path().join("count");
-    let program = "import sys, time
-n = 0
-while True:
-    n += 1
-    open(sys.argv[1] + '.tmp', 'w').write(str(n))
-    __import__('os').rename(sys.argv[1] + '.tmp', sys.argv[1])
-    time.sleep(0.02)
-";
-    let mut shell = std::process::Command::new("setsid")
-        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", program])
-        .arg(&count_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let count = || -> u64 {
-        std::fs::read_to_string(&count_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count() == 0 {
-        assert!(Instant::now() < deadline, "the program did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sh = shell.id();
-    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut p = common::program::FileCounter::start(dir.path(), 0);
+    let pid = p.pid;
     let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
         .args_from(["--pid", &pid.to_string(), "--to", &agent.addr])
         .arg("--key")
         .arg(&agent.key)
         .run();
-    let _ = shell.wait();
+    p.reap_shell();
     let report = run.json();
     assert_eq!(report["same_kernel"].as_bool(), Some(false), "{report}");
     assert!(
@@ -859,21 +825,11 @@ while True:
         agent.log()
     );
     // The source is gone; the copy in the agent's namespace counts on.
+    assert_eq!(p.state(), None, "the source still runs");
     assert!(
-        !Path::new(&format!("/proc/{pid}/cmdline")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                .map_or(true, |c| !c.contains("python3")),
-        "the source still runs"
+        p.counts_on(),
+        "the migrated program does not count on\n{}",
+        agent.log()
     );
-    let after = count();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while count() <= after + 5 {
-        assert!(
-            Instant::now() < deadline,
-            "the migrated program does not count on (at {after})\n{}",
-            agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
     drop(agent);
 }

@@ -429,18 +429,6 @@ fn tampering_relay(to: SocketAddr, tamper: Tamper) -> String {
     addr
 }
 
-/// An ordinary program holding 8 MiB of random bytes, which counts in a
-/// file (written whole and renamed) while it runs.
-const COUNTER: &str = "import os, sys, time
-buf = bytearray(os.urandom(8 << 20))
-n = 0
-while True:
-    n += 1
-    open(sys.argv[1] + '.tmp', 'w').write(str(n))
-    os.rename(sys.argv[1] + '.tmp', sys.argv[1])
-    time.sleep(0.02)
-";
-
 /// A tampered, replayed, reordered or truncated stream, and the wrong
 /// key: each migration is refused, the agent stores nothing, and the
 /// program runs on at the source, untouched.
@@ -452,34 +440,8 @@ fn a_tampered_stream_or_the_wrong_key_leaves_the_program_running_and_nothing_sto
     let to: SocketAddr = agent.addr.parse().unwrap();
     let wrong_key = dir.path().join("wrong-key");
     ferry(["keygen"]).arg(&wrong_key).ok();
-    let count_file = dir.path().join("count");
-    let mut shell = std::process::Command::new("setsid")
-        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", COUNTER])
-        .arg(&count_file)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let count = || -> u64 {
-        std::fs::read_to_string(&count_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while count() == 0 {
-        assert!(Instant::now() < deadline, "the program did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sh = shell.id();
-    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let p = common::program::FileCounter::start(dir.path(), 8);
+    let pid = p.pid;
     let store = agent.store.join("pages.dat");
     let attempts = [
         (Some(Tamper::Flip), &agent.key),
@@ -503,33 +465,21 @@ fn a_tampered_stream_or_the_wrong_key_leaves_the_program_running_and_nothing_sto
         if run.code() == Some(0) {
             failures.push(format!("{what}: the migration succeeded"));
         }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let state = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .next();
         // Running or sleeping (D: a moment in the kernel), not stopped
         // (T, t) nor gone (Z, X).
-        if !matches!(state, Some("S" | "R" | "D")) {
+        let state = p.state();
+        if !matches!(state.as_deref(), Some("S" | "R" | "D")) {
             failures.push(format!("{what}: the program is {state:?} at the source"));
         }
-        let before = count();
-        std::thread::sleep(Duration::from_millis(300));
-        if count() <= before {
-            failures.push(format!("{what}: the program stopped counting at {before}"));
+        if !p.counts_on() {
+            failures.push(format!("{what}: the program stopped counting"));
         }
         let stored = std::fs::metadata(&store).map_or(0, |m| m.len());
         if stored != 0 {
             failures.push(format!("{what}: the agent stored {stored} bytes of pages"));
         }
     }
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = shell.wait();
+    drop(p);
     assert!(
         failures.is_empty(),
         "{}\n--- agent log\n{}",

@@ -127,7 +127,8 @@ impl PackReport {
 }
 
 /// Packs `dir` into `path`, written under a temporary name and renamed when
-/// complete and synced: `path` never holds a partial archive. A `path`
+/// complete and synced, then the directory synced: `path` never holds a
+/// partial archive, and once this returns the archive survives a crash. A `path`
 /// that is a device, a FIFO or a socket (`/dev/null`, a named pipe) is
 /// written in place: renaming over it would replace it with a file.
 pub fn pack_to_file(
@@ -172,6 +173,10 @@ pub fn pack_to_file(
         .map_err(|e| ArchiveError::io("sync", tmp.path(), e))?;
     tmp.persist(path)
         .map_err(|e| ArchiveError::io("rename archive to", path, e.error))?;
+    // The rename is on stable storage only once the directory is.
+    fs::File::open(parent_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ArchiveError::io("sync the directory", parent_dir, e))?;
     Ok(report)
 }
 

@@ -37,18 +37,50 @@ pub fn dump(
         );
     }
     let toggled = suspend_gpu(&plan)?;
-    let result = criu.dump(req, hooks);
+    // Stop mode (neither left running nor stopped): CRIU leaves the tree
+    // stopped, and ferry kills it only once the images are on stable
+    // storage. Until then a crash of the host leaves the application
+    // where it was, not lost.
+    let stop_mode = !req.leave_running && !req.leave_stopped;
+    let criu_req = DumpRequest {
+        leave_stopped: req.leave_stopped || stop_mode,
+        ..req.clone()
+    };
+    let result = criu.dump(&criu_req, hooks);
     // The GPU state goes back to the GPU wherever the processes still run.
     if req.leave_running || result.is_err() {
         resume_gpu(&toggled);
     }
     match result {
         Ok(outcome) => {
-            if let Some(record) = plan.record() {
-                let path = req.images_dir.join(gpu::RECORD_FILE);
-                let text = serde_json::to_string_pretty(record).unwrap_or_default();
-                std::fs::write(&path, text)
-                    .map_err(|source| CheckpointError::Record { path, source })?;
+            let durable = (|| {
+                if let Some(record) = plan.record() {
+                    let path = req.images_dir.join(gpu::RECORD_FILE);
+                    let text = serde_json::to_string_pretty(record).unwrap_or_default();
+                    std::fs::write(&path, text)?;
+                }
+                if stop_mode {
+                    sync_dir(&req.images_dir)?;
+                }
+                Ok(())
+            })();
+            if let Err(source) = durable {
+                if stop_mode {
+                    resume_gpu(&toggled);
+                }
+                let after = if stop_mode || req.leave_stopped {
+                    settle_stopped(req.pid)
+                } else {
+                    TargetAfterFailure::Running
+                };
+                return Err(CheckpointError::NotDurable {
+                    path: req.images_dir.clone(),
+                    after,
+                    source,
+                });
+            }
+            if stop_mode {
+                kill_dumped(req.pid);
             }
             Ok(outcome)
         }
@@ -145,6 +177,34 @@ fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
     fs::write(&probe, b"").map_err(not_writable)?;
     fs::remove_file(&probe).map_err(not_writable)?;
     Ok(())
+}
+
+/// Every regular file of `dir`, then `dir` itself, on stable storage.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    if crate::fault::fails("dump-sync-fails") {
+        return Err(io::Error::other("injected fault"));
+    }
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Ends a tree CRIU dumped and left stopped, now that its images are safe.
+pub(super) fn kill_dumped(pid: i32) {
+    let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
+    process::kill_all(&pids);
+}
+
+/// A tree CRIU left stopped whose images could not be kept: resumed.
+pub(super) fn settle_stopped(pid: i32) -> TargetAfterFailure {
+    if !process::is_alive(pid) {
+        return TargetAfterFailure::Gone;
+    }
+    TargetAfterFailure::Resumed(process::continue_tree(pid))
 }
 
 /// After a failed dump: make sure nothing of the tree is left stopped.

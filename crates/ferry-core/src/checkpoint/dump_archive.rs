@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use super::{dump, dump_container, staging, CheckpointError};
+use super::{dump, dump_container, staging, CheckpointError, TargetAfterFailure};
 use crate::target::ContainerRef;
 use ferry_archive::{pack_to_file, PackOptions, PackReport};
 use ferry_criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
@@ -48,7 +48,17 @@ pub fn dump_to_archive(
         req.images_dir = dir.path().join("images");
         staging_dir = Some(dir);
     }
-    let outcome = match dump_any(criu, container, &req, hooks) {
+    // Stop mode: the tree stays stopped until the archive is on stable
+    // storage, and runs on if it cannot be packed.
+    let stop_mode = !req.leave_running && !req.leave_stopped;
+    req.leave_stopped |= stop_mode;
+    let dumped = match container {
+        Some(c) => {
+            dump_container::dump_container(criu, c, &req, hooks).map(|o| (o.dump, o.init_pid))
+        }
+        None => dump::dump(criu, &req, hooks).map(|o| (o, req.pid)),
+    };
+    let (outcome, root_pid) = match dumped {
         Ok(o) => o,
         Err(e) => {
             // Only CRIU's log is left in the staging directory: keep it, the
@@ -59,17 +69,32 @@ pub fn dump_to_archive(
             return Err(e);
         }
     };
-    let pack = match pack_images(&req.images_dir, archive, pack) {
+    let pack = match pack_to_file(&req.images_dir, archive, pack) {
         Ok(p) => p,
-        Err(e) => {
+        Err(source) => {
             // The images may be all that is left of a stopped tree: never
             // delete them when they could not be packed.
             if let Some(dir) = staging_dir.take() {
                 let _ = dir.keep();
             }
-            return Err(e);
+            let after = if stop_mode {
+                dump::settle_stopped(root_pid)
+            } else {
+                TargetAfterFailure::Running
+            };
+            return Err(CheckpointError::PackFailed {
+                images: req.images_dir.clone(),
+                after,
+                source: Box::new(source),
+            });
         }
     };
+    if stop_mode {
+        dump::kill_dumped(root_pid);
+        if let Some(ContainerRef::Runc { id, root }) = container {
+            crate::target::runc::delete(root, id)?;
+        }
+    }
     Ok(ArchiveDump {
         dump: outcome,
         pack,

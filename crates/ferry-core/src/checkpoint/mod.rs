@@ -160,6 +160,20 @@ pub enum CheckpointError {
     },
     #[error("no runc bundle recorded with the images in {} and none given: pass --bundle", images.display())]
     NoBundle { images: PathBuf },
+    #[error("cannot put the images in {} on stable storage; {after}", path.display())]
+    NotDurable {
+        path: PathBuf,
+        after: TargetAfterFailure,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot pack the images in {} into an archive (they are kept there); {after}", images.display())]
+    PackFailed {
+        images: PathBuf,
+        after: TargetAfterFailure,
+        #[source]
+        source: Box<ArchiveError>,
+    },
     #[error("cannot create a staging directory in {}", path.display())]
     Staging {
         path: PathBuf,
