@@ -1375,6 +1375,42 @@ fn a_spec_without_the_cluster_keys_seal_runs_nowhere() {
 /// joins and `ha run` / `ha status` work with the certificates, by flag or
 /// environment; without a client certificate, without the CA, over
 /// http://, or with a key others can read, each is refused with the reason.
+/// Starts an agent `h1` of the cluster with `etcd_args` (endpoint,
+/// credentials and `--cluster`), and waits until `ha status`, run with
+/// `env` only, shows its heartbeat; returns both.
+fn agent_in_status(
+    dir: &std::path::Path,
+    etcd_args: Vec<String>,
+    env: &[(&str, String)],
+) -> (AgentProc, serde_json::Value) {
+    let mut extra = etcd_args;
+    extra.extend(
+        [
+            "--name",
+            "h1",
+            "--advertise",
+            "127.0.0.1",
+            "--lease-ttl",
+            "1",
+        ]
+        .map(String::from),
+    );
+    let store = dir.join("store");
+    let agent = AgentProc::start_args(dir, &store, "127.0.0.1:0", None, None, None, &extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = env
+            .iter()
+            .fold(ferry(["ha", "status", "--json"]), |c, (k, v)| c.env(k, v))
+            .json();
+        if status["hosts"]["h1"].is_object() {
+            return (agent, status);
+        }
+        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn etcd_over_tls_with_client_certificates() {
     use common::etcd::EtcdProc;
@@ -1408,37 +1444,16 @@ fn etcd_over_tls_with_client_certificates() {
     .args_from(tls_args(true))
     .args_from(["--", "sleep", "1"])
     .ok();
-    let store = dir.path().join("store");
-    let mut extra = tls_args(true);
-    extra.extend(
-        [
-            "--name",
-            "h1",
-            "--advertise",
-            "127.0.0.1",
-            "--lease-ttl",
-            "1",
-        ]
-        .map(String::from),
-    );
-    let agent = AgentProc::start_args(dir.path(), &store, "127.0.0.1:0", None, None, None, &extra);
-    // The agent's heartbeat arrives; the status is read over TLS, the
-    // certificates given by environment this time.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = ferry(["ha", "status", "--json"])
-            .env("FERRY_ETCD", &etcd.url)
-            .env("FERRY_ETCD_CACERT", &tls.ca.display().to_string())
-            .env("FERRY_ETCD_CERT", &tls.client_cert.display().to_string())
-            .env("FERRY_ETCD_KEY", &tls.client_key.display().to_string())
-            .env("FERRY_CLUSTER", &cluster)
-            .json();
-        if status["hosts"]["h1"].is_object() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let env = [
+        ("FERRY_ETCD", etcd.url.clone()),
+        ("FERRY_ETCD_CACERT", tls.ca.display().to_string()),
+        ("FERRY_ETCD_CERT", tls.client_cert.display().to_string()),
+        ("FERRY_ETCD_KEY", tls.client_key.display().to_string()),
+        ("FERRY_CLUSTER", cluster.clone()),
+    ];
+    // The certificates by flags for the agent, by environment for the
+    // status.
+    let (agent, status) = agent_in_status(dir.path(), tls_args(true), &env);
     assert!(status["services"]["web"]["spec"].is_object(), "{status}");
 
     // Refusals, each naming its cause.
@@ -1481,31 +1496,21 @@ fn etcd_with_a_user_and_password() {
     let etcd = EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
     let key = common::agent::key(dir.path());
     let cluster = format!("t{}-auth", std::process::id());
-    let ctl = |args: &[&str]| {
-        let out = std::process::Command::new("etcdctl")
-            .args(["--endpoints", &etcd.url, "--user", "root:root-pw"])
-            .args(args)
-            .output()
-            .expect("etcdctl");
+    // etcdctl as `user` (none before auth is on).
+    let etcdctl = |user: Option<&str>, args: &[&str]| {
+        let mut c = std::process::Command::new("etcdctl");
+        c.args(["--endpoints", &etcd.url]);
+        if let Some(u) = user {
+            c.args(["--user", u]);
+        }
+        let out = c.args(args).output().expect("etcdctl");
         assert!(
             out.status.success(),
             "etcdctl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    // Before auth is on, the root user needs no password to be made.
-    let plain = |args: &[&str]| {
-        let out = std::process::Command::new("etcdctl")
-            .args(["--endpoints", &etcd.url])
-            .args(args)
-            .output()
-            .expect("etcdctl");
-        assert!(
-            out.status.success(),
-            "etcdctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let plain = |args: &[&str]| etcdctl(None, args);
     plain(&["user", "add", "root:root-pw"]);
     plain(&["user", "grant-role", "root", "root"]);
     let prefix = format!("/ferry/{cluster}/");
@@ -1522,7 +1527,7 @@ fn etcd_with_a_user_and_password() {
     plain(&["user", "grant-role", "ferry", "ferry"]);
     plain(&["user", "add", "other:other-pw"]);
     plain(&["auth", "enable"]);
-    ctl(&["auth", "status"]);
+    etcdctl(Some("root:root-pw"), &["auth", "status"]);
     let secret = |name: &str, text: &str| {
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
@@ -1555,36 +1560,14 @@ fn etcd_with_a_user_and_password() {
     .args_from(args("ferry", &right))
     .args_from(["--", "sleep", "1"])
     .ok();
-    let store = dir.path().join("store");
-    let mut extra = args("ferry", &right);
-    extra.extend(
-        [
-            "--name",
-            "h1",
-            "--advertise",
-            "127.0.0.1",
-            "--lease-ttl",
-            "1",
-        ]
-        .map(String::from),
-    );
-    let agent = AgentProc::start_args(dir.path(), &store, "127.0.0.1:0", None, None, None, &extra);
-    // The agent's heartbeat arrives; the status is read as the same user,
-    // given by environment this time.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        let status = ferry(["ha", "status", "--json"])
-            .env("FERRY_ETCD", &etcd.url)
-            .env("FERRY_ETCD_USER", "ferry")
-            .env("FERRY_ETCD_PASSWORD_FILE", &right)
-            .env("FERRY_CLUSTER", &cluster)
-            .json();
-        if status["hosts"]["h1"].is_object() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "{status}\n{}", agent.log());
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let env = [
+        ("FERRY_ETCD", etcd.url.clone()),
+        ("FERRY_ETCD_USER", "ferry".to_string()),
+        ("FERRY_ETCD_PASSWORD_FILE", right.clone()),
+        ("FERRY_CLUSTER", cluster.clone()),
+    ];
+    // The user by flags for the agent, by environment for the status.
+    let (agent, status) = agent_in_status(dir.path(), args("ferry", &right), &env);
     assert!(status["services"]["web"]["spec"].is_object(), "{status}");
     let refused = |args: Vec<String>, why: &str| {
         let err = ferry(["ha", "status"]).args_from(args).fails_with(1);

@@ -811,11 +811,7 @@ fn an_equal_boot_id_without_the_kernel_proof_is_another_host() {
     );
     let mut p = common::program::FileCounter::start(dir.path(), 0);
     let pid = p.pid;
-    let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
-        .args_from(["--pid", &pid.to_string(), "--to", &agent.addr])
-        .arg("--key")
-        .arg(&agent.key)
-        .run();
+    let run = migrate_shell_job(pid, &agent.addr, &agent.key);
     p.reap_shell();
     let report = run.json();
     assert_eq!(report["same_kernel"].as_bool(), Some(false), "{report}");

@@ -5,11 +5,11 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
+use common::program::InSession;
 use common::*;
 
 /// Two different pages with one xxh3-128. XXH3 mixes each 8-byte lane as
@@ -60,7 +60,7 @@ while True:
 ";
 
 struct Holder {
-    shell: Child,
+    program: InSession,
     pid: i32,
     addr: u64,
     len: usize,
@@ -71,34 +71,17 @@ impl Holder {
         let data = dir.join("upload");
         std::fs::write(&data, pages).unwrap();
         let ready = dir.join("addr");
-        let shell = Command::new("setsid")
-            .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", HOLDER])
-            .arg(&data)
-            .arg(&ready)
-            // Its descriptors are dumped with it: nothing that grows.
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ready.exists() {
-            assert!(Instant::now() < deadline, "the program did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let addr = std::fs::read_to_string(&ready).unwrap().parse().unwrap();
-        let sh = shell.id();
-        let pid = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let args = [
+            OsStr::new("-c"),
+            OsStr::new(HOLDER),
+            data.as_os_str(),
+            ready.as_os_str(),
+        ];
+        let program = InSession::python(&args, || ready.exists());
         Holder {
-            shell,
-            pid,
-            addr,
+            pid: program.pid,
+            program,
+            addr: std::fs::read_to_string(&ready).unwrap().parse().unwrap(),
             len: pages.len(),
         }
     }
@@ -113,17 +96,6 @@ impl Holder {
     }
 }
 
-impl Drop for Holder {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-        let _ = self.shell.kill();
-        let _ = self.shell.wait();
-    }
-}
-
 #[test]
 fn colliding_pages_are_archived_and_restored_as_themselves() {
     require_criu();
@@ -135,7 +107,7 @@ fn colliding_pages_are_archived_and_restored_as_themselves() {
     ferry(["dump", "--shell-job", "-t", &p.pid.to_string(), "--archive"])
         .arg(&archive)
         .ok();
-    let _ = p.shell.wait();
+    p.program.reap_shell();
     let run = ferry(["restore", "--shell-job", "--json", "--archive"])
         .arg(&archive)
         .json();
@@ -165,13 +137,8 @@ fn colliding_pages_are_migrated_as_themselves() {
     let (a, b) = colliding_pages();
     let held = [a.as_slice(), b.as_slice()].concat();
     let mut p = Holder::start(dir.path(), &held);
-    let pid = p.pid.to_string();
-    let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "10s"])
-        .args_from(["--pid", pid.as_str(), "--to", agent.addr.as_str()])
-        .arg("--key")
-        .arg(&agent.key)
-        .run();
-    let _ = p.shell.wait();
+    let run = migrate_shell_job(p.pid, &agent.addr, &agent.key);
+    p.program.reap_shell();
     let report = run.json();
     assert_eq!(
         report["restored_pid"].as_i64(),

@@ -5,12 +5,14 @@
 
 mod common;
 
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::agent::AgentProc;
+use common::program::InSession;
 use common::*;
 use ferry_lab::workload::{Launch, Workload};
 
@@ -78,14 +80,39 @@ fn migrate_reaping(w: &mut Workload, cmd: Cmd) -> Run {
 /// Forwards every connection made to the returned address to `to`,
 /// recording what the client side sends.
 fn recording_relay(to: SocketAddr) -> (String, Arc<Mutex<Vec<u8>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&seen);
+    let addr = relay(to, move |_, mut client, mut server| {
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            if server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(std::net::Shutdown::Write);
+    });
+    (addr, seen)
+}
+
+/// Forwards every connection made to the returned address to `to`: what
+/// the server sends as it is, what the client sends through `forward`
+/// (given the connection's number, from 0, the client and the server).
+fn relay(
+    to: SocketAddr,
+    forward: impl Fn(usize, TcpStream, TcpStream) + Send + Sync + 'static,
+) -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let forward = Arc::new(forward);
     std::thread::spawn(move || {
-        for client in l.incoming() {
-            let Ok(mut client) = client else { return };
-            let Ok(mut server) = TcpStream::connect(to) else {
+        for (n, client) in l.incoming().enumerate() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(to) else {
                 return;
             };
             let (mut back_from, mut back_to) =
@@ -94,24 +121,11 @@ fn recording_relay(to: SocketAddr) -> (String, Arc<Mutex<Vec<u8>>>) {
                 let _ = std::io::copy(&mut back_from, &mut back_to);
                 let _ = back_to.shutdown(std::net::Shutdown::Both);
             });
-            let sink = Arc::clone(&sink);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 1 << 16];
-                loop {
-                    let n = match client.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    sink.lock().unwrap().extend_from_slice(&buf[..n]);
-                    if server.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = server.shutdown(std::net::Shutdown::Write);
-            });
+            let forward = Arc::clone(&forward);
+            std::thread::spawn(move || forward(n, client, server));
         }
     });
-    (addr, seen)
+    addr
 }
 
 /// An ordinary program (Python, under a shell that leads its session)
@@ -134,58 +148,23 @@ fn a_migration_sends_no_page_in_clear() {
     let (relay, seen) = recording_relay(agent.addr.parse().unwrap());
     let marker = format!("FERRY-TENANT-SECRET-{}", std::process::id());
     let ready = dir.path().join("ready");
-    let mut shell = std::process::Command::new("setsid")
-        .args(["sh", "-c", "python3 -c \"$0\" \"$@\" & wait $!", HOLDER])
-        .arg(&marker)
-        .arg(&ready)
-        // Its descriptors are dumped with it: nothing that changes size
-        // meanwhile (the test's own output may be a growing log file).
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !ready.exists() {
-        assert!(Instant::now() < deadline, "the program did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let sh = shell.id();
-    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let kill = |pid: i32| {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    };
-    let run = ferry([
-        "migrate",
-        "--shell-job",
-        "--json",
-        "--timeout",
-        "10s",
-        "--pid",
-    ])
-    .arg(pid.to_string())
-    .arg("--to")
-    .arg(&relay)
-    .arg("--key")
-    .arg(&agent.key)
-    .run();
-    let _ = shell.wait();
+    let args = [
+        OsStr::new("-c"),
+        OsStr::new(HOLDER),
+        OsStr::new(&marker),
+        ready.as_os_str(),
+    ];
+    let mut program = InSession::python(&args, || ready.exists());
+    let pid = program.pid;
+    let run = migrate_shell_job(pid, &relay, &agent.key);
+    program.reap_shell();
     let report = run.json();
     assert_eq!(
         report["restored_pid"].as_i64(),
         Some(i64::from(pid)),
         "{report}"
     );
-    kill(pid);
+    drop(program);
     let seen = seen.lock().unwrap();
     assert!(
         seen.len() > 8 << 20,
@@ -371,62 +350,45 @@ fn read_segment(r: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 /// is, every later one (the data streams) with `tamper` applied to its
 /// third sealed segment after the handshake.
 fn tampering_relay(to: SocketAddr, tamper: Tamper) -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for (n, client) in l.incoming().enumerate() {
-            let Ok(mut client) = client else { return };
-            let Ok(mut server) = TcpStream::connect(to) else {
-                return;
-            };
-            let (mut back_from, mut back_to) =
-                (server.try_clone().unwrap(), client.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut back_from, &mut back_to);
-                let _ = back_to.shutdown(std::net::Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let _ = (|| -> std::io::Result<()> {
-                    if n > 0 {
-                        server.write_all(&read_handshake_frame(&mut client)?)?;
-                        // The stream's Join, and the first segment of its
-                        // first batch of pages, go through: the fault
-                        // falls inside that batch.
-                        let mut earlier = Vec::new();
-                        for _ in 0..2 {
-                            earlier = read_segment(&mut client)?;
-                            server.write_all(&earlier)?;
-                        }
-                        let mut next = read_segment(&mut client)?;
-                        match tamper {
-                            Tamper::Flip => {
-                                let mid = next.len() / 2;
-                                next[mid] ^= 0x40;
-                                server.write_all(&next)?;
-                            }
-                            Tamper::Replay => {
-                                server.write_all(&earlier)?;
-                                server.write_all(&next)?;
-                            }
-                            Tamper::Reorder => {
-                                server.write_all(&read_segment(&mut client)?)?;
-                                server.write_all(&next)?;
-                            }
-                            Tamper::Truncate => {
-                                let _ = server.shutdown(std::net::Shutdown::Both);
-                                let _ = client.shutdown(std::net::Shutdown::Both);
-                                return Ok(());
-                            }
-                        }
+    relay(to, move |n, mut client, mut server| {
+        let _ = (|| -> std::io::Result<()> {
+            if n > 0 {
+                server.write_all(&read_handshake_frame(&mut client)?)?;
+                // The stream's Join, and the first segment of its
+                // first batch of pages, go through: the fault
+                // falls inside that batch.
+                let mut earlier = Vec::new();
+                for _ in 0..2 {
+                    earlier = read_segment(&mut client)?;
+                    server.write_all(&earlier)?;
+                }
+                let mut next = read_segment(&mut client)?;
+                match tamper {
+                    Tamper::Flip => {
+                        let mid = next.len() / 2;
+                        next[mid] ^= 0x40;
+                        server.write_all(&next)?;
                     }
-                    std::io::copy(&mut client, &mut server)?;
-                    Ok(())
-                })();
-                let _ = server.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    addr
+                    Tamper::Replay => {
+                        server.write_all(&earlier)?;
+                        server.write_all(&next)?;
+                    }
+                    Tamper::Reorder => {
+                        server.write_all(&read_segment(&mut client)?)?;
+                        server.write_all(&next)?;
+                    }
+                    Tamper::Truncate => {
+                        let _ = server.shutdown(std::net::Shutdown::Both);
+                        let _ = client.shutdown(std::net::Shutdown::Both);
+                        return Ok(());
+                    }
+                }
+            }
+            std::io::copy(&mut client, &mut server)?;
+            Ok(())
+        })();
+        let _ = server.shutdown(std::net::Shutdown::Write);
+    })
 }
 
 /// A tampered, replayed, reordered or truncated stream, and the wrong
@@ -457,11 +419,7 @@ fn a_tampered_stream_or_the_wrong_key_leaves_the_program_running_and_nothing_sto
             Some(t) => tampering_relay(to, t),
             None => agent.addr.clone(),
         };
-        let run = ferry(["migrate", "--shell-job", "--json", "--timeout", "10s"])
-            .args_from(["--pid", &pid.to_string(), "--to", &addr])
-            .arg("--key")
-            .arg(key)
-            .run();
+        let run = migrate_shell_job(pid, &addr, key);
         if run.code() == Some(0) {
             failures.push(format!("{what}: the migration succeeded"));
         }

@@ -204,3 +204,13 @@ pub fn assert_counting(w: &Workload) {
     w.wait_counter_above(now + 20, CONTINUE)
         .unwrap_or_else(|e| panic!("workload pid {} stopped counting at {now}: {e}", w.pid()));
 }
+
+/// `ferry migrate --json` of an ordinary program (a shell job: its
+/// terminal or /dev/null stays behind) to the agent at `to`.
+pub fn migrate_shell_job(pid: i32, to: &str, key: &Path) -> Run {
+    ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
+        .args_from(["--pid", &pid.to_string(), "--to", to])
+        .arg("--key")
+        .arg(key)
+        .run()
+}

@@ -3,74 +3,43 @@
 //! program itself never calls setsid()), stdio on /dev/null (its
 //! descriptors are dumped with it: nothing that grows meanwhile).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub struct FileCounter {
+/// A program under a shell that leads its own session; killed (with the
+/// shell) when dropped.
+pub struct InSession {
     shell: Child,
     pub pid: i32,
-    pub file: PathBuf,
 }
 
-impl FileCounter {
-    /// Starts it, holding `mib` MiB of random bytes, and waits for its
-    /// first count.
-    pub fn start(dir: &Path, mib: u64) -> FileCounter {
-        let file = dir.join("count");
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/programs/file_counter.py"
-        );
+impl InSession {
+    /// Runs `python3 ARGS...` so, and waits until `ready()` holds.
+    pub fn python<S: AsRef<OsStr>>(args: &[S], ready: impl Fn() -> bool) -> InSession {
         let shell = Command::new("setsid")
-            .args(["sh", "-c", "python3 \"$@\" & wait $!", "sh", script])
-            .arg(&file)
-            .arg(mib.to_string())
+            .args(["sh", "-c", "python3 \"$@\" & wait $!", "sh"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        let sh = shell.id();
-        let mut p = FileCounter {
-            shell,
-            pid: 0,
-            file,
-        };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while p.count() == 0 {
+        while !ready() {
             assert!(Instant::now() < deadline, "the program did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        p.pid = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        let sh = shell.id();
+        let pid = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
             .unwrap()
             .split_whitespace()
             .next()
             .unwrap()
             .parse()
             .unwrap();
-        p
-    }
-
-    /// Its count now (0 before the first).
-    pub fn count(&self) -> u64 {
-        std::fs::read_to_string(&self.file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Whether the count goes on (by at least 5 within 5 s).
-    pub fn counts_on(&self) -> bool {
-        let from = self.count();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.count() >= from + 5 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        InSession { shell, pid }
     }
 
     /// Its state letter in /proc (None once it is gone).
@@ -91,7 +60,7 @@ impl FileCounter {
     }
 }
 
-impl Drop for FileCounter {
+impl Drop for InSession {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.pid),
@@ -100,4 +69,64 @@ impl Drop for FileCounter {
         let _ = self.shell.kill();
         let _ = self.shell.wait();
     }
+}
+
+/// `file_counter.py`: counts in a file while it runs.
+pub struct FileCounter {
+    pub program: InSession,
+    pub pid: i32,
+    pub file: PathBuf,
+}
+
+impl FileCounter {
+    /// Starts it, holding `mib` MiB of random bytes, and waits for its
+    /// first count.
+    pub fn start(dir: &Path, mib: u64) -> FileCounter {
+        let file = dir.join("count");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/programs/file_counter.py"
+        );
+        let mib = mib.to_string();
+        let args = [OsStr::new(script), file.as_os_str(), OsStr::new(&mib)];
+        let program = InSession::python(&args, || count(&file) > 0);
+        FileCounter {
+            pid: program.pid,
+            program,
+            file,
+        }
+    }
+
+    /// Its count now (0 before the first).
+    pub fn count(&self) -> u64 {
+        count(&self.file)
+    }
+
+    /// Whether the count goes on (by at least 5 within 5 s).
+    pub fn counts_on(&self) -> bool {
+        let from = self.count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.count() >= from + 5 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn state(&self) -> Option<String> {
+        self.program.state()
+    }
+
+    pub fn reap_shell(&mut self) {
+        self.program.reap_shell()
+    }
+}
+
+fn count(file: &Path) -> u64 {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }

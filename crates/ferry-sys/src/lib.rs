@@ -5,6 +5,7 @@
 //! through safe crates (nix, memmap2, std) or through the small, documented
 //! functions here. Each `unsafe` block carries a `// SAFETY:` comment.
 
+pub mod clock;
 pub mod host;
 pub mod kernel;
 pub mod mmap;

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_sys::clock::BootInstant;
+
 use super::copy::HostCopy;
 use super::etcd::Etcd;
 use super::keys::{self, ClusterView, HostRecord};
@@ -36,17 +38,19 @@ const RENEWAL_MARGIN: Duration = Duration::from_millis(100);
 struct Lease {
     id: i64,
     ttl: Duration,
-    /// Send time of the last renewal etcd confirmed.
-    renewed: Instant,
+    /// Send time of the last renewal etcd confirmed, on the clock that
+    /// goes on during suspend (a host that slept past its lease's expiry
+    /// must find it expired).
+    renewed: BootInstant,
 }
 
 impl Lease {
-    fn deadline(&self) -> Instant {
+    fn deadline(&self) -> BootInstant {
         self.renewed + self.ttl
     }
 
     /// When fencing pauses the led services without a renewal.
-    fn pause_at(&self) -> Instant {
+    fn pause_at(&self) -> BootInstant {
         self.renewed + self.ttl * 3 / 4
     }
 }
@@ -130,7 +134,7 @@ impl Member {
         // etcd may be starting or busy: keep asking for a while.
         let deadline = Instant::now() + JOIN_TIMEOUT;
         let (renewed, (id, granted)) = loop {
-            let sent = Instant::now();
+            let sent = BootInstant::now();
             match etcd.grant(want) {
                 Ok(g) => break (sent, g),
                 Err(e) if Instant::now() >= deadline => return Err(e),
@@ -191,13 +195,13 @@ impl Member {
     /// The lease id while the lease is valid by this host's reckoning.
     pub(crate) fn lease_id(&self) -> Option<i64> {
         let lease = self.lease()?;
-        (Instant::now() < lease.deadline()).then_some(lease.id)
+        (BootInstant::now() < lease.deadline()).then_some(lease.id)
     }
 
     /// Whether the lease has time left for an action of `need`.
     pub(crate) fn lease_valid_for(&self, need: Duration) -> bool {
         self.lease()
-            .is_some_and(|l| Instant::now() + need < l.deadline())
+            .is_some_and(|l| BootInstant::now() + need < l.deadline())
     }
 
     /// Whether a renewal of the lease is overdue (etcd away or out of
@@ -211,7 +215,7 @@ impl Member {
     /// for `need` from now, on the renewals confirmed so far.
     pub fn unfenced_for(&self, need: Duration) -> bool {
         self.lease()
-            .is_some_and(|l| Instant::now() + need < l.pause_at())
+            .is_some_and(|l| BootInstant::now() + need < l.pause_at())
     }
 
     /// Marks `service`'s copy as being dumped, if it is led here and runs
@@ -294,7 +298,7 @@ impl Member {
                 std::thread::sleep(POLL);
                 continue;
             };
-            let sent = Instant::now();
+            let sent = BootInstant::now();
             match self.etcd.keep_alive(lease.id, lease.ttl / 2) {
                 Ok(true) => {
                     if failing {
@@ -322,7 +326,7 @@ impl Member {
                 }
             }
             let next = sent + lease.ttl / 4;
-            let now = Instant::now();
+            let now = BootInstant::now();
             if next > now {
                 std::thread::sleep(next - now);
             }
@@ -330,7 +334,7 @@ impl Member {
     }
 
     fn regain_lease(&self) {
-        let sent = Instant::now();
+        let sent = BootInstant::now();
         let want = self.config.lease_ttl.as_secs().max(1) as i64;
         match self.etcd.grant(want) {
             Ok((id, ttl)) => {
@@ -353,7 +357,7 @@ impl Member {
     /// when a renewal gets through in time.
     fn fence(&self) {
         let lease = self.lease();
-        let now = Instant::now();
+        let now = BootInstant::now();
         let (doubt, lost) = match lease {
             Some(l) => (now >= l.pause_at(), now >= l.deadline()),
             None => (true, true),
