@@ -829,3 +829,26 @@ fn an_equal_boot_id_without_the_kernel_proof_is_another_host() {
     );
     drop(agent);
 }
+
+/// On one kernel the source is killed before the restore, and CRIU
+/// refuses to restore a file whose size changed: a program whose stdout is
+/// a log file someone else writes too (opened without O_APPEND, as `>`
+/// opens it) would be lost if the log grew meanwhile. The migration is
+/// refused before anything is frozen, naming the file, and the program
+/// runs on.
+#[test]
+fn a_file_written_from_outside_the_tree_stops_a_one_kernel_migration() {
+    require_criu();
+    let dir = scratch("migrate-shared-log");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let log = dir.path().join("shared.log");
+    // This test writes the log too, through its own descriptor.
+    let mut ours = std::fs::File::create(&log).unwrap();
+    let theirs = ours.try_clone().unwrap();
+    let p = common::program::FileCounter::start_to(dir.path(), 0, theirs.into());
+    std::io::Write::write_all(&mut ours, b"a line from outside\n").unwrap();
+    let err = migrate_shell_job(p.pid, &agent.addr, &agent.key).fails_with(1);
+    assert!(err.contains("shared.log"), "{err}");
+    assert!(err.contains("nothing was frozen"), "{err}");
+    assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
+}

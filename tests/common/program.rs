@@ -18,11 +18,20 @@ pub struct InSession {
 impl InSession {
     /// Runs `python3 ARGS...` so, and waits until `ready()` holds.
     pub fn python<S: AsRef<OsStr>>(args: &[S], ready: impl Fn() -> bool) -> InSession {
+        Self::python_to(args, Stdio::null(), ready)
+    }
+
+    /// The same with its stdout on `stdout`.
+    pub fn python_to<S: AsRef<OsStr>>(
+        args: &[S],
+        stdout: Stdio,
+        ready: impl Fn() -> bool,
+    ) -> InSession {
         let shell = Command::new("setsid")
             .args(["sh", "-c", "python3 \"$@\" & wait $!", "sh"])
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -82,6 +91,11 @@ impl FileCounter {
     /// Starts it, holding `mib` MiB of random bytes, and waits for its
     /// first count.
     pub fn start(dir: &Path, mib: u64) -> FileCounter {
+        Self::start_to(dir, mib, Stdio::null())
+    }
+
+    /// The same with its stdout on `stdout`.
+    pub fn start_to(dir: &Path, mib: u64, stdout: Stdio) -> FileCounter {
         let file = dir.join("count");
         let script = concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -89,7 +103,7 @@ impl FileCounter {
         );
         let mib = mib.to_string();
         let args = [OsStr::new(script), file.as_os_str(), OsStr::new(&mib)];
-        let program = InSession::python(&args, || count(&file) > 0);
+        let program = InSession::python_to(&args, stdout, || count(&file) > 0);
         FileCounter {
             pid: program.pid,
             program,

@@ -307,6 +307,17 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         tracing::warn!(to = %opts.to, "the destination has this kernel's boot id but did not prove it runs on it: treated as another host");
     }
     let same_kernel = same_boot && proved;
+    if same_kernel {
+        // On one kernel the source is gone before the restore: a file it
+        // writes whose size another process can change would fail the
+        // restore and the way back alike.
+        let shared = ferry_core::target::preflight::shared_written_files(pid)?;
+        if !shared.is_empty() {
+            return Err(
+                ferry_core::target::preflight::PreflightError::Unsafe { findings: shared }.into(),
+            );
+        }
+    }
     let mut sender = streams::PageSender::open(
         &opts.to,
         &opts.secret,

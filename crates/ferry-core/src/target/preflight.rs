@@ -39,6 +39,15 @@ pub enum Finding {
         inode: u32,
         peer: u32,
     },
+    /// A file the tree writes (not append-only) that a process outside it
+    /// writes too: its size can change before a restore, which CRIU then
+    /// refuses.
+    SharedWrittenFile {
+        pid: i32,
+        fd: u32,
+        path: String,
+        other: i32,
+    },
 }
 
 impl fmt::Display for Finding {
@@ -51,6 +60,10 @@ impl fmt::Display for Finding {
             Finding::ExternalUnixSocket { pid, inode, peer } => write!(
                 f,
                 "pid {pid} has unix socket {inode} connected to socket {peer} outside the dumped tree (allow with --ext-unix-sk)"
+            ),
+            Finding::SharedWrittenFile { pid, fd, path, other } => write!(
+                f,
+                "pid {pid} writes {path} (fd {fd}, not opened for appending) and pid {other} outside the tree writes it too: on one kernel the source is gone before the restore, and CRIU refuses a restore once the file's size changed. Give the program a file of its own, open it for appending (>>), or migrate to another host"
             ),
         }
     }
@@ -209,6 +222,99 @@ fn endpoint(hex: &str, v6: bool) -> String {
     } else {
         hex.to_string()
     }
+}
+
+/// Regular files the tree rooted at `pid` holds open for writing that CRIU
+/// will check the size of on restore (all but those opened write-only
+/// for appending, as CRIU skips those) and that a process outside the tree
+/// holds open for writing too. Before a migration on one kernel, where
+/// the source is killed before the restore: such a file may grow
+/// meanwhile, and then both the restore and the way back fail.
+pub fn shared_written_files(pid: i32) -> Result<Vec<Finding>, PreflightError> {
+    let pids = process::tree(pid).map_err(|source| PreflightError::Process { pid, source })?;
+    let mut checked: HashMap<(u64, u64), (i32, u32, String)> = HashMap::new();
+    for &p in &pids {
+        for (fd, id, flags) in written_files(p) {
+            let append_only =
+                flags & libc::O_ACCMODE == libc::O_WRONLY && flags & libc::O_APPEND != 0;
+            if !append_only {
+                let path = fs::read_link(format!("/proc/{p}/fd/{fd}"))
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_default();
+                checked.entry(id).or_insert((p, fd, path));
+            }
+        }
+    }
+    if checked.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inside: std::collections::HashSet<i32> = pids.into_iter().collect();
+    let mut findings = Vec::new();
+    let mut reported = std::collections::HashSet::new();
+    let Ok(all) = fs::read_dir("/proc") else {
+        return Ok(findings);
+    };
+    for entry in all.flatten() {
+        let Some(other) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if inside.contains(&other) {
+            continue;
+        }
+        for (_, id, _) in written_files(other) {
+            if let Some((pid, fd, path)) = checked.get(&id) {
+                if reported.insert(id) {
+                    findings.push(Finding::SharedWrittenFile {
+                        pid: *pid,
+                        fd: *fd,
+                        path: path.clone(),
+                        other,
+                    });
+                }
+            }
+        }
+    }
+    Ok(findings)
+}
+
+/// The regular files `pid` holds open for writing: (fd, (dev, inode),
+/// open flags). A process that goes away meanwhile holds none.
+fn written_files(pid: i32) -> Vec<(u32, (u64, u64), i32)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for fd in fds.flatten() {
+        let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // The file itself (following the link), not the link.
+        let Ok(meta) = fs::metadata(fd.path()) else {
+            continue;
+        };
+        if !meta.is_file() {
+            continue;
+        }
+        let Some(flags) = fs::read_to_string(format!("/proc/{pid}/fdinfo/{n}"))
+            .ok()
+            .and_then(|info| {
+                info.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|v| i32::from_str_radix(v.trim(), 8).ok())
+            })
+        else {
+            continue;
+        };
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            out.push((n, (meta.dev(), meta.ino()), flags));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
