@@ -33,10 +33,7 @@ impl PageKey {
 
     /// A fresh key from the kernel's random source.
     pub fn random() -> std::io::Result<PageKey> {
-        use std::io::Read;
-        let mut key = [0u8; 32];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-        Ok(PageKey::new(key))
+        ferry_sys::random_bytes().map(PageKey::new)
     }
 
     /// A key derived from a shared secret (both ends of a migration

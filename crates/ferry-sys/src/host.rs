@@ -70,9 +70,8 @@ pub struct KernelProof {
 
 impl KernelProof {
     pub fn new() -> std::io::Result<KernelProof> {
-        use std::io::{Read, Write};
-        let mut nonce = [0u8; PROOF_NONCE_BYTES];
-        std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
+        use std::io::Write;
+        let nonce = crate::random_bytes::<PROOF_NONCE_BYTES>()?;
         let fd = nix::sys::memfd::memfd_create(PROOF_NAME, nix::sys::memfd::MFdFlags::MFD_CLOEXEC)?;
         let mut file = std::fs::File::from(fd);
         file.write_all(&nonce)?;

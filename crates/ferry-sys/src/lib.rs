@@ -18,6 +18,14 @@ pub mod sockdiag;
 pub mod spawn;
 pub mod unix_fd;
 
+/// `N` bytes from the kernel's random source (keys, nonces, ids).
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    use std::io::Read;
+    let mut out = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
+    Ok(out)
+}
+
 /// Size of a memory page as CRIU writes it in page images (x86-64, arm64 4K).
 pub const PAGE_SIZE: usize = 4096;
 

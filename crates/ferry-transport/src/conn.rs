@@ -86,7 +86,7 @@ impl Secret {
             path: path.to_path_buf(),
             source,
         };
-        let random = random_bytes::<32>().map_err(err)?;
+        let random = ferry_sys::random_bytes::<32>().map_err(err)?;
         let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -134,12 +134,6 @@ impl Secret {
         }
         *h.finalize().as_bytes()
     }
-}
-
-fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
-    let mut out = [0u8; N];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut out)?;
-    Ok(out)
 }
 
 /// A reader that gives up at a deadline: before each read the socket's

@@ -22,7 +22,7 @@ mod pipeline;
 mod plan;
 mod scan;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -337,20 +337,14 @@ fn digest_bytes(digests: &[Digest]) -> Vec<u8> {
 
 /// A fresh archive id: 16 bytes from the kernel's random pool.
 fn new_id(dir: &Path) -> ArchiveId {
-    use std::io::Read;
-    let mut id = [0u8; 16];
-    if File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut id))
-        .is_err()
-    {
+    ferry_sys::random_bytes().unwrap_or_else(|_| {
         // No /dev/urandom: time, pid and directory still make ids distinct.
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let seed = format!("{now} {} {}", std::process::id(), dir.display());
-        id = xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes();
-    }
-    id
+        xxhash_rust::xxh3::xxh3_128(seed.as_bytes()).to_le_bytes()
+    })
 }
 
 /// How a child records its parent's path: relative to the child's

@@ -141,7 +141,8 @@ impl Planner {
         ];
         // The decisions, page by page on this thread, batch after batch as
         // the pool scans them, while it compresses the chunks decided.
-        scan_in_batches(pool, &self.key.clone(), &src.bytes, |batch| {
+        let key = self.key;
+        scan_in_batches(pool, &key, &src.bytes, |batch| {
             let from = scanned.len();
             scanned.extend_from_slice(&batch);
             for (i, p) in batch.into_iter().enumerate() {
