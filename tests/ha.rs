@@ -344,7 +344,12 @@ impl Cluster {
         .map(|s| s.to_string())
         .collect();
         let store = self.dir.path().join(format!("store-{i}"));
-        let agent = AgentProc::start_args(
+        let path = format!(
+            "{}:{}",
+            self.fake_bin().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let agent = AgentProc::start_args_env(
             self.dir.path(),
             &store,
             &format!("{}:0", self.lab.host(i).addr),
@@ -352,8 +357,50 @@ impl Cluster {
             None,
             Some(&self.runc_root(i)),
             &extra,
+            &[("PATH".to_string(), path)],
         );
         self.agents[i] = Some(agent);
+    }
+
+    /// A directory whose `runc` runs the real one, except that `runc
+    /// pause` hangs while the file `hang` beside it exists (the fault "a
+    /// fence command that hangs").
+    fn fake_bin(&self) -> PathBuf {
+        let dir = self.dir.path().join("bin");
+        let runc = dir.join("runc");
+        if !runc.exists() {
+            let real = ferry_sys::which("runc").expect("runc");
+            std::fs::create_dir_all(&dir).unwrap();
+            let script = format!(
+                "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = pause ] && [ -e {hang} ] && exec sleep 3600; done\nexec {real} \"$@\"\n",
+                hang = dir.join("hang").display(),
+                real = real.display()
+            );
+            std::fs::write(&runc, script).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&runc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        dir
+    }
+
+    /// SIGKILL to the agent alone: its copy lives on (the guard must end it).
+    fn kill_agent_only(&mut self, i: usize) {
+        if let Some(mut a) = self.agents[i].take() {
+            a.kill();
+            let log = a.log();
+            std::fs::write(self.dir.path().join(format!("agent-{i}.log")), log).unwrap();
+        }
+    }
+
+    /// SIGSTOP to the agent for `hold`, then SIGCONT (on a thread).
+    fn stop_agent(&self, i: usize, hold: Duration) -> std::thread::JoinHandle<()> {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.agents[i].as_ref().unwrap().child.id() as i32);
+        kill(pid, Signal::SIGSTOP).unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(hold);
+            let _ = kill(pid, Signal::SIGCONT);
+        })
     }
 
     fn kill_agent(&mut self, i: usize) {
@@ -687,6 +734,15 @@ impl Drop for SplitBrainWatch {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Fault {
     KillLeader,
+    /// The leader's agent SIGKILLed, its copy left running.
+    KillAgentOnly,
+    /// The leader's agent SIGSTOPped for longer than the lease.
+    StopAgent,
+    /// The leader cut off while `runc pause` hangs (runc services).
+    HangingFence,
+    /// The leader partitioned from etcd only (its peers and clients still
+    /// reach it).
+    CutFromEtcd,
     CutLeader,
     KillStandby,
     RestartEtcd,
@@ -736,12 +792,20 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
             .is_some(),
         "the client never reached the service"
     );
-    let kinds = [
+    let kinds: Vec<Fault> = [
         Fault::KillLeader,
+        Fault::KillAgentOnly,
+        Fault::StopAgent,
+        Fault::HangingFence,
+        Fault::CutFromEtcd,
         Fault::CutLeader,
         Fault::KillStandby,
         Fault::RestartEtcd,
-    ];
+    ]
+    .into_iter()
+    .filter(|f| *f != Fault::HangingFence || kind == Kind::Runc)
+    .collect();
+    let mut resumer = None;
     let mut results = Vec::new();
     for round in 0..faults {
         let kind = kinds[round % kinds.len()];
@@ -782,11 +846,26 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
                 c.kill_agent(leader);
                 c.kill_container(leader);
             }
+            Fault::KillAgentOnly => c.kill_agent_only(leader),
+            Fault::StopAgent => resumer = Some(c.stop_agent(leader, Duration::from_secs(3))),
+            Fault::HangingFence => {
+                std::fs::write(c.fake_bin().join("hang"), b"").unwrap();
+                c.lab.cut(leader).unwrap()
+            }
             Fault::CutLeader => c.lab.cut(leader).unwrap(),
+            Fault::CutFromEtcd => c.lab.cut_from_gateway(leader).unwrap(),
             Fault::KillStandby => c.kill_agent((leader + 1) % HOSTS),
             Fault::RestartEtcd => c.etcd.restart(Duration::from_millis(500)),
         }
-        let failover = matches!(kind, Fault::KillLeader | Fault::CutLeader);
+        let failover = matches!(
+            kind,
+            Fault::KillLeader
+                | Fault::CutLeader
+                | Fault::KillAgentOnly
+                | Fault::StopAgent
+                | Fault::HangingFence
+                | Fault::CutFromEtcd
+        );
         let first = client
             .first_ok_after(
                 t0,
@@ -900,7 +979,34 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
             assert!(status.contains("restored from generation"), "{status}");
         }
         // Repair: the old leader's copy must be gone before it is healed.
+        if matches!(
+            kind,
+            Fault::KillAgentOnly | Fault::StopAgent | Fault::HangingFence | Fault::CutFromEtcd
+        ) {
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while c.running().contains(&leader) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(
+                !c.running().contains(&leader),
+                "round {round} ({kind:?}): the old leader's copy still runs after the failover\n{}\n{}",
+                std::fs::read_to_string(c.dir.path().join(format!("agent-{leader}.log")))
+                    .unwrap_or_default(),
+                c.logs()
+            );
+        }
         match kind {
+            Fault::StopAgent => {
+                if let Some(r) = resumer.take() {
+                    r.join().unwrap();
+                }
+            }
+            Fault::HangingFence => {
+                let _ = std::fs::remove_file(c.fake_bin().join("hang"));
+                c.lab.heal(leader).unwrap();
+            }
+            Fault::KillAgentOnly => c.start_agent(leader),
+            Fault::CutFromEtcd => c.lab.heal_from_gateway(leader).unwrap(),
             Fault::KillLeader | Fault::KillStandby => {
                 let i = if kind == Fault::KillLeader {
                     leader
@@ -957,18 +1063,37 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
             }
         }
     }
-    for kind in kinds {
-        let r: Vec<f64> = results
+    for fault in &kinds {
+        let mut r: Vec<f64> = results
             .iter()
-            .filter(|r| r.0 == kind)
+            .filter(|r| r.0 == *fault)
             .map(|r| r.1.as_secs_f64() * 1e3)
             .collect();
+        let mut lost: Vec<u64> = results
+            .iter()
+            .filter(|r| r.0 == *fault)
+            .filter_map(|r| r.4)
+            .collect();
         if !r.is_empty() {
+            r.sort_by(f64::total_cmp);
+            lost.sort();
+            // Nearest rank: the smallest value with at least p of all at
+            // or below it.
+            let rank = |n: usize, p: f64| ((n as f64 * p).ceil() as usize).clamp(1, n) - 1;
+            let q = |p: f64| r[rank(r.len(), p)];
+            let lq = |p: f64| {
+                lost.get(rank(lost.len().max(1), p))
+                    .map_or("-".to_string(), |v| v.to_string())
+            };
             eprintln!(
-                "{kind:?}: {} runs, client-observed recovery min {:.0} / max {:.0} ms",
+                "FIGURES {kind:?} {fault:?}: {} runs, recovery p50 {:.0} / p95 {:.0} / max {:.0} ms; lost work p50 {} / p95 {} / max {} ms",
                 r.len(),
-                r.iter().cloned().fold(f64::MAX, f64::min),
-                r.iter().cloned().fold(0.0, f64::max)
+                q(0.5),
+                q(0.95),
+                q(1.0),
+                lq(0.5),
+                lq(0.95),
+                lq(1.0)
             );
         }
     }
@@ -1207,6 +1332,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         // Pauses 3 s after the last renewal, deletes at 4 s.
         lease_ttl: Duration::from_secs(4),
         docker_socket: PathBuf::from("/nonexistent"),
+        ferry: PathBuf::from(env!("CARGO_BIN_EXE_ferry")),
     };
     let member = ferry_agent::ha::Member::join(
         config,
@@ -1579,4 +1705,48 @@ fn etcd_with_a_user_and_password() {
     anonymous.drain(2..6);
     refused(anonymous, "user name is empty");
     drop(agent);
+}
+
+/// The fencing guard kills what it holds when the agent's end closes, and
+/// when the deadline passes without being moved on; a released copy lives.
+#[test]
+fn the_guard_kills_its_copies_when_the_agent_goes_or_the_deadline_passes() {
+    use ferry_agent::guard::GuardLink;
+    use ferry_sys::clock::BootInstant;
+    let ferry = PathBuf::from(env!("CARGO_BIN_EXE_ferry"));
+    let sleeper = || Command::new("sleep").arg("60").spawn().unwrap();
+    let gone = |c: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if c.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    };
+    // The agent goes: every copy held dies at once.
+    let g = GuardLink::spawn(&ferry).unwrap();
+    g.deadline(BootInstant::now() + Duration::from_secs(600))
+        .unwrap();
+    let (mut a, mut b) = (sleeper(), sleeper());
+    g.watch("a", a.id() as i32).unwrap();
+    g.watch("b", b.id() as i32).unwrap();
+    g.release("b").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    drop(g);
+    assert!(
+        gone(&mut a),
+        "the guard did not kill a held copy when its agent went"
+    );
+    assert!(!gone(&mut b), "the guard killed a released copy");
+    let _ = b.kill();
+    // The deadline passes: killed, and reported.
+    let g = GuardLink::spawn(&ferry).unwrap();
+    g.deadline(BootInstant::now() + Duration::from_millis(300))
+        .unwrap();
+    let mut c = sleeper();
+    g.watch("c", c.id() as i32).unwrap();
+    assert_eq!(g.next_kill().as_deref(), Some("c"));
+    assert!(gone(&mut c), "the guard did not kill at the deadline");
 }

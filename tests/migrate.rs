@@ -287,8 +287,22 @@ fn the_agent_killed_before_commit_leaves_exactly_one_running_copy() {
         agent.log()
     );
     // The destination's copy is restored and stopped; one kernel here, so
-    // the source was killed for its pids. Now the agent dies.
+    // the source was killed for its pids. Now the agent dies; the source
+    // asks for the outcome until an agent answers there. The restarted
+    // agent finds the restore never committed in its journal, removes the
+    // copy and answers "aborted": only then does the source restore here.
+    let addr = agent.addr.clone();
     agent.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let _again = AgentProc::start(dir.path(), &addr, None, None);
+    assert!(
+        _again.wait_for(
+            "never committed before the agent stopped",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        _again.log()
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !h.is_finished() && Instant::now() < deadline {
         let _ = w.reap(Duration::from_millis(5));
@@ -598,7 +612,10 @@ fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     let h = std::thread::spawn(move || cmd.run());
     agent.wait_fault("agent-before-commit");
     // Restored there and stopped, the source frozen in CRIU's lazy dump.
+    // The agent dies and comes back: its journal aborts the restore.
+    let addr = agent.addr.clone();
     agent.kill();
+    let _again = AgentProc::start(dir.path(), &addr, None, None);
     let err = h.join().unwrap().fails_with(1);
     assert!(err.contains("resumed here"), "{err}");
     assert!(!w.reap(Duration::from_millis(10)).unwrap());

@@ -73,6 +73,7 @@ pub fn run(args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
                 ip,
                 lease_ttl: std::time::Duration::from_secs(args.lease_ttl.max(1)),
                 docker_socket: args.docker_socket.clone(),
+                ferry: std::env::current_exe()?,
             }),
             _ => return Err(CliError::Usage(
                 "ferry agent --etcd needs --cluster, --name and --advertise to join an HA cluster"

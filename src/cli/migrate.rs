@@ -171,3 +171,58 @@ mod tests {
         assert!(parse_duration("3h").is_err());
     }
 }
+
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// The destination's `ferry agent`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub to: String,
+    /// The migration's session id (in the error of the migration).
+    #[arg(long, value_name = "ID")]
+    pub session: String,
+    /// The stopped process tree here (its root); without it, only ask.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<i32>,
+    /// Shared secret file (the agent's).
+    #[arg(long, value_name = "FILE", env = "FERRY_KEY")]
+    pub key: PathBuf,
+    /// How long to keep asking (e.g. 30s).
+    #[arg(long, value_name = "TIME", default_value = "60s", value_parser = parse_duration)]
+    pub wait: Duration,
+}
+
+/// `ferry resolve`: the destination decides (aborting the session if it
+/// was not committed), then the stopped source follows that decision.
+pub fn resolve(args: &ResolveArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let secret = Secret::from_file(&args.key)?;
+    let outcome = migrate::outcome::ask(&args.to, &secret, &args.session, args.wait)?;
+    let pids = args
+        .pid
+        .map(|p| ferry_image::process::tree(p).unwrap_or_else(|_| vec![p]));
+    match (outcome, pids) {
+        (migrate::outcome::Outcome::Committed { pid }, Some(pids)) => {
+            ferry_image::process::kill_all(&pids);
+            writeln!(out, "committed: the application runs on {} as pid {pid}; the stopped source ({} processes) was killed", args.to, pids.len())?;
+        }
+        (migrate::outcome::Outcome::Committed { pid }, None) => {
+            writeln!(
+                out,
+                "committed: the application runs on {} as pid {pid}",
+                args.to
+            )?;
+        }
+        (migrate::outcome::Outcome::Aborted, Some(_)) => {
+            let pid = args.pid.unwrap_or_default();
+            ferry_image::process::continue_tree(pid);
+            writeln!(
+                out,
+                "aborted: nothing of it runs on {}; the source (pid {pid}) was resumed",
+                args.to
+            )?;
+        }
+        (migrate::outcome::Outcome::Aborted, None) => {
+            writeln!(out, "aborted: nothing of it runs on {}", args.to)?;
+        }
+    }
+    Ok(exit::OK)
+}

@@ -107,6 +107,9 @@ pub enum Command {
     /// Move a running process tree, runc or Docker container to another
     /// host's agent (live migration).
     Migrate(migrate::MigrateArgs),
+    /// Settle a migration whose outcome was unknown: ask the destination,
+    /// then kill (committed there) or resume (aborted) the stopped source.
+    Resolve(migrate::ResolveArgs),
     /// Receive migrations: listen, keep pages and checkpoints, restore.
     Agent(agent::AgentArgs),
     /// High availability through etcd: declare services, show the cluster, move.
@@ -116,6 +119,9 @@ pub enum Command {
     /// Internal: the process `ferry check` dumps to probe socket support.
     #[command(name = "probe-socket-holder", hide = true)]
     ProbeSocketHolder,
+    /// Internal: an HA agent's fencing guard (started by the agent).
+    #[command(name = "guard", hide = true)]
+    Guard,
 }
 
 /// Flags shared by dump and restore, named as criu and runc name them.
@@ -244,9 +250,14 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Demo(a) => demo::run(a, out),
         Command::Bench(a) => bench::run(a, out),
         Command::Migrate(a) => migrate::run(a, out),
+        Command::Resolve(a) => migrate::resolve(a, out),
         Command::Agent(a) => agent::run(a, out),
         Command::Keygen(a) => agent::keygen(a, out),
         Command::Ha(a) => ha::run(a, out),
+        Command::Guard => {
+            ferry_agent::guard::run_detached()?;
+            Ok(exit::OK)
+        }
         Command::ProbeSocketHolder => {
             ferry_core::probe::hold_inet_socket()?;
             Ok(exit::OK)

@@ -85,7 +85,31 @@ impl AgentProc {
             .into(),
             None => Vec::new(),
         };
-        Self::spawn(dir, store, listen, &wrapper, fault, runc_root, extra)
+        Self::spawn(dir, store, listen, &wrapper, fault, runc_root, extra, &[])
+    }
+
+    /// [`AgentProc::start_args`] with more environment for the agent.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_args_env(
+        dir: &Path,
+        store: &Path,
+        listen: &str,
+        netns: Option<&str>,
+        fault: Option<&str>,
+        runc_root: Option<&Path>,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> AgentProc {
+        let wrapper: Vec<String> = match netns {
+            Some(ns) => [
+                "nsenter".to_string(),
+                format!("--net=/run/netns/{ns}"),
+                "--".into(),
+            ]
+            .into(),
+            None => Vec::new(),
+        };
+        Self::spawn(dir, store, listen, &wrapper, fault, runc_root, extra, env)
     }
 
     /// An agent on loopback run under `wrapper` (a command that runs the
@@ -100,9 +124,11 @@ impl AgentProc {
             None,
             None,
             &[],
+            &[],
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         dir: &Path,
         store: &Path,
@@ -111,6 +137,7 @@ impl AgentProc {
         fault: Option<&str>,
         runc_root: Option<&Path>,
         extra: &[String],
+        env: &[(String, String)],
     ) -> AgentProc {
         let key = key(dir);
         let mut cmd = match wrapper.split_first() {
@@ -137,6 +164,7 @@ impl AgentProc {
             cmd.arg("--runc-root").arg(r);
         }
         cmd.args(extra);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         if let Some(f) = fault {
             // Held long enough for the test to act, short enough to go on.
             cmd.env(ferry_core::fault::ENV, f)

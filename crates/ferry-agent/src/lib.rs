@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod guard;
 mod page_source;
 mod rebuild;
 mod server;

@@ -120,6 +120,8 @@ pub struct Agent {
     /// Post-copy page-source connections, by session, until its restore
     /// takes them.
     pub page_sources: Mutex<HashMap<String, Conn>>,
+    /// Each migration's outcome, journaled ([`crate::session::outcome`]).
+    pub(crate) outcomes: crate::session::outcome::Outcomes,
     /// Membership of an HA cluster, when the agent joined one.
     pub ha: Option<Arc<crate::ha::Member>>,
     conns: Mutex<HashMap<u64, TcpStream>>,
@@ -175,7 +177,11 @@ pub fn run(
         None => None,
     };
     let ha_threads = ha.as_ref().map(|m| m.start()).unwrap_or_default();
+    // Before any migration is served: what a crash left undecided is
+    // settled (uncommitted copies removed).
+    let outcomes = crate::session::outcome::Outcomes::open(&config.store);
     let agent = Arc::new(Agent {
+        outcomes,
         ha,
         host: hostname(),
         boot_id: boot_id(),
@@ -312,6 +318,16 @@ fn serve(
             )
         }
         Msg::Join { session } => session::serve_data(agent, conn, &session),
+        Msg::Outcome { session } => {
+            let decision = agent.outcomes.decide(&session);
+            tracing::info!(session = %session, ?decision, "asked for a migration's outcome");
+            let (committed, pid) = match decision {
+                session::outcome::Decision::Committed(pid) => (true, pid),
+                session::outcome::Decision::Aborted => (false, 0),
+            };
+            conn.send_msg(&Msg::Decided { committed, pid })?;
+            Ok(())
+        }
         Msg::PageSource { session } => {
             let known = agent
                 .sessions
@@ -350,7 +366,7 @@ fn serve(
         other => {
             conn.send_msg(&Msg::Error {
                 message: format!(
-                    "expected Begin, Join, PageSource or Offer, got {}",
+                    "expected Begin, Join, Outcome, PageSource or Offer, got {}",
                     other.kind()
                 ),
             })?;

@@ -317,6 +317,38 @@ impl Lab {
         Ok(())
     }
 
+    /// Partitions host `index` from the gateway's address alone (where the
+    /// lab's etcd listens): a blackhole route there, the other hosts still
+    /// reachable on the switch.
+    pub fn cut_from_gateway(&self, index: usize) -> Result<(), LabError> {
+        let host = self.checked_host(index)?;
+        let gw = format!("{}/32", self.gateway);
+        run(&mut ip([
+            "-n",
+            &host.netns,
+            "route",
+            "add",
+            "blackhole",
+            &gw,
+        ]))?;
+        Ok(())
+    }
+
+    /// Undoes [`Lab::cut_from_gateway`].
+    pub fn heal_from_gateway(&self, index: usize) -> Result<(), LabError> {
+        let host = self.checked_host(index)?;
+        let gw = format!("{}/32", self.gateway);
+        run(&mut ip([
+            "-n",
+            &host.netns,
+            "route",
+            "del",
+            "blackhole",
+            &gw,
+        ]))?;
+        Ok(())
+    }
+
     /// Brings host `index`'s link back up at both ends and restores its
     /// default route (the kernel drops it when the link goes down).
     pub fn heal(&self, index: usize) -> Result<(), LabError> {

@@ -151,6 +151,7 @@ impl Source<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     criu: &Criu,
     source: &Source<'_>,
@@ -159,6 +160,7 @@ pub fn run(
     sender: &mut PageSender,
     known: &mut HashSet<Digest>,
     same_kernel: bool,
+    session: &str,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
     // Its images are written here too (to staging, as they stream) only
@@ -212,6 +214,7 @@ pub fn run(
     let mut progress = Progress::default();
     let result = transfer_and_restore(
         opts,
+        session,
         control,
         sender,
         outgoing,
@@ -235,6 +238,18 @@ pub fn run(
                 }
             }
             Ok((report, restored))
+        }
+        Err(cause @ FinalError::Undecided(_)) => {
+            // Neither resumed nor restored here: the destination may run it.
+            let _ = stage.keep();
+            Err(MigrateError::Final {
+                after: Fate::Undecided(Box::new(crate::Unsettled {
+                    to: opts.to.clone(),
+                    session: session.to_string(),
+                    pid: (!progress.source_killed).then_some(pid),
+                })),
+                source: cause,
+            })
         }
         Err(cause) => {
             let after = if !progress.source_killed {
@@ -365,6 +380,7 @@ struct Progress {
 #[allow(clippy::too_many_arguments)]
 fn transfer_and_restore(
     opts: &MigrateOptions,
+    session: &str,
     control: &mut Conn,
     sender: &mut PageSender,
     outgoing: Outgoing,
@@ -425,33 +441,70 @@ fn transfer_and_restore(
         }
         report.pid_wait_ms = ms(t.elapsed());
     }
-    restore_and_commit(control, opts.restore.clone(), report)
+    restore_and_commit(
+        control,
+        opts.restore.clone(),
+        report,
+        &opts.to,
+        &opts.secret,
+        session,
+    )
 }
 
 /// The destination's restore (left stopped) and the commit that resumes
-/// it; the restored pid.
+/// it; the restored pid. Once the restore was asked for, a failure is
+/// final only on the destination's word: if its answer is lost, it is asked
+/// again (on new connections) until it says whether it committed; with no
+/// answer at all the error is [`FinalError::Undecided`], and the caller
+/// must leave the application stopped.
 pub(super) fn restore_and_commit(
     control: &mut Conn,
     restore: RestoreOpts,
     report: &mut FinalReport,
+    to: &str,
+    secret: &ferry_transport::Secret,
+    session: &str,
 ) -> Result<i32, FinalError> {
-    control.send_msg(&Msg::Restore { opts: restore })?;
-    let restored = match control.recv_msg()? {
-        Msg::Restored { pid, ms, stats } => {
-            report.restore_ms = ms;
-            report.criu_restore = stats;
-            pid
-        }
-        other => return Err(unexpected(control, other, "Restored")),
-    };
     let t = Instant::now();
-    control.send_msg(&Msg::Commit)?;
-    match control.recv_msg()? {
-        Msg::Committed => {}
-        other => return Err(unexpected(control, other, "Committed")),
+    let attempt = || -> Result<i32, FinalError> {
+        control.send_msg(&Msg::Restore { opts: restore })?;
+        let restored = match control.recv_msg()? {
+            Msg::Restored { pid, ms, stats } => {
+                report.restore_ms = ms;
+                report.criu_restore = stats;
+                pid
+            }
+            other => return Err(unexpected(control, other, "Restored")),
+        };
+        let t = Instant::now();
+        control.send_msg(&Msg::Commit)?;
+        ferry_core::fault::point("migrate-after-commit-sent");
+        match control.recv_msg()? {
+            Msg::Committed => {}
+            other => return Err(unexpected(control, other, "Committed")),
+        }
+        report.commit_ms = ms(t.elapsed());
+        Ok(restored)
+    };
+    let cause = match attempt() {
+        Ok(pid) => return Ok(pid),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %ferry_image::units::chain(&cause), %session, "no answer from the destination to the restore or commit: asking it for the outcome (the application stays stopped meanwhile)");
+    match crate::outcome::ask(to, secret, session, crate::outcome::OUTCOME_WAIT) {
+        Ok(crate::outcome::Outcome::Committed { pid }) => {
+            tracing::warn!(%session, pid, "the destination committed: its answer had been lost");
+            report.commit_ms = ms(t.elapsed());
+            Ok(pid)
+        }
+        Ok(crate::outcome::Outcome::Aborted) => Err(cause),
+        Err(source) => Err(FinalError::Undecided(Box::new(crate::Unanswered {
+            to: to.to_string(),
+            session: session.to_string(),
+            waited: crate::outcome::OUTCOME_WAIT,
+            source,
+        }))),
     }
-    report.commit_ms = ms(t.elapsed());
-    Ok(restored)
 }
 
 /// A failed dump's CRIU log, copied out of the staging directory that is

@@ -40,6 +40,7 @@
 
 mod final_copy;
 mod images;
+pub mod outcome;
 mod post_copy;
 mod precopy;
 mod report;
@@ -168,6 +169,19 @@ pub enum FinalError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     PageServer(#[from] ferry_criu::page_server::PageServerError),
+    #[error(transparent)]
+    Undecided(Box<Unanswered>),
+}
+
+/// The destination never said whether it committed.
+#[derive(Debug, thiserror::Error)]
+#[error("the destination's answer to the restore or commit was lost, and asking {to} again for session {session}'s outcome failed for {} s", waited.as_secs())]
+pub struct Unanswered {
+    pub to: String,
+    pub session: String,
+    pub waited: Duration,
+    #[source]
+    pub source: TransportError,
 }
 
 /// Where the application is after a failed final copy.
@@ -179,6 +193,19 @@ pub enum Fate {
     RestoredHere { pid: i32 },
     /// Everything failed; the images to restore by hand are at `images`.
     Lost { images: PathBuf, why: String },
+    /// The destination's outcome is unknown: the application is left
+    /// stopped here (or, on one kernel, was already gone), and `ferry
+    /// resolve` settles it once the destination answers.
+    Undecided(Box<Unsettled>),
+}
+
+/// A migration whose outcome only the destination knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsettled {
+    pub to: String,
+    pub session: String,
+    /// The stopped tree here, if it still exists.
+    pub pid: Option<i32>,
 }
 
 impl std::fmt::Display for Fate {
@@ -194,6 +221,20 @@ impl std::fmt::Display for Fate {
                 "THE APPLICATION IS NOT RUNNING: the local restore failed too ({why}); its images are kept in {}",
                 images.display()
             ),
+            Fate::Undecided(u) => match u.as_ref() {
+            Unsettled {
+                to,
+                session,
+                pid: Some(pid),
+            } => write!(
+                f,
+                "THE APPLICATION IS LEFT STOPPED HERE (pid {pid}): whether it runs on the destination is not known; once {to} answers, `ferry resolve --to {to} --session {session} --pid {pid}` kills or resumes it"
+            ),
+            Unsettled { to, session, pid: None } => write!(
+                f,
+                "THE APPLICATION MAY RUN ON THE DESTINATION ONLY: the source was gone and whether the destination committed is not known; `ferry resolve --to {to} --session {session}` asks"
+            ),
+            },
         }
     }
 }
@@ -370,6 +411,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         &mut sender,
         &mut pre.known,
         same_kernel,
+        &session,
     )?;
     Ok(MigrateReport {
         destination: opts.to.clone(),

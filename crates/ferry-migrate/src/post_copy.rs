@@ -159,7 +159,14 @@ pub fn run(
                     remote_pages: true,
                     ..opts.restore.clone()
                 };
-                restore_and_commit(control, restore, &mut report)
+                restore_and_commit(
+                    control,
+                    restore,
+                    &mut report,
+                    &opts.to,
+                    &opts.secret,
+                    session,
+                )
             });
         let restored = match frozen {
             Ok(restored) => restored,
@@ -173,10 +180,15 @@ pub fn run(
                 }
                 let dumped = dumping.join();
                 tracing::debug!(?dumped, "lazy dump aborted");
-                return Err(MigrateError::Final {
-                    after: resume_after_abort(pid),
-                    source: e,
-                });
+                let after = match &e {
+                    FinalError::Undecided(_) => Fate::Undecided(Box::new(crate::Unsettled {
+                        to: opts.to.clone(),
+                        session: session.to_string(),
+                        pid: Some(pid),
+                    })),
+                    _ => resume_after_abort(pid),
+                };
+                return Err(MigrateError::Final { after, source: e });
             }
         };
         report.frozen_ms = ms(frozen_at.elapsed());

@@ -22,6 +22,16 @@ impl BootInstant {
         BootInstant(ts)
     }
 
+    /// Nanoseconds since boot (to hand a deadline to another process).
+    pub fn as_nanos(&self) -> u128 {
+        self.0.as_nanos()
+    }
+
+    /// The instant `nanos` after boot (as [`BootInstant::as_nanos`] gave).
+    pub fn from_nanos(nanos: u64) -> BootInstant {
+        BootInstant(Duration::from_nanos(nanos))
+    }
+
     /// Time since `self` (zero if `self` is later).
     pub fn elapsed(&self) -> Duration {
         BootInstant::now() - *self

@@ -10,6 +10,7 @@ pub mod host;
 pub mod kernel;
 pub mod mmap;
 pub mod net;
+pub mod pidfd;
 pub mod pipe;
 pub mod procmem;
 pub mod sched;

@@ -143,6 +143,12 @@ impl SeqPacket {
         Ok(Some(Packet { data, fds }))
     }
 
+    /// Takes a connected seqpacket socket handed over as a descriptor (a
+    /// child's end of [`SeqPacket::pair`]).
+    pub fn from_owned_fd(fd: OwnedFd) -> SeqPacket {
+        SeqPacket { fd }
+    }
+
     /// Gives up the socket as a plain descriptor (to hand to a child process).
     pub fn into_owned_fd(self) -> OwnedFd {
         self.fd

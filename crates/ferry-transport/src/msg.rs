@@ -17,8 +17,16 @@
 //!                           <-------------  Rebuilt{ms, bytes}
 //!   Restore{opts} ----------------------->  restores, leaves the tree stopped
 //!                           <-------------  Restored{pid, ms, stats}
-//!   Commit ------------------------------>  resumes the restored tree
-//!                           <-------------  Committed
+//!   Commit ------------------------------>  journals the commit, resumes the tree
+//!                           <-------------  Committed | Error (aborted meanwhile)
+//! ```
+//!
+//! If the answer to `Restore` or `Commit` is lost, the source stays stopped
+//! and asks on new connections until it has the outcome:
+//!
+//! ```text
+//!   Outcome{session} -------------------->  committed? else aborts now (copy removed)
+//!                           <-------------  Decided{committed, pid}
 //! ```
 //!
 //! HA replication (a leader to a standby, one connection per checkpoint):
@@ -33,8 +41,9 @@
 //!                           <-------------  Replicated{generation} | Error
 //! ```
 //!
-//! If the control stream ends before `Commit`, the agent kills what it
-//! restored (still stopped) and the source resumes its own copy.
+//! If the control stream ends before `Commit`, the agent aborts the session
+//! (kills what it restored, still stopped); the source resumes its own copy
+//! only on that answer.
 
 use serde::{Deserialize, Serialize};
 
@@ -264,6 +273,19 @@ pub enum Msg {
     },
     Commit,
     Committed,
+    /// Asked on a new connection when the session's own answer to
+    /// `Commit` (or to `Restore`) was lost: the agent decides the session
+    /// now (aborting it, its copy removed, unless it was committed) and
+    /// answers with `Decided`.
+    Outcome {
+        session: String,
+    },
+    /// The session's final outcome; `pid` is the restored copy's when
+    /// committed.
+    Decided {
+        committed: bool,
+        pid: i32,
+    },
     /// HA: a service's checkpoint, offered by its leader to a standby.
     Offer {
         service: String,
@@ -340,6 +362,8 @@ impl Msg {
             Msg::Restored { .. } => "restored",
             Msg::Commit => "commit",
             Msg::Committed => "committed",
+            Msg::Outcome { .. } => "outcome",
+            Msg::Decided { .. } => "decided",
             Msg::Offer { .. } => "offer",
             Msg::Have { .. } => "have",
             Msg::Archives { .. } => "archives",

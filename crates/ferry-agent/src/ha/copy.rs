@@ -68,6 +68,16 @@ impl HostCopy {
         }
     }
 
+    /// The pid of the copy's init (what the fencing guard kills), if it
+    /// runs here.
+    pub fn init_pid(&self) -> Option<i32> {
+        match self {
+            HostCopy::Runc { root, id } => runc::init_pid(root, id),
+            HostCopy::Process { record } => live_pid(record),
+            HostCopy::Docker { socket, name } => docker::init_pid(socket, name).ok().flatten(),
+        }
+    }
+
     /// Starts the service afresh; returns its pid.
     pub fn start(&self, spec: &ServiceSpec) -> Result<i32, HaError> {
         match (self, &spec.app) {

@@ -16,6 +16,7 @@ use super::keys::{self, ClusterView, HostRecord};
 use super::leader::ServiceRun;
 use super::replica::Holding;
 use super::{HaConfig, HaError};
+use crate::guard::GuardLink;
 use ferry_criu::Criu;
 use ferry_transport::Secret;
 
@@ -53,6 +54,12 @@ impl Lease {
     fn pause_at(&self) -> BootInstant {
         self.renewed + self.ttl * 3 / 4
     }
+
+    /// When the guard kills the led copies without a renewal: a twentieth
+    /// of the TTL before the deadline, for the kill to land.
+    fn guard_at(&self) -> BootInstant {
+        self.renewed + self.ttl * 19 / 20
+    }
 }
 
 /// A service this host leads, as the fencing sees it.
@@ -63,6 +70,14 @@ pub struct Led {
     /// CRIU is dumping the copy (a checkpoint): fencing holds off pausing
     /// it until the dump ends ([`Member::dumping`]).
     pub dumping: bool,
+    /// A planned switchover is migrating it (the migration freezes it):
+    /// fencing does not pause it, but still deletes it (and the guard
+    /// still kills it) if the lease runs out.
+    pub moving: bool,
+    /// A pause or resume of it is under way (on a thread of its own).
+    busy: bool,
+    /// Its deletion is under way.
+    deleting: bool,
 }
 
 impl Led {
@@ -72,8 +87,19 @@ impl Led {
             copy,
             paused: false,
             dumping: false,
+            moving: false,
+            busy: false,
+            deleting: false,
         }
     }
+}
+
+/// What fencing does to one copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FenceAction {
+    Pause,
+    Resume,
+    Delete,
 }
 
 /// Marks a led service's copy as being dumped; unmarks it when dropped.
@@ -111,6 +137,9 @@ pub struct Member {
     pub tokens: Mutex<HashMap<String, i64>>,
     /// Services whose checkpoint is being received now.
     pub receiving: Mutex<std::collections::HashSet<String>>,
+    /// The fencing guard ([`crate::guard`]): kills the led copies if this
+    /// agent dies, hangs or stops renewing.
+    guard: Mutex<Option<Arc<GuardLink>>>,
     stop: AtomicBool,
 }
 
@@ -157,6 +186,18 @@ impl Member {
             path: ha_dir.clone(),
             source,
         })?;
+        let lease = Lease {
+            id,
+            ttl: Duration::from_secs(granted.max(1) as u64),
+            renewed,
+        };
+        // No leading without a guard: a copy led by an agent that then
+        // died would run on beside its successor.
+        let guard = spawn_guard(&config.ferry, &lease).map_err(|e| HaError::Copy {
+            what: "start the fencing guard".into(),
+            source: Box::new(e),
+        })?;
+        tracing::info!(pid = guard.pid, "fencing guard started");
         Ok(Arc::new(Member {
             config,
             etcd,
@@ -166,17 +207,110 @@ impl Member {
             secret,
             criu,
             boot_id,
-            lease: Mutex::new(Some(Lease {
-                id,
-                ttl: Duration::from_secs(granted.max(1) as u64),
-                renewed,
-            })),
+            lease: Mutex::new(Some(lease)),
             led: Mutex::new(HashMap::new()),
             holdings: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             receiving: Mutex::new(std::collections::HashSet::new()),
+            guard: Mutex::new(Some(Arc::new(guard))),
             stop: AtomicBool::new(false),
         }))
+    }
+
+    fn guard(&self) -> Option<Arc<GuardLink>> {
+        self.guard.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Registers `copy` as led here: fencing (and the guard) stop it
+    /// whenever this host cannot vouch for its lease.
+    pub(crate) fn lead_copy(&self, service: &str, copy: HostCopy) {
+        let pid = copy.init_pid();
+        if let Ok(mut led) = self.led.lock() {
+            led.insert(service.to_string(), Led::running(copy));
+        }
+        match (pid, self.guard()) {
+            (Some(pid), Some(g)) => {
+                if let Err(e) = g.watch(service, pid) {
+                    tracing::error!(service, pid, error = %e, "the fencing guard cannot take the copy");
+                }
+            }
+            (None, _) => tracing::warn!(
+                service,
+                "no init pid for the copy: the guard cannot hold it"
+            ),
+            (_, None) => tracing::error!(service, "no fencing guard"),
+        }
+    }
+
+    /// Takes `service`'s copy out of fencing (it was deleted or moved).
+    pub(crate) fn unlead(&self, service: &str) -> Option<Led> {
+        let led = self.led.lock().ok()?.remove(service);
+        if let Some(g) = self.guard() {
+            let _ = g.release(service);
+        }
+        led
+    }
+
+    /// Marks `service`'s copy as moving (or not): fencing does not pause
+    /// it meanwhile, but deletes it if the lease runs out.
+    pub(crate) fn set_moving(&self, service: &str, moving: bool) {
+        if let Ok(mut led) = self.led.lock() {
+            if let Some(l) = led.get_mut(service) {
+                l.moving = moving;
+            }
+        }
+    }
+
+    /// Hands the guard the lease's new deadline.
+    fn arm_guard(&self, lease: &Lease) {
+        if let Some(g) = self.guard() {
+            if let Err(e) = g.deadline(lease.guard_at()) {
+                tracing::error!(error = %e, "cannot reach the fencing guard");
+            }
+        }
+    }
+
+    /// Follows what the guard kills; starts a new guard if it dies.
+    fn watch_guard(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let Some(g) = self.guard() else { return };
+            while let Some(service) = g.next_kill() {
+                tracing::error!(service = %service, "the fencing guard killed this copy (lease not renewed in time)");
+                if let Ok(mut led) = self.led.lock() {
+                    led.remove(&service);
+                }
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            tracing::error!(pid = g.pid, "the fencing guard is gone: starting another");
+            let Some(lease) = self.lease() else {
+                std::thread::sleep(POLL);
+                continue;
+            };
+            match spawn_guard(&self.config.ferry, &lease) {
+                Ok(new) => {
+                    let new = Arc::new(new);
+                    if let Ok(mut slot) = self.guard.lock() {
+                        *slot = Some(Arc::clone(&new));
+                    }
+                    let copies: Vec<(String, HostCopy)> = self
+                        .led
+                        .lock()
+                        .map(|l| l.iter().map(|(s, l)| (s.clone(), l.copy.clone())).collect())
+                        .unwrap_or_default();
+                    for (service, copy) in copies {
+                        if let Some(pid) = copy.init_pid() {
+                            let _ = new.watch(&service, pid);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start a fencing guard");
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -246,7 +380,12 @@ impl Member {
         let keeper = Arc::clone(self);
         let looper = Arc::clone(self);
         let fencer = Arc::clone(self);
+        let guarded = Arc::clone(self);
         vec![
+            std::thread::Builder::new()
+                .name("ferry-ha-guard".into())
+                .spawn(move || guarded.watch_guard())
+                .expect("spawn the guard watcher"),
             // Fencing on a clock of its own: an etcd call stuck on a cut
             // link must never delay it.
             std::thread::Builder::new()
@@ -281,6 +420,9 @@ impl Member {
         for (svc, l) in led {
             tracing::info!(service = %svc, "agent stopping: stopping the service it leads");
             l.copy.delete();
+            if let Some(g) = self.guard() {
+                let _ = g.release(&svc);
+            }
         }
         if let Some(id) = self.lease().map(|l| l.id) {
             if let Err(e) = self.etcd.revoke(id) {
@@ -305,12 +447,14 @@ impl Member {
                         tracing::info!(lease = lease.id, "lease renewals get through again");
                         failing = false;
                     }
+                    let renewed = Lease {
+                        renewed: sent,
+                        ..lease
+                    };
                     if let Ok(mut l) = self.lease.lock() {
-                        *l = Some(Lease {
-                            renewed: sent,
-                            ..lease
-                        });
+                        *l = Some(renewed);
                     }
+                    self.arm_guard(&renewed);
                 }
                 Ok(false) => {
                     tracing::warn!(lease = lease.id, "the lease expired");
@@ -339,13 +483,15 @@ impl Member {
         match self.etcd.grant(want) {
             Ok((id, ttl)) => {
                 tracing::info!(lease = id, "took a new lease");
+                let lease = Lease {
+                    id,
+                    ttl: Duration::from_secs(ttl.max(1) as u64),
+                    renewed: sent,
+                };
                 if let Ok(mut l) = self.lease.lock() {
-                    *l = Some(Lease {
-                        id,
-                        ttl: Duration::from_secs(ttl.max(1) as u64),
-                        renewed: sent,
-                    });
+                    *l = Some(lease);
                 }
+                self.arm_guard(&lease);
             }
             Err(e) => tracing::warn!(error = %e, "cannot take a new lease"),
         }
@@ -353,40 +499,80 @@ impl Member {
 
     /// Pauses, deletes or thaws the led services by the lease's state: at
     /// 3/4 of the TTL without renewal they are paused (a copy CRIU is
-    /// dumping, once the dump ends), at the deadline deleted, and thawed
-    /// when a renewal gets through in time.
-    fn fence(&self) {
+    /// dumping, once the dump ends; a moving one never), at the deadline
+    /// deleted, and thawed when a renewal gets through in time. Each action
+    /// runs on a thread of its own, with the engine's command bounded in
+    /// time: no copy's fencing waits on another's, and none holds the led
+    /// map while an engine answers. (The guard kills every copy at the
+    /// deadline whatever the engines do.)
+    fn fence(self: &Arc<Self>) {
         let lease = self.lease();
         let now = BootInstant::now();
         let (doubt, lost) = match lease {
             Some(l) => (now >= l.pause_at(), now >= l.deadline()),
             None => (true, true),
         };
-        let Ok(mut led) = self.led.lock() else {
-            return;
-        };
-        let mut gone = Vec::new();
-        for (svc, l) in led.iter_mut() {
-            if lost {
-                tracing::error!(service = %svc, "lease lost: deleting this copy of the service (fencing)");
-                l.copy.delete();
-                gone.push(svc.clone());
-            } else if doubt && !l.paused && !l.dumping {
-                tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
-                match l.copy.pause() {
-                    Ok(()) => l.paused = true,
-                    Err(e) => tracing::error!(service = %svc, error = %e, "cannot pause"),
-                }
-            } else if !doubt && l.paused {
-                tracing::info!(service = %svc, "lease renewed: resuming the service");
-                match l.copy.resume() {
-                    Ok(()) => l.paused = false,
-                    Err(e) => tracing::error!(service = %svc, error = %e, "cannot resume"),
+        let mut actions = Vec::new();
+        if let Ok(mut led) = self.led.lock() {
+            for (svc, l) in led.iter_mut() {
+                let action = if lost {
+                    (!l.deleting).then(|| {
+                        l.deleting = true;
+                        FenceAction::Delete
+                    })
+                } else if l.busy || l.deleting {
+                    None
+                } else if doubt && !l.paused && !l.dumping && !l.moving {
+                    Some(FenceAction::Pause)
+                } else if !doubt && l.paused {
+                    Some(FenceAction::Resume)
+                } else {
+                    None
+                };
+                if let Some(a) = action {
+                    l.busy |= a != FenceAction::Delete;
+                    actions.push((svc.clone(), l.copy.clone(), a));
                 }
             }
         }
-        for svc in gone {
-            led.remove(&svc);
+        for (svc, copy, action) in actions {
+            let member = Arc::clone(self);
+            let spawned = std::thread::Builder::new()
+                .name(format!("ferry-fence-{svc}"))
+                .spawn(move || member.fence_one(&svc, &copy, action));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a fencing thread");
+            }
+        }
+    }
+
+    fn fence_one(&self, svc: &str, copy: &HostCopy, action: FenceAction) {
+        let done = match action {
+            FenceAction::Delete => {
+                tracing::error!(service = %svc, "lease lost: deleting this copy of the service (fencing)");
+                copy.delete();
+                self.unlead(svc);
+                return;
+            }
+            FenceAction::Pause => {
+                tracing::warn!(service = %svc, "lease not renewed for 3/4 of its TTL: pausing the service (fencing)");
+                copy.pause()
+            }
+            FenceAction::Resume => {
+                tracing::info!(service = %svc, "lease renewed: resuming the service");
+                copy.resume()
+            }
+        };
+        if let Err(e) = &done {
+            tracing::error!(service = %svc, action = ?action, error = %ferry_image::units::chain(e), "fencing action failed");
+        }
+        if let Ok(mut led) = self.led.lock() {
+            if let Some(l) = led.get_mut(svc).filter(|l| l.copy == *copy) {
+                l.busy = false;
+                if done.is_ok() {
+                    l.paused = action == FenceAction::Pause;
+                }
+            }
         }
     }
 
@@ -520,6 +706,13 @@ impl Member {
             }
         }
     }
+}
+
+/// Starts a fencing guard armed with `lease`'s deadline.
+fn spawn_guard(ferry: &std::path::Path, lease: &Lease) -> std::io::Result<GuardLink> {
+    let guard = GuardLink::spawn(ferry)?;
+    guard.deadline(lease.guard_at())?;
+    Ok(guard)
 }
 
 /// Available memory and free disk under `store`.

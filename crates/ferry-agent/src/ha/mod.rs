@@ -71,6 +71,9 @@ pub struct HaConfig {
     pub lease_ttl: Duration,
     /// dockerd's API socket, for Docker services.
     pub docker_socket: PathBuf,
+    /// The ferry binary: the fencing guard is started from it
+    /// (`ferry guard`).
+    pub ferry: PathBuf,
 }
 
 impl HaConfig {

@@ -5,6 +5,7 @@
 //! once, where the session answers the source with it.
 
 mod data;
+pub(crate) mod outcome;
 mod restore;
 
 pub use data::serve_data;
@@ -79,6 +80,8 @@ pub(crate) enum SessionError {
     Criu(#[from] ferry_criu::CriuError),
     #[error("the restore failed")]
     Restore(#[source] Box<CheckpointError>),
+    #[error("restore refused: {0}")]
+    Decided(String),
 }
 
 impl SessionError {
@@ -193,10 +196,10 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
             tracing::info!(session = %begin.id, pid, "migration committed; the application runs here");
         }
         (_, Some(pid)) => {
-            // Restored but never committed: the source may resume, so this
-            // copy must not run.
-            tracing::warn!(session = %begin.id, pid, "session ended before commit: killing the restored copy");
-            session.discard(pid);
+            // Restored but never committed: the source may resume (once it
+            // learns this), so this copy must not run.
+            tracing::warn!(session = %begin.id, pid, "session ended before commit: aborting it, the restored copy removed");
+            let _ = agent.outcomes.abort(&begin.id);
         }
         (_, None) => tracing::info!(session = %begin.id, "session ended without a restore"),
     }
@@ -320,9 +323,23 @@ impl Session<'_> {
                         })?;
                         continue;
                     };
+                    // Journaled before the copy may run: once this returns
+                    // the source is told, however late, that it committed.
+                    if self.agent.outcomes.commit(&self.id, pid) == outcome::Decision::Aborted {
+                        conn.send_msg(&Msg::Error {
+                            message: "the migration was aborted here before its commit (its outcome was asked for); the restored copy is gone".into(),
+                        })?;
+                        self.restored = None;
+                        return Ok(false);
+                    }
                     // A process tree was restored stopped; runc restores
                     // containers running (it has no leave-stopped).
                     ferry_image::process::continue_tree(pid);
+                    if ferry_core::fault::fails("agent-drop-committed") {
+                        // As if the answer were lost on the way.
+                        self.keep();
+                        return Ok(true);
+                    }
                     conn.send_msg(&Msg::Committed)?;
                     self.keep();
                     return Ok(true);

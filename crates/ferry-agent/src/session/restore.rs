@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use super::outcome::Copy;
 use super::{Session, SessionError};
 use crate::page_source::PageRelay;
 use ferry_core::checkpoint::{self, Source};
@@ -34,14 +35,38 @@ impl Session<'_> {
             return Err(SessionError::NotRebuilt);
         };
         let start = Instant::now();
-        let (pid, stats) = match self.container() {
-            Some(_) if opts.lazy_pages => return Err(SessionError::LazyContainer),
-            Some((container, bundle)) => (
-                self.restore_container(&images, &container, bundle.as_deref(), opts)?,
-                None,
-            ),
-            None => self.restore_tree(&images, opts)?,
+        let container = self.container();
+        if container.is_some() && opts.lazy_pages {
+            return Err(SessionError::LazyContainer);
+        }
+        // Journaled first: an agent that dies during the restore removes
+        // the copy when it starts again.
+        let copy = match &container {
+            Some((c, _)) => Copy::container(c),
+            None => Copy::Tree { pid: 0, start: 0 },
         };
+        self.agent
+            .outcomes
+            .restoring(&self.id, copy.clone())
+            .map_err(SessionError::Decided)?;
+        let restored = match container {
+            Some((container, bundle)) => self
+                .restore_container(&images, &container, bundle.as_deref(), opts)
+                .map(|pid| (pid, None)),
+            None => self.restore_tree(&images, opts),
+        };
+        let (pid, stats) = match restored {
+            Ok(r) => r,
+            Err(e) => {
+                self.agent.outcomes.restored(&self.id, None);
+                return Err(e);
+            }
+        };
+        let copy = match copy {
+            Copy::Tree { .. } => Copy::tree(pid),
+            c => c,
+        };
+        self.agent.outcomes.restored(&self.id, Some(copy));
         self.restored = Some(pid);
         Ok(Msg::Restored {
             pid,

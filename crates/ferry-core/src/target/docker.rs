@@ -427,6 +427,17 @@ pub fn status(socket: &Path, name: &str) -> Result<Option<String>, DockerError> 
     }))
 }
 
+/// The pid of a running or paused container's init, None when it has none.
+pub fn init_pid(socket: &Path, name: &str) -> Result<Option<i32>, DockerError> {
+    let api = Api::connect(socket)?;
+    Ok(api
+        .inspect(name)?
+        .and_then(|c| c.state)
+        .and_then(|s| s.pid)
+        .filter(|&p| p > 0)
+        .map(|p| p as i32))
+}
+
 /// Freezes (`pause`) or thaws a container.
 pub fn set_paused(socket: &Path, name: &str, paused: bool) -> Result<(), DockerError> {
     let api = Api::connect(socket)?;

@@ -59,6 +59,66 @@ fn runc() -> Result<PathBuf, RuncError> {
     ferry_sys::which("runc").ok_or(RuncError::NotInstalled)
 }
 
+/// How long `runc pause`, `resume` and `delete` may take before they are
+/// killed (fencing must never wait on a hung runc).
+pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a short runc command, killed (and failed) if it takes longer than
+/// `timeout`.
+fn run_within(args: &[&std::ffi::OsStr], timeout: std::time::Duration) -> Result<(), RuncError> {
+    let bin = runc()?;
+    let command = format!(
+        "runc {}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let spawn_error = |source| RuncError::Spawn {
+        command: command.clone(),
+        source,
+    };
+    // runc's messages go to a file: a pipe would fill, or be held open by
+    // a child runc leaves behind.
+    let log = tempfile::tempfile().map_err(spawn_error)?;
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.try_clone().map_err(spawn_error)?)
+        .spawn()
+        .map_err(spawn_error)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait().map_err(spawn_error)? {
+            Some(status) => break status,
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(RuncError::Failed {
+                    command,
+                    status: format!("killed after {} ms", timeout.as_millis()),
+                    stderr: String::new(),
+                });
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(2)),
+        }
+    };
+    if !status.success() {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        let mut log = log;
+        let _ = log.rewind();
+        let _ = log.take(4096).read_to_string(&mut text);
+        return Err(RuncError::Failed {
+            command,
+            status: status.to_string(),
+            stderr: text.trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn run(args: &[&std::ffi::OsStr]) -> Result<String, RuncError> {
     let bin = runc()?;
     let command = format!(
@@ -89,14 +149,16 @@ fn run(args: &[&std::ffi::OsStr]) -> Result<String, RuncError> {
 /// Removes a container whose processes a stop-mode dump ended, so that its
 /// id is free for the restore (what `runc checkpoint` does).
 pub fn delete(root: &Path, id: &str) -> Result<(), RuncError> {
-    run(&[
-        "--root".as_ref(),
-        root.as_os_str(),
-        "delete".as_ref(),
-        "--force".as_ref(),
-        id.as_ref(),
-    ])
-    .map(|_| ())
+    run_within(
+        &[
+            "--root".as_ref(),
+            root.as_os_str(),
+            "delete".as_ref(),
+            "--force".as_ref(),
+            id.as_ref(),
+        ],
+        CONTROL_TIMEOUT,
+    )
 }
 
 /// Restores container `id` from `images` with `bundle`, detached; returns
@@ -213,24 +275,35 @@ pub fn run_detached(root: &Path, id: &str, bundle: &Path) -> Result<i32, RuncErr
 
 /// Freezes every process of container `id` (`runc pause`).
 pub fn pause(root: &Path, id: &str) -> Result<(), RuncError> {
-    run(&[
-        "--root".as_ref(),
-        root.as_os_str(),
-        "pause".as_ref(),
-        id.as_ref(),
-    ])
-    .map(|_| ())
+    run_within(
+        &[
+            "--root".as_ref(),
+            root.as_os_str(),
+            "pause".as_ref(),
+            id.as_ref(),
+        ],
+        CONTROL_TIMEOUT,
+    )
 }
 
 /// Thaws container `id` (`runc resume`).
 pub fn resume(root: &Path, id: &str) -> Result<(), RuncError> {
-    run(&[
-        "--root".as_ref(),
-        root.as_os_str(),
-        "resume".as_ref(),
-        id.as_ref(),
-    ])
-    .map(|_| ())
+    run_within(
+        &[
+            "--root".as_ref(),
+            root.as_os_str(),
+            "resume".as_ref(),
+            id.as_ref(),
+        ],
+        CONTROL_TIMEOUT,
+    )
+}
+
+/// The init pid of container `id` in `root`, if it exists.
+pub fn init_pid(root: &Path, id: &str) -> Option<i32> {
+    ContainerState::load(ENGINE, root, id)
+        .ok()
+        .map(|s| s.init_pid)
 }
 
 /// Whether container `id` exists in `root`, and its status.

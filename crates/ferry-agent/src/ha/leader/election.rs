@@ -8,7 +8,7 @@ use super::super::etcd::delete_op;
 use super::super::keys::{
     self, AddressRecord, ClusterView, LeaderRecord, ServiceSpec, ServiceView,
 };
-use super::super::member::{Led, Member};
+use super::super::member::Member;
 use super::super::replica::{self, Holding};
 use super::super::replicator::Replicator;
 use super::*;
@@ -130,9 +130,7 @@ impl ServiceRun {
             let _ = m.etcd.fenced(&key, token, vec![delete_op(&key)]);
             return;
         }
-        if let Ok(mut led) = m.led.lock() {
-            led.insert(self.name.clone(), Led::running(copy.clone()));
-        }
+        m.lead_copy(&self.name, copy.clone());
         let _ = m
             .etcd
             .delete(&keys::standby_key(m.cluster(), &self.name, m.name()));

@@ -155,10 +155,8 @@ impl ServiceRun {
     }
 
     fn stop_leading(&mut self, m: &Member, copy: &HostCopy) {
-        if let Ok(mut led) = m.led.lock() {
-            led.remove(&self.name);
-        }
         copy.delete();
+        m.unlead(&self.name);
         self.leading = None;
     }
 

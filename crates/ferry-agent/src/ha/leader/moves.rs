@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::super::copy::{self};
 use super::super::etcd::{delete_op, put_op};
 use super::super::keys::{self, AddressRecord, HostRecord, LeaderRecord, ServiceSpec};
-use super::super::member::{Led, Member};
+use super::super::member::Member;
 use super::*;
 
 impl ServiceRun {
@@ -53,12 +53,10 @@ impl ServiceRun {
             io_timeout: Duration::from_secs(30),
         };
         // While it moves, fencing must not pause it (the migration freezes
-        // it itself); it is re-registered if the move fails.
-        if let Ok(mut led) = m.led.lock() {
-            led.remove(&self.name);
-        }
+        // it itself), but it stays fenced: a lease that runs out deletes
+        // it, and the guard kills it, mid-migration or not.
+        m.set_moving(&self.name, true);
         let token = l.token;
-        let copy = l.copy.clone();
         // A failed migration leaves the service running here, so a few
         // tries are safe: one fails when, say, a client connection is open
         // at the freeze.
@@ -72,10 +70,11 @@ impl ServiceRun {
         match outcome {
             Ok(report) => {
                 let key = keys::service_key(m.cluster(), &self.name, "leader");
+                // The tree's pid as the new host sees it.
                 let record = LeaderRecord {
                     host: host.name.clone(),
                     since_unix_ms: keys::now_unix_ms(),
-                    pid: moved_pid,
+                    pid: moved_pid.map(|_| report.restored_pid),
                 };
                 let handed = m.etcd.fenced(
                     &key,
@@ -115,13 +114,13 @@ impl ServiceRun {
                         let _ = m.etcd.delete(&move_key);
                     }
                 }
+                // The copy here is gone (the migration ended it).
+                m.unlead(&self.name);
                 self.leading = None;
             }
             Err(e) => {
                 tracing::error!(service = %self.name, to = %host.name, error = %ferry_image::units::chain(&e), "move failed; the service keeps running here");
-                if let Ok(mut led) = m.led.lock() {
-                    led.insert(self.name.clone(), Led::running(copy));
-                }
+                m.set_moving(&self.name, false);
                 let _ = m.etcd.delete(&move_key);
             }
         }

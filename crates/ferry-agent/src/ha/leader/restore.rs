@@ -1,7 +1,7 @@
 //! A new leader starting its copy from the newest checkpoint it holds.
 
 use super::super::keys::ServiceSpec;
-use super::super::member::{Led, Member};
+use super::super::member::Member;
 use super::super::replica::{self};
 use super::*;
 use ferry_archive::NoProgress;
@@ -39,9 +39,7 @@ impl ServiceRun {
                 tracing::warn!(service = %self.name, generation = cp.generation, pid, "fenced copy brought back from this host's newest checkpoint");
                 l.address.restored_generation = cp.generation;
                 l.address.restored_taken_unix_ms = cp.taken_unix_ms;
-                if let Ok(mut led) = m.led.lock() {
-                    led.insert(self.name.clone(), Led::running(l.copy.clone()));
-                }
+                m.lead_copy(&self.name, l.copy.clone());
                 true
             }
             Err(e) => {
