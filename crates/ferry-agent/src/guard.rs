@@ -20,13 +20,15 @@
 //! spares it, and tells the agent what it killed.
 //!
 //! Protocol (one seqpacket datagram each, agent to guard): `D <ns>` the
-//! deadline in nanoseconds of `CLOCK_BOOTTIME`; `G <service>` with a pidfd
-//! attached: guard this copy; `R <service>`: release it. Guard to agent:
+//! deadline in nanoseconds of `CLOCK_BOOTTIME`; `G <service> [cgroup]` with
+//! a pidfd attached: guard this copy (a container's cgroup is killed whole
+//! too, through `cgroup.kill`); `R <service>`: release it. Guard to agent:
 //! `K <service>` after killing a copy.
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -101,15 +103,35 @@ impl GuardLink {
         self.send(&format!("D {}", at.as_nanos()), None)
     }
 
-    /// Guards `service`'s copy, whose init is `pid`.
-    pub fn watch(&self, service: &str, pid: i32) -> io::Result<()> {
+    /// Guards `service`'s copy, whose init is `pid` (and, for a
+    /// container, whose cgroup the kernel can kill whole).
+    pub fn watch(
+        &self,
+        service: &str,
+        pid: i32,
+        cgroup: Option<&std::path::Path>,
+    ) -> io::Result<()> {
         let fd = PidFd::open(pid)?;
-        self.send(&format!("G {service}"), Some(&fd))
+        let text = match cgroup {
+            Some(c) => format!("G {service} {}", c.display()),
+            None => format!("G {service}"),
+        };
+        self.send(&text, Some(&fd))
     }
 
     /// Stops guarding `service`'s copy.
     pub fn release(&self, service: &str) -> io::Result<()> {
         self.send(&format!("R {service}"), None)
+    }
+
+    /// Ends the link (the agent is stopping, its copies already deleted):
+    /// the guard kills what it still holds and exits, and
+    /// [`GuardLink::next_kill`] returns None.
+    pub fn close(&self) {
+        let _ = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.sock.as_fd()),
+            nix::sys::socket::Shutdown::Both,
+        );
     }
 
     /// The next service whose copy the guard killed; None once the guard
@@ -152,13 +174,17 @@ pub fn run_detached() -> io::Result<()> {
 #[derive(Default)]
 struct Held {
     deadline: Option<BootInstant>,
-    copies: HashMap<String, PidFd>,
+    copies: HashMap<String, (PidFd, Option<PathBuf>)>,
 }
 
 impl Held {
     fn kill_all(&mut self, sock: &SeqPacket, why: &str) {
-        for (service, fd) in self.copies.drain() {
-            match fd.kill() {
+        for (service, (fd, cgroup)) in self.copies.drain() {
+            // Every process of a container, whatever its pid namespace.
+            let whole = cgroup
+                .map(|c| std::fs::write(c.join("cgroup.kill"), "1").is_ok())
+                .unwrap_or(false);
+            match fd.kill().map(|alive| alive || whole) {
                 Ok(true) => eprintln!("ferry guard: killed the copy of service {service} ({why})"),
                 Ok(false) => continue,
                 Err(e) => {
@@ -180,9 +206,16 @@ impl Held {
                     self.deadline = Some(BootInstant::from_nanos(ns));
                 }
             }
-            "G" if valid(arg) && self.copies.len() < MAX_COPIES => {
-                if let Some(fd) = fds.into_iter().next() {
-                    self.copies.insert(arg.to_string(), PidFd::from_owned(fd));
+            "G" if self.copies.len() < MAX_COPIES => {
+                let (service, cgroup) = match arg.split_once(' ') {
+                    Some((s, c)) => (s, Some(PathBuf::from(c))),
+                    None => (arg, None),
+                };
+                // Only a cgroup under the cgroup filesystem.
+                let cgroup = cgroup.filter(|c| c.starts_with("/sys/fs/cgroup/"));
+                if let (true, Some(fd)) = (valid(service), fds.into_iter().next()) {
+                    self.copies
+                        .insert(service.to_string(), (PidFd::from_owned(fd), cgroup));
                 }
             }
             "R" => {
@@ -228,6 +261,10 @@ fn serve(sock: &SeqPacket) {
         match sock.recv() {
             Ok(Some(p)) => held.handle(&p.data, p.fds),
             Ok(None) | Err(_) => {
+                eprintln!(
+                    "ferry guard: the agent is gone; killing the {} copies held",
+                    held.copies.len()
+                );
                 held.kill_all(sock, "the agent is gone");
                 return;
             }

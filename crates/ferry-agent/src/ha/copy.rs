@@ -78,6 +78,15 @@ impl HostCopy {
         }
     }
 
+    /// The copy's cgroup, when the kernel can kill it whole (containers).
+    pub fn killable_cgroup(&self) -> Option<PathBuf> {
+        match self {
+            HostCopy::Runc { root, id } => runc::killable_cgroup(root, id),
+            HostCopy::Process { .. } => None,
+            HostCopy::Docker { socket, name } => docker::killable_cgroup(socket, name),
+        }
+    }
+
     /// Starts the service afresh; returns its pid.
     pub fn start(&self, spec: &ServiceSpec) -> Result<i32, HaError> {
         match (self, &spec.app) {

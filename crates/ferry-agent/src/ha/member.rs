@@ -78,6 +78,11 @@ pub struct Led {
     busy: bool,
     /// Its deletion is under way.
     deleting: bool,
+    /// The guard killed it (the lease's deadline passed without renewal):
+    /// it stays here until fencing deletes it at the deadline, or, if a
+    /// renewal gets through after all, the leader brings the service back
+    /// ([`Member::killed_and_renewed`]).
+    pub killed: bool,
 }
 
 impl Led {
@@ -90,6 +95,7 @@ impl Led {
             moving: false,
             busy: false,
             deleting: false,
+            killed: false,
         }
     }
 }
@@ -225,15 +231,19 @@ impl Member {
     /// whenever this host cannot vouch for its lease.
     pub(crate) fn lead_copy(&self, service: &str, copy: HostCopy) {
         let pid = copy.init_pid();
+        let cgroup = copy.killable_cgroup();
         if let Ok(mut led) = self.led.lock() {
             led.insert(service.to_string(), Led::running(copy));
         }
         match (pid, self.guard()) {
-            (Some(pid), Some(g)) => {
-                if let Err(e) = g.watch(service, pid) {
-                    tracing::error!(service, pid, error = %e, "the fencing guard cannot take the copy");
+            (Some(pid), Some(g)) => match g.watch(service, pid, cgroup.as_deref()) {
+                Ok(()) => {
+                    tracing::info!(service, pid, guard = g.pid, cgroup = ?cgroup, "the fencing guard holds the copy")
                 }
-            }
+                Err(e) => {
+                    tracing::error!(service, pid, error = %e, "the fencing guard cannot take the copy")
+                }
+            },
             (None, _) => tracing::warn!(
                 service,
                 "no init pid for the copy: the guard cannot hold it"
@@ -249,6 +259,23 @@ impl Member {
             let _ = g.release(service);
         }
         led
+    }
+
+    /// Whether the guard killed `service`'s copy and a renewal got through
+    /// since (nobody else can have taken over: the copy is taken out of
+    /// fencing, and the leader may bring the service back).
+    pub(crate) fn killed_and_renewed(&self, service: &str) -> bool {
+        let killed = self
+            .led
+            .lock()
+            .is_ok_and(|l| l.get(service).is_some_and(|l| l.killed && !l.deleting));
+        if killed && self.unfenced_for(Duration::ZERO) {
+            if let Some(l) = self.unlead(service) {
+                l.copy.delete();
+            }
+            return true;
+        }
+        false
     }
 
     /// Marks `service`'s copy as moving (or not): fencing does not pause
@@ -276,8 +303,13 @@ impl Member {
             let Some(g) = self.guard() else { return };
             while let Some(service) = g.next_kill() {
                 tracing::error!(service = %service, "the fencing guard killed this copy (lease not renewed in time)");
+                // Not removed here: the lease may still look valid for a
+                // twentieth of its TTL, and a leader missing its copy then
+                // would restore one that another host may also restore.
                 if let Ok(mut led) = self.led.lock() {
-                    led.remove(&service);
+                    if let Some(l) = led.get_mut(&service) {
+                        l.killed = true;
+                    }
                 }
             }
             if self.stop.load(Ordering::Relaxed) {
@@ -301,7 +333,7 @@ impl Member {
                         .unwrap_or_default();
                     for (service, copy) in copies {
                         if let Some(pid) = copy.init_pid() {
-                            let _ = new.watch(&service, pid);
+                            let _ = new.watch(&service, pid, copy.killable_cgroup().as_deref());
                         }
                     }
                 }
@@ -424,6 +456,10 @@ impl Member {
                 let _ = g.release(&svc);
             }
         }
+        // Ends the guard, and the thread that follows it.
+        if let Some(g) = self.guard() {
+            g.close();
+        }
         if let Some(id) = self.lease().map(|l| l.id) {
             if let Err(e) = self.etcd.revoke(id) {
                 tracing::warn!(error = %e, "cannot revoke the lease; it expires by itself");
@@ -520,7 +556,7 @@ impl Member {
                         l.deleting = true;
                         FenceAction::Delete
                     })
-                } else if l.busy || l.deleting {
+                } else if l.busy || l.deleting || l.killed {
                     None
                 } else if doubt && !l.paused && !l.dumping && !l.moving {
                     Some(FenceAction::Pause)

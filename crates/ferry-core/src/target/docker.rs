@@ -438,6 +438,15 @@ pub fn init_pid(socket: &Path, name: &str) -> Result<Option<i32>, DockerError> {
         .map(|p| p as i32))
 }
 
+/// A running container's cgroup (v2) when the kernel can kill it whole.
+pub fn killable_cgroup(socket: &Path, name: &str) -> Option<PathBuf> {
+    locate(socket, name)
+        .ok()?
+        .state
+        .freezer()
+        .filter(|d| d.join("cgroup.kill").exists())
+}
+
 /// Freezes (`pause`) or thaws a container.
 pub fn set_paused(socket: &Path, name: &str, paused: bool) -> Result<(), DockerError> {
     let api = Api::connect(socket)?;

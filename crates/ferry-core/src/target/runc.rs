@@ -306,6 +306,15 @@ pub fn init_pid(root: &Path, id: &str) -> Option<i32> {
         .map(|s| s.init_pid)
 }
 
+/// Container `id`'s cgroup (v2) when the kernel can kill it whole
+/// (`cgroup.kill`, Linux 5.14).
+pub fn killable_cgroup(root: &Path, id: &str) -> Option<PathBuf> {
+    ContainerState::load(ENGINE, root, id)
+        .ok()?
+        .freezer()
+        .filter(|d| d.join("cgroup.kill").exists())
+}
+
 /// Whether container `id` exists in `root`, and its status.
 pub fn status(root: &Path, id: &str) -> Option<ContainerStatus> {
     ContainerState::load(ENGINE, root, id)

@@ -22,7 +22,8 @@ impl ServiceRun {
         let Some(l) = self.leading.as_mut() else {
             return;
         };
-        if m.led.lock().is_ok_and(|led| !led.contains_key(&self.name)) {
+        let killed = m.killed_and_renewed(&self.name);
+        if killed || m.led.lock().is_ok_and(|led| !led.contains_key(&self.name)) {
             // Fencing deleted this copy while the lease lapsed (etcd was
             // unreachable), yet the lease is valid again and the key still
             // names this host: nobody else took over. Bring the service

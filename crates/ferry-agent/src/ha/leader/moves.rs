@@ -63,6 +63,9 @@ impl ServiceRun {
         let mut outcome = ferry_migrate::migrate(&m.criu, &opts);
         for attempt in 2..=MOVE_TRIES {
             let Err(e) = &outcome else { break };
+            if !resumed_here(e) {
+                break;
+            }
             tracing::warn!(service = %self.name, to = %host.name, attempt, error = %ferry_image::units::chain(e), "move failed; the service runs here; trying again");
             std::thread::sleep(RETRY);
             outcome = ferry_migrate::migrate(&m.criu, &opts);
@@ -118,11 +121,53 @@ impl ServiceRun {
                 m.unlead(&self.name);
                 self.leading = None;
             }
-            Err(e) => {
+            Err(e) if resumed_here(&e) => {
                 tracing::error!(service = %self.name, to = %host.name, error = %ferry_image::units::chain(&e), "move failed; the service keeps running here");
                 m.set_moving(&self.name, false);
                 let _ = m.etcd.delete(&move_key);
             }
+            Err(ferry_migrate::MigrateError::Final {
+                after: ferry_migrate::Fate::RestoredHere { pid },
+                source,
+            }) => {
+                // One kernel: the source was gone, ferry restored it here
+                // from the final dump; it is this host's copy again.
+                tracing::error!(service = %self.name, to = %host.name, pid, error = %ferry_image::units::chain(&source), "move failed; the service was restored here and keeps running here");
+                let copy = l.copy.clone();
+                if let Err(e) = copy.adopt(pid) {
+                    tracing::error!(service = %self.name, error = %e, "cannot record the restored copy");
+                }
+                m.unlead(&self.name);
+                m.lead_copy(&self.name, copy);
+                let _ = m.etcd.delete(&move_key);
+            }
+            Err(e) => {
+                // Not resumed here: the destination's outcome is unknown
+                // (it may run the service) or the copy here is gone. This
+                // copy must not run again: it is deleted, the request
+                // withdrawn (the destination then deletes whatever it
+                // restored without the key) and the leadership given up,
+                // so the service comes back from its newest checkpoint.
+                tracing::error!(service = %self.name, to = %host.name, error = %ferry_image::units::chain(&e), "move failed and the service was not resumed here: deleting this copy and resigning");
+                l.copy.delete();
+                m.unlead(&self.name);
+                let _ = m.etcd.delete(&move_key);
+                // The destination's role loop sees the request gone (and
+                // deletes what it restored) before anyone can be elected.
+                std::thread::sleep(super::super::member::POLL * 5);
+                let key = keys::service_key(m.cluster(), &self.name, "leader");
+                let _ = m.etcd.fenced(&key, token, vec![delete_op(&key)]);
+                self.leading = None;
+            }
         }
     }
+}
+
+/// Whether a failed migration left the service running here.
+fn resumed_here(e: &ferry_migrate::MigrateError) -> bool {
+    !matches!(
+        e,
+        ferry_migrate::MigrateError::Final { after, .. }
+            if *after != ferry_migrate::Fate::ResumedHere
+    )
 }
