@@ -1978,3 +1978,133 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         c.logs()
     );
 }
+
+/// GETs `path` from an HTTP server at `addr`: the body, if it answered 200.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let a: SocketAddr = addr.parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&a, Duration::from_millis(300)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// Ordinary programs as HA process-tree services, none of which calls
+/// setsid() or knows about ferry: `python3 -m http.server`; a daemon that
+/// forks the server and exits its parent; a shell loop counting into a
+/// file beside a server that serves it. Each is checkpointed, replicated
+/// and, when its leader's host dies (agent and copy killed), restored on
+/// another host, where it answers again (the loop counting on).
+#[test]
+fn ordinary_programs_are_ha_services() {
+    let mut c = Cluster::start("haprog", Kind::Process);
+    let www = c.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("hello.txt"), "hello\n").unwrap();
+    let d = www.display().to_string();
+    let services: [(&str, u16, String); 3] = [
+        (
+            "web",
+            8081,
+            format!("exec python3 -m http.server 8081 --directory {d}"),
+        ),
+        (
+            "daemon",
+            8082,
+            format!("python3 -m http.server 8082 --directory {d} >/dev/null 2>&1 & exit 0"),
+        ),
+        (
+            "loop",
+            8083,
+            format!(
+                "python3 -m http.server 8083 --directory {d} >/dev/null 2>&1 & i=0; while :; do i=$((i+1)); echo $i > {d}/count.tmp; mv {d}/count.tmp {d}/count; sleep 0.05; done"
+            ),
+        ),
+    ];
+    for (name, port, script) in &services {
+        ferry([
+            "ha",
+            "run",
+            name,
+            "--etcd",
+            &c.etcd.url,
+            "--cluster",
+            &c.name,
+            "--key",
+            &c.key().to_string_lossy(),
+            "--port",
+            &port.to_string(),
+            "--interval-ms",
+            "2000",
+            "--standbys",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .ok();
+    }
+    // Each leads somewhere, answers, and has a verified checkpoint.
+    let ready = |c: &Cluster, name: &str, not_on: Option<&str>| -> (String, String) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let v = c.view();
+            if let Some(s) = v.services.get(name) {
+                if let (Some(l), Some(a)) = (&s.leader, &s.address) {
+                    let verified = s.standbys.values().any(|r| r.checkpoint.generation > 0);
+                    if verified
+                        && not_on.is_none_or(|h| h != l.host)
+                        && a.host == l.host
+                        && http_get(&a.addr, "/hello.txt").as_deref() == Some("hello\n")
+                    {
+                        return (l.host.clone(), a.addr.clone());
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "service {name} never answered from a leader with a verified checkpoint\n{}\n{}",
+                c.status_text(),
+                c.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let count = |addr: &str| -> u64 {
+        http_get(addr, "/count")
+            .and_then(|b| b.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut leaders = Vec::new();
+    for (name, _, _) in &services {
+        leaders.push(ready(&c, name, None));
+    }
+    let (_, loop_addr) = &leaders[2];
+    let before = count(loop_addr);
+    assert!(before > 0, "the loop does not count");
+    // The host leading the loop dies: every service it led moves.
+    let dead = leaders[2].0.clone();
+    let i: usize = dead.trim_start_matches('h').parse().unwrap();
+    c.kill_agent(i);
+    for (k, (name, _, _)) in services.iter().enumerate() {
+        let moved = leaders[k].0 == dead;
+        let (host, addr) = ready(&c, name, moved.then_some(dead.as_str()));
+        eprintln!(
+            "{name}: led by {} before, answers on {host} at {addr}",
+            leaders[k].0
+        );
+    }
+    let v = c.view();
+    let addr = v.services["loop"].address.clone().unwrap().addr;
+    let after = count(&addr);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        count(&addr) > after,
+        "the restored loop does not count on (before the fault {before}, after {after})"
+    );
+    c.start_agent(i);
+}

@@ -122,6 +122,13 @@ pub enum Command {
     /// Internal: an HA agent's fencing guard (started by the agent).
     #[command(name = "guard", hide = true)]
     Guard,
+    /// Internal: pid 1 of a process-tree service's namespace: runs the
+    /// command and reaps orphans (a daemon that forks and exits lives on).
+    #[command(name = "ns-init", hide = true)]
+    NsInit {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// Flags shared by dump and restore, named as criu and runc name them.
@@ -254,6 +261,10 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Agent(a) => agent::run(a, out),
         Command::Keygen(a) => agent::keygen(a, out),
         Command::Ha(a) => ha::run(a, out),
+        Command::NsInit { command } => {
+            let status = ferry_sys::spawn::reap_as_init(command)?;
+            Ok(u8::try_from(status).unwrap_or(1))
+        }
         Command::Guard => {
             ferry_agent::guard::run_detached()?;
             Ok(exit::OK)

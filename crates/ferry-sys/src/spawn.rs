@@ -15,9 +15,13 @@ const INIT_WAIT: Duration = Duration::from_secs(5);
 /// host whatever pids are in use there. It leads a session of its own
 /// (util-linux `setsid` before the command): CRIU refuses to dump a
 /// namespace whose init's session leader is outside it, and an ordinary
-/// program never calls setsid() itself. A thread reaps the waiter when the
-/// namespace ends. Returns the init's pid (as this namespace sees it).
-pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
+/// program never calls setsid() itself. With `init` (a program that runs
+/// the rest of its arguments and reaps orphans, `ferry ns-init --`), that
+/// program is pid 1 and the command its child: a command that forks a
+/// daemon and exits then keeps its namespace (pid 1 exiting would end it).
+/// A thread reaps the waiter when the namespace ends. Returns the init's
+/// pid (as this namespace sees it).
+pub fn pid_namespace_init(argv: &[String], init: Option<&[String]>) -> io::Result<i32> {
     if argv.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -26,6 +30,7 @@ pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
     }
     let mut cmd = Command::new("unshare");
     cmd.args(["--pid", "--fork", "--", "setsid", "--"])
+        .args(init.unwrap_or_default())
         .args(argv)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -63,6 +68,36 @@ pub fn pid_namespace_init(argv: &[String]) -> io::Result<i32> {
             let _ = waiter.wait();
         })?;
     init
+}
+
+/// Runs `argv` as a child and reaps every process that ends up this
+/// process's child (as pid 1 of a pid namespace, every orphan of the
+/// namespace): a daemon that forks and exits its parent lives on under it.
+/// Returns once no child is left, with the command's own exit status (or
+/// 128 + the signal that ended it). Single-threaded, so that CRIU dumps it
+/// with the rest of the tree.
+pub fn reap_as_init(argv: &[String]) -> io::Result<i32> {
+    use nix::errno::Errno;
+    use nix::sys::wait::{wait, WaitStatus};
+    let Some((program, args)) = argv.split_first() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an empty command",
+        ));
+    };
+    let main = Command::new(program).args(args).spawn()?.id() as i32;
+    let mut status = 0;
+    loop {
+        match wait() {
+            Ok(WaitStatus::Exited(pid, code)) if pid.as_raw() == main => status = code,
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid.as_raw() == main => {
+                status = 128 + sig as i32
+            }
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(Errno::ECHILD) => return Ok(status),
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Forks the calling process, which must have one thread (checked: an

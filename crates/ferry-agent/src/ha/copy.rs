@@ -87,14 +87,20 @@ impl HostCopy {
         }
     }
 
-    /// Starts the service afresh; returns its pid.
-    pub fn start(&self, spec: &ServiceSpec) -> Result<i32, HaError> {
+    /// Starts the service afresh; returns its pid. A process tree runs
+    /// under `ferry` (`ferry ns-init`) as its namespace's init.
+    pub fn start(&self, spec: &ServiceSpec, ferry: &Path) -> Result<i32, HaError> {
         match (self, &spec.app) {
             (HostCopy::Runc { root, id }, App::Runc { bundle }) => {
                 runc::run_detached(root, id, bundle).map_err(|e| copy_error("start", e))
             }
             (HostCopy::Process { record }, App::Process { command }) => {
-                let pid = ferry_sys::spawn::pid_namespace_init(command)
+                let init = [
+                    ferry.display().to_string(),
+                    "ns-init".to_string(),
+                    "--".to_string(),
+                ];
+                let pid = ferry_sys::spawn::pid_namespace_init(command, Some(&init))
                     .map_err(|e| copy_error(&format!("start `{}`", command.join(" ")), e))?;
                 write_record(record, pid)?;
                 Ok(pid)

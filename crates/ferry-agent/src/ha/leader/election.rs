@@ -114,7 +114,7 @@ impl ServiceRun {
                     if sv.checkpoint.is_some() {
                         tracing::error!(service = %self.name, "no checkpoint of the service survives on a live host: starting it fresh (its state is lost)");
                     }
-                    copy.start(spec)
+                    copy.start(spec, &m.config.ferry)
                         .map(|pid| tracing::info!(service = %self.name, pid, "started the service"))
                         .map_err(|e| ferry_image::units::chain(&e))
                 }
