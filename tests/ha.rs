@@ -790,6 +790,17 @@ impl SplitBrainWatch {
         self.max.load(Ordering::Relaxed)
     }
 
+    /// Fails (with where and when, and the agents' logs) if two copies
+    /// ever ran at once.
+    fn assert_never_two(&self, c: &Cluster) {
+        assert!(
+            self.max() <= 1,
+            "two copies ran at once ({})\n{}",
+            self.first_two(),
+            c.logs()
+        );
+    }
+
     /// When and where two copies were first seen running.
     fn first_two(&self) -> String {
         match &*self.first_two.lock().unwrap() {
@@ -1243,21 +1254,7 @@ fn switchover(tag: &str, kind: Kind) {
         .is_some());
     let to = (leader + 1) % HOSTS;
     let t0 = Instant::now();
-    let out = ferry([
-        "ha",
-        "move",
-        SERVICE,
-        "--to",
-        &Cluster::host(to),
-        "--etcd",
-        &c.etcd.url,
-        "--cluster",
-        &c.name,
-        "--key",
-        &c.key().to_string_lossy(),
-    ])
-    .ok();
-    assert!(out.contains("requested"), "{out}");
+    move_to(&c, to);
     let deadline = Instant::now() + SETTLE;
     loop {
         let v = c.view();
@@ -1934,12 +1931,7 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         "{kind:?}: move with a lost Committed, h{leader} -> h{to}: first answer {} ms after the request",
         (first.at - t0).as_millis()
     );
-    assert!(
-        watch.max() <= 1,
-        "two copies ran at once ({})\n{}",
-        watch.first_two(),
-        c.logs()
-    );
+    watch.assert_never_two(&c);
     // 2. The destination dies after restoring, and comes back.
     let leader = to;
     let to = (leader + 1) % HOSTS;
@@ -1960,12 +1952,7 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         "{kind:?}: move whose destination died after restoring, h{leader} -> h{to}: the service runs on h{now}; first answer {} ms after the request",
         (first.at - t1).as_millis()
     );
-    assert!(
-        watch.max() <= 1,
-        "two copies ran at once ({})\n{}",
-        watch.first_two(),
-        c.logs()
-    );
+    watch.assert_never_two(&c);
     // The counter never went back.
     let served: Vec<u64> = client
         .samples()

@@ -76,16 +76,7 @@ impl AgentProc {
         runc_root: Option<&Path>,
         extra: &[String],
     ) -> AgentProc {
-        let wrapper: Vec<String> = match netns {
-            Some(ns) => [
-                "nsenter".to_string(),
-                format!("--net=/run/netns/{ns}"),
-                "--".into(),
-            ]
-            .into(),
-            None => Vec::new(),
-        };
-        Self::spawn(dir, store, listen, &wrapper, fault, runc_root, extra, &[])
+        Self::start_args_env(dir, store, listen, netns, fault, runc_root, extra, &[])
     }
 
     /// [`AgentProc::start_args`] with more environment for the agent.

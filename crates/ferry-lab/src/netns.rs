@@ -321,31 +321,18 @@ impl Lab {
     /// lab's etcd listens): a blackhole route there, the other hosts still
     /// reachable on the switch.
     pub fn cut_from_gateway(&self, index: usize) -> Result<(), LabError> {
-        let host = self.checked_host(index)?;
-        let gw = format!("{}/32", self.gateway);
-        run(&mut ip([
-            "-n",
-            &host.netns,
-            "route",
-            "add",
-            "blackhole",
-            &gw,
-        ]))?;
-        Ok(())
+        self.gateway_blackhole(index, "add")
     }
 
     /// Undoes [`Lab::cut_from_gateway`].
     pub fn heal_from_gateway(&self, index: usize) -> Result<(), LabError> {
+        self.gateway_blackhole(index, "del")
+    }
+
+    fn gateway_blackhole(&self, index: usize, op: &str) -> Result<(), LabError> {
         let host = self.checked_host(index)?;
         let gw = format!("{}/32", self.gateway);
-        run(&mut ip([
-            "-n",
-            &host.netns,
-            "route",
-            "del",
-            "blackhole",
-            &gw,
-        ]))?;
+        run(&mut ip(["-n", &host.netns, "route", op, "blackhole", &gw]))?;
         Ok(())
     }
 

@@ -59,6 +59,12 @@ fn runc() -> Result<PathBuf, RuncError> {
     ferry_sys::which("runc").ok_or(RuncError::NotInstalled)
 }
 
+/// `runc ARGS` as a message names it.
+fn describe(args: &[&std::ffi::OsStr]) -> String {
+    let args: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+    format!("runc {}", args.join(" "))
+}
+
 /// How long `runc pause`, `resume` and `delete` may take before they are
 /// killed (fencing must never wait on a hung runc).
 pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -67,13 +73,7 @@ pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 /// `timeout`.
 fn run_within(args: &[&std::ffi::OsStr], timeout: std::time::Duration) -> Result<(), RuncError> {
     let bin = runc()?;
-    let command = format!(
-        "runc {}",
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let command = describe(args);
     let spawn_error = |source| RuncError::Spawn {
         command: command.clone(),
         source,
@@ -121,13 +121,7 @@ fn run_within(args: &[&std::ffi::OsStr], timeout: std::time::Duration) -> Result
 
 fn run(args: &[&std::ffi::OsStr]) -> Result<String, RuncError> {
     let bin = runc()?;
-    let command = format!(
-        "runc {}",
-        args.iter()
-            .map(|a| a.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    let command = describe(args);
     let out = Command::new(bin)
         .args(args)
         .stdin(Stdio::null())
