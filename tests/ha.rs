@@ -113,22 +113,34 @@ impl CopyProbe {
                     == Some(ContainerStatus::Running)
             }
             Kind::Docker => {
-                ferry_core::target::docker::status(&self.docker_socket, &self.container)
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    == Some("running")
+                let running =
+                    ferry_core::target::docker::status(&self.docker_socket, &self.container)
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        == Some("running");
+                // dockerd says "running" until its init is reaped: an init
+                // killed and waiting for its namespace to empty runs nothing.
+                running
+                    && ferry_core::target::docker::init_pid(&self.docker_socket, &self.container)
+                        .ok()
+                        .flatten()
+                        .is_none_or(|pid| {
+                            !ferry_image::process::ProcessInfo::read(pid).is_ok_and(|p| p.exiting)
+                        })
             }
             Kind::Process => self.pid().is_some_and(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .ok()
-                    .and_then(|s| {
-                        s.rsplit(')')
-                            .next()
-                            .and_then(|r| r.split_whitespace().next())
-                            .map(|st| !matches!(st, "T" | "t" | "Z" | "X"))
-                    })
-                    .unwrap_or(false)
+                let exiting = ferry_image::process::ProcessInfo::read(pid).is_ok_and(|p| p.exiting);
+                !exiting
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit(')')
+                                .next()
+                                .and_then(|r| r.split_whitespace().next())
+                                .map(|st| !matches!(st, "T" | "t" | "Z" | "X"))
+                        })
+                        .unwrap_or(false)
             }),
         }
     }

@@ -50,6 +50,10 @@ pub struct ProcessInfo {
     /// When it started, in clock ticks after boot (field 22): with the pid,
     /// what tells a process from a later one that reused its pid.
     pub start_time: u64,
+    /// It is exiting (`PF_EXITING` in field 9): killed, its memory may be
+    /// gone already; a pid namespace's init stays so until every process
+    /// of its namespace is reaped.
+    pub exiting: bool,
 }
 
 impl ProcessInfo {
@@ -91,6 +95,11 @@ fn parse_stat(pid: i32, text: &str) -> Option<ProcessInfo> {
     let ppid = fields.get(1)?.parse().ok()?;
     let session = fields.get(3)?.parse().ok()?;
     let start_time = fields.get(19)?.parse().ok()?;
+    const PF_EXITING: u64 = 0x4;
+    let exiting = fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|f| f & PF_EXITING != 0);
     Some(ProcessInfo {
         pid,
         ppid,
@@ -98,6 +107,7 @@ fn parse_stat(pid: i32, text: &str) -> Option<ProcessInfo> {
         comm,
         session,
         start_time,
+        exiting,
     })
 }
 

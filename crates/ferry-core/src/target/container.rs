@@ -188,7 +188,9 @@ impl ContainerState {
     /// Running, paused (frozen) or stopped, from the init process and the
     /// freezer, as runc itself decides.
     pub fn status(&self) -> ContainerStatus {
-        let alive = ProcessInfo::read(self.init_pid).is_ok_and(|p| !p.is_zombie())
+        // An init that is exiting (killed, waiting for the rest of its
+        // pid namespace to be reaped) runs nothing any more.
+        let alive = ProcessInfo::read(self.init_pid).is_ok_and(|p| !p.is_zombie() && !p.exiting)
             && start_time(self.init_pid) == Some(self.init_start);
         if !alive {
             return ContainerStatus::Stopped;
