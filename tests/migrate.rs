@@ -265,27 +265,32 @@ fn a_final_dump_whose_stream_breaks_leaves_the_application_running() {
 
 #[test]
 fn the_agent_killed_before_commit_leaves_exactly_one_running_copy() {
+    agent_killed_at_leaves_one_copy("agent-before-commit", "migrate-kill-commit");
+}
+
+/// The agent dies once CRIU has restored the tree (stopped) but before the
+/// restore's end is journaled: the journal has the root CRIU named at
+/// `setup-namespaces`, so the restarted agent still removes that tree.
+#[test]
+fn the_agent_killed_as_criu_restores_leaves_exactly_one_running_copy() {
+    agent_killed_at_leaves_one_copy("agent-after-criu-restore", "migrate-kill-criu");
+}
+
+fn agent_killed_at_leaves_one_copy(point: &str, name: &str) {
     require_criu();
-    let dir = scratch("migrate-kill-commit");
-    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some("agent-before-commit"));
+    let dir = scratch(name);
+    let mut agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, Some(point));
     let mut w = workload(dir.path(), 32, 0.0);
     let pid = w.pid();
     let before = w.report().unwrap().counter;
     let cmd = migrate_cmd(&agent, pid, &[]);
     let h = std::thread::spawn(move || cmd.run());
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent
-        .log()
-        .contains("fault point agent-before-commit reached")
-        && Instant::now() < deadline
-    {
+    let reached = format!("fault point {point} reached");
+    while !agent.log().contains(&reached) && Instant::now() < deadline {
         let _ = w.reap(Duration::from_millis(5));
     }
-    assert!(
-        agent.log().contains("agent-before-commit reached"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains(&reached), "{}", agent.log());
     // The destination's copy is restored and stopped; one kernel here, so
     // the source was killed for its pids. Now the agent dies; the source
     // asks for the outcome until an agent answers there. The restarted
@@ -302,6 +307,17 @@ fn the_agent_killed_before_commit_leaves_exactly_one_running_copy() {
         ),
         "{}",
         _again.log()
+    );
+    // The journal named the stopped tree, which the restart removed.
+    let removed = _again
+        .log()
+        .lines()
+        .find(|l| l.contains("never committed before the agent stopped"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        removed.contains("Tree { pid: ") && !removed.contains("Tree { pid: 0,"),
+        "the journal did not name the restored tree: {removed}"
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !h.is_finished() && Instant::now() < deadline {

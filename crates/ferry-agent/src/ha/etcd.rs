@@ -4,15 +4,48 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
+    WatchFilterType, WatchOptions,
+};
 
 use super::HaError;
 
 /// Longest wait for one etcd call.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// How long a broken deletion watch waits before it is opened again.
+const WATCH_RETRY: Duration = Duration::from_millis(500);
+
+/// A flag a loop sleeps on between its ticks, set when a watched key is
+/// deleted: the loop then runs at once instead of at its next tick.
+#[derive(Debug, Default)]
+pub(crate) struct Nudge {
+    set: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Nudge {
+    fn nudge(&self) {
+        let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        *set = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps until nudged or until `timeout` has passed, and clears the
+    /// flag; returns whether it was nudged.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let set = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut set, _) = self
+            .cv
+            .wait_timeout_while(set, timeout, |set| !*set)
+            .unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *set, false)
+    }
+}
 
 /// One key as read from etcd.
 #[derive(Debug, Clone)]
@@ -272,6 +305,43 @@ impl Etcd {
             .block_on(async { tokio::time::timeout(timeout, f).await })
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))
+    }
+
+    /// Nudges `nudge` whenever a key under `prefix` is deleted, for as long
+    /// as the nudge lives (a lease that etcd revokes deletes its keys: a
+    /// standby learns that the leader's key went as soon as etcd says so,
+    /// not at its next read). Only a hint, on a connection of its own: a
+    /// watch that breaks is opened again after [`WATCH_RETRY`], and the
+    /// caller goes on reading on its own tick meanwhile.
+    pub(crate) fn watch_deletions(&self, prefix: &str, nudge: Weak<Nudge>) {
+        let endpoints = self.endpoints.clone();
+        let credentials = self.credentials.clone();
+        let joined = self.joined.clone();
+        let prefix = prefix.to_string();
+        self.rt.spawn(async move {
+            while nudge.strong_count() > 0 {
+                if let Ok(mut client) = new_client(&endpoints, &credentials, &joined).await {
+                    let opts = WatchOptions::new()
+                        .with_prefix()
+                        .with_filters([WatchFilterType::NoPut]);
+                    if let Ok(mut stream) = client.watch(prefix.as_str(), Some(opts)).await {
+                        while let Ok(Some(resp)) = stream.message().await {
+                            if resp.canceled() {
+                                break;
+                            }
+                            if resp.events().is_empty() {
+                                continue;
+                            }
+                            match nudge.upgrade() {
+                                Some(n) => n.nudge(),
+                                None => return,
+                            }
+                        }
+                    }
+                }
+                tokio::time::sleep(WATCH_RETRY).await;
+            }
+        });
     }
 
     /// Grants a lease of `ttl_s` seconds; returns (id, granted ttl).

@@ -146,6 +146,9 @@ pub struct Member {
     /// The fencing guard ([`crate::guard`]): kills the led copies if this
     /// agent dies, hangs or stops renewing.
     guard: Mutex<Option<Arc<GuardLink>>>,
+    /// Set when a key of the cluster is deleted (a leader's lease revoked):
+    /// the roles are played again at once instead of at the next tick.
+    nudge: Arc<super::etcd::Nudge>,
     stop: AtomicBool,
 }
 
@@ -204,6 +207,11 @@ impl Member {
             source: Box::new(e),
         })?;
         tracing::info!(pid = guard.pid, "fencing guard started");
+        let nudge = Arc::new(super::etcd::Nudge::default());
+        etcd.watch_deletions(
+            &keys::cluster_prefix(&config.cluster),
+            Arc::downgrade(&nudge),
+        );
         Ok(Arc::new(Member {
             config,
             etcd,
@@ -219,6 +227,7 @@ impl Member {
             tokens: Mutex::new(HashMap::new()),
             receiving: Mutex::new(std::collections::HashSet::new()),
             guard: Mutex::new(Some(Arc::new(guard))),
+            nudge,
             stop: AtomicBool::new(false),
         }))
     }
@@ -738,7 +747,7 @@ impl Member {
             }
             let spent = tick.elapsed();
             if spent < POLL {
-                std::thread::sleep(POLL - spent);
+                self.nudge.wait(POLL - spent);
             }
         }
     }

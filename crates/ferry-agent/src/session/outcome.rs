@@ -57,7 +57,16 @@ pub(crate) enum Copy {
 enum State {
     Restoring(Copy),
     Restored(Copy),
-    Committed(i32),
+    /// Being removed after an abort (in memory only: the journal still
+    /// says restoring or restored until the copy is gone, so an agent that
+    /// dies meanwhile removes it when it starts again).
+    Removing(Copy),
+    /// The root's pid and, for a process tree, its start time (0 for a
+    /// container): a restarted agent resumes only that very process.
+    Committed {
+        pid: i32,
+        start: u64,
+    },
     Aborted,
 }
 
@@ -118,9 +127,12 @@ impl Outcomes {
                     remove(&copy);
                     let _ = self.write(&id, &State::Aborted);
                 }
-                Some(State::Committed(pid)) => {
-                    // Committed, maybe not yet resumed when the agent died.
-                    if process::is_alive(pid) {
+                Some(State::Committed { pid, start }) => {
+                    // Committed, maybe not yet resumed when the agent died
+                    // (a container runs once restored: nothing to do).
+                    let same = start > 0
+                        && process::ProcessInfo::read(pid).is_ok_and(|p| p.start_time == start);
+                    if same {
                         process::continue_tree(pid);
                     }
                     if old {
@@ -163,9 +175,39 @@ impl Outcomes {
         Ok(())
     }
 
-    /// The restore ended: `copy` exists (Some) or nothing does (None).
+    /// A restore under way named its copy (a tree's root, once CRIU has
+    /// created it): journaled, so that a restart removes it.
+    pub(crate) fn restoring_root(&self, id: &str, copy: Copy) -> Result<(), String> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if !matches!(states.get(id), Some(State::Restoring(_))) {
+            return Err(format!(
+                "the session is {}",
+                states.get(id).map_or("unknown", label)
+            ));
+        }
+        let state = State::Restoring(copy);
+        self.write(id, &state)
+            .map_err(|e| format!("cannot journal the restored root: {e}"))?;
+        states.insert(id.to_string(), state);
+        Ok(())
+    }
+
+    /// The restore ended: `copy` exists (Some) or nothing does (None). A
+    /// session aborted meanwhile (its outcome asked for after a restore
+    /// that outlasted the wait) stays aborted, and the copy goes.
     pub(crate) fn restored(&self, id: &str, copy: Option<Copy>) {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(
+            states.get(id),
+            Some(State::Aborted) | Some(State::Removing(_))
+        ) {
+            drop(states);
+            if let Some(c) = copy {
+                tracing::warn!(session = %id, copy = ?c, "a restore ended after its session was aborted: removing the copy");
+                remove(&c);
+            }
+            return;
+        }
         let state = match copy {
             Some(c) => State::Restored(c),
             None => State::Aborted,
@@ -181,8 +223,12 @@ impl Outcomes {
     pub(crate) fn commit(&self, id: &str, pid: i32) -> Decision {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         match states.get(id) {
-            Some(State::Restored(_)) => {
-                let state = State::Committed(pid);
+            Some(State::Restored(copy)) => {
+                let start = match copy {
+                    Copy::Tree { start, .. } => *start,
+                    _ => 0,
+                };
+                let state = State::Committed { pid, start };
                 if let Err(e) = self.write(id, &state) {
                     tracing::error!(session = %id, error = %e, "cannot journal the commit: aborting");
                     drop(states);
@@ -191,27 +237,38 @@ impl Outcomes {
                 states.insert(id.to_string(), state);
                 Decision::Committed(pid)
             }
-            Some(State::Committed(p)) => Decision::Committed(*p),
+            Some(State::Committed { pid, .. }) => Decision::Committed(*pid),
             _ => Decision::Aborted,
         }
     }
 
     /// Aborts the session unless it was committed: its copy (if any) is
-    /// removed before this returns. A restore under way is waited for.
+    /// removed before this returns. A restore under way is waited for, and
+    /// so is another abort removing the copy. The table is not held while
+    /// a copy is removed (an engine may take seconds): other sessions go on.
     pub(crate) fn abort(&self, id: &str) -> Decision {
         let deadline = Instant::now() + RESTORE_WAIT;
         loop {
             let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
             match states.get(id).cloned() {
-                Some(State::Committed(pid)) => return Decision::Committed(pid),
+                Some(State::Committed { pid, .. }) => return Decision::Committed(pid),
                 Some(State::Aborted) => return Decision::Aborted,
+                Some(State::Removing(_)) => {
+                    drop(states);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 Some(State::Restoring(_)) if Instant::now() < deadline => {
                     drop(states);
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
                 Some(State::Restored(copy)) | Some(State::Restoring(copy)) => {
+                    // From here a commit is refused and the copy is ours.
+                    states.insert(id.to_string(), State::Removing(copy.clone()));
+                    drop(states);
                     remove(&copy);
+                    let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
                     if let Err(e) = self.write(id, &State::Aborted) {
                         tracing::error!(session = %id, error = %e, "cannot journal the abort");
                     }
@@ -241,7 +298,7 @@ impl Outcomes {
                     .and_then(|t| parse(&t))
             });
         match known {
-            Some(State::Committed(pid)) => Decision::Committed(pid),
+            Some(State::Committed { pid, .. }) => Decision::Committed(pid),
             _ => self.abort(id),
         }
     }
@@ -303,7 +360,8 @@ fn label(s: &State) -> &'static str {
     match s {
         State::Restoring(_) => "restoring",
         State::Restored(_) => "restored",
-        State::Committed(_) => "committed",
+        State::Removing(_) => "being removed",
+        State::Committed { .. } => "committed",
         State::Aborted => "aborted",
     }
 }
@@ -319,8 +377,8 @@ fn render_copy(c: &Copy) -> String {
 fn render(s: &State) -> String {
     match s {
         State::Restoring(c) => format!("restoring {}\n", render_copy(c)),
-        State::Restored(c) => format!("restored {}\n", render_copy(c)),
-        State::Committed(pid) => format!("committed {pid}\n"),
+        State::Restored(c) | State::Removing(c) => format!("restored {}\n", render_copy(c)),
+        State::Committed { pid, start } => format!("committed {pid} {start}\n"),
         State::Aborted => "aborted\n".into(),
     }
 }
@@ -352,7 +410,12 @@ fn parse(text: &str) -> Option<State> {
     match state {
         "restoring" => Some(State::Restoring(copy(&mut w)?)),
         "restored" => Some(State::Restored(copy(&mut w)?)),
-        "committed" => Some(State::Committed(w.next()?.parse().ok()?)),
+        "committed" => Some(State::Committed {
+            pid: w.next()?.parse().ok()?,
+            // Journals written before the start time was kept: never
+            // resumed by a restart, since the pid may be another process.
+            start: w.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+        }),
         "aborted" => Some(State::Aborted),
         _ => None,
     }
@@ -375,12 +438,74 @@ mod tests {
                 socket: "/run/docker.sock".into(),
                 name: "web".into(),
             }),
-            State::Committed(9),
+            State::Committed { pid: 9, start: 123 },
             State::Aborted,
         ] {
             assert_eq!(parse(&render(&s)), Some(s));
         }
         assert_eq!(parse("garbage"), None);
+        // Without a start time: never taken for a process to resume.
+        assert_eq!(
+            parse("committed 9\n"),
+            Some(State::Committed { pid: 9, start: 0 })
+        );
+    }
+
+    /// A restart resumes a committed tree still stopped, and only if the
+    /// pid is still that tree's (a reused pid is left alone).
+    #[test]
+    fn a_restart_resumes_only_the_committed_process() {
+        let state = |pid: i32| {
+            process::ProcessInfo::read(pid)
+                .map(|p| p.state)
+                .unwrap_or('?')
+        };
+        let stopped_child = || {
+            let child = std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .unwrap();
+            let until = Instant::now() + Duration::from_secs(5);
+            while state(pid) != 'T' && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (child, pid)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        fs::create_dir_all(&journal).unwrap();
+        let (mut same, same_pid) = stopped_child();
+        let (mut other, other_pid) = stopped_child();
+        let start = process::ProcessInfo::read(same_pid).unwrap().start_time;
+        let other_start = process::ProcessInfo::read(other_pid).unwrap().start_time;
+        fs::write(
+            journal.join("s1"),
+            format!("committed {same_pid} {start}\n"),
+        )
+        .unwrap();
+        fs::write(
+            journal.join("s2"),
+            format!("committed {other_pid} {}\n", other_start + 1),
+        )
+        .unwrap();
+        let _o = Outcomes::open(dir.path());
+        let until = Instant::now() + Duration::from_secs(5);
+        while state(same_pid) == 'T' && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (resumed, left) = (state(same_pid), state(other_pid));
+        for c in [&mut same, &mut other] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert_ne!(resumed, 'T', "the committed process was not resumed");
+        assert_eq!(left, 'T', "a process whose start time differs was resumed");
     }
 
     #[test]

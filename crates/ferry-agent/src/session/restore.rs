@@ -12,7 +12,7 @@ use crate::page_source::PageRelay;
 use ferry_core::checkpoint::{self, Source};
 use ferry_core::target::runc::RestoreFlags;
 use ferry_core::target::ContainerRef;
-use ferry_criu::{Criu, NoHooks, RestoreRequest};
+use ferry_criu::{Criu, RestoreRequest};
 use ferry_transport::msg::RestoreOpts;
 use ferry_transport::{Conn, Msg};
 
@@ -138,13 +138,28 @@ impl Session<'_> {
             let _ = lazy.wait_listening(LAZY_HEAD_START);
         }
         let daemon_was_up = self.lazy.as_ref().is_none_or(|l| l.listening());
-        let mut restored = checkpoint::restore(&criu, &req, &mut NoHooks);
+        // CRIU names the restored root at `post-restore` and waits for
+        // the answer; an agent that died before answering makes CRIU's
+        // restore fail, which kills the tree. So the root is journaled
+        // before the answer: an agent killed after it (CRIU then finishes
+        // and leaves the tree stopped) kills that tree when it starts
+        // again.
+        let (outcomes, id) = (&self.agent.outcomes, self.id.clone());
+        let mut journal_root =
+            move |n: &mut ferry_criu::Notification| -> Result<(), ferry_criu::HookError> {
+                if let (ferry_criu::Script::PostRestore, Some(pid)) = (&n.script, n.pid) {
+                    outcomes.restoring_root(&id, Copy::tree(pid))?;
+                }
+                Ok(())
+            };
+        let mut restored = checkpoint::restore(&criu, &req, &mut journal_root);
         if let (Err(e), false, Some(lazy)) = (&restored, daemon_was_up, self.lazy.as_mut()) {
             tracing::info!(session = %self.id, error = %ferry_image::units::chain(e), "the lazy restore may have come before its daemon listened; trying again once it does");
             lazy.wait_listening(LAZY_START_TIMEOUT)?;
-            restored = checkpoint::restore(&criu, &req, &mut NoHooks);
+            restored = checkpoint::restore(&criu, &req, &mut journal_root);
         }
         let outcome = restored.map_err(|e| SessionError::Restore(Box::new(e)))?;
+        ferry_core::fault::point("agent-after-criu-restore");
         tracing::info!(session = %self.id, pid = outcome.pid, "restored (stopped until commit)");
         let stats = outcome
             .stats
