@@ -1462,7 +1462,8 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
         .led
         .lock()
         .unwrap()
-        .insert("svc".into(), ferry_agent::ha::member::Led::running(copy));
+        // Token 0: no leader key, which compares as absent when vouching.
+        .insert("svc".into(), ferry_agent::ha::member::Led::running(copy, 0));
     let wait_state = |want: bool, within: Duration| {
         let deadline = Instant::now() + within;
         while (proc_state(pid) == Some('T')) != want && Instant::now() < deadline {

@@ -8,9 +8,10 @@ use std::sync::{Condvar, Mutex, Weak};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
-    WatchFilterType, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
+use ferry_sys::clock::BootInstant;
 
 use super::HaError;
 
@@ -21,14 +22,35 @@ pub(crate) const CALL_TIMEOUT: Duration = Duration::from_millis(500);
 const WATCH_RETRY: Duration = Duration::from_millis(500);
 
 /// A flag a loop sleeps on between its ticks, set when a watched key is
-/// deleted: the loop then runs at once instead of at its next tick.
+/// deleted: the loop then runs at once instead of at its next tick. Also
+/// when each host's vouch ([`super::keys::vouch_key`]) was last seen.
 #[derive(Debug, Default)]
 pub(crate) struct Nudge {
     set: Mutex<bool>,
     cv: Condvar,
+    /// Host -> (revision of its vouch, when this agent learned of it).
+    vouches: Mutex<std::collections::HashMap<String, (i64, BootInstant)>>,
 }
 
 impl Nudge {
+    /// When this agent first learned of `host`'s vouch at `revision`
+    /// through the watch (None: not through the watch).
+    pub(crate) fn vouch_seen(&self, host: &str, revision: i64) -> Option<BootInstant> {
+        let v = self.vouches.lock().ok()?;
+        v.get(host)
+            .filter(|(r, _)| *r == revision)
+            .map(|(_, at)| *at)
+    }
+
+    fn saw_vouch(&self, host: &str, revision: i64) {
+        if let Ok(mut v) = self.vouches.lock() {
+            let newer = v.get(host).is_none_or(|(r, _)| *r < revision);
+            if newer {
+                v.insert(host.to_string(), (revision, BootInstant::now()));
+            }
+        }
+    }
+
     fn nudge(&self) {
         let mut set = self.set.lock().unwrap_or_else(|p| p.into_inner());
         *set = true;
@@ -310,9 +332,10 @@ impl Etcd {
     /// Nudges `nudge` whenever a key under `prefix` is deleted, for as long
     /// as the nudge lives (a lease that etcd revokes deletes its keys: a
     /// standby learns that the leader's key went as soon as etcd says so,
-    /// not at its next read). Only a hint, on a connection of its own: a
-    /// watch that breaks is opened again after [`WATCH_RETRY`], and the
-    /// caller goes on reading on its own tick meanwhile.
+    /// not at its next read), and notes when each host's vouch was seen.
+    /// Only hints, on a connection of its own: a watch that breaks is
+    /// opened again after [`WATCH_RETRY`], and the caller goes on reading
+    /// on its own tick meanwhile.
     pub(crate) fn watch_deletions(&self, prefix: &str, nudge: Weak<Nudge>) {
         let endpoints = self.endpoints.clone();
         let credentials = self.credentials.clone();
@@ -321,20 +344,25 @@ impl Etcd {
         self.rt.spawn(async move {
             while nudge.strong_count() > 0 {
                 if let Ok(mut client) = new_client(&endpoints, &credentials, &joined).await {
-                    let opts = WatchOptions::new()
-                        .with_prefix()
-                        .with_filters([WatchFilterType::NoPut]);
+                    let opts = WatchOptions::new().with_prefix();
+                    let vouch_prefix = format!("{prefix}vouch/");
                     if let Ok(mut stream) = client.watch(prefix.as_str(), Some(opts)).await {
                         while let Ok(Some(resp)) = stream.message().await {
                             if resp.canceled() {
                                 break;
                             }
-                            if resp.events().is_empty() {
-                                continue;
-                            }
-                            match nudge.upgrade() {
-                                Some(n) => n.nudge(),
-                                None => return,
+                            let Some(n) = nudge.upgrade() else { return };
+                            for e in resp.events() {
+                                match (e.event_type(), e.kv()) {
+                                    (EventType::Delete, _) => n.nudge(),
+                                    (EventType::Put, Some(kv)) => {
+                                        let key = String::from_utf8_lossy(kv.key());
+                                        if let Some(host) = key.strip_prefix(&vouch_prefix) {
+                                            n.saw_vouch(host, kv.mod_revision());
+                                        }
+                                    }
+                                    _ => {}
+                                }
                             }
                         }
                     }
@@ -342,6 +370,66 @@ impl Etcd {
                 tokio::time::sleep(WATCH_RETRY).await;
             }
         });
+    }
+
+    /// Writes this host's vouch (`value` at `key`, on `lease`) if every
+    /// `(leader key, token)` in `held` still stands: false if one does not
+    /// (a standby unseated this host, or a handover moved the service).
+    pub(crate) fn vouch(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: i64,
+        held: &[(String, i64)],
+        timeout: Duration,
+    ) -> Result<bool, HaError> {
+        let mut c = self.client()?;
+        let txn = Txn::new()
+            .when(
+                held.iter()
+                    .map(|(k, token)| Compare::mod_revision(k.as_str(), CompareOp::Equal, *token))
+                    .collect::<Vec<_>>(),
+            )
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let r = self.call_within(
+            "vouch for the lease",
+            timeout,
+            async move { c.txn(txn).await },
+        )?;
+        Ok(r.succeeded())
+    }
+
+    /// Deletes `leader_key` if it was last written at `token` and
+    /// `vouch_key` at `vouch_revision`: the leader's host has written no
+    /// vouch since the one the caller saw. Returns whether it did.
+    pub(crate) fn unseat(
+        &self,
+        leader_key: &str,
+        token: i64,
+        vouch_key: &str,
+        vouch_revision: i64,
+    ) -> Result<bool, HaError> {
+        let mut c = self.client()?;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(leader_key, CompareOp::Equal, token),
+                Compare::mod_revision(vouch_key, CompareOp::Equal, vouch_revision),
+            ])
+            .and_then([TxnOp::delete(leader_key, None)]);
+        let r = self.call("unseat a silent leader", async move { c.txn(txn).await })?;
+        Ok(r.succeeded())
+    }
+
+    /// The revision of `key`'s last write (0: no such key).
+    pub(crate) fn mod_revision(&self, key: &str) -> Result<i64, HaError> {
+        let mut c = self.client()?;
+        let key = key.to_string();
+        let r = self.call("read a key", async move { c.get(key, None).await })?;
+        Ok(r.kvs().first().map_or(0, |kv| kv.mod_revision()))
     }
 
     /// Grants a lease of `ttl_s` seconds; returns (id, granted ttl).

@@ -66,6 +66,9 @@ impl Lease {
 #[derive(Debug, Clone)]
 pub struct Led {
     pub copy: HostCopy,
+    /// The fencing token it is led under: every vouch of this host is
+    /// written only while the service's leader key still has it.
+    pub token: i64,
     pub paused: bool,
     /// CRIU is dumping the copy (a checkpoint): fencing holds off pausing
     /// it until the dump ends ([`Member::dumping`]).
@@ -87,9 +90,10 @@ pub struct Led {
 
 impl Led {
     /// A copy that runs, as fencing first sees it.
-    pub fn running(copy: HostCopy) -> Led {
+    pub fn running(copy: HostCopy, token: i64) -> Led {
         Led {
             copy,
+            token,
             paused: false,
             dumping: false,
             moving: false,
@@ -232,17 +236,22 @@ impl Member {
         }))
     }
 
+    /// When this agent's watch first showed `host`'s vouch at `revision`.
+    pub(crate) fn vouch_seen(&self, host: &str, revision: i64) -> Option<BootInstant> {
+        self.nudge.vouch_seen(host, revision)
+    }
+
     fn guard(&self) -> Option<Arc<GuardLink>> {
         self.guard.lock().ok().and_then(|g| g.clone())
     }
 
     /// Registers `copy` as led here: fencing (and the guard) stop it
     /// whenever this host cannot vouch for its lease.
-    pub(crate) fn lead_copy(&self, service: &str, copy: HostCopy) {
+    pub(crate) fn lead_copy(&self, service: &str, copy: HostCopy, token: i64) {
         let pid = copy.init_pid();
         let cgroup = copy.killable_cgroup();
         if let Ok(mut led) = self.led.lock() {
-            led.insert(service.to_string(), Led::running(copy));
+            led.insert(service.to_string(), Led::running(copy, token));
         }
         match (pid, self.guard()) {
             (Some(pid), Some(g)) => match g.watch(service, pid, cgroup.as_deref()) {
@@ -477,7 +486,7 @@ impl Member {
     }
 
     /// Renews the lease every quarter TTL (fencing acts on what it finds).
-    fn keep_lease(&self) {
+    fn keep_lease(self: &Arc<Self>) {
         let mut failing = false;
         while !self.stop.load(Ordering::Relaxed) {
             let Some(lease) = self.lease() else {
@@ -486,8 +495,19 @@ impl Member {
                 continue;
             };
             let sent = BootInstant::now();
-            match self.etcd.keep_alive(lease.id, lease.ttl / 2) {
-                Ok(true) => {
+            // (alive, vouched): a renewal counts only once vouched for.
+            let renewed = self
+                .etcd
+                .keep_alive(lease.id, lease.ttl / 2)
+                .and_then(|alive| Ok((alive, alive && self.vouch(&lease)?)));
+            match renewed {
+                Ok((true, false)) => {
+                    if !failing {
+                        tracing::warn!(lease = lease.id, "lease renewed, but the vouch could not be written: the renewal does not count");
+                        failing = true;
+                    }
+                }
+                Ok((true, true)) => {
                     if failing {
                         tracing::info!(lease = lease.id, "lease renewals get through again");
                         failing = false;
@@ -501,7 +521,7 @@ impl Member {
                     }
                     self.arm_guard(&renewed);
                 }
-                Ok(false) => {
+                Ok((false, _)) => {
                     tracing::warn!(lease = lease.id, "the lease expired");
                     if let Ok(mut l) = self.lease.lock() {
                         *l = None;
@@ -519,6 +539,83 @@ impl Member {
             if next > now {
                 std::thread::sleep(next - now);
             }
+        }
+    }
+
+    /// Writes this host's vouch under the renewed `lease`, guarded by the
+    /// token of every service led here; only then does the renewal count
+    /// (the deadline of the copies moves on). A service whose key no
+    /// longer has its token (a standby unseated this host, or a handover
+    /// moved it) is deleted here at once, and the vouch written for the
+    /// others. Returns whether the vouch was written.
+    fn vouch(self: &Arc<Self>, lease: &Lease) -> Result<bool, HaError> {
+        let key = keys::vouch_key(self.cluster(), self.name());
+        let value = keys::to_json(&keys::VouchRecord {
+            ttl_ms: lease.ttl.as_millis() as u64,
+        });
+        let held = |m: &Member| -> Vec<(String, String, i64)> {
+            m.led
+                .lock()
+                .map(|l| {
+                    l.iter()
+                        .filter(|(_, l)| !l.deleting)
+                        .map(|(s, l)| {
+                            (
+                                s.clone(),
+                                keys::service_key(m.cluster(), s, "leader"),
+                                l.token,
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let timeout = lease.ttl / 4;
+        for _ in 0..2 {
+            let services = held(self);
+            let guards: Vec<(String, i64)> =
+                services.iter().map(|(_, k, t)| (k.clone(), *t)).collect();
+            if self
+                .etcd
+                .vouch(&key, value.clone(), lease.id, &guards, timeout)?
+            {
+                return Ok(true);
+            }
+            for (svc, leader_key, token) in services {
+                if self.etcd.mod_revision(&leader_key)? != token {
+                    self.lost_leadership(&svc, token);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// `service`'s leader key no longer has `token`: its copy here must not
+    /// run on. It is deleted on a thread of its own (renewals go on); the
+    /// guard holds it until then.
+    fn lost_leadership(self: &Arc<Self>, service: &str, token: i64) {
+        let copy = self.led.lock().ok().and_then(|mut led| {
+            let l = led
+                .get_mut(service)
+                .filter(|l| l.token == token && !l.deleting)?;
+            l.deleting = true;
+            // A moving copy was handed over (or the move fails on the
+            // token): the move's own code ends it.
+            (!l.moving).then(|| l.copy.clone())
+        });
+        let Some(copy) = copy else { return };
+        tracing::error!(
+            service,
+            token,
+            "the leader key no longer has this host's token: deleting this copy"
+        );
+        let member = Arc::clone(self);
+        let svc = service.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("ferry-fence-{svc}"))
+            .spawn(move || member.fence_one(&svc, &copy, FenceAction::Delete));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a fencing thread");
         }
     }
 
@@ -679,6 +776,10 @@ impl Member {
             Default::default();
         while !self.stop.load(Ordering::Relaxed) {
             let tick = Instant::now();
+            // Only a service stepped in this round says when it is due.
+            for r in runs.values_mut() {
+                r.due = None;
+            }
             // While a renewal is overdue etcd is taken to be away: no call
             // to it holds up the leaders (each would wait its timeout).
             let away = self.renewal_overdue();
@@ -745,9 +846,18 @@ impl Member {
                     }
                 }
             }
+            // Sooner when a silent leader is due to be unseated.
+            let now = BootInstant::now();
+            let until_due = runs
+                .values()
+                .filter_map(|r| r.due)
+                .map(|d| if d > now { d - now } else { Duration::ZERO })
+                .min();
             let spent = tick.elapsed();
-            if spent < POLL {
-                self.nudge.wait(POLL - spent);
+            let wait = POLL.saturating_sub(spent);
+            let wait = until_due.map_or(wait, |d| wait.min(d));
+            if !wait.is_zero() {
+                self.nudge.wait(wait);
             }
         }
     }

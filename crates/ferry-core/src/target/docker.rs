@@ -21,6 +21,10 @@ pub const RUNC_ROOT: &str = "/run/docker/runtime-runc/moby";
 pub const ENGINE: &str = "docker";
 /// How long an Engine API call may take.
 const API_TIMEOUT_SECS: u64 = 30;
+/// Longest wait for a pause or unpause (HA fencing acts through them).
+pub const CONTROL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest wait for a forced removal (it kills the container first).
+const REMOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -104,6 +108,26 @@ impl Api {
             docker,
             socket: socket.to_path_buf(),
         })
+    }
+
+    /// Runs one call, given up after `timeout` (the engine may hang: a
+    /// fence action must not wait on it for the API's whole timeout).
+    fn within<T>(
+        &self,
+        timeout: std::time::Duration,
+        call: impl std::future::Future<Output = Result<T, bollard::errors::Error>>,
+    ) -> Result<T, String> {
+        // The timer is made inside the runtime (it needs its reactor).
+        match self
+            .rt
+            .block_on(async { tokio::time::timeout(timeout, call).await })
+        {
+            Ok(done) => done.map_err(|e| e.to_string()),
+            Err(_) => Err(format!(
+                "no answer from the engine within {} s",
+                timeout.as_secs()
+            )),
+        }
     }
 
     fn inspect(&self, name: &str) -> Result<Option<ContainerInspectResponse>, DockerError> {
@@ -376,13 +400,14 @@ fn start_from_checkpoint(socket: &Path, id: &str, checkpoint: &str) -> Result<()
 pub fn remove(socket: &Path, name: &str) -> Result<(), DockerError> {
     let api = Api::connect(socket)?;
     let opts = RemoveContainerOptionsBuilder::default().force(true).build();
-    api.rt
-        .block_on(api.docker.remove_container(name, Some(opts)))
-        .map_err(|e| DockerError::Api {
-            call: "remove container",
-            detail: e.to_string(),
-        })?;
-    Ok(())
+    api.within(
+        REMOVE_TIMEOUT,
+        api.docker.remove_container(name, Some(opts)),
+    )
+    .map_err(|detail| DockerError::Api {
+        call: "remove container",
+        detail,
+    })
 }
 
 /// Creates and starts container `name` from `image` running `cmd` (the
@@ -450,17 +475,16 @@ pub fn killable_cgroup(socket: &Path, name: &str) -> Option<PathBuf> {
 /// Freezes (`pause`) or thaws a container.
 pub fn set_paused(socket: &Path, name: &str, paused: bool) -> Result<(), DockerError> {
     let api = Api::connect(socket)?;
-    let call = if paused {
-        api.rt.block_on(api.docker.pause_container(name))
+    let (call, done) = if paused {
+        (
+            "pause container",
+            api.within(CONTROL_TIMEOUT, api.docker.pause_container(name)),
+        )
     } else {
-        api.rt.block_on(api.docker.unpause_container(name))
+        (
+            "unpause container",
+            api.within(CONTROL_TIMEOUT, api.docker.unpause_container(name)),
+        )
     };
-    call.map_err(|e| DockerError::Api {
-        call: if paused {
-            "pause container"
-        } else {
-            "unpause container"
-        },
-        detail: e.to_string(),
-    })
+    done.map_err(|detail| DockerError::Api { call, detail })
 }

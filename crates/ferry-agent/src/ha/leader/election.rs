@@ -130,7 +130,7 @@ impl ServiceRun {
             let _ = m.etcd.fenced(&key, token, vec![delete_op(&key)]);
             return;
         }
-        m.lead_copy(&self.name, copy.clone());
+        m.lead_copy(&self.name, copy.clone(), token);
         let _ = m
             .etcd
             .delete(&keys::standby_key(m.cluster(), &self.name, m.name()));

@@ -21,6 +21,8 @@ use take_checkpoint::{adopt, checkpoint_and_replicate};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_sys::clock::BootInstant;
+
 use super::copy::HostCopy;
 use super::keys::{self, AddressRecord, CheckpointRecord, ClusterView, ServiceView};
 use super::member::Member;
@@ -46,6 +48,8 @@ const LEVEL: i32 = 1;
 const ACCEPT_WAIT: Duration = Duration::from_millis(500);
 /// How often it tries meanwhile.
 const ACCEPT_POLL: Duration = Duration::from_millis(5);
+/// Slack past a silent leader's TTL before it is unseated.
+const UNSEAT_MARGIN: Duration = Duration::from_millis(20);
 /// What a first checkpoint's dump is taken to last.
 const FIRST_DUMP_ESTIMATE: Duration = Duration::from_millis(300);
 
@@ -78,6 +82,11 @@ pub(crate) struct ServiceRun {
     leading: Option<Leading>,
     leaderless_since: Option<Instant>,
     waiting_logged: bool,
+    /// Another host leads: (its token, the revision of its host's newest
+    /// vouch, when this host first learned of that vouch).
+    silent: Option<(i64, i64, BootInstant)>,
+    /// When [`ServiceRun::watch_leader`] next has something to do.
+    pub(crate) due: Option<BootInstant>,
 }
 
 impl ServiceRun {
@@ -87,6 +96,8 @@ impl ServiceRun {
             leading: None,
             leaderless_since: None,
             waiting_logged: false,
+            silent: None,
+            due: None,
         }
     }
 
@@ -96,6 +107,8 @@ impl ServiceRun {
     }
 
     pub fn step(&mut self, m: &Arc<Member>, view: &ClusterView, sv: &ServiceView) {
+        // Set again below only while another host leads.
+        self.due = None;
         let Some(spec) = sv.spec.as_ref() else { return };
         if !spec.eligible(m.name()) {
             return;
@@ -146,12 +159,69 @@ impl ServiceRun {
                     copy.delete();
                 }
                 if sv.leader.is_none() {
+                    self.silent = None;
+                    self.due = None;
                     self.maybe_campaign(m, view, sv, spec);
                 } else {
                     self.keep_standby_record(m, sv);
+                    self.due = self.watch_leader(m, view, sv);
                 }
             }
         }
+    }
+
+    /// Unseats the leader if its host has vouched for nothing (see
+    /// [`keys::VouchRecord`]) for its TTL since this host first learned of
+    /// its newest vouch: every copy it leads is dead by then (the guard's
+    /// deadline is 19/20 of the TTL after a renewal sent before that vouch
+    /// was written), so the service is taken over at once rather than
+    /// when etcd gets round to revoking the lease. The deletion is guarded
+    /// by the leader's token and its vouch's revision: a vouch written
+    /// meanwhile keeps it. Returns when to look again.
+    fn watch_leader(
+        &mut self,
+        m: &Member,
+        view: &ClusterView,
+        sv: &ServiceView,
+    ) -> Option<BootInstant> {
+        let leader = sv.leader.as_ref()?;
+        let Some((revision, vouch)) = view.vouches.get(&leader.host) else {
+            // A host that does not vouch: etcd's expiry alone decides.
+            self.silent = None;
+            return None;
+        };
+        let now = BootInstant::now();
+        let since = match self.silent {
+            Some((token, r, since)) if token == sv.token && r == *revision => since,
+            _ => {
+                let at = m
+                    .vouch_seen(&leader.host, *revision)
+                    .filter(|at| *at <= now)
+                    .unwrap_or(now);
+                self.silent = Some((sv.token, *revision, at));
+                at
+            }
+        };
+        let due = since + Duration::from_millis(vouch.ttl_ms) + UNSEAT_MARGIN;
+        if now < due {
+            return Some(due);
+        }
+        self.silent = None;
+        let leader_key = keys::service_key(m.cluster(), &self.name, "leader");
+        let vouch_key = keys::vouch_key(m.cluster(), &leader.host);
+        match m.etcd.unseat(&leader_key, sv.token, &vouch_key, *revision) {
+            Ok(true) => tracing::warn!(
+                service = %self.name,
+                host = %leader.host,
+                silent_ms = (now - since).as_millis() as u64,
+                "the leader's host vouched for nothing for its lease's TTL: unseated it (its copies are past their guard's deadline)"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(service = %self.name, error = %e, "cannot unseat a silent leader")
+            }
+        }
+        None
     }
 
     fn stop_leading(&mut self, m: &Member, copy: &HostCopy) {

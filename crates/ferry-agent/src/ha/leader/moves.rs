@@ -138,7 +138,7 @@ impl ServiceRun {
                     tracing::error!(service = %self.name, error = %e, "cannot record the restored copy");
                 }
                 m.unlead(&self.name);
-                m.lead_copy(&self.name, copy);
+                m.lead_copy(&self.name, copy, l.token);
                 let _ = m.etcd.delete(&move_key);
             }
             Err(e) => {

@@ -39,7 +39,7 @@ impl ServiceRun {
                 tracing::warn!(service = %self.name, generation = cp.generation, pid, "fenced copy brought back from this host's newest checkpoint");
                 l.address.restored_generation = cp.generation;
                 l.address.restored_taken_unix_ms = cp.taken_unix_ms;
-                m.lead_copy(&self.name, l.copy.clone());
+                m.lead_copy(&self.name, l.copy.clone(), l.token);
                 true
             }
             Err(e) => {
