@@ -195,3 +195,93 @@ fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
         "the source's heartbeats stopped"
     );
 }
+
+/// The link goes after the restore, while the agent holds its copy stopped
+/// and has the source's `Commit` in hand but has not acted on it: the
+/// source hears nothing, keeps its side stopped and asks for the outcome
+/// until the link is back; asking aborts the uncommitted session (its copy
+/// removed first), so the source brings the application back here. One
+/// copy counts throughout, and the one that runs afterwards is the source's.
+#[test]
+fn a_link_cut_after_the_restore_is_settled_once_it_heals() {
+    require_criu();
+    let dir = scratch("lab-cut-commit");
+    let lab = Lab::create("pcut", 2, Some(RATE_MBIT)).expect("lab");
+    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
+    let agent = AgentProc::start_args_env(
+        dir.path(),
+        &dir.path().join("store"),
+        &format!("{}:0", lab.host(1).addr),
+        Some(&lab.host(1).netns),
+        Some("agent-before-commit"),
+        None,
+        &[],
+        &[(ferry_core::fault::HOLD_ENV.to_string(), "6000".to_string())],
+    );
+    let mut w = heartbeating_workload(&lab, &prober, dir.path(), 32);
+    let pid = w.pid();
+    let report = w.report_path().to_path_buf();
+    let cmd = ferry(["migrate", "--shell-job", "--timeout", "2s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .netns(&lab.host(0).netns);
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // One kernel here: the source is killed before the restore, and its
+    // zombie (this test is its parent) must be reaped for its pid.
+    while !agent
+        .log()
+        .contains("fault point agent-before-commit reached")
+        && !h.is_finished()
+        && Instant::now() < deadline
+    {
+        let _ = w.reap(Duration::from_millis(20));
+    }
+    if h.is_finished() {
+        let run = h.join().unwrap();
+        panic!(
+            "the migration ended before the agent's commit: {}\n{}",
+            run.stderr(),
+            agent.log()
+        );
+    }
+    agent.wait_fault("agent-before-commit");
+    lab.cut(1).expect("cut");
+    // Longer than the source's wait for an answer: it is asking now.
+    std::thread::sleep(Duration::from_millis(2500));
+    lab.heal(1).expect("heal");
+    let run = h.join().unwrap();
+    let err = run.fails_with(1);
+    assert!(
+        err.contains("asking it for the outcome"),
+        "the source did not ask: {err}"
+    );
+    assert!(
+        err.contains("restored here") || err.contains("resumed here"),
+        "{err}"
+    );
+    assert!(
+        agent.wait_for("asked for a migration's outcome", Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
+    let heard = prober.received();
+    assert!(
+        prober.wait_received(heard + 100, Duration::from_secs(10)),
+        "the heartbeats did not come back"
+    );
+    let n = std::process::Command::new("pgrep")
+        .args(["-f", &report.display().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&n.stdout).lines().count(),
+        1,
+        "expected one copy\n{}",
+        agent.log()
+    );
+    drop(w);
+}
