@@ -1966,6 +1966,37 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         (first.at - t1).as_millis()
     );
     watch.assert_never_two(&c);
+    // 3. The leader's agent dies right after sending Commit: the
+    //    destination commits and runs the moved copy, and the handover
+    //    never comes. Exactly one copy runs afterwards.
+    let src = (now + 1) % HOSTS;
+    c.restart_agent(src, Some("migrate-after-commit-sent"));
+    c.settled(2);
+    move_to(&c, src);
+    wait_one_copy(&c, Some(src), "a move to the host whose agent will die");
+    let to = (src + 1) % HOSTS;
+    let t2 = Instant::now();
+    move_to(&c, to);
+    c.agents[src]
+        .as_ref()
+        .unwrap()
+        .wait_fault("migrate-after-commit-sent");
+    c.kill_agent_only(src);
+    let now = wait_one_copy(&c, None, "a move whose leader died after Commit");
+    let first = client
+        .first_ok_after(t2, None, SETTLE)
+        .expect("an answer after the leader died mid-move");
+    eprintln!(
+        "{kind:?}: move whose leader died after sending Commit, h{src} -> h{to}: the service runs on h{now}; first answer {} ms after the request",
+        (first.at - t2).as_millis()
+    );
+    // A while longer: no second copy comes up late.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_one_copy(&c, Some(now), "after the leader died mid-move");
+    watch.assert_never_two(&c);
+    if std::env::var_os("FERRY_HA_LOGS").is_some() {
+        eprintln!("{}", c.logs());
+    }
     // The counter never went back.
     let served: Vec<u64> = client
         .samples()

@@ -143,6 +143,7 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             log_level: args.flags.log_level,
             lazy_pages: args.lazy_pages,
             remote_pages: false,
+            ha_service: None,
         },
         ignore_gpu: args.ignore_gpu,
         staging: args.staging.clone(),

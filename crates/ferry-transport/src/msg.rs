@@ -179,6 +179,11 @@ pub struct RestoreOpts {
     /// connection ([`Msg::PageSource`]) as the restored tree faults.
     #[serde(default)]
     pub remote_pages: bool,
+    /// The HA service an `ha move` carries: the destination journals it
+    /// with the commit, so that if the moving leader goes before it hands
+    /// the service over, this host finds the copy the move brought.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ha_service: Option<String>,
 }
 
 /// Where the source holds its kernel proof

@@ -68,6 +68,24 @@ impl HostCopy {
         }
     }
 
+    /// Whether the copy runs here: it exists and is neither paused nor
+    /// stopped (a tree a migration restored stays stopped until its
+    /// commit).
+    pub fn runs(&self) -> bool {
+        match self {
+            HostCopy::Runc { root, id } => {
+                runc::status(root, id)
+                    == Some(ferry_core::target::container::ContainerStatus::Running)
+            }
+            HostCopy::Process { record } => live_pid(record)
+                .and_then(|pid| process::ProcessInfo::read(pid).ok())
+                .is_some_and(|p| !p.is_stopped()),
+            HostCopy::Docker { socket, name } => {
+                docker::status(socket, name).ok().flatten().as_deref() == Some("running")
+            }
+        }
+    }
+
     /// The pid of the copy's init (what the fencing guard kills), if it
     /// runs here.
     pub fn init_pid(&self) -> Option<i32> {

@@ -335,6 +335,12 @@ pub struct StandbyRecord {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MoveRequest {
     pub to: String,
+    /// The leader's fencing token when the move was asked for: the
+    /// destination keeps the copy a migration brings only while that
+    /// leader still holds the key (None: a request from an older ferry,
+    /// kept while any leader does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<i64>,
 }
 
 /// A service's state as read from etcd.

@@ -65,6 +65,11 @@ pub fn request_move(
             cluster: cluster.into(),
         });
     }
+    let token = view
+        .services
+        .get(service)
+        .filter(|s| s.leader.is_some())
+        .map(|s| s.token);
     if !view.hosts.contains_key(to) {
         return Err(HaError::NoHost {
             host: to.into(),
@@ -78,7 +83,10 @@ pub fn request_move(
             cluster,
             service,
             "move",
-            &MoveRequest { to: to.into() },
+            &MoveRequest {
+                to: to.into(),
+                token,
+            },
         ),
         0,
     )

@@ -149,6 +149,7 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         files: Vec::new(),
         images: None,
         restored: None,
+        ha_service: None,
         lazy: None,
         relay: None,
         ahead: Default::default(),
@@ -249,6 +250,8 @@ struct Session<'a> {
     /// The rebuilt images (staging, removed when the session ends).
     images: Option<tempfile::TempDir>,
     restored: Option<i32>,
+    /// The HA service an `ha move` carries here (journaled with the commit).
+    ha_service: Option<String>,
     /// Post-copy: the daemon still delivering the restored tree's memory.
     lazy: Option<ferry_criu::LazyPages>,
     /// Post-copy from a lazy dump: the relay of the daemon's page requests
@@ -325,7 +328,10 @@ impl Session<'_> {
                     };
                     // Journaled before the copy may run: once this returns
                     // the source is told, however late, that it committed.
-                    if self.agent.outcomes.commit(&self.id, pid) == outcome::Decision::Aborted {
+                    let service = self.ha_service.as_deref();
+                    if self.agent.outcomes.commit(&self.id, pid, service)
+                        == outcome::Decision::Aborted
+                    {
                         conn.send_msg(&Msg::Error {
                             message: "the migration was aborted here before its commit (its outcome was asked for); the restored copy is gone".into(),
                         })?;

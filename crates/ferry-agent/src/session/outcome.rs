@@ -66,6 +66,8 @@ enum State {
     Committed {
         pid: i32,
         start: u64,
+        /// The HA service an `ha move` brought here, if any.
+        service: Option<String>,
     },
     Aborted,
 }
@@ -127,7 +129,7 @@ impl Outcomes {
                     remove(&copy);
                     let _ = self.write(&id, &State::Aborted);
                 }
-                Some(State::Committed { pid, start }) => {
+                Some(State::Committed { pid, start, .. }) => {
                     // Committed, maybe not yet resumed when the agent died
                     // (a container runs once restored: nothing to do).
                     let same = start > 0
@@ -220,7 +222,7 @@ impl Outcomes {
 
     /// The source commits: journaled before the copy may run. Returns the
     /// decision (Aborted if the session was aborted meanwhile).
-    pub(crate) fn commit(&self, id: &str, pid: i32) -> Decision {
+    pub(crate) fn commit(&self, id: &str, pid: i32, service: Option<&str>) -> Decision {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         match states.get(id) {
             Some(State::Restored(copy)) => {
@@ -228,7 +230,11 @@ impl Outcomes {
                     Copy::Tree { start, .. } => *start,
                     _ => 0,
                 };
-                let state = State::Committed { pid, start };
+                let state = State::Committed {
+                    pid,
+                    start,
+                    service: service.map(str::to_string),
+                };
                 if let Err(e) = self.write(id, &state) {
                     tracing::error!(session = %id, error = %e, "cannot journal the commit: aborting");
                     drop(states);
@@ -328,6 +334,31 @@ impl Copy {
     }
 }
 
+/// The copy the newest migration committed here for HA service `service`
+/// (by `ha move`) still is: the root of a tree, or a container's init, if
+/// it still runs (a tree: with its journaled start time).
+pub(crate) fn committed_for(store: &Path, service: &str) -> Option<i32> {
+    let entries = fs::read_dir(store.join("journal")).ok()?;
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+            match fs::read_to_string(e.path()).ok().and_then(|t| parse(&t))? {
+                State::Committed {
+                    pid,
+                    start,
+                    service: Some(s),
+                } if s == service => Some((modified, pid, start)),
+                _ => None,
+            }
+        })
+        .max_by_key(|(modified, _, _)| *modified)
+        .and_then(|(_, pid, start)| {
+            let info = process::ProcessInfo::read(pid).ok()?;
+            (start == 0 || info.start_time == start).then_some(pid)
+        })
+}
+
 /// Removes a copy: kills a tree (if it is still the same process), deletes
 /// a container.
 pub(crate) fn remove(copy: &Copy) {
@@ -378,7 +409,16 @@ fn render(s: &State) -> String {
     match s {
         State::Restoring(c) => format!("restoring {}\n", render_copy(c)),
         State::Restored(c) | State::Removing(c) => format!("restored {}\n", render_copy(c)),
-        State::Committed { pid, start } => format!("committed {pid} {start}\n"),
+        State::Committed {
+            pid,
+            start,
+            service: None,
+        } => format!("committed {pid} {start}\n"),
+        State::Committed {
+            pid,
+            start,
+            service: Some(svc),
+        } => format!("committed {pid} {start} {svc}\n"),
         State::Aborted => "aborted\n".into(),
     }
 }
@@ -415,6 +455,7 @@ fn parse(text: &str) -> Option<State> {
             // Journals written before the start time was kept: never
             // resumed by a restart, since the pid may be another process.
             start: w.next().and_then(|t| t.parse().ok()).unwrap_or(0),
+            service: w.next().map(str::to_string),
         }),
         "aborted" => Some(State::Aborted),
         _ => None,
@@ -438,7 +479,16 @@ mod tests {
                 socket: "/run/docker.sock".into(),
                 name: "web".into(),
             }),
-            State::Committed { pid: 9, start: 123 },
+            State::Committed {
+                pid: 9,
+                start: 123,
+                service: None,
+            },
+            State::Committed {
+                pid: 9,
+                start: 123,
+                service: Some("web".into()),
+            },
             State::Aborted,
         ] {
             assert_eq!(parse(&render(&s)), Some(s));
@@ -447,7 +497,11 @@ mod tests {
         // Without a start time: never taken for a process to resume.
         assert_eq!(
             parse("committed 9\n"),
-            Some(State::Committed { pid: 9, start: 0 })
+            Some(State::Committed {
+                pid: 9,
+                start: 0,
+                service: None
+            })
         );
     }
 
@@ -514,7 +568,7 @@ mod tests {
         let o = Outcomes::open(dir.path());
         o.restoring("a", Copy::Tree { pid: 0, start: 0 }).unwrap();
         o.restored("a", Some(Copy::Tree { pid: 0, start: 0 }));
-        assert_eq!(o.commit("a", 5), Decision::Committed(5));
+        assert_eq!(o.commit("a", 5, None), Decision::Committed(5));
         assert_eq!(o.abort("a"), Decision::Committed(5));
         // Asked about before any restore: aborted, and no restore follows.
         assert_eq!(o.decide("b"), Decision::Aborted);
@@ -526,6 +580,6 @@ mod tests {
         let o = Outcomes::open(dir.path());
         assert_eq!(o.decide("a"), Decision::Committed(5));
         assert_eq!(o.decide("c"), Decision::Aborted);
-        assert_eq!(o.commit("c", 6), Decision::Aborted);
+        assert_eq!(o.commit("c", 6, None), Decision::Aborted);
     }
 }

@@ -68,6 +68,7 @@ impl Session<'_> {
         };
         self.agent.outcomes.restored(&self.id, Some(copy));
         self.restored = Some(pid);
+        self.ha_service = opts.ha_service.clone();
         Ok(Msg::Restored {
             pid,
             ms: start.elapsed().as_secs_f64() * 1e3,

@@ -16,13 +16,17 @@ use super::*;
 impl ServiceRun {
     /// Campaigns when this host holds the newest verified checkpoint among
     /// the live eligible hosts (ties: the first name), or after a grace
-    /// period in any case.
+    /// period in any case. A host where a move's migration committed the
+    /// copy before its leader went (`adopt`) campaigns at once and keeps
+    /// that copy; while a move names another live host, this one waits the
+    /// grace period, so that host can.
     pub(super) fn maybe_campaign(
         &mut self,
         m: &Member,
         view: &ClusterView,
         sv: &ServiceView,
         spec: &ServiceSpec,
+        adopt: bool,
     ) {
         let since = *self.leaderless_since.get_or_insert_with(Instant::now);
         let held = m
@@ -53,7 +57,12 @@ impl ServiceRun {
                     .cmp(&generation_of(b))
                     .then_with(|| b.cmp(a))
             });
-        let first_choice = best.map(String::as_str) == Some(m.name());
+        let moving_elsewhere = sv
+            .move_to
+            .as_ref()
+            .is_some_and(|mv| mv.to != m.name() && view.hosts.contains_key(&mv.to));
+        let first_choice =
+            adopt || (!moving_elsewhere && best.map(String::as_str) == Some(m.name()));
         if !first_choice && since.elapsed() < CAMPAIGN_GRACE {
             if !self.waiting_logged {
                 tracing::info!(service = %self.name, best = ?best, best_generation = best.map_or(0, |b| generation_of(b)), held, "no leader: waiting for the host with the newest checkpoint");
@@ -71,8 +80,11 @@ impl ServiceRun {
         let key = keys::service_key(m.cluster(), &self.name, "leader");
         match m.etcd.create(&key, keys::to_json(&record), lease) {
             Ok(Some(token)) => {
-                tracing::info!(service = %self.name, token, held, "elected leader");
-                self.become_leader(m, sv, spec, token, since, false);
+                tracing::info!(service = %self.name, token, held, adopt, "elected leader");
+                if adopt {
+                    tracing::warn!(service = %self.name, "the leader that moved the service here went before handing over: keeping the moved copy");
+                }
+                self.become_leader(m, sv, spec, token, since, adopt);
             }
             Ok(None) => tracing::info!(service = %self.name, "another host was elected first"),
             Err(e) => tracing::warn!(service = %self.name, error = %e, "campaign failed"),

@@ -42,12 +42,29 @@ impl ServiceRun {
             }
             return;
         }
+        let l_token = l.token;
         if (!l.address_published || sv.address.as_ref().map(|a| a.token) != Some(l.token))
             && !self.publish_address(m, Duration::ZERO)
         {
             return;
         }
         if let Some(mv) = &sv.move_to {
+            if mv.token.is_some_and(|t| t != l_token) {
+                // Asked of an earlier leader: carried out by this one,
+                // under its own token (the destination keeps what the
+                // migration brings only while the key has it).
+                let request = keys::MoveRequest {
+                    to: mv.to.clone(),
+                    token: Some(l_token),
+                };
+                let key = keys::service_key(m.cluster(), &self.name, "move");
+                let leader_key = keys::service_key(m.cluster(), &self.name, "leader");
+                let sealed = keys::seal(&m.secret, m.cluster(), &self.name, "move", &request);
+                let _ = m
+                    .etcd
+                    .fenced(&leader_key, l_token, vec![put_op(&key, sealed, 0)]);
+                return;
+            }
             if mv.to != m.name() {
                 let to = view.hosts.get(&mv.to).cloned();
                 self.move_to(m, spec, &mv.to, to.as_ref());

@@ -150,8 +150,31 @@ impl ServiceRun {
                 // a crashed agent may have left one.
                 // (A planned switchover to this host restores the copy
                 // before the leader key is handed over: it stays.)
-                let moving_here = sv.move_to.as_ref().is_some_and(|mv| mv.to == m.name());
-                if !moving_here
+                let move_here = sv.move_to.as_ref().filter(|mv| mv.to == m.name());
+                // The leader that asked for the move still holds the key:
+                // the copy its migration brings waits for the handover.
+                let awaiting_handover = move_here.is_some_and(|mv| {
+                    sv.leader.is_some() && mv.token.is_none_or(|t| t == sv.token)
+                });
+                // That leader is gone without handing over, after its
+                // migration committed here: this copy is the newest state
+                // of the service (the source froze before the commit, and
+                // the leader's copies are past their guard's deadline).
+                // Found through the journal: the move's commit here names
+                // the service (runc and Docker restore running before the
+                // commit, and an uncommitted copy is removed by its
+                // session; a moved tree is not yet this host's copy).
+                let orphaned_move = move_here.is_some()
+                    && sv.leader.is_none()
+                    && match crate::session::outcome::committed_for(&m.store, &self.name) {
+                        Some(pid) if copy.init_pid() == Some(pid) => copy.runs(),
+                        Some(pid) if matches!(copy, HostCopy::Process { .. }) && !copy.exists() => {
+                            copy.adopt(pid).is_ok() && copy.runs()
+                        }
+                        _ => false,
+                    };
+                if !awaiting_handover
+                    && !orphaned_move
                     && !m.led.lock().is_ok_and(|l| l.contains_key(&self.name))
                     && copy.exists()
                 {
@@ -161,7 +184,7 @@ impl ServiceRun {
                 if sv.leader.is_none() {
                     self.silent = None;
                     self.due = None;
-                    self.maybe_campaign(m, view, sv, spec);
+                    self.maybe_campaign(m, view, sv, spec, orphaned_move);
                 } else {
                     self.keep_standby_record(m, sv);
                     self.due = self.watch_leader(m, view, sv);

@@ -46,7 +46,10 @@ impl ServiceRun {
             max_downtime: Duration::from_millis(300),
             max_rounds: 8,
             streams: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            restore: Default::default(),
+            restore: ferry_transport::msg::RestoreOpts {
+                ha_service: Some(self.name.clone()),
+                ..Default::default()
+            },
             ignore_gpu: false,
             staging: None,
             keep_images: None,
