@@ -276,6 +276,60 @@ fn the_agent_killed_as_criu_restores_leaves_exactly_one_running_copy() {
     agent_killed_at_leaves_one_copy("agent-after-criu-restore", "migrate-kill-criu");
 }
 
+/// The agent dies between journaling the commit and resuming the tree: the
+/// restarted agent resumes it (its pid still has the journaled start
+/// time), and the source, asking, learns that it committed. The
+/// application runs once, at the destination, and counts on.
+#[test]
+fn the_agent_killed_after_journaling_the_commit_resumes_the_copy_when_it_restarts() {
+    require_criu();
+    let dir = scratch("migrate-kill-committed");
+    let mut agent = AgentProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        Some("agent-after-commit-journaled"),
+    );
+    let mut w = workload(dir.path(), 32, 0.0);
+    let pid = w.pid();
+    let cmd = migrate_cmd(&agent, pid, &[]);
+    let h = std::thread::spawn(move || cmd.run());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reached = "fault point agent-after-commit-journaled reached";
+    while !agent.log().contains(reached) && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    assert!(agent.log().contains(reached), "{}", agent.log());
+    let addr = agent.addr.clone();
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let again = AgentProc::start(dir.path(), &addr, None, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !h.is_finished() && Instant::now() < deadline {
+        let _ = w.reap(Duration::from_millis(5));
+    }
+    let run = h.join().unwrap();
+    let out = run.ok();
+    assert!(
+        again.wait_for("asked for a migration's outcome", Duration::from_secs(5)),
+        "{}",
+        again.log()
+    );
+    assert!(
+        run.stderr().contains("asking it for the outcome"),
+        "{}\n{out}",
+        run.stderr()
+    );
+    let moved = Workload::adopt(pid, w.report_path());
+    assert_counting(&moved);
+    let copies = std::process::Command::new("pgrep")
+        .args(["-f", &format!("{}", dir.path().join("report").display())])
+        .output()
+        .unwrap();
+    let n = String::from_utf8_lossy(&copies.stdout).lines().count();
+    assert_eq!(n, 1, "expected exactly one copy running");
+}
+
 fn agent_killed_at_leaves_one_copy(point: &str, name: &str) {
     require_criu();
     let dir = scratch(name);

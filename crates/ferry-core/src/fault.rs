@@ -19,7 +19,8 @@ pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 /// Points: `agent-before-rebuild` (final copy received, nothing rebuilt),
 /// `agent-before-commit` (restored and stopped, commit not yet handled),
 /// `agent-after-criu-restore` (CRIU restored the tree, its end not yet
-/// journaled),
+/// journaled), `agent-after-commit-journaled` (the commit journaled, the
+/// tree not yet resumed),
 /// `migrate-after-round-1` (source, between pre-copy rounds).
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {

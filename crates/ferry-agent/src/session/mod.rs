@@ -338,6 +338,7 @@ impl Session<'_> {
                         self.restored = None;
                         return Ok(false);
                     }
+                    ferry_core::fault::point("agent-after-commit-journaled");
                     // A process tree was restored stopped; runc restores
                     // containers running (it has no leave-stopped).
                     ferry_image::process::continue_tree(pid);
