@@ -322,12 +322,11 @@ fn the_agent_killed_after_journaling_the_commit_resumes_the_copy_when_it_restart
     );
     let moved = Workload::adopt(pid, w.report_path());
     assert_counting(&moved);
-    let copies = std::process::Command::new("pgrep")
-        .args(["-f", &format!("{}", dir.path().join("report").display())])
-        .output()
-        .unwrap();
-    let n = String::from_utf8_lossy(&copies.stdout).lines().count();
-    assert_eq!(n, 1, "expected exactly one copy running");
+    assert_eq!(
+        workload_copies(dir.path(), false).len(),
+        1,
+        "expected exactly one copy running"
+    );
 }
 
 fn agent_killed_at_leaves_one_copy(point: &str, name: &str) {
@@ -382,12 +381,11 @@ fn agent_killed_at_leaves_one_copy(point: &str, name: &str) {
     let restored = Workload::adopt(pid, w.report_path());
     restored.wait_counter_above(before, CONTINUE).unwrap();
     assert_counting(&restored);
-    let copies = std::process::Command::new("pgrep")
-        .args(["-f", &format!("{}", dir.path().join("report").display())])
-        .output()
-        .unwrap();
-    let n = String::from_utf8_lossy(&copies.stdout).lines().count();
-    assert_eq!(n, 1, "expected exactly one copy running");
+    assert_eq!(
+        workload_copies(dir.path(), false).len(),
+        1,
+        "expected exactly one copy running"
+    );
 }
 
 #[test]
@@ -472,33 +470,12 @@ fn lazy_cmd(agent: &AgentProc, pid: i32) -> Cmd {
     .arg(&agent.key)
 }
 
-/// The processes of this workload (by its report file): all of them, or
-/// only those not stopped (a restored copy waits stopped for its commit).
-fn copies(dir: &Path, running_only: bool) -> Vec<i32> {
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("^[^ ]*ferry-workload .*{}", dir.join("report").display()),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|&p: &i32| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
-            !running_only || !matches!(state, Some(Some('T' | 't' | 'Z')) | None)
-        })
-        .collect()
-}
-
 /// Kills whatever copies of this workload a test leaves behind.
 struct KillCopies<'a>(&'a Path);
 
 impl Drop for KillCopies<'_> {
     fn drop(&mut self) {
-        for p in copies(self.0, false) {
+        for p in workload_copies(self.0, false) {
             let _ = ferry_image::process::signal(p, nix::sys::signal::Signal::SIGKILL);
         }
     }
@@ -557,7 +534,7 @@ fn post_copy_from_a_lazy_dump_moves_no_memory_while_frozen() {
         "{}",
         agent.log()
     );
-    assert_eq!(copies(dir.path(), false), vec![restored_pid]);
+    assert_eq!(workload_copies(dir.path(), false), vec![restored_pid]);
     // The destination restored from images byte-identical to the lazy
     // dump's.
     let dest = agent.kept_images();
@@ -691,7 +668,7 @@ fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     assert!(!w.reap(Duration::from_millis(10)).unwrap());
     assert_counting(&w);
     // The destination's copy never ran (stopped, its agent dead).
-    assert_eq!(copies(dir.path(), true), vec![pid]);
+    assert_eq!(workload_copies(dir.path(), true), vec![pid]);
 }
 
 #[test]
@@ -731,10 +708,15 @@ fn ferry_killed_during_a_lazy_dump_leaves_the_application_running_here() {
         agent.log()
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while copies(dir.path(), false).len() != 1 && Instant::now() < deadline {
+    while workload_copies(dir.path(), false).len() != 1 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(copies(dir.path(), false), vec![pid], "{}", agent.log());
+    assert_eq!(
+        workload_copies(dir.path(), false),
+        vec![pid],
+        "{}",
+        agent.log()
+    );
     assert!(
         !w.reap(Duration::from_millis(10)).unwrap(),
         "the source died"

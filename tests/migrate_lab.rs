@@ -18,6 +18,44 @@ fn net_ns_inode(path: &str) -> u64 {
     std::fs::metadata(path).map(|m| m.ino()).unwrap_or(0)
 }
 
+/// `ferry migrate` of `pid` from host 0 to `agent`, giving up on a silent
+/// link after `timeout`.
+fn migrate_from_host0(lab: &Lab, agent: &AgentProc, pid: i32, timeout: &str) -> Cmd {
+    ferry(["migrate", "--shell-job", "--timeout", timeout, "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .netns(&lab.host(0).netns)
+}
+
+/// A two-host lab named `name` and a prober of host 0's heartbeats.
+fn lab_with_prober(name: &str) -> (Lab, Prober) {
+    let lab = Lab::create(name, 2, Some(RATE_MBIT)).expect("lab");
+    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
+    (lab, prober)
+}
+
+/// An agent on host 1, with `fault` armed and `env` for it.
+fn host1_agent(
+    dir: &std::path::Path,
+    lab: &Lab,
+    fault: Option<&str>,
+    env: &[(String, String)],
+) -> AgentProc {
+    AgentProc::start_args_env(
+        dir,
+        &dir.join("store"),
+        &format!("{}:0", lab.host(1).addr),
+        Some(&lab.host(1).netns),
+        fault,
+        None,
+        &[],
+        env,
+    )
+}
+
 fn heartbeating_workload(lab: &Lab, prober: &Prober, dir: &std::path::Path, mib: u64) -> Workload {
     let mut l = Launch::new(WORKLOAD, mib, dir.join("report"));
     l.netns = Some(lab.host(0).netns.clone());
@@ -35,14 +73,8 @@ fn heartbeating_workload(lab: &Lab, prober: &Prober, dir: &std::path::Path, mib:
 fn a_process_migrates_between_namespace_hosts_and_its_client_sees_it_continue() {
     require_criu();
     let dir = scratch("lab-migrate");
-    let lab = Lab::create("mig", 2, Some(RATE_MBIT)).expect("lab");
-    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
-    let agent = AgentProc::start(
-        dir.path(),
-        &format!("{}:0", lab.host(1).addr),
-        Some(&lab.host(1).netns),
-        None,
-    );
+    let (lab, prober) = lab_with_prober("mig");
+    let agent = host1_agent(dir.path(), &lab, None, &[]);
     let mut w = heartbeating_workload(&lab, &prober, dir.path(), 64);
     let pid = w.pid();
     let kept = dir.path().join("source-images");
@@ -146,23 +178,11 @@ fn a_process_migrates_between_namespace_hosts_and_its_client_sees_it_continue() 
 fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
     require_criu();
     let dir = scratch("lab-cut");
-    let lab = Lab::create("cut", 2, Some(RATE_MBIT)).expect("lab");
-    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
-    let agent = AgentProc::start(
-        dir.path(),
-        &format!("{}:0", lab.host(1).addr),
-        Some(&lab.host(1).netns),
-        Some("agent-before-rebuild"),
-    );
+    let (lab, prober) = lab_with_prober("cut");
+    let agent = host1_agent(dir.path(), &lab, Some("agent-before-rebuild"), &[]);
     let mut w = heartbeating_workload(&lab, &prober, dir.path(), 32);
     let pid = w.pid();
-    let cmd = ferry(["migrate", "--shell-job", "--timeout", "3s", "--pid"])
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--key")
-        .arg(&agent.key)
-        .netns(&lab.host(0).netns);
+    let cmd = migrate_from_host0(&lab, &agent, pid, "3s");
     let h = std::thread::spawn(move || cmd.run());
     agent.wait_fault("agent-before-rebuild");
     // The application is frozen (dumped, left stopped); the link goes.
@@ -180,12 +200,8 @@ fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
         "{}",
         agent.log()
     );
-    let n = std::process::Command::new("pgrep")
-        .args(["-f", &dir.path().join("report").display().to_string()])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&n.stdout).lines().count(),
+        workload_copies(dir.path(), false).len(),
         1,
         "expected one copy"
     );
@@ -206,28 +222,12 @@ fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
 fn a_link_cut_after_the_restore_is_settled_once_it_heals() {
     require_criu();
     let dir = scratch("lab-cut-commit");
-    let lab = Lab::create("pcut", 2, Some(RATE_MBIT)).expect("lab");
-    let prober = Prober::start((lab.gateway(), 0).into()).expect("prober");
-    let agent = AgentProc::start_args_env(
-        dir.path(),
-        &dir.path().join("store"),
-        &format!("{}:0", lab.host(1).addr),
-        Some(&lab.host(1).netns),
-        Some("agent-before-commit"),
-        None,
-        &[],
-        &[(ferry_core::fault::HOLD_ENV.to_string(), "6000".to_string())],
-    );
+    let (lab, prober) = lab_with_prober("pcut");
+    let hold = [(ferry_core::fault::HOLD_ENV.to_string(), "6000".to_string())];
+    let agent = host1_agent(dir.path(), &lab, Some("agent-before-commit"), &hold);
     let mut w = heartbeating_workload(&lab, &prober, dir.path(), 32);
     let pid = w.pid();
-    let report = w.report_path().to_path_buf();
-    let cmd = ferry(["migrate", "--shell-job", "--timeout", "2s", "--pid"])
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--key")
-        .arg(&agent.key)
-        .netns(&lab.host(0).netns);
+    let cmd = migrate_from_host0(&lab, &agent, pid, "2s");
     let h = std::thread::spawn(move || cmd.run());
     let deadline = Instant::now() + Duration::from_secs(60);
     // One kernel here: the source is killed before the restore, and its
@@ -273,12 +273,8 @@ fn a_link_cut_after_the_restore_is_settled_once_it_heals() {
         prober.wait_received(heard + 100, Duration::from_secs(10)),
         "the heartbeats did not come back"
     );
-    let n = std::process::Command::new("pgrep")
-        .args(["-f", &report.display().to_string()])
-        .output()
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&n.stdout).lines().count(),
+        workload_copies(dir.path(), false).len(),
         1,
         "expected one copy\n{}",
         agent.log()

@@ -214,3 +214,24 @@ pub fn migrate_shell_job(pid: i32, to: &str, key: &Path) -> Run {
         .arg(key)
         .run()
 }
+
+/// The processes of this workload (by its report file): all of them, or
+/// only those not stopped (a restored copy waits stopped for its commit).
+pub fn workload_copies(dir: &Path, running_only: bool) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("^[^ ]*ferry-workload .*{}", dir.join("report").display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p: &i32| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+            !running_only || !matches!(state, Some(Some('T' | 't' | 'Z')) | None)
+        })
+        .collect()
+}
