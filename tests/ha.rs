@@ -319,19 +319,18 @@ impl Cluster {
             .map_or_else(|| PathBuf::from("/nonexistent"), |d| d.socket.clone())
     }
 
+    /// `ferry ha SUB` against this cluster's etcd, with its key.
+    fn ha(&self, sub: &str) -> Cmd {
+        ferry(["ha", sub, "--etcd", &self.etcd.url, "--cluster", &self.name])
+            .arg("--key")
+            .arg(self.key())
+    }
+
     /// `ferry ha run` for the counter service (2 standbys).
     fn declare_service(&self) {
         let (port, interval) = (PORT.to_string(), interval_ms().to_string());
-        let cmd = ferry([
-            "ha",
-            "run",
+        let cmd = self.ha("run").args_from([
             SERVICE,
-            "--etcd",
-            &self.etcd.url,
-            "--cluster",
-            &self.name,
-            "--key",
-            &self.key().to_string_lossy(),
             "--port",
             &port,
             "--interval-ms",
@@ -1570,17 +1569,7 @@ fn a_spec_without_the_cluster_keys_seal_runs_nowhere() {
         assert!(s.spec.is_none() && s.leader.is_none(), "{svc}: {s:?}");
         assert_eq!(s.refused.len(), 1, "{svc}: {:?}", s.refused);
     }
-    let status = ferry([
-        "ha",
-        "status",
-        "--etcd",
-        &c.etcd.url,
-        "--cluster",
-        &c.name,
-        "--key",
-        &c.key().to_string_lossy(),
-    ])
-    .ok();
+    let status = c.ha("status").ok();
     assert_eq!(status.matches("REFUSED spec").count(), 2, "{status}");
     let err = ferry([
         "ha",
@@ -1876,20 +1865,10 @@ fn a_move_whose_commit_is_lost_or_whose_destination_dies_keeps_one_copy() {
 }
 
 fn move_to(c: &Cluster, to: usize) {
-    let out = ferry([
-        "ha",
-        "move",
-        SERVICE,
-        "--to",
-        &Cluster::host(to),
-        "--etcd",
-        &c.etcd.url,
-        "--cluster",
-        &c.name,
-        "--key",
-        &c.key().to_string_lossy(),
-    ])
-    .ok();
+    let out = c
+        .ha("move")
+        .args_from([SERVICE, "--to", &Cluster::host(to)])
+        .ok();
     assert!(out.contains("requested"), "{out}");
 }
 
@@ -1937,14 +1916,13 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         "{}",
         a.log()
     );
-    let first = client
-        .first_ok_after(t0, None, SETTLE)
-        .expect("an answer after the move");
-    eprintln!(
-        "{kind:?}: move with a lost Committed, h{leader} -> h{to}: first answer {} ms after the request",
-        (first.at - t0).as_millis()
+    answered_once(
+        &c,
+        &client,
+        &watch,
+        t0,
+        &format!("{kind:?}: move with a lost Committed, h{leader} -> h{to}"),
     );
-    watch.assert_never_two(&c);
     // 2. The destination dies after restoring, and comes back.
     let leader = to;
     let to = (leader + 1) % HOSTS;
@@ -1958,14 +1936,13 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         .wait_fault("agent-before-commit");
     c.restart_agent(to, None);
     let now = wait_one_copy(&c, None, "a move whose destination died");
-    let first = client
-        .first_ok_after(t1, None, SETTLE)
-        .expect("an answer after the failed move");
-    eprintln!(
-        "{kind:?}: move whose destination died after restoring, h{leader} -> h{to}: the service runs on h{now}; first answer {} ms after the request",
-        (first.at - t1).as_millis()
+    answered_once(
+        &c,
+        &client,
+        &watch,
+        t1,
+        &format!("{kind:?}: move whose destination died after restoring, h{leader} -> h{to}: the service runs on h{now}"),
     );
-    watch.assert_never_two(&c);
     // 3. The leader's agent dies right after sending Commit: the
     //    destination commits and runs the moved copy, and the handover
     //    never comes. Exactly one copy runs afterwards.
@@ -1983,12 +1960,12 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         .wait_fault("migrate-after-commit-sent");
     c.kill_agent_only(src);
     let now = wait_one_copy(&c, None, "a move whose leader died after Commit");
-    let first = client
-        .first_ok_after(t2, None, SETTLE)
-        .expect("an answer after the leader died mid-move");
-    eprintln!(
-        "{kind:?}: move whose leader died after sending Commit, h{src} -> h{to}: the service runs on h{now}; first answer {} ms after the request",
-        (first.at - t2).as_millis()
+    answered_once(
+        &c,
+        &client,
+        &watch,
+        t2,
+        &format!("{kind:?}: move whose leader died after sending Commit, h{src} -> h{to}: the service runs on h{now}"),
     );
     // A while longer: no second copy comes up late.
     std::thread::sleep(Duration::from_secs(3));
@@ -2008,6 +1985,25 @@ fn move_faults(tag: &str, kind: Kind, ordinary: bool) {
         "the counter went back: {served:?}\n{}",
         c.logs()
     );
+}
+
+/// The client got an answer after `since` (printed with `what`), and no
+/// sample so far saw two copies.
+fn answered_once(
+    c: &Cluster,
+    client: &Client,
+    watch: &SplitBrainWatch,
+    since: Instant,
+    what: &str,
+) {
+    let first = client
+        .first_ok_after(since, None, SETTLE)
+        .unwrap_or_else(|| panic!("{what}: no answer\n{}", c.logs()));
+    eprintln!(
+        "{what}: first answer {} ms after the request",
+        (first.at - since).as_millis()
+    );
+    watch.assert_never_two(c);
 }
 
 /// GETs `path` from an HTTP server at `addr`: the body, if it answered 200.
@@ -2056,28 +2052,21 @@ fn ordinary_programs_are_ha_services() {
         ),
     ];
     for (name, port, script) in &services {
-        ferry([
-            "ha",
-            "run",
-            name,
-            "--etcd",
-            &c.etcd.url,
-            "--cluster",
-            &c.name,
-            "--key",
-            &c.key().to_string_lossy(),
-            "--port",
-            &port.to_string(),
-            "--interval-ms",
-            "2000",
-            "--standbys",
-            "2",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .ok();
+        c.ha("run")
+            .args_from([
+                name,
+                "--port",
+                &port.to_string(),
+                "--interval-ms",
+                "2000",
+                "--standbys",
+                "2",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .ok();
     }
     // Each leads somewhere, answers, and has a verified checkpoint.
     let ready = |c: &Cluster, name: &str, not_on: Option<&str>| -> (String, String) {
