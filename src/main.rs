@@ -20,13 +20,17 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors.
-            let code = if e.use_stderr() {
-                exit::USAGE
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::from(exit::OK);
+            }
+            if std::env::args().any(|a| a == "--json") {
+                let message = e.render().to_string();
+                let _ = cli::failure::write_usage_json(&mut std::io::stdout(), &message);
             } else {
-                exit::OK
-            };
-            let _ = e.print();
-            return ExitCode::from(code);
+                let _ = e.print();
+            }
+            return ExitCode::from(exit::USAGE);
         }
     };
     let default = match cli.global.verbose {
@@ -48,21 +52,25 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            // A command line clap accepts but ferry cannot act on is still
-            // a usage error.
-            let code = match e {
-                cli::CliError::Usage(_) => exit::USAGE,
-                _ => exit::FAILED,
-            };
+            let kind = cli::failure::kind(&cli.command, &e);
+            if cli.command.json() {
+                let _ = cli::failure::write_json(&mut out, &cli.command, &e);
+                let _ = out.flush();
+            }
+            // Always on stderr too, for the terminal and the logs.
             let criu_lines = e
                 .criu_failure()
                 .map(|c| c.log_errors().to_vec())
                 .unwrap_or_default();
+            let hint = cli::failure::hint(&e);
             eprintln!("error: {:#}", anyhow::Error::new(e));
             for line in criu_lines {
                 eprintln!("  criu: {line}");
             }
-            ExitCode::from(code)
+            if let Some(hint) = hint {
+                eprintln!("  hint: {hint}");
+            }
+            ExitCode::from(kind.exit_code())
         }
     }
 }

@@ -79,7 +79,7 @@ fn dump_of_a_missing_pid_is_refused() {
     let pid = free_pid();
     let err = ferry(["dump", "-t", &pid.to_string(), "-D"])
         .arg(images(dir.path()))
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains(&format!("no process with pid {pid}")), "{err}");
 }
 
@@ -110,7 +110,7 @@ fn dump_of_a_program_whose_session_is_outside_the_namespace_is_explained() {
         .output()
         .expect("run unshare");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
         err.contains("session whose leader is outside this pid namespace"),
         "{err}"
@@ -128,7 +128,7 @@ fn dump_into_a_non_empty_directory_is_refused_and_the_workload_runs_on() {
     fs::write(imgs.join("precious.txt"), b"keep me").unwrap();
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(&imgs)
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains("is not empty"), "{err}");
     assert_eq!(fs::read(imgs.join("precious.txt")).unwrap(), b"keep me");
     assert_counting(&w);
@@ -143,14 +143,14 @@ fn dump_into_a_file_or_a_read_only_directory_is_refused() {
     fs::write(&file, b"x").unwrap();
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(&file)
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains("not a directory"), "{err}");
 
     let ro = dir.path().join("ro");
     let _mount = Mount::tmpfs(&ro, "ro,size=1m");
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(&ro)
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains("is not writable"), "{err}");
     assert!(err.contains("Read-only file system"), "{err}");
     assert_counting(&w);
@@ -166,7 +166,7 @@ fn dump_failing_on_a_full_disk_while_frozen_resumes_the_workload() {
     let imgs = small.join("images");
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(&imgs)
-        .fails_with(1);
+        .fails_with(5);
     assert!(
         err.contains(&format!("dump of pid {} failed", w.pid())),
         "{err}"

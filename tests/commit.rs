@@ -14,12 +14,16 @@ use common::*;
 
 /// An agent in a pid namespace of its own, with `env` for it.
 fn other_host_agent(dir: &std::path::Path, env: &[&str]) -> AgentProc {
+    other_host_agent_at(dir, env, "127.0.0.1:0")
+}
+
+fn other_host_agent_at(dir: &std::path::Path, env: &[&str], listen: &str) -> AgentProc {
     let mut wrapper = vec!["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"];
     if !env.is_empty() {
         wrapper.push("env");
         wrapper.extend_from_slice(env);
     }
-    AgentProc::start_wrapped(dir, &wrapper)
+    AgentProc::start_wrapped_at(dir, &wrapper, listen)
 }
 
 fn migrate(pid: i32, agent: &AgentProc) -> Cmd {
@@ -109,4 +113,58 @@ fn a_source_that_dies_after_commit_leaves_its_copy_stopped_until_resolved() {
         p.state()
     );
     assert!(p.counts_on(), "the copy stopped counting");
+}
+
+/// The destination dies between its restore and the commit and stays away
+/// longer than `--outcome-wait`: `ferry migrate` exits 7 (undecided), its
+/// JSON error names the `ferry resolve` to run, and the source stays
+/// stopped. Once the agent is back (its journal aborted the restore, which
+/// died with its pid namespace), that resolve resumes the source.
+#[test]
+fn an_unanswered_commit_exits_7_and_the_resolve_it_names_resumes_the_source() {
+    require_criu();
+    let dir = scratch("commit-undecided");
+    let mut agent = other_host_agent(
+        dir.path(),
+        &[
+            "FERRY_FAULT=agent-before-commit",
+            "FERRY_FAULT_HOLD_MS=30000",
+        ],
+    );
+    let p = FileCounter::start(dir.path(), 0);
+    let pid = p.pid;
+    let cmd = migrate(pid, &agent).args_from(["--outcome-wait", "2s"]);
+    let h = std::thread::spawn(move || cmd.run());
+    assert!(
+        agent.wait_for(
+            "fault point agent-before-commit reached",
+            Duration::from_secs(60)
+        ),
+        "{}",
+        agent.log()
+    );
+    let addr = agent.addr.clone();
+    agent.kill();
+    let run = h.join().unwrap();
+    run.fails_with(7);
+    let err: serde_json::Value = serde_json::from_str(&run.stdout())
+        .unwrap_or_else(|e| panic!("no JSON error ({e}): {}", run.stdout()));
+    assert_eq!(err["error"]["kind"], "undecided", "{err}");
+    assert_eq!(err["error"]["exit_code"], 7, "{err}");
+    let hint = err["error"]["hint"].as_str().unwrap_or_default();
+    let prefix = format!("once {addr} answers: ferry resolve --to {addr} --session ");
+    let session = hint
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix(&format!(" --pid {pid}")))
+        .unwrap_or_else(|| panic!("hint {hint:?} does not name the resolve"));
+    assert_eq!(p.state().as_deref(), Some("T"), "the source is not stopped");
+
+    let again = other_host_agent_at(dir.path(), &[], &addr);
+    let out = ferry(["resolve", "--to", &addr, "--session", session])
+        .args_from(["--pid", &pid.to_string()])
+        .arg("--key")
+        .arg(&again.key)
+        .ok();
+    assert!(out.contains("aborted"), "{out}");
+    assert!(p.counts_on(), "the source did not resume: {:?}", p.state());
 }

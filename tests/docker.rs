@@ -71,7 +71,7 @@ fn docker_failures_are_clear() {
     let dir = scratch("docker-fail");
     let err = ferry(["dump", "--docker", "no-such-container-xyz", "-D"])
         .arg(dir.path().join("x"))
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains("no Docker container 'no-such-container-xyz'"),
         "{err}"
@@ -80,7 +80,7 @@ fn docker_failures_are_clear() {
         .arg(dir.path().join("absent.sock"))
         .arg("-D")
         .arg(dir.path().join("y"))
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains("dockerd is not running"), "{err}");
 
     let mut d = Docker::image(dir.path(), "fail");

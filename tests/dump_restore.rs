@@ -255,14 +255,14 @@ fn a_dump_that_cannot_be_kept_leaves_the_program_running() {
     let err = ferry(["dump", "--shell-job", "-t", &p.pid.to_string(), "-D"])
         .arg(dir.path().join("images"))
         .env(ferry_core::fault::ENV, "dump-sync-fails")
-        .fails_with(1);
+        .fails_with(5);
     assert!(err.contains("stable storage"), "{err}");
     assert!(err.contains("resumed"), "{err}");
     assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
     // An archive where none can be created (/proc takes no files).
     let err = ferry(["dump", "--shell-job", "-t", &p.pid.to_string(), "--archive"])
         .arg(format!("/proc/{}/a.ferry", p.pid))
-        .fails_with(1);
+        .fails_with(5);
     assert!(err.contains("cannot pack"), "{err}");
     assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
 }

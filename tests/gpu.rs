@@ -82,7 +82,7 @@ fn a_gpu_holding_process_is_refused_unless_ignore_gpu() {
     let imgs = images(dir.path());
     let err = ferry(["dump", "-R", "-t", &pid, "-D"])
         .arg(&imgs)
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains(&format!("pid {pid} holds {}", dev.0.display())),
         "{err}"

@@ -127,7 +127,7 @@ fn a_wrong_key_is_refused_and_nothing_is_stored() {
         .arg(&agent.addr)
         .arg("--key")
         .arg(&other)
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains("authentication") || err.contains("refused"),
         "{err}"
@@ -184,7 +184,7 @@ fn a_destination_without_room_refuses_and_the_application_keeps_running() {
         None,
     );
     let w = workload(dir.path(), 64, 0.0);
-    let err = migrate_cmd(&agent, w.pid(), &[]).fails_with(1);
+    let err = migrate_cmd(&agent, w.pid(), &[]).fails_with(4);
     assert!(err.contains("no room"), "{err}");
     assert_counting(&w);
     drop(agent);
@@ -212,7 +212,7 @@ fn the_agent_killed_during_precopy_leaves_the_application_running() {
     std::thread::sleep(Duration::from_millis(1500));
     agent.kill();
     let run = h.join().unwrap();
-    let err = run.fails_with(1);
+    let err = run.fails_with(4);
     assert!(err.contains("keeps running here"), "{err}");
     assert!(!w.reap(Duration::from_millis(10)).unwrap());
     assert_counting(&w);
@@ -234,7 +234,7 @@ fn the_agent_killed_during_the_final_copy_leaves_the_application_running() {
     agent.wait_fault("agent-before-rebuild");
     // The source is frozen now (dumped, left stopped).
     agent.kill();
-    let err = h.join().unwrap().fails_with(1);
+    let err = h.join().unwrap().fails_with(5);
     assert!(err.contains("resumed here"), "{err}");
     assert!(!w.reap(Duration::from_millis(10)).unwrap());
     assert_counting(&w);
@@ -250,7 +250,7 @@ fn a_final_dump_whose_stream_breaks_leaves_the_application_running() {
     // block: CRIU's dump fails on the broken pipe, CRIU resumes the tree.
     let err = migrate_cmd(&agent, w.pid(), &[])
         .env(ferry_core::fault::ENV, "migrate-capture-fails")
-        .fails_with(1);
+        .fails_with(5);
     assert!(
         err.contains("fault migrate-capture-fails injected"),
         "{err}"
@@ -376,7 +376,7 @@ fn agent_killed_at_leaves_one_copy(point: &str, name: &str) {
     while !h.is_finished() && Instant::now() < deadline {
         let _ = w.reap(Duration::from_millis(5));
     }
-    let err = h.join().unwrap().fails_with(1);
+    let err = h.join().unwrap().fails_with(5);
     assert!(err.contains("restored here"), "{err}");
     let restored = Workload::adopt(pid, w.report_path());
     restored.wait_counter_above(before, CONTINUE).unwrap();
@@ -663,12 +663,48 @@ fn a_lazy_dump_whose_destination_dies_before_commit_resumes_here() {
     let addr = agent.addr.clone();
     agent.kill();
     let _again = AgentProc::start(dir.path(), &addr, None, None);
-    let err = h.join().unwrap().fails_with(1);
+    let err = h.join().unwrap().fails_with(5);
     assert!(err.contains("resumed here"), "{err}");
     assert!(!w.reap(Duration::from_millis(10)).unwrap());
     assert_counting(&w);
     // The destination's copy never ran (stopped, its agent dead).
     assert_eq!(workload_copies(dir.path(), true), vec![pid]);
+}
+
+/// Post-copy fails after the commit (the source cannot read the pages the
+/// destination asks for): the destination's copy dies, the source resumes
+/// from the dump, and `ferry migrate` exits 6 (work lost) with a JSON error
+/// saying so.
+#[test]
+fn a_post_copy_failing_after_the_commit_exits_6_and_resumes_the_source_from_the_dump() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-lazy-lost");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 32, 0.0);
+    let pid = w.pid();
+    let run = lazy_cmd(&agent, pid)
+        .env(ferry_core::fault::ENV, "post-copy-read-fails")
+        .run();
+    run.fails_with(6);
+    let err: serde_json::Value = serde_json::from_str(&run.stdout())
+        .unwrap_or_else(|e| panic!("no JSON error ({e}): {}", run.stdout()));
+    assert_eq!(err["error"]["kind"], "work_lost", "{err}");
+    let message = err["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("IS LOST"), "{message}");
+    assert!(!w.reap(Duration::from_millis(10)).unwrap());
+    assert_counting(&w);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while workload_copies(dir.path(), true) != vec![pid] && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        workload_copies(dir.path(), true),
+        vec![pid],
+        "expected only the source to run\n{}",
+        agent.log()
+    );
 }
 
 #[test]
@@ -916,7 +952,7 @@ fn a_file_written_from_outside_the_tree_stops_a_one_kernel_migration() {
     let theirs = ours.try_clone().unwrap();
     let p = common::program::FileCounter::start_to(dir.path(), 0, theirs.into());
     std::io::Write::write_all(&mut ours, b"a line from outside\n").unwrap();
-    let err = migrate_shell_job(p.pid, &agent.addr, &agent.key).fails_with(1);
+    let err = migrate_shell_job(p.pid, &agent.addr, &agent.key).fails_with(4);
     assert!(err.contains("shared.log"), "{err}");
     assert!(err.contains("nothing was frozen"), "{err}");
     assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());

@@ -188,7 +188,7 @@ fn a_link_cut_during_the_final_copy_resumes_the_application_on_the_source() {
     // The application is frozen (dumped, left stopped); the link goes.
     lab.cut(1).expect("cut");
     let run = h.join().unwrap();
-    let err = run.fails_with(1);
+    let err = run.fails_with(5);
     assert!(err.contains("resumed here"), "{err}");
     lab.heal(1).expect("heal");
     assert!(!w.reap(Duration::from_millis(10)).unwrap());
@@ -254,7 +254,7 @@ fn a_link_cut_after_the_restore_is_settled_once_it_heals() {
     std::thread::sleep(Duration::from_millis(2500));
     lab.heal(1).expect("heal");
     let run = h.join().unwrap();
-    let err = run.fails_with(1);
+    let err = run.fails_with(5);
     assert!(
         err.contains("asking it for the outcome"),
         "the source did not ask: {err}"

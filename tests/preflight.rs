@@ -21,7 +21,7 @@ fn an_established_tcp_connection_is_refused_without_tcp_established() {
     let imgs = images(dir.path());
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(&imgs)
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains("established TCP connection 127.0.0.1:"),
         "{err}"
@@ -56,7 +56,7 @@ fn an_external_unix_socket_is_refused_without_ext_unix_sk() {
     let (_peer, _) = listener.accept().unwrap();
     let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
         .arg(images(dir.path()))
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains("connected to socket") && err.contains("outside the dumped tree"),
         "{err}"

@@ -153,7 +153,7 @@ fn failures_are_clear_and_the_source_keeps_running() {
     let dir = scratch("runc-fail");
     let err = ferry(["dump", "--runc", "no-such-container-xyz", "-D"])
         .arg(dir.path().join("x"))
-        .fails_with(1);
+        .fails_with(4);
     assert!(
         err.contains("no runc container 'no-such-container-xyz'"),
         "{err}"
@@ -208,7 +208,7 @@ fn failures_are_clear_and_the_source_keeps_running() {
     std::thread::sleep(std::time::Duration::from_millis(300));
     let err = ferry(["dump", "--runc", &c.id, "-D"])
         .arg(dir.path().join("y"))
-        .fails_with(1);
+        .fails_with(4);
     assert!(err.contains("is stopped"), "{err}");
 }
 

@@ -14,6 +14,15 @@ pub struct BenchArgs {
     pub which: BenchCommand,
 }
 
+impl BenchArgs {
+    pub fn json(&self) -> bool {
+        match &self.which {
+            BenchCommand::Compress(a) => a.json,
+            BenchCommand::Migrate(a) => a.json,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Pack throughput and ratio against zstd; restore from archive vs directory.

@@ -77,6 +77,12 @@ pub struct HaArgs {
     pub command: HaCommand,
 }
 
+impl HaArgs {
+    pub fn json(&self) -> bool {
+        matches!(&self.command, HaCommand::Status(s) if s.json)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum HaCommand {
     /// Declare a service (a runc bundle, a Docker image, or a process

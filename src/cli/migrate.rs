@@ -70,6 +70,11 @@ pub struct MigrateArgs {
     /// the migration, and the application resumes here, after this).
     #[arg(long, value_name = "TIME", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// When the destination's answer to the commit is lost: how long to
+    /// keep asking it before giving up (exit 7: the application is left
+    /// stopped here until `ferry resolve` settles it).
+    #[arg(long, value_name = "TIME", default_value = "60s", value_parser = parse_duration)]
+    pub outcome_wait: Duration,
     /// Post-copy: restart on the destination before its memory is resident
     /// (CRIU lazy restore through userfaultfd). A process tree moves from a
     /// lazy dump: no pre-copy, no memory moved while frozen, the
@@ -149,6 +154,7 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         staging: args.staging.clone(),
         keep_images: args.keep_images.clone(),
         io_timeout: args.timeout,
+        outcome_wait: args.outcome_wait,
     };
     let report = migrate::migrate(&criu, &opts).map_err(Box::new)?;
     if args.json {

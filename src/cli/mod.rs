@@ -5,12 +5,12 @@
 //! form (`--json`, with a `format_version`). Logs go to stderr through
 //! `tracing`, set up by the binary.
 //!
-//! Exit codes:
-//! - 0 ([`exit::OK`]): success;
-//! - 1 ([`exit::FAILED`]): the operation failed (the message says why);
-//! - 2 ([`exit::USAGE`]): bad command line (from clap, or an option
-//!   missing that ferry needs for what was asked);
-//! - 3 ([`exit::HOST_NOT_READY`]): `ferry check` found CRIU unusable.
+//! Exit codes (docs/cli.md lists them with examples): 0 success; 1 failed;
+//! 2 usage; 3 host not ready (`check`); 4 refused or failed before the
+//! application was frozen (it ran on untouched); 5 failed after freezing,
+//! the application resumed here; 6 work lost (not running, or resumed from
+//! the dump after a post-copy failure); 7 undecided (`ferry resolve`).
+//! Under `--json` a failure is a JSON object on stdout ([`failure`]).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +19,7 @@ mod bench;
 mod check;
 mod demo;
 mod dump;
+pub mod failure;
 mod ha;
 mod inspect;
 mod migrate;
@@ -39,10 +40,26 @@ pub use demo::DemoError;
 
 /// Exit statuses of the `ferry` binary.
 pub mod exit {
+    /// Success.
     pub const OK: u8 = 0;
+    /// The operation failed (a restore, an archive, an agent, etcd).
     pub const FAILED: u8 = 1;
+    /// Bad command line.
     pub const USAGE: u8 = 2;
+    /// `ferry check` found CRIU unusable.
     pub const HOST_NOT_READY: u8 = 3;
+    /// Refused or failed before anything was frozen: the application ran
+    /// on untouched.
+    pub const REFUSED: u8 = 4;
+    /// Failed after the application was frozen; it was resumed (or
+    /// restored) here and runs.
+    pub const RESUMED: u8 = 5;
+    /// The application is not running, or resumed from the dump and lost
+    /// what it did on the destination (post-copy failed after the commit).
+    pub const WORK_LOST: u8 = 6;
+    /// Only the destination knows whether it committed; the application
+    /// is left stopped here until `ferry resolve` settles it.
+    pub const UNDECIDED: u8 = 7;
 }
 
 #[derive(Debug, Parser)]
@@ -50,7 +67,10 @@ pub mod exit {
     name = "ferry",
     version,
     about = "Checkpoint, migrate and keep alive running Linux applications with CRIU",
-    after_help = "Exit status: 0 success, 1 operation failed, 2 usage error, 3 host not ready (check)."
+    after_help = "Exit status: 0 success; 1 failed; 2 usage error; 3 host not ready (check); \
+4 refused before freezing (the application ran on untouched); 5 failed after freezing, \
+the application resumed here; 6 work lost (not running, or resumed from the dump); \
+7 outcome undecided (run ferry resolve). Under --json, errors are a JSON object on stdout."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -241,6 +261,24 @@ impl CliError {
                 _ => None,
             },
             _ => None,
+        }
+    }
+}
+
+impl Command {
+    /// Whether the command was asked for JSON output (errors follow it).
+    pub fn json(&self) -> bool {
+        match self {
+            Command::Check(a) => a.json,
+            Command::Dump(a) => a.json,
+            Command::Restore(a) => a.json,
+            Command::Inspect(a) => a.json,
+            Command::Pack(a) => a.json,
+            Command::Unpack(a) => a.json,
+            Command::Migrate(a) => a.json,
+            Command::Bench(a) => a.json(),
+            Command::Ha(a) => a.json(),
+            _ => false,
         }
     }
 }

@@ -106,11 +106,16 @@ impl AgentProc {
     /// An agent on loopback run under `wrapper` (a command that runs the
     /// rest of its arguments, e.g. `unshare --pid --fork --mount-proc`).
     pub fn start_wrapped(dir: &Path, wrapper: &[&str]) -> AgentProc {
+        Self::start_wrapped_at(dir, wrapper, "127.0.0.1:0")
+    }
+
+    /// [`AgentProc::start_wrapped`] listening on `listen`.
+    pub fn start_wrapped_at(dir: &Path, wrapper: &[&str], listen: &str) -> AgentProc {
         let wrapper: Vec<String> = wrapper.iter().map(|s| s.to_string()).collect();
         Self::spawn(
             dir,
             &dir.join("store"),
-            "127.0.0.1:0",
+            listen,
             &wrapper,
             None,
             None,

@@ -45,7 +45,8 @@ pub fn point(_name: &str) {}
 /// Whether the failure `name` is to be injected here (`FERRY_FAULT=<name>`):
 /// for failures no outside action can cause at a precise moment. Failures:
 /// `migrate-capture-fails` (source: reading a pages image from CRIU's pipe
-/// fails after its first block).
+/// fails after its first block), `post-copy-read-fails` (source: reading
+/// the pages a post-copy destination asks for fails after the commit).
 #[cfg(feature = "fault-injection")]
 pub fn fails(name: &str) -> bool {
     let armed = armed(name);

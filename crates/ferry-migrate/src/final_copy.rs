@@ -448,6 +448,7 @@ fn transfer_and_restore(
         &opts.to,
         &opts.secret,
         session,
+        opts.outcome_wait,
     )
 }
 
@@ -464,6 +465,7 @@ pub(super) fn restore_and_commit(
     to: &str,
     secret: &ferry_transport::Secret,
     session: &str,
+    outcome_wait: std::time::Duration,
 ) -> Result<i32, FinalError> {
     let t = Instant::now();
     let attempt = || -> Result<i32, FinalError> {
@@ -491,7 +493,7 @@ pub(super) fn restore_and_commit(
         Err(e) => e,
     };
     tracing::warn!(error = %ferry_image::units::chain(&cause), %session, "no answer from the destination to the restore or commit: asking it for the outcome (the application stays stopped meanwhile)");
-    match crate::outcome::ask(to, secret, session, crate::outcome::OUTCOME_WAIT) {
+    match crate::outcome::ask(to, secret, session, outcome_wait) {
         Ok(crate::outcome::Outcome::Committed { pid }) => {
             tracing::warn!(%session, pid, "the destination committed: its answer had been lost");
             report.commit_ms = ms(t.elapsed());
@@ -501,7 +503,7 @@ pub(super) fn restore_and_commit(
         Err(source) => Err(FinalError::Undecided(Box::new(crate::Unanswered {
             to: to.to_string(),
             session: session.to_string(),
-            waited: crate::outcome::OUTCOME_WAIT,
+            waited: outcome_wait,
             source,
         }))),
     }

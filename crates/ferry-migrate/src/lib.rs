@@ -100,6 +100,10 @@ pub struct MigrateOptions {
     /// Longest wait for the destination's answer or for a send to go out
     /// (a dead agent or a cut link fails the migration after this).
     pub io_timeout: Duration,
+    /// After a lost answer to the restore or commit, how long to keep
+    /// asking the destination for the outcome before leaving the
+    /// application stopped here for `ferry resolve`.
+    pub outcome_wait: Duration,
 }
 
 /// Time allowed to connect and authenticate.
@@ -191,6 +195,9 @@ pub enum Fate {
     ResumedHere,
     /// Same kernel: the source was gone, ferry restored it here as `pid`.
     RestoredHere { pid: i32 },
+    /// Post-copy failed after the commit: the source resumed from the
+    /// dump, and what the application did on the destination is lost.
+    ResumedLosingWork,
     /// Everything failed; the images to restore by hand are at `images`.
     Lost { images: PathBuf, why: String },
     /// The destination's outcome is unknown: the application is left
@@ -212,6 +219,9 @@ impl std::fmt::Display for Fate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Fate::ResumedHere => f.write_str("the application was resumed here"),
+            Fate::ResumedLosingWork => f.write_str(
+                "the application was resumed here from the dump; WHAT IT DID ON THE DESTINATION SINCE THE COMMIT IS LOST"
+            ),
             Fate::RestoredHere { pid } => write!(
                 f,
                 "the application was restored here from the final dump as pid {pid}"

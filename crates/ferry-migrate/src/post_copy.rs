@@ -114,6 +114,7 @@ pub fn run(
         ..FinalReport::default()
     };
     let frozen_at = Instant::now();
+    let committed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let dumping = s.spawn(|| {
             // CRIU says `status-ready` when its page server starts: the
@@ -154,7 +155,9 @@ pub fn run(
             .and_then(|mut pages_conn| {
                 sock = pages_conn.socket_handle().ok();
                 let by_vpid = &by_vpid;
-                serving = Some(s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid)));
+                let committed = &committed;
+                serving =
+                    Some(s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid, committed)));
                 let restore = RestoreOpts {
                     remote_pages: true,
                     ..opts.restore.clone()
@@ -166,10 +169,14 @@ pub fn run(
                     &opts.to,
                     &opts.secret,
                     session,
+                    opts.outcome_wait,
                 )
             });
         let restored = match frozen {
-            Ok(restored) => restored,
+            Ok(restored) => {
+                committed.store(true, std::sync::atomic::Ordering::Release);
+                restored
+            }
             Err(e) => {
                 link.abort();
                 if let Some(sock) = &sock {
@@ -220,8 +227,9 @@ pub fn run(
                 tracing::error!(error = %ferry_image::units::chain(&e), "post-copy failed after the resume on the destination; resuming the source from the dump");
                 link.abort();
                 let _ = dumping.join();
+                resume_after_abort(pid);
                 return Err(MigrateError::Final {
-                    after: resume_after_abort(pid),
+                    after: Fate::ResumedLosingWork,
                     source: e,
                 });
             }
@@ -313,6 +321,7 @@ fn serve_pages(
     key: ferry_image::page::PageKey,
     conn: &mut Conn,
     by_vpid: &HashMap<u64, i32>,
+    committed: &std::sync::atomic::AtomicBool,
 ) -> Result<Served, FinalError> {
     let mut served = Served::default();
     let mut sent = SentPages::new(key);
@@ -329,9 +338,17 @@ fn serve_pages(
         }
         match conn.recv_msg()? {
             Msg::PageGet { pid, vaddr, pages } => {
+                // A read failing after the commit (tests: the exit status
+                // and report of work lost).
+                let injected = committed.load(std::sync::atomic::Ordering::Acquire)
+                    && ferry_core::fault::fails("post-copy-read-fails");
                 let fetched = by_vpid
                     .get(&pid)
                     .ok_or_else(|| format!("no task with pid {pid} in the dumped tree"))
+                    .and_then(|real| match injected {
+                        true => Err("fault post-copy-read-fails injected".to_string()),
+                        false => Ok(real),
+                    })
                     .and_then(|&real| {
                         buf.resize(pages as usize * PAGE, 0);
                         read_all(real, vaddr, &mut buf).map_err(|e| e.to_string())

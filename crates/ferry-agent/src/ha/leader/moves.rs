@@ -54,6 +54,7 @@ impl ServiceRun {
             staging: None,
             keep_images: None,
             io_timeout: Duration::from_secs(30),
+            outcome_wait: ferry_migrate::outcome::OUTCOME_WAIT,
         };
         // While it moves, fencing must not pause it (the migration freezes
         // it itself), but it stays fenced: a lease that runs out deletes
