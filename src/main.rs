@@ -7,7 +7,6 @@ mod cli;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use cli::{exit, Cli};
 use tracing_subscriber::EnvFilter;
 
@@ -16,7 +15,10 @@ fn main() -> ExitCode {
     // logs) holds application memory or keys: root-only, whatever umask
     // ferry was started with. Its children (CRIU, runc) inherit it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let cli = match Cli::try_parse() {
+    let parsed = cli::docs::command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors.

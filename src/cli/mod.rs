@@ -18,6 +18,7 @@ mod agent;
 mod bench;
 mod check;
 mod demo;
+pub mod docs;
 mod dump;
 pub mod failure;
 mod ha;
@@ -136,6 +137,10 @@ pub enum Command {
     Ha(ha::HaArgs),
     /// Create a shared secret file for agents and migrations.
     Keygen(agent::KeygenArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(docs::CompletionsArgs),
+    /// Write the manual pages (ferry.1, ferry-dump.1, ...) into a directory.
+    Man(docs::ManArgs),
     /// Internal: the process `ferry check` dumps to probe socket support.
     #[command(name = "probe-socket-holder", hide = true)]
     ProbeSocketHolder,
@@ -298,6 +303,8 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Resolve(a) => migrate::resolve(a, out),
         Command::Agent(a) => agent::run(a, out),
         Command::Keygen(a) => agent::keygen(a, out),
+        Command::Completions(a) => docs::completions(a, out),
+        Command::Man(a) => docs::man(a, out),
         Command::Ha(a) => ha::run(a, out),
         Command::NsInit { command } => {
             let status = ferry_sys::spawn::reap_as_init(command)?;

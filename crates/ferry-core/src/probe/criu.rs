@@ -10,7 +10,7 @@ use ferry_criu::{Criu, CriuError, DumpRequest, Features, NoHooks};
 /// The oldest CRIU ferry is built and tested against. CRIU 4.1 cannot dump
 /// TCP or UDP sockets on kernels >= 6.16 (SO_PASSCRED on inet sockets now
 /// fails with EOPNOTSUPP); 4.2 can.
-pub(crate) const MIN_TESTED_VERSION_CODE: i64 = 4_02_00;
+pub const MIN_TESTED_VERSION_CODE: i64 = 4_02_00;
 
 /// The hidden `ferry` subcommand that holds a UDP socket for the probe.
 pub(crate) const HOLDER_COMMAND: &str = "probe-socket-holder";

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use ferry_criu::Criu;
 
-pub use self::criu::{hold_inet_socket, CriuProbe};
+pub use self::criu::{hold_inet_socket, CriuProbe, MIN_TESTED_VERSION_CODE};
 pub use kernel::KernelProbe;
 pub use nvml::NvmlProbe;
 pub use tools::ToolProbe;
