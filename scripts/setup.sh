@@ -5,6 +5,11 @@
 #   scripts/setup.sh             install + build
 #   scripts/setup.sh --demo      install + build, then run `ferry demo`
 #   scripts/setup.sh --no-build  install only (scripts/test.sh builds for itself)
+#   scripts/setup.sh --install   also install ferry into /usr/local/bin, with its
+#                                bash completions and manual pages
+#   scripts/setup.sh --install-service
+#                                --install, plus the agent's systemd unit and,
+#                                if absent, /etc/ferry/agent.toml and its key
 #
 # CRIU: ferry needs CRIU >= 4.2. Debian 12 ships CRIU 3.17, which fails on
 # recent kernels ("vdso: Unexpected rt vDSO area bounds"); CRIU 4.1.1 (Debian
@@ -27,11 +32,15 @@ CRIU_SUITES=(testing unstable)
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN_DEMO=0
 BUILD=1
+INSTALL=0
+SERVICE=0
 for arg in "$@"; do
   case "$arg" in
     --demo) RUN_DEMO=1 ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --install) INSTALL=1 ;;
+    --install-service) INSTALL=1; SERVICE=1 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -160,6 +169,24 @@ command -v cargo >/dev/null || die "cargo (Rust) is needed to build ferry: insta
 log "building ferry (release)"
 (cd "$REPO" && cargo build --release --workspace --bins)
 log "ferry is ready: $REPO/target/release/ferry"
+
+if [ "$INSTALL" = 1 ]; then
+  install -m 0755 "$REPO/target/release/ferry" /usr/local/bin/ferry
+  mkdir -p /usr/share/bash-completion/completions /usr/local/share/man/man1
+  /usr/local/bin/ferry completions bash > /usr/share/bash-completion/completions/ferry
+  /usr/local/bin/ferry man /usr/local/share/man/man1 >/dev/null
+  log "installed /usr/local/bin/ferry, its bash completions and manual pages"
+fi
+if [ "$SERVICE" = 1 ]; then
+  install -m 0644 "$REPO/scripts/systemd/ferry-agent.service" /etc/systemd/system/ferry-agent.service
+  install -d -m 0700 /etc/ferry
+  [ -e /etc/ferry/agent.toml ] || install -m 0600 "$REPO/scripts/systemd/agent.toml" /etc/ferry/agent.toml
+  [ -e /etc/ferry/key ] || /usr/local/bin/ferry keygen /etc/ferry/key >/dev/null
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+  fi
+  log "installed ferry-agent.service; edit /etc/ferry/agent.toml (copy /etc/ferry/key to every host), then: systemctl enable --now ferry-agent"
+fi
 
 if [ "$RUN_DEMO" = 1 ]; then
   exec "$REPO/target/release/ferry" demo

@@ -15,11 +15,11 @@ fn main() -> ExitCode {
     // logs) holds application memory or keys: root-only, whatever umask
     // ferry was started with. Its children (CRIU, runc) inherit it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let parsed = cli::docs::command()
-        .try_get_matches()
-        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m));
-    let cli = match parsed {
-        Ok(cli) => cli,
+    let parsed = cli::docs::command().try_get_matches().and_then(|m| {
+        <Cli as clap::FromArgMatches>::from_arg_matches(&m).map(|cli| (cli, m))
+    });
+    let (cli, matches) = match parsed {
+        Ok(parsed) => parsed,
         Err(e) => {
             // --help and --version are not errors.
             if !e.use_stderr() {
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     // Not locked for the whole run: `pack -` streams the archive to stdout
     // from a writer thread.
     let mut out = std::io::stdout();
-    let result = cli::run(&cli, &mut out);
+    let result = cli::run(&cli, &matches, &mut out);
     let _ = out.flush();
     match result {
         Ok(code) => ExitCode::from(code),

@@ -87,3 +87,168 @@ fn manual_pages_are_written_for_every_command() {
     // Internal commands get no page.
     assert!(!dir.path().join("ferry-guard.1").exists());
 }
+
+/// Waits for one datagram on `sock` (a NOTIFY_SOCKET).
+fn notification(sock: &std::os::unix::net::UnixDatagram) -> String {
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.recv(&mut buf).expect("no notification within 60 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// A running `ferry agent` whose stdout's first line was read.
+struct Started {
+    child: std::process::Child,
+    first_line: String,
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_agent(args: &[&str], env: &[(&str, &str)]) -> Started {
+    use std::io::BufRead;
+    let mut child = Command::new(FERRY)
+        .arg("agent")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("spawn ferry agent");
+    let mut first_line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    Started { child, first_line }
+}
+
+fn write_private(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// The agent started from the shipped sample configuration (every key it
+/// names accepted), with the FERRY_* variables overriding the file, sends
+/// READY=1 to the NOTIFY_SOCKET a service manager would listen on.
+#[test]
+fn the_agent_reads_its_config_and_tells_the_service_manager_it_is_ready() {
+    let dir = scratch("notify");
+    let key = dir.path().join("key");
+    ferry(["keygen"]).arg(&key).run().ok();
+    // The shipped sample, every commented key switched on, paths here.
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/systemd/agent.toml"
+    ))
+    .unwrap();
+    let mut config = String::new();
+    for line in sample.lines() {
+        let line = line.strip_prefix("# ").filter(|l| l.contains(" = ")).unwrap_or(line);
+        let (k, _) = line.split_once(" = ").unwrap_or(("", ""));
+        let value = match k {
+            "key" => format!("{:?}", key.display().to_string()),
+            "store" => format!("{:?}", dir.path().join("store").display().to_string()),
+            "staging" => format!("{:?}", dir.path().display().to_string()),
+            "criu" => match ferry_sys::which("criu") {
+                Some(c) => format!("{:?}", c.display().to_string()),
+                None => continue,
+            },
+            // HA keys stay out (an etcd test of its own below).
+            k if k.starts_with("etcd") || ["cluster", "name", "advertise"].contains(&k) => continue,
+            _ => {
+                config.push_str(line);
+                config.push('\n');
+                continue;
+            }
+        };
+        config.push_str(&format!("{k} = {value}\n"));
+    }
+    let file = dir.path().join("agent.toml");
+    write_private(&file, &config);
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let notify_env = notify.display().to_string();
+    // The file says port 7070; the environment overrides it.
+    let agent = start_agent(
+        &["--config", &file.display().to_string()],
+        &[("NOTIFY_SOCKET", &notify_env), ("FERRY_LISTEN", "127.0.0.1:0")],
+    );
+    let addr = agent
+        .first_line
+        .trim()
+        .strip_prefix("ferry agent listening on ")
+        .unwrap_or_else(|| panic!("agent did not start: {:?}", agent.first_line))
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{addr}");
+    let msg = notification(&sock);
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(
+        msg.lines().any(|l| l == format!("STATUS=listening on {addr}")),
+        "{msg:?}"
+    );
+    assert!(dir.path().join("store").is_dir());
+}
+
+/// A configuration file others may write, or with a key ferry does not
+/// know, is refused with the reason (exit 2), before anything starts.
+#[test]
+fn a_config_file_others_can_write_or_with_unknown_keys_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = scratch("config-refused");
+    let file = dir.path().join("agent.toml");
+    write_private(&file, "listen = \"127.0.0.1:0\"\nlisten-port = 7\n");
+    let err = ferry(["agent", "--config"]).arg(&file).run().fails_with(2);
+    assert!(err.contains("unknown field `listen-port`"), "{err}");
+    write_private(&file, "listen = \"127.0.0.1:0\"\n");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let err = ferry(["agent", "--config"]).arg(&file).run().fails_with(2);
+    assert!(err.contains("lets others write it"), "{err}");
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = ferry(["agent", "--config"]).arg(&file).run().fails_with(2);
+    assert!(err.contains("needs its shared secret"), "{err}");
+}
+
+/// With etcd, readiness waits until the agent has joined the cluster, and
+/// every HA setting can come from the environment alone.
+#[test]
+fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
+    let dir = scratch("notify-etcd");
+    let etcd = common::etcd::EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
+    let key = dir.path().join("key");
+    ferry(["keygen"]).arg(&key).run().ok();
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    let cluster = format!("ops-{}", std::process::id());
+    let store = dir.path().join("store");
+    let env = [
+        ("NOTIFY_SOCKET", notify.display().to_string()),
+        ("FERRY_LISTEN", "127.0.0.1:0".to_string()),
+        ("FERRY_KEY", key.display().to_string()),
+        ("FERRY_STORE", store.display().to_string()),
+        ("FERRY_ETCD", etcd.url.clone()),
+        ("FERRY_CLUSTER", cluster.clone()),
+        ("FERRY_NAME", "host-a".to_string()),
+        ("FERRY_ADVERTISE", "127.0.0.1".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let agent = start_agent(&[], &env);
+    assert!(
+        agent.first_line.starts_with("ferry agent listening on 127.0.0.1:"),
+        "{:?}",
+        agent.first_line
+    );
+    let msg = notification(&sock);
+    assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
+    assert!(msg.contains("joined the HA cluster"), "{msg:?}");
+    let status = ferry(["ha", "status", "--json", "--etcd", &etcd.url, "--cluster", &cluster])
+        .run()
+        .json();
+    assert!(status.to_string().contains("host-a"), "{status}");
+}

@@ -9,27 +9,33 @@ use clap::Args;
 use super::{exit, CliError};
 use ferry_agent::{self as agent, AgentConfig};
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct AgentArgs {
+    /// Configuration file (TOML; its keys are the long flags' names, e.g.
+    /// `listen`, `key`, `etcd = ["https://..."]`). The command line and the
+    /// FERRY_* variables override it. Must be root's and writable by no one
+    /// else.
+    #[arg(long, value_name = "FILE", env = "FERRY_CONFIG")]
+    pub config: Option<PathBuf>,
     #[command(flatten)]
     pub criu: super::CriuArgs,
     /// Address to listen on (port 0: any free port, printed at start).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7070")]
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7070", env = "FERRY_LISTEN")]
     pub listen: SocketAddr,
     /// Shared secret file (same on every host; make one with `ferry keygen`).
-    #[arg(long, value_name = "FILE")]
-    pub key: PathBuf,
+    #[arg(long, value_name = "FILE", env = "FERRY_KEY")]
+    pub key: Option<PathBuf>,
     /// Where received pages and checkpoints are kept.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent")]
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent", env = "FERRY_STORE")]
     pub store: PathBuf,
     /// runc's state directory for containers restored here.
-    #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT)]
+    #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT, env = "FERRY_RUNC_ROOT")]
     pub runc_root: PathBuf,
     /// dockerd's API socket, for Docker containers restored here.
-    #[arg(long, value_name = "SOCKET", default_value = ferry_core::target::docker::DEFAULT_SOCKET)]
+    #[arg(long, value_name = "SOCKET", default_value = ferry_core::target::docker::DEFAULT_SOCKET, env = "FERRY_DOCKER_SOCKET")]
     pub docker_socket: PathBuf,
     /// Where images are rebuilt before a restore (default: tmpfs when it fits).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", env = "FERRY_STAGING")]
     pub staging: Option<PathBuf>,
     /// Keep each committed migration's images under STORE/checkpoints/.
     #[arg(long)]
@@ -39,24 +45,147 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub etcd: super::ha::EtcdArgs,
     /// The HA cluster's name.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "FERRY_CLUSTER")]
     pub cluster: Option<String>,
     /// This host's name in the cluster.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", env = "FERRY_NAME")]
     pub name: Option<String>,
     /// The IP address peers and clients reach this host at.
-    #[arg(long, value_name = "IP")]
+    #[arg(long, value_name = "IP", env = "FERRY_ADVERTISE")]
     pub advertise: Option<std::net::IpAddr>,
     /// TTL of this host's etcd lease: a dead host's services fail over
     /// after about this long.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1)]
+    #[arg(long, value_name = "SECONDS", default_value_t = 1, env = "FERRY_LEASE_TTL")]
     pub lease_ttl: u64,
 }
 
-pub fn run(args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+/// `ferry agent --config FILE`: the same settings as the flags.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct AgentFile {
+    listen: Option<SocketAddr>,
+    key: Option<PathBuf>,
+    store: Option<PathBuf>,
+    runc_root: Option<PathBuf>,
+    docker_socket: Option<PathBuf>,
+    staging: Option<PathBuf>,
+    keep_images: Option<bool>,
+    criu: Option<PathBuf>,
+    criu_service: Option<PathBuf>,
+    etcd: Option<Vec<String>>,
+    etcd_cacert: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    etcd_password_file: Option<PathBuf>,
+    cluster: Option<String>,
+    name: Option<String>,
+    advertise: Option<std::net::IpAddr>,
+    lease_ttl: Option<u64>,
+}
+
+/// Largest configuration file read (it holds paths and names only).
+const CONFIG_MAX: u64 = 64 * 1024;
+
+fn read_config(path: &std::path::Path) -> Result<AgentFile, CliError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let bad = |why: String| CliError::Usage(format!("config file {}: {why}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+    // It names the key, the store and the endpoints: whoever can change it
+    // can make the agent trust or serve what they like.
+    let euid = nix::unistd::geteuid().as_raw();
+    if meta.uid() != euid && meta.uid() != 0 {
+        return Err(bad(format!(
+            "owned by uid {}, not by root or this user: refused",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(bad(format!(
+            "mode {:o} lets others write it: refused (chmod go-w)",
+            meta.mode() & 0o7777
+        )));
+    }
+    if !meta.is_file() || meta.len() > CONFIG_MAX {
+        return Err(bad(format!("not a regular file of at most {CONFIG_MAX} bytes")));
+    }
+    let mut text = String::new();
+    file.take(CONFIG_MAX)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    toml::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
+impl AgentArgs {
+    /// Fills what neither the command line nor the environment set from
+    /// the configuration file.
+    fn with_config(&self, matches: Option<&clap::ArgMatches>) -> Result<AgentArgs, CliError> {
+        let mut a = self.clone();
+        let Some(path) = &self.config else {
+            return Ok(a);
+        };
+        let f = read_config(path)?;
+        let given = |id: &str| {
+            use clap::parser::ValueSource;
+            matches.is_some_and(|m| {
+                matches!(
+                    m.value_source(id),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                )
+            })
+        };
+        macro_rules! fill {
+            ($($field:ident).+ = $value:expr, $id:literal) => {
+                if !given($id) {
+                    if let Some(v) = $value {
+                        a.$($field).+ = v;
+                    }
+                }
+            };
+        }
+        fill!(listen = f.listen, "listen");
+        fill!(key = f.key.map(Some), "key");
+        fill!(store = f.store, "store");
+        fill!(runc_root = f.runc_root, "runc_root");
+        fill!(docker_socket = f.docker_socket, "docker_socket");
+        fill!(staging = f.staging.map(Some), "staging");
+        fill!(keep_images = f.keep_images, "keep_images");
+        fill!(criu.criu = f.criu.map(Some), "criu");
+        fill!(criu.criu_service = f.criu_service.map(Some), "criu_service");
+        fill!(etcd.etcd = f.etcd, "etcd");
+        fill!(etcd.etcd_cacert = f.etcd_cacert.map(Some), "etcd_cacert");
+        fill!(etcd.etcd_cert = f.etcd_cert.map(Some), "etcd_cert");
+        fill!(etcd.etcd_key = f.etcd_key.map(Some), "etcd_key");
+        fill!(etcd.etcd_user = f.etcd_user.map(Some), "etcd_user");
+        fill!(
+            etcd.etcd_password_file = f.etcd_password_file.map(Some),
+            "etcd_password_file"
+        );
+        fill!(cluster = f.cluster.map(Some), "cluster");
+        fill!(name = f.name.map(Some), "name");
+        fill!(advertise = f.advertise.map(Some), "advertise");
+        fill!(lease_ttl = f.lease_ttl, "lease_ttl");
+        Ok(a)
+    }
+}
+
+pub fn run(
+    args: &AgentArgs,
+    matches: Option<&clap::ArgMatches>,
+    out: &mut dyn Write,
+) -> Result<u8, CliError> {
+    let args = &args.with_config(matches)?;
+    let key = args.key.clone().ok_or_else(|| {
+        CliError::Usage(
+            "ferry agent needs its shared secret: --key FILE, FERRY_KEY, or `key` in the config file"
+                .into(),
+        )
+    })?;
     let config = AgentConfig {
         listen: args.listen,
-        key: args.key.clone(),
+        key,
         store: args.store.clone(),
         criu: args.criu.criu.clone(),
         criu_service: args.criu.criu_service.clone(),
@@ -81,10 +210,27 @@ pub fn run(args: &AgentArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             )),
         },
     };
+    let joined = config.ha.is_some();
     let mut printed: std::io::Result<()> = Ok(());
     agent::run(config, &mut |addr| {
         printed = writeln!(out, "ferry agent listening on {addr}").and_then(|_| out.flush());
+        // Under systemd (Type=notify): ready once it listens and, with
+        // --etcd, has joined the cluster (both done before this call).
+        let status = match joined {
+            true => format!("listening on {addr}, joined the HA cluster"),
+            false => format!("listening on {addr}"),
+        };
+        if let Err(e) = sd_notify::notify(
+            false,
+            &[
+                sd_notify::NotifyState::Ready,
+                sd_notify::NotifyState::Status(&status),
+            ],
+        ) {
+            tracing::warn!(error = %e, "cannot tell the service manager that the agent is ready");
+        }
     })?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     printed?;
     Ok(exit::OK)
 }

@@ -14,7 +14,7 @@ use ferry_agent::ha::status;
 
 /// How to reach etcd (as etcdctl's `--endpoints`, `--cacert`, `--cert`,
 /// `--key`, `--user`), for `ferry agent` and every `ferry ha` command.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EtcdArgs {
     /// etcd endpoints (URLs, comma-separated): https:// for TLS.
     #[arg(

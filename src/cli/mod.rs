@@ -94,7 +94,7 @@ pub struct CriuArgs {
     #[arg(long, env = "FERRY_CRIU", value_name = "PATH")]
     pub criu: Option<PathBuf>,
     /// Use a running `criu service --address SOCKET` instead of spawning CRIU.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", env = "FERRY_CRIU_SERVICE")]
     pub criu_service: Option<PathBuf>,
 }
 
@@ -289,7 +289,7 @@ impl Command {
 }
 
 /// Runs a parsed command line; returns the exit status.
-pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
+pub fn run(cli: &Cli, matches: &clap::ArgMatches, out: &mut dyn Write) -> Result<u8, CliError> {
     match &cli.command {
         Command::Check(a) => check::run(a, out),
         Command::Dump(a) => dump::run(a, out),
@@ -301,7 +301,7 @@ pub fn run(cli: &Cli, out: &mut dyn Write) -> Result<u8, CliError> {
         Command::Bench(a) => bench::run(a, out),
         Command::Migrate(a) => migrate::run(a, out),
         Command::Resolve(a) => migrate::resolve(a, out),
-        Command::Agent(a) => agent::run(a, out),
+        Command::Agent(a) => agent::run(a, matches.subcommand_matches("agent"), out),
         Command::Keygen(a) => agent::keygen(a, out),
         Command::Completions(a) => docs::completions(a, out),
         Command::Man(a) => docs::man(a, out),
