@@ -15,9 +15,9 @@ fn main() -> ExitCode {
     // logs) holds application memory or keys: root-only, whatever umask
     // ferry was started with. Its children (CRIU, runc) inherit it.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let parsed = cli::docs::command().try_get_matches().and_then(|m| {
-        <Cli as clap::FromArgMatches>::from_arg_matches(&m).map(|cli| (cli, m))
-    });
+    let parsed = cli::docs::command()
+        .try_get_matches()
+        .and_then(|m| <Cli as clap::FromArgMatches>::from_arg_matches(&m).map(|cli| (cli, m)));
     let (cli, matches) = match parsed {
         Ok(parsed) => parsed,
         Err(e) => {

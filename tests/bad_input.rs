@@ -118,19 +118,30 @@ fn dump_of_a_program_whose_session_is_outside_the_namespace_is_explained() {
     assert!(err.contains("setsid"), "{err}");
 }
 
+/// A directory holding another dump's images is refused (the two would
+/// mix); one holding other files takes the dump and keeps them, as CRIU
+/// does (zdtm writes its `dump.cropt` there first).
 #[test]
-fn dump_into_a_non_empty_directory_is_refused_and_the_workload_runs_on() {
+fn dump_into_a_directory_of_another_dump_is_refused_and_other_files_are_kept() {
     require_criu();
     let dir = scratch("nonempty");
     let w = start_workload(dir.path(), 4);
     let imgs = images(dir.path());
     fs::create_dir_all(&imgs).unwrap();
     fs::write(imgs.join("precious.txt"), b"keep me").unwrap();
-    let err = ferry(["dump", "-t", &w.pid().to_string(), "-D"])
+    fs::write(imgs.join("pstree.img"), b"an older dump").unwrap();
+    let err = ferry(["dump", "-R", "-t", &w.pid().to_string(), "-D"])
         .arg(&imgs)
         .fails_with(4);
-    assert!(err.contains("is not empty"), "{err}");
+    assert!(err.contains("holds another dump's images"), "{err}");
+    assert_eq!(fs::read(imgs.join("pstree.img")).unwrap(), b"an older dump");
+    assert_counting(&w);
+    fs::remove_file(imgs.join("pstree.img")).unwrap();
+    ferry(["dump", "-R", "-t", &w.pid().to_string(), "-D"])
+        .arg(&imgs)
+        .ok();
     assert_eq!(fs::read(imgs.join("precious.txt")).unwrap(), b"keep me");
+    assert!(imgs.join("pstree.img").exists());
     assert_counting(&w);
 }
 

@@ -150,7 +150,10 @@ fn the_agent_reads_its_config_and_tells_the_service_manager_it_is_ready() {
     .unwrap();
     let mut config = String::new();
     for line in sample.lines() {
-        let line = line.strip_prefix("# ").filter(|l| l.contains(" = ")).unwrap_or(line);
+        let line = line
+            .strip_prefix("# ")
+            .filter(|l| l.contains(" = "))
+            .unwrap_or(line);
         let (k, _) = line.split_once(" = ").unwrap_or(("", ""));
         let value = match k {
             "key" => format!("{:?}", key.display().to_string()),
@@ -178,7 +181,10 @@ fn the_agent_reads_its_config_and_tells_the_service_manager_it_is_ready() {
     // The file says port 7070; the environment overrides it.
     let agent = start_agent(
         &["--config", &file.display().to_string()],
-        &[("NOTIFY_SOCKET", &notify_env), ("FERRY_LISTEN", "127.0.0.1:0")],
+        &[
+            ("NOTIFY_SOCKET", &notify_env),
+            ("FERRY_LISTEN", "127.0.0.1:0"),
+        ],
     );
     let addr = agent
         .first_line
@@ -190,7 +196,8 @@ fn the_agent_reads_its_config_and_tells_the_service_manager_it_is_ready() {
     let msg = notification(&sock);
     assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
     assert!(
-        msg.lines().any(|l| l == format!("STATUS=listening on {addr}")),
+        msg.lines()
+            .any(|l| l == format!("STATUS=listening on {addr}")),
         "{msg:?}"
     );
     assert!(dir.path().join("store").is_dir());
@@ -240,15 +247,25 @@ fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let agent = start_agent(&[], &env);
     assert!(
-        agent.first_line.starts_with("ferry agent listening on 127.0.0.1:"),
+        agent
+            .first_line
+            .starts_with("ferry agent listening on 127.0.0.1:"),
         "{:?}",
         agent.first_line
     );
     let msg = notification(&sock);
     assert!(msg.lines().any(|l| l == "READY=1"), "{msg:?}");
     assert!(msg.contains("joined the HA cluster"), "{msg:?}");
-    let status = ferry(["ha", "status", "--json", "--etcd", &etcd.url, "--cluster", &cluster])
-        .run()
-        .json();
+    let status = ferry([
+        "ha",
+        "status",
+        "--json",
+        "--etcd",
+        &etcd.url,
+        "--cluster",
+        &cluster,
+    ])
+    .run()
+    .json();
     assert!(status.to_string().contains("host-a"), "{status}");
 }

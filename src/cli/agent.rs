@@ -20,13 +20,23 @@ pub struct AgentArgs {
     #[command(flatten)]
     pub criu: super::CriuArgs,
     /// Address to listen on (port 0: any free port, printed at start).
-    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:7070", env = "FERRY_LISTEN")]
+    #[arg(
+        long,
+        value_name = "ADDR:PORT",
+        default_value = "0.0.0.0:7070",
+        env = "FERRY_LISTEN"
+    )]
     pub listen: SocketAddr,
     /// Shared secret file (same on every host; make one with `ferry keygen`).
     #[arg(long, value_name = "FILE", env = "FERRY_KEY")]
     pub key: Option<PathBuf>,
     /// Where received pages and checkpoints are kept.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/ferry/agent", env = "FERRY_STORE")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/ferry/agent",
+        env = "FERRY_STORE"
+    )]
     pub store: PathBuf,
     /// runc's state directory for containers restored here.
     #[arg(long, value_name = "DIR", default_value = ferry_core::target::runc::DEFAULT_ROOT, env = "FERRY_RUNC_ROOT")]
@@ -55,7 +65,12 @@ pub struct AgentArgs {
     pub advertise: Option<std::net::IpAddr>,
     /// TTL of this host's etcd lease: a dead host's services fail over
     /// after about this long.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1, env = "FERRY_LEASE_TTL")]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 1,
+        env = "FERRY_LEASE_TTL"
+    )]
     pub lease_ttl: u64,
 }
 
@@ -109,7 +124,9 @@ fn read_config(path: &std::path::Path) -> Result<AgentFile, CliError> {
         )));
     }
     if !meta.is_file() || meta.len() > CONFIG_MAX {
-        return Err(bad(format!("not a regular file of at most {CONFIG_MAX} bytes")));
+        return Err(bad(format!(
+            "not a regular file of at most {CONFIG_MAX} bytes"
+        )));
     }
     let mut text = String::new();
     file.take(CONFIG_MAX)

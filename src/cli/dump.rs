@@ -26,7 +26,7 @@ pub struct DumpArgs {
     pub pid: Option<i32>,
     #[command(flatten)]
     pub container: ContainerFlags,
-    /// Directory to write the images to (created; must be empty if it
+    /// Directory to write the images to (created; must hold no other dump's images if it
     /// exists). With --archive the images are kept there too.
     #[arg(short = 'D', long, value_name = "DIR")]
     pub images_dir: Option<PathBuf>,
@@ -45,6 +45,10 @@ pub struct DumpArgs {
     pub ignore_gpu: bool,
     #[command(flatten)]
     pub flags: CriuFlags,
+    #[command(flatten)]
+    pub criu_opts: super::criu_opts::CriuOptionArgs,
+    #[command(flatten)]
+    pub criu_timeout: super::criu_opts::CriuTimeoutArg,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -78,6 +82,15 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         file_locks: args.flags.file_locks,
         log_level: args.flags.log_level,
         ignore_gpu: args.ignore_gpu,
+        log_file: args
+            .flags
+            .log_file
+            .clone()
+            .unwrap_or_else(|| "dump.log".into()),
+        options: ferry_criu::CriuOptions {
+            timeout: args.criu_timeout.criu_timeout,
+            ..args.criu_opts.options()?
+        },
         ..DumpRequest::new(
             args.pid.unwrap_or(0),
             args.images_dir.clone().unwrap_or_default(),

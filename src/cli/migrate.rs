@@ -48,7 +48,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub to: String,
     /// Shared secret file (the agent's).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", env = "FERRY_KEY")]
     pub key: PathBuf,
     /// Stop pre-copy once the final transfer is predicted to fit this
     /// (e.g. 300ms, 1s).
@@ -91,6 +91,8 @@ pub struct MigrateArgs {
     pub ignore_gpu: bool,
     #[command(flatten)]
     pub flags: CriuFlags,
+    #[command(flatten)]
+    pub criu_opts: super::criu_opts::CriuOptionArgs,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -149,12 +151,14 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             lazy_pages: args.lazy_pages,
             remote_pages: false,
             ha_service: None,
+            criu: args.criu_opts.restore_flags(),
         },
         ignore_gpu: args.ignore_gpu,
         staging: args.staging.clone(),
         keep_images: args.keep_images.clone(),
         io_timeout: args.timeout,
         outcome_wait: args.outcome_wait,
+        criu_options: args.criu_opts.options()?,
     };
     let report = migrate::migrate(&criu, &opts).map_err(Box::new)?;
     if args.json {

@@ -17,6 +17,7 @@
 mod agent;
 mod bench;
 mod check;
+mod criu_opts;
 mod demo;
 pub mod docs;
 mod dump;
@@ -163,17 +164,31 @@ pub struct CriuFlags {
     #[arg(long)]
     pub tcp_established: bool,
     /// Allow a tree attached to a terminal / outside its own session.
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     pub shell_job: bool,
     /// Allow external unix socket connections.
-    #[arg(long)]
+    #[arg(short = 'x', long)]
     pub ext_unix_sk: bool,
     /// Checkpoint/restore file locks.
-    #[arg(long)]
+    #[arg(short = 'l', long)]
     pub file_locks: bool,
     /// CRIU log verbosity, 0 (none) to 4 (debug).
-    #[arg(long, default_value_t = ferry_criu::DEFAULT_LOG_LEVEL, value_parser = clap::value_parser!(u8).range(0..=4))]
+    #[arg(long, visible_alias = "verbosity", default_value_t = ferry_criu::DEFAULT_LOG_LEVEL, value_parser = clap::value_parser!(u8).range(0..=4))]
     pub log_level: u8,
+    /// CRIU's log file name, in the images directory (default dump.log,
+    /// restore.log).
+    #[arg(short = 'o', long, value_name = "NAME", value_parser = log_file_name)]
+    pub log_file: Option<String>,
+}
+
+/// A log file name inside the images directory: no directories, no "..".
+fn log_file_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.contains('/') || s == "." || s == ".." {
+        return Err(format!(
+            "'{s}' is not a file name (CRIU's log goes in the images directory)"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// How the command line names a container (dump and restore).

@@ -55,6 +55,10 @@ pub struct RestoreArgs {
     pub bundle: Option<PathBuf>,
     #[command(flatten)]
     pub flags: CriuFlags,
+    #[command(flatten)]
+    pub criu_opts: super::criu_opts::CriuOptionArgs,
+    #[command(flatten)]
+    pub criu_timeout: super::criu_opts::CriuTimeoutArg,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -77,11 +81,28 @@ struct RestoreReport {
 }
 
 pub fn run(args: &RestoreArgs, out: &mut dyn Write) -> Result<u8, CliError> {
+    let options = ferry_criu::CriuOptions {
+        timeout: args.criu_timeout.criu_timeout,
+        ..args.criu_opts.options()?
+    };
     if let Some(container) = args.container.container() {
+        if options != ferry_criu::CriuOptions::default() {
+            // The engine runs CRIU for a container's restore.
+            return Err(CliError::Usage(
+                "CRIU options are not passed through runc or Docker on a container's restore; give them to the dump, or restore the tree with ferry"
+                    .into(),
+            ));
+        }
         return run_container(&container, args, out);
     }
     let criu = args.criu.locate()?;
     let req = RestoreRequest {
+        options,
+        log_file: args
+            .flags
+            .log_file
+            .clone()
+            .unwrap_or_else(|| "restore.log".into()),
         tcp_established: args.flags.tcp_established,
         shell_job: args.flags.shell_job,
         ext_unix_sk: args.flags.ext_unix_sk,

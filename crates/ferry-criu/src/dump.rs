@@ -53,6 +53,8 @@ pub struct DumpRequest {
     /// returns only when the transfer ends. Needs a `criu swrk` of ferry's
     /// own (a CRIU service cannot be handed a descriptor).
     pub lazy_socket: Option<LazySocket>,
+    /// CRIU's own options the user passed through, applied over ferry's.
+    pub options: super::CriuOptions,
 }
 
 /// The page server's end of a lazy dump's connection; CRIU takes it once.
@@ -116,6 +118,7 @@ impl DumpRequest {
             tcp_skip_in_flight: false,
             stream: false,
             lazy_socket: None,
+            options: super::CriuOptions::default(),
         }
     }
 
@@ -183,10 +186,20 @@ impl Criu {
                     why: format!("cannot make a directory for CRIU's configuration: {e}"),
                 })?;
             let path = conf.path().join("rpc.conf");
-            std::fs::write(&path, format!("ps-socket {LAZY_SOCKET_CHILD_FD}\n")).map_err(|e| {
-                CriuError::LazySocket {
-                    why: format!("cannot write {}: {e}", path.display()),
-                }
+            // CRIU reads one configuration file for a request: the user's
+            // (--criu-config) goes in it first.
+            let theirs = match &req.options.config_file {
+                Some(f) => std::fs::read_to_string(f).map_err(|e| CriuError::LazySocket {
+                    why: format!("cannot read CRIU configuration {}: {e}", f.display()),
+                })?,
+                None => String::new(),
+            };
+            std::fs::write(
+                &path,
+                format!("{theirs}\nps-socket {LAZY_SOCKET_CHILD_FD}\n"),
+            )
+            .map_err(|e| CriuError::LazySocket {
+                why: format!("cannot write {}: {e}", path.display()),
             })?;
             opts.lazy_pages = Some(true);
             opts.config_file = Some(path.display().to_string());
@@ -210,6 +223,12 @@ impl Criu {
             if c.empty_net_ns {
                 opts.empty_ns = Some(libc::CLONE_NEWNET as u32);
             }
+        }
+        // The user's CRIU options on top of ferry's; a lazy dump keeps its
+        // own configuration file, which includes the user's.
+        req.options.apply(&mut opts);
+        if let Some(conf) = &conf_dir {
+            opts.config_file = Some(conf.path().join("rpc.conf").display().to_string());
         }
         let msg = pb::CriuReq {
             r#type: pb::CriuReqType::Dump as i32,
@@ -283,6 +302,7 @@ impl Criu {
                 args.extend(["--empty-ns".into(), "net".into()]);
             }
         }
+        args.extend(req.options.args());
         let wall = self.run_cli(RequestKind::Dump, "dump", args, &log)?;
         Ok(DumpOutcome {
             wall,

@@ -27,6 +27,7 @@ mod dump;
 mod error;
 mod lazy;
 mod notify;
+pub mod options;
 pub mod page_server;
 mod restore;
 pub mod streamer;
@@ -41,6 +42,7 @@ pub use error::{CriuError, RequestKind};
 use ferry_sys::which;
 pub use lazy::LazyPages;
 pub use notify::{HookError, NoHooks, Notification, NotifyHook, Script, Timeline};
+pub use options::CriuOptions;
 pub use restore::{RestoreOutcome, RestoreRequest};
 pub use version::{Features, Version};
 

@@ -41,6 +41,8 @@ pub struct RestoreRequest {
     /// mode, and aborts), so this one request runs `criu restore` itself:
     /// no NOTIFY hooks, and the timeline holds only the total.
     pub stream: bool,
+    /// CRIU's own options the user passed through, applied over ferry's.
+    pub options: super::CriuOptions,
 }
 
 /// Where a streamed restore's CRIU writes the restored root's pid.
@@ -60,6 +62,7 @@ impl RestoreRequest {
             leave_stopped: false,
             lazy_pages: false,
             stream: false,
+            options: super::CriuOptions::default(),
         }
     }
 
@@ -94,7 +97,7 @@ impl Criu {
         if req.stream {
             return self.restore_streamed(req);
         }
-        let opts = pb::CriuOpts {
+        let mut opts = pb::CriuOpts {
             images_dir_fd: dir.as_raw_fd(),
             tcp_established: Some(req.tcp_established),
             shell_job: Some(req.shell_job),
@@ -108,6 +111,7 @@ impl Criu {
             lazy_pages: req.lazy_pages.then_some(true),
             ..Default::default()
         };
+        req.options.apply(&mut opts);
         let msg = pb::CriuReq {
             r#type: pb::CriuReqType::Restore as i32,
             opts: Some(opts),
@@ -167,6 +171,7 @@ impl Criu {
                 args.push(flag.into());
             }
         }
+        args.extend(req.options.args());
         let wall = self.run_cli(RequestKind::Restore, "restore", args, &log)?;
         let pid = std::fs::read_to_string(&pidfile)
             .ok()

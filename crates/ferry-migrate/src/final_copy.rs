@@ -299,6 +299,7 @@ pub(super) fn final_dump_request(opts: &MigrateOptions, pid: i32, images: &Path)
         ignore_gpu: opts.ignore_gpu,
         // Connections not yet accepted are left out; their clients retry.
         tcp_skip_in_flight: true,
+        options: opts.criu_options.clone(),
         ..DumpRequest::new(pid, images)
     }
 }

@@ -104,6 +104,9 @@ pub struct MigrateOptions {
     /// asking the destination for the outcome before leaving the
     /// application stopped here for `ferry resolve`.
     pub outcome_wait: Duration,
+    /// CRIU options the user passed: the source's dump applies them all;
+    /// the destination's restore those [`RestoreOpts::criu`] carries.
+    pub criu_options: ferry_criu::CriuOptions,
 }
 
 /// Time allowed to connect and authenticate.

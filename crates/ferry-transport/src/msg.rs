@@ -184,6 +184,33 @@ pub struct RestoreOpts {
     /// the service over, this host finds the copy the move brought.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ha_service: Option<String>,
+    /// CRIU restore options from the source's command line (CRIU's names).
+    #[serde(default, skip_serializing_if = "CriuRestoreFlags::is_empty")]
+    pub criu: CriuRestoreFlags,
+}
+
+/// The CRIU restore options a migration carries to the destination, as
+/// words in CRIU's vocabulary: the destination checks each before CRIU sees
+/// it. Options that name local paths or commands (a configuration file,
+/// `--exec-cmd`, `--root`) are not carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriuRestoreFlags {
+    /// `--manage-cgroups[=MODE]` ("" for CRIU's default mode).
+    pub manage_cgroups: Option<String>,
+    pub tcp_close: bool,
+    pub weak_sysctls: bool,
+    pub network_lock: Option<String>,
+    pub file_validation: Option<String>,
+    pub skip_file_rwx_check: bool,
+    pub mntns_compat_mode: bool,
+    pub lsm_profile: Option<String>,
+}
+
+impl CriuRestoreFlags {
+    pub fn is_empty(&self) -> bool {
+        *self == CriuRestoreFlags::default()
+    }
 }
 
 /// Where the source holds its kernel proof

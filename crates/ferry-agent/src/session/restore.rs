@@ -85,6 +85,12 @@ impl Session<'_> {
         bundle: Option<&Path>,
         opts: &RestoreOpts,
     ) -> Result<i32, SessionError> {
+        if !opts.criu.is_empty() {
+            return Err(SessionError::Decided(
+                "CRIU options are not passed through runc or Docker on a container's restore"
+                    .into(),
+            ));
+        }
         let restored = checkpoint::restore_container(
             container,
             Source::Dir(images),
@@ -131,6 +137,7 @@ impl Session<'_> {
             // (but on one kernel, where the source is gone and restores
             // from these images if this restore fails).
             consume_images: !opts.lazy_pages && !self.agent.config.keep_images && !self.same_kernel,
+            options: criu_options(&opts.criu)?,
             ..RestoreRequest::new(images)
         };
         if let Some(lazy) = self.lazy.as_mut() {
@@ -215,6 +222,84 @@ impl Session<'_> {
                 return Err(SessionError::NoPageSource(PAGE_SOURCE_WAIT));
             }
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// The CRIU restore options the source sent, each checked (they come from
+/// the network).
+fn criu_options(
+    f: &ferry_transport::msg::CriuRestoreFlags,
+) -> Result<ferry_criu::CriuOptions, SessionError> {
+    use ferry_criu::options::{CgroupMode, FileValidation, NetworkLock};
+    let bad = |e: String| SessionError::Decided(format!("bad CRIU option from the source: {e}"));
+    let lsm_profile = match &f.lsm_profile {
+        Some(p) if p.len() > 256 || p.contains(['\n', '\0']) => {
+            return Err(bad("lsm-profile too long or not one line".into()))
+        }
+        p => p.clone(),
+    };
+    Ok(ferry_criu::CriuOptions {
+        manage_cgroups: match f.manage_cgroups.as_deref() {
+            None => None,
+            Some("") => Some(None),
+            Some(m) => Some(Some(CgroupMode::parse(m).map_err(bad)?)),
+        },
+        tcp_close: f.tcp_close,
+        weak_sysctls: f.weak_sysctls,
+        network_lock: f
+            .network_lock
+            .as_deref()
+            .map(NetworkLock::parse)
+            .transpose()
+            .map_err(bad)?,
+        file_validation: f
+            .file_validation
+            .as_deref()
+            .map(FileValidation::parse)
+            .transpose()
+            .map_err(bad)?,
+        skip_file_rwx_check: f.skip_file_rwx_check,
+        mntns_compat_mode: f.mntns_compat_mode,
+        lsm_profile,
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_transport::msg::CriuRestoreFlags;
+
+    #[test]
+    fn restore_options_from_the_source_are_checked() {
+        let good = CriuRestoreFlags {
+            manage_cgroups: Some("soft".into()),
+            network_lock: Some("skip".into()),
+            tcp_close: true,
+            ..Default::default()
+        };
+        let o = criu_options(&good).unwrap();
+        assert_eq!(
+            o.manage_cgroups,
+            Some(Some(ferry_criu::options::CgroupMode::Soft))
+        );
+        assert!(o.tcp_close);
+        for bad in [
+            CriuRestoreFlags {
+                network_lock: Some("pf".into()),
+                ..Default::default()
+            },
+            CriuRestoreFlags {
+                manage_cgroups: Some("hard".into()),
+                ..Default::default()
+            },
+            CriuRestoreFlags {
+                lsm_profile: Some("apparmor:x\nexec-cmd y".into()),
+                ..Default::default()
+            },
+        ] {
+            assert!(criu_options(&bad).is_err(), "{bad:?} accepted");
         }
     }
 }

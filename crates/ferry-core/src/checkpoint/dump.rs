@@ -29,7 +29,7 @@ pub fn dump(
     let pids =
         process::tree(req.pid).map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
     let plan = gpu::assess(&pids, req.ignore_gpu)?;
-    prepare_dir(&req.images_dir)?;
+    let kept = prepare_dir(&req.images_dir)?;
     if let GpuPlan::Ignored { uses, .. } = &plan {
         tracing::warn!(
             pids = ?uses.iter().map(|u| u.pid).collect::<Vec<_>>(),
@@ -86,7 +86,7 @@ pub fn dump(
         }
         Err(source) => {
             let after = settle_target(req.pid);
-            remove_partial_images(&req.images_dir, &req.log_file);
+            remove_partial_images(&req.images_dir, &req.log_file, &kept);
             Err(CheckpointError::DumpFailed {
                 pid: req.pid,
                 after,
@@ -138,11 +138,14 @@ fn check_target(pid: i32) -> Result<(), CheckpointError> {
     }
 }
 
-fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
+/// Makes sure `dir` can take a dump; the names already in it (kept, and
+/// never removed: a log, a note, zdtm's `dump.cropt`).
+fn prepare_dir(dir: &Path) -> Result<Vec<std::ffi::OsString>, CheckpointError> {
     let not_writable = |source| CheckpointError::DirNotWritable {
         path: dir.to_path_buf(),
         source,
     };
+    let mut kept = Vec::new();
     match fs::metadata(dir) {
         Ok(m) if !m.is_dir() => {
             return Err(CheckpointError::NotADirectory {
@@ -150,19 +153,24 @@ fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
             })
         }
         Ok(_) => {
+            // Images of another dump would mix with this one's: refused.
+            // Anything else (CRIU logs, the user's files) stays, untouched.
             // A streamed dump's capture listens in the directory already.
-            let entries = fs::read_dir(dir)
-                .map_err(not_writable)?
-                .filter(|e| {
-                    e.as_ref().map_or(true, |e| {
-                        e.file_name() != ferry_criu::capture::CAPTURE_SOCKET
-                    })
-                })
-                .count();
-            if entries > 0 {
+            let mut images = 0;
+            for entry in fs::read_dir(dir).map_err(not_writable)? {
+                let name = entry.map_err(not_writable)?.file_name();
+                if name == ferry_criu::capture::CAPTURE_SOCKET {
+                    continue;
+                }
+                match ferry_image::dir::classify_name(&name.to_string_lossy()) {
+                    FileClass::Pages | FileClass::Metadata | FileClass::Stats => images += 1,
+                    FileClass::Log | FileClass::Other => kept.push(name),
+                }
+            }
+            if images > 0 {
                 return Err(CheckpointError::DirNotEmpty {
                     path: dir.to_path_buf(),
-                    entries,
+                    entries: images,
                 });
             }
         }
@@ -176,7 +184,7 @@ fn prepare_dir(dir: &Path) -> Result<(), CheckpointError> {
     let probe = dir.join(".ferry-write-test");
     fs::write(&probe, b"").map_err(not_writable)?;
     fs::remove_file(&probe).map_err(not_writable)?;
-    Ok(())
+    Ok(kept)
 }
 
 /// Every regular file of `dir`, then `dir` itself, on stable storage.
@@ -220,12 +228,16 @@ fn settle_target(pid: i32) -> TargetAfterFailure {
     }
 }
 
-/// Removes what a failed dump wrote, except CRIU's log.
-fn remove_partial_images(dir: &Path, log_file: &str) {
+/// Removes what a failed dump wrote, except CRIU's log and what was there
+/// before (`kept`).
+fn remove_partial_images(dir: &Path, log_file: &str, kept: &[std::ffi::OsString]) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
+        if kept.contains(&entry.file_name()) {
+            continue;
+        }
         let name = entry.file_name().to_string_lossy().into_owned();
         let is_log = name == log_file || ferry_image::dir::classify_name(&name) == FileClass::Log;
         if !is_log {

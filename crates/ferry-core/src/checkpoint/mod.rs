@@ -78,7 +78,7 @@ pub enum CheckpointError {
     SessionOutside { pid: i32, comm: String },
     #[error("pid {pid} is a zombie ({comm}): nothing left to dump")]
     Zombie { pid: i32, comm: String },
-    #[error("images directory {} is not empty ({entries} entries): dump into a new or empty directory", path.display())]
+    #[error("images directory {} holds another dump's images ({entries} files): dump into a new or empty directory", path.display())]
     DirNotEmpty { path: PathBuf, entries: usize },
     #[error("images directory {} exists but is not a directory", path.display())]
     NotADirectory { path: PathBuf },

@@ -55,6 +55,7 @@ impl ServiceRun {
             keep_images: None,
             io_timeout: Duration::from_secs(30),
             outcome_wait: ferry_migrate::outcome::OUTCOME_WAIT,
+            criu_options: Default::default(),
         };
         // While it moves, fencing must not pause it (the migration freezes
         // it itself), but it stays fenced: a lease that runs out deletes
