@@ -1529,6 +1529,7 @@ fn a_spec_without_the_cluster_keys_seal_runs_nowhere() {
         interval_ms: 1000,
         standbys: 1,
         hosts: vec![],
+        stopped: false,
     };
     c.client
         .put(

@@ -97,10 +97,12 @@ fn notification(sock: &std::os::unix::net::UnixDatagram) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// A running `ferry agent` whose stdout's first line was read.
+/// A running `ferry agent` whose stdout's first line was read (and the
+/// second, the metrics address, when it serves metrics).
 struct Started {
     child: std::process::Child,
     first_line: String,
+    metrics: Option<String>,
 }
 
 impl Drop for Started {
@@ -122,10 +124,62 @@ fn start_agent(args: &[&str], env: &[(&str, &str)]) -> Started {
         .spawn()
         .expect("spawn ferry agent");
     let mut first_line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first_line)
-        .unwrap();
-    Started { child, first_line }
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    out.read_line(&mut first_line).unwrap();
+    let serves_metrics =
+        args.contains(&"--metrics") || env.iter().any(|(k, _)| *k == "FERRY_METRICS");
+    let metrics = serves_metrics.then(|| {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        line.trim()
+            .strip_prefix("ferry agent metrics on http://")
+            .and_then(|l| l.strip_suffix("/metrics"))
+            .unwrap_or_else(|| panic!("no metrics address: {line:?}"))
+            .to_string()
+    });
+    Started {
+        child,
+        first_line,
+        metrics,
+    }
+}
+
+/// `GET path` over plain HTTP/1.1: (status line, headers and body).
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.to_string(), body.to_string())
+}
+
+/// The samples of an OpenMetrics exposition: "name{labels}" -> value.
+fn samples(body: &str) -> std::collections::BTreeMap<String, f64> {
+    assert!(
+        body.trim_end().ends_with("# EOF"),
+        "not OpenMetrics:\n{body}"
+    );
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (name, value) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {l:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {l:?}"));
+            (name.to_string(), value)
+        })
+        .collect()
+}
+
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let (head, body) = http_get(addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    samples(&body)
 }
 
 fn write_private(path: &std::path::Path, text: &str) {
@@ -223,9 +277,12 @@ fn a_config_file_others_can_write_or_with_unknown_keys_is_refused() {
 }
 
 /// With etcd, readiness waits until the agent has joined the cluster, and
-/// every HA setting can come from the environment alone.
+/// every HA setting can come from the environment alone. Its metrics show
+/// the lease renewals, and a service it leads: the takeover, checkpoints
+/// and their frozen time.
 #[test]
 fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
+    require_criu();
     let dir = scratch("notify-etcd");
     let etcd = common::etcd::EtcdProc::start(dir.path(), "127.0.0.1".parse().unwrap());
     let key = dir.path().join("key");
@@ -243,6 +300,7 @@ fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
         ("FERRY_CLUSTER", cluster.clone()),
         ("FERRY_NAME", "host-a".to_string()),
         ("FERRY_ADVERTISE", "127.0.0.1".to_string()),
+        ("FERRY_METRICS", "127.0.0.1:0".to_string()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let agent = start_agent(&[], &env);
@@ -268,4 +326,159 @@ fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
     .run()
     .json();
     assert!(status.to_string().contains("host-a"), "{status}");
+
+    // An ordinary program as a service, checkpointed every 500 ms.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let ha = |sub: &str| {
+        ferry(["ha", sub, "--etcd", &etcd.url, "--cluster", &cluster])
+            .arg("--key")
+            .arg(&key)
+    };
+    ha("run")
+        .args_from([
+            "ops-web",
+            "--port",
+            &port,
+            "--interval-ms",
+            "500",
+            "--standbys",
+            "0",
+        ])
+        .args_from([
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port,
+        ])
+        .run()
+        .ok();
+    let metrics = agent.metrics.clone().unwrap();
+    let checkpoints = "ferry_ha_checkpoints_total{service=\"ops-web\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut seen = scrape(&metrics);
+    while seen.get(checkpoints).copied().unwrap_or(0.0) < 2.0
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        seen = scrape(&metrics);
+    }
+    assert!(
+        seen.get(checkpoints).copied().unwrap_or(0.0) >= 2.0,
+        "{seen:?}"
+    );
+    assert_eq!(
+        seen.get("ferry_ha_takeovers_total{service=\"ops-web\",from=\"fresh\"}"),
+        Some(&1.0),
+        "{seen:?}"
+    );
+    assert!(
+        seen["ferry_ha_checkpoint_frozen_seconds_count{service=\"ops-web\"}"] >= 2.0,
+        "{seen:?}"
+    );
+    assert!(
+        seen["ferry_ha_lease_renewal_seconds_count"] >= 1.0,
+        "{seen:?}"
+    );
+    let served = || std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
+    assert!(served(), "the service does not answer");
+
+    // ha stop ends the copy; ha start brings it back; ha rm removes it all.
+    let out = ha("stop").arg("ops-web").run().ok();
+    assert!(out.contains("stopped"), "{out}");
+    assert!(!served(), "the stopped service still answers");
+    let text = ha("status").run().ok();
+    assert!(text.contains("STOPPED"), "{text}");
+    ha("start").arg("ops-web").run().ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !served() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(served(), "the started service does not answer");
+    ha("rm").arg("ops-web").run().ok();
+    assert!(!served(), "the removed service still answers");
+    let status = ha("status").args_from(["--json"]).run().json();
+    assert!(status["services"].get("ops-web").is_none(), "{status}");
+    let held = store.join("ha").join("ops-web");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while held.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!held.exists(), "the agent kept {}", held.display());
+}
+
+/// `--metrics`: a migration received shows in the counters and phase
+/// histograms a Prometheus scrape reads; anything but GET /metrics is
+/// refused.
+#[test]
+fn the_agent_serves_prometheus_metrics_of_the_migrations_it_receives() {
+    require_criu();
+    let dir = scratch("metrics");
+    let key = dir.path().join("key");
+    ferry(["keygen"]).arg(&key).run().ok();
+    let store = dir.path().join("store");
+    let agent = start_agent(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+            "--key",
+            &key.display().to_string(),
+            "--store",
+            &store.display().to_string(),
+        ],
+        &[],
+    );
+    let addr = agent
+        .first_line
+        .trim()
+        .strip_prefix("ferry agent listening on ")
+        .unwrap()
+        .to_string();
+    let metrics = agent.metrics.clone().unwrap();
+    let before = scrape(&metrics);
+    assert_eq!(
+        before.get("ferry_sessions_active"),
+        Some(&0.0),
+        "{before:?}"
+    );
+
+    let mut p = common::program::FileCounter::start(dir.path(), 0);
+    ferry([
+        "migrate",
+        "--shell-job",
+        "--pid",
+        &p.pid.to_string(),
+        "--to",
+        &addr,
+    ])
+    .arg("--key")
+    .arg(&key)
+    .run()
+    .ok();
+    p.reap_shell();
+    let after = scrape(&metrics);
+    assert_eq!(
+        after.get("ferry_migrations_total{outcome=\"committed\"}"),
+        Some(&1.0),
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("ferry_migration_phase_seconds_count{phase=\"restore\"}"),
+        Some(&1.0),
+        "{after:?}"
+    );
+    assert!(after["ferry_migration_phase_seconds_sum{phase=\"session\"}"] > 0.0);
+    assert!(after["ferry_page_store_pages"] > 0.0, "{after:?}");
+    let (head, _) = http_get(&metrics, "/secrets");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(p.counts_on(), "the moved program does not count on");
 }

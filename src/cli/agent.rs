@@ -72,6 +72,10 @@ pub struct AgentArgs {
         env = "FERRY_LEASE_TTL"
     )]
     pub lease_ttl: u64,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (port 0: any
+    /// free port, printed at start). Off by default.
+    #[arg(long, value_name = "ADDR:PORT", env = "FERRY_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `ferry agent --config FILE`: the same settings as the flags.
@@ -97,6 +101,7 @@ struct AgentFile {
     name: Option<String>,
     advertise: Option<std::net::IpAddr>,
     lease_ttl: Option<u64>,
+    metrics: Option<SocketAddr>,
 }
 
 /// Largest configuration file read (it holds paths and names only).
@@ -184,6 +189,7 @@ impl AgentArgs {
         fill!(name = f.name.map(Some), "name");
         fill!(advertise = f.advertise.map(Some), "advertise");
         fill!(lease_ttl = f.lease_ttl, "lease_ttl");
+        fill!(metrics = f.metrics.map(Some), "metrics");
         Ok(a)
     }
 }
@@ -210,6 +216,7 @@ pub fn run(
         docker_socket: args.docker_socket.clone(),
         staging: args.staging.clone(),
         keep_images: args.keep_images,
+        metrics: args.metrics,
         ha: match (&args.cluster, &args.name, args.advertise) {
             _ if args.etcd.etcd.is_empty() => None,
             (Some(cluster), Some(name), Some(ip)) => Some(ferry_agent::ha::HaConfig {
@@ -229,8 +236,14 @@ pub fn run(
     };
     let joined = config.ha.is_some();
     let mut printed: std::io::Result<()> = Ok(());
-    agent::run(config, &mut |addr| {
-        printed = writeln!(out, "ferry agent listening on {addr}").and_then(|_| out.flush());
+    agent::run(config, &mut |ready| {
+        let addr = ready.listen;
+        printed = writeln!(out, "ferry agent listening on {addr}")
+            .and_then(|_| match ready.metrics {
+                Some(m) => writeln!(out, "ferry agent metrics on http://{m}/metrics"),
+                None => Ok(()),
+            })
+            .and_then(|_| out.flush());
         // Under systemd (Type=notify): ready once it listens and, with
         // --etcd, has joined the cluster (both done before this call).
         let status = match joined {

@@ -92,6 +92,42 @@ pub enum HaCommand {
     Status(StatusArgs),
     /// Planned switchover: live-migrate a service to another host.
     Move(MoveArgs),
+    /// Stop a service everywhere (its checkpoints are kept); waits until
+    /// no copy runs.
+    Stop(StopArgs),
+    /// Start a stopped service again, from the newest checkpoint a standby
+    /// verified.
+    Start(StopArgs),
+    /// Remove a service: stop it, then delete its keys; the agents delete
+    /// the checkpoints they hold of it.
+    Rm(StopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StopArgs {
+    /// The service.
+    #[arg(value_name = "SERVICE")]
+    pub service: String,
+    /// Longest wait for the running copy to end (stop, rm).
+    #[arg(long, value_name = "TIME", default_value = "30s", value_parser = super::migrate::parse_duration)]
+    pub wait: std::time::Duration,
+}
+
+/// Waits until no copy of `service` runs (its leader key is gone).
+fn wait_stopped(etcd: &Etcd, cluster: &str, a: &StopArgs) -> Result<(), CliError> {
+    let deadline = std::time::Instant::now() + a.wait;
+    loop {
+        match status::leader_of(etcd, cluster, &a.service)? {
+            None => return Ok(()),
+            Some(host) if std::time::Instant::now() >= deadline => {
+                return Err(CliError::Usage(format!(
+                    "service {} is marked stopped, but its leader {host} has not ended its copy within {:?} (is its agent running?)",
+                    a.service, a.wait
+                )))
+            }
+            Some(_) => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -191,6 +227,7 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
                 interval_ms: r.interval_ms.max(100),
                 standbys: r.standbys,
                 hosts: r.hosts.clone(),
+                stopped: false,
             };
             status::declare(&etcd, &cluster, &spec, need_key("run")?)?;
             writeln!(
@@ -213,6 +250,33 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             } else {
                 status::render(&cluster, &view, out)?;
             }
+        }
+        HaCommand::Stop(a) => {
+            status::set_stopped(&etcd, &cluster, &a.service, true, need_key("stop")?)?;
+            wait_stopped(&etcd, &cluster, a)?;
+            writeln!(
+                out,
+                "service {} stopped: no copy runs; its checkpoints are kept (`ferry ha start {}` resumes it)",
+                a.service, a.service
+            )?;
+        }
+        HaCommand::Start(a) => {
+            status::set_stopped(&etcd, &cluster, &a.service, false, need_key("start")?)?;
+            writeln!(
+                out,
+                "service {} started again; the agents elect its leader, which restores the newest checkpoint",
+                a.service
+            )?;
+        }
+        HaCommand::Rm(a) => {
+            status::set_stopped(&etcd, &cluster, &a.service, true, need_key("rm")?)?;
+            wait_stopped(&etcd, &cluster, a)?;
+            status::remove(&etcd, &cluster, &a.service)?;
+            writeln!(
+                out,
+                "service {} removed: no copy runs, its keys are deleted, and the agents delete its checkpoints",
+                a.service
+            )?;
         }
         HaCommand::Move(m) => {
             status::request_move(&etcd, &cluster, &m.service, &m.to, need_key("move")?)?;

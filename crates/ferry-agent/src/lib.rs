@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod guard;
+pub mod metrics;
 mod page_source;
 mod rebuild;
 mod server;
@@ -59,10 +60,25 @@ pub struct AgentConfig {
     pub keep_images: bool,
     /// Join an HA cluster (see [`crate::ha`]).
     pub ha: Option<crate::ha::HaConfig>,
+    /// Serve Prometheus metrics on this address ([`crate::metrics`]).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Where a started agent can be reached.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub listen: SocketAddr,
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot listen on {addr}")]
     Bind {
         addr: SocketAddr,

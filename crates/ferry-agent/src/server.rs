@@ -127,12 +127,9 @@ pub struct Agent {
     conns: Mutex<HashMap<u64, TcpStream>>,
 }
 
-/// Runs an agent until SIGTERM/SIGINT. `ready` receives the bound address
-/// (useful with port 0).
-pub fn run(
-    config: AgentConfig,
-    ready: &mut dyn FnMut(std::net::SocketAddr),
-) -> Result<(), AgentError> {
+/// Runs an agent until SIGTERM/SIGINT. `ready` receives the bound
+/// addresses (useful with port 0).
+pub fn run(config: AgentConfig, ready: &mut dyn FnMut(crate::Ready)) -> Result<(), AgentError> {
     let secret = Secret::from_file(&config.key)?;
     let store =
         PageStore::open(&config.store, secret.page_key()).map_err(|source| AgentError::Store {
@@ -191,8 +188,25 @@ pub fn run(
         page_sources: Mutex::new(HashMap::new()),
         conns: Mutex::new(HashMap::new()),
     });
+    let metrics = match agent.config.metrics {
+        Some(addr) => {
+            let scraped = Arc::clone(&agent);
+            let refresh = move || {
+                let pages = i64::try_from(scraped.store.len()).unwrap_or(i64::MAX);
+                crate::metrics::get().page_store_pages.set(pages);
+            };
+            let bound = crate::metrics::serve(addr, refresh)
+                .map_err(|source| AgentError::Metrics { addr, source })?;
+            tracing::info!(addr = %bound, "serving Prometheus metrics on /metrics");
+            Some(bound)
+        }
+        None => None,
+    };
     tracing::info!(%local, store = %agent.config.store.display(), pages = agent.store.len(), "agent listening");
-    ready(local);
+    ready(crate::Ready {
+        listen: local,
+        metrics,
+    });
     let mut threads = Vec::new();
     let mut next_id = 0u64;
     let slots = Arc::new(Mutex::new(Slots::default()));

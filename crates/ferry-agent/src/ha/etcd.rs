@@ -505,6 +505,17 @@ impl Etcd {
             .map(|_| ())
     }
 
+    /// Deletes every key under `prefix`.
+    pub fn delete_prefix(&self, prefix: &str) -> Result<(), HaError> {
+        let mut c = self.client()?;
+        let key = prefix.to_string();
+        self.call("delete", async move {
+            c.delete(key, Some(etcd_client::DeleteOptions::new().with_prefix()))
+                .await
+        })
+        .map(|_| ())
+    }
+
     pub fn delete(&self, key: &str) -> Result<(), HaError> {
         let mut c = self.client()?;
         let key = key.to_string();

@@ -187,6 +187,10 @@ pub struct ServiceSpec {
     pub standbys: usize,
     /// Hosts that may run it (empty: all).
     pub hosts: Vec<String>,
+    /// `ferry ha stop`: no copy runs anywhere; the checkpoints are kept and
+    /// `ferry ha start` resumes from the newest a standby verified.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 impl ServiceSpec {
@@ -570,6 +574,7 @@ mod tests {
             interval_ms: 1000,
             standbys: 1,
             hosts: vec![],
+            stopped: false,
         }
     }
 

@@ -502,12 +502,19 @@ impl Member {
                 .and_then(|alive| Ok((alive, alive && self.vouch(&lease)?)));
             match renewed {
                 Ok((true, false)) => {
+                    crate::metrics::get().lease_renewal_failures.inc();
                     if !failing {
                         tracing::warn!(lease = lease.id, "lease renewed, but the vouch could not be written: the renewal does not count");
                         failing = true;
                     }
                 }
                 Ok((true, true)) => {
+                    let took = BootInstant::now()
+                        .as_nanos()
+                        .saturating_sub(sent.as_nanos());
+                    crate::metrics::get()
+                        .lease_renewal_seconds
+                        .observe(took as f64 / 1e9);
                     if failing {
                         tracing::info!(lease = lease.id, "lease renewals get through again");
                         failing = false;
@@ -522,12 +529,14 @@ impl Member {
                     self.arm_guard(&renewed);
                 }
                 Ok((false, _)) => {
+                    crate::metrics::get().lease_renewal_failures.inc();
                     tracing::warn!(lease = lease.id, "the lease expired");
                     if let Ok(mut l) = self.lease.lock() {
                         *l = None;
                     }
                 }
                 Err(e) => {
+                    crate::metrics::get().lease_renewal_failures.inc();
                     if !failing {
                         tracing::warn!(lease = lease.id, error = %e, "lease renewal failed");
                         failing = true;
@@ -828,6 +837,28 @@ impl Member {
                             .entry(name.clone())
                             .or_insert_with(|| ServiceRun::new(name));
                         run.step(&self, &view, sv);
+                    }
+                    // Removed (`ha rm`): no key of the service left, or
+                    // none but records an agent does not act on. A spec
+                    // refused (a bad seal) removes nothing.
+                    let gone: Vec<String> = runs
+                        .keys()
+                        .filter(|n| {
+                            view.services.get(*n).is_none_or(|sv| {
+                                sv.spec.is_none()
+                                    && !sv.refused.iter().any(|(leaf, ..)| leaf == "spec")
+                            })
+                        })
+                        .cloned()
+                        .collect();
+                    for name in gone {
+                        if let Some(run) = runs.remove(&name) {
+                            let last = last_view
+                                .as_ref()
+                                .and_then(|v| v.services.get(&name))
+                                .and_then(|s| s.spec.as_ref());
+                            run.retire(&self, last);
+                        }
                     }
                     last_view = Some(view);
                 }

@@ -182,6 +182,12 @@ fn work(m: &Member, shared: &Shared, service: &str, standby: &str) {
             Ok(sent) => {
                 s.acked.insert(standby.to_string(), job.record.generation);
                 let lag_ms = keys::now_unix_ms().saturating_sub(job.record.taken_unix_ms);
+                crate::metrics::get()
+                    .replication_lag_seconds
+                    .get_or_create(&crate::metrics::ServiceLabel {
+                        service: service.to_string(),
+                    })
+                    .set(lag_ms as f64 / 1e3);
                 // The lag to plan with is that of a standby in sync, sent
                 // this checkpoint alone: one catching up (it restarted, or
                 // a new leader's chain) says nothing of the next one's.
@@ -205,6 +211,12 @@ fn work(m: &Member, shared: &Shared, service: &str, standby: &str) {
                 );
             }
             Err(e) => {
+                crate::metrics::get()
+                    .replication_failures
+                    .get_or_create(&crate::metrics::ServiceLabel {
+                        service: service.to_string(),
+                    })
+                    .inc();
                 s.acked.remove(standby);
                 if !s.stop {
                     tracing::warn!(service, standby, generation = job.record.generation, error = %ferry_image::units::chain(&e), "replication failed");

@@ -49,6 +49,47 @@ pub fn declare(
     )
 }
 
+/// `ferry ha stop` / `start`: the service's spec sealed again with
+/// `stopped` set or cleared. Returns the spec as it now is.
+pub fn set_stopped(
+    etcd: &Etcd,
+    cluster: &str,
+    service: &str,
+    stopped: bool,
+    secret: &Secret,
+) -> Result<ServiceSpec, HaError> {
+    let view = read(etcd, cluster, Seals::Verify(secret))?;
+    let spec = view
+        .services
+        .get(service)
+        .and_then(|s| s.spec.clone())
+        .ok_or_else(|| HaError::NoService {
+            service: service.into(),
+            cluster: cluster.into(),
+        })?;
+    let spec = ServiceSpec { stopped, ..spec };
+    declare(etcd, cluster, &spec, secret)?;
+    Ok(spec)
+}
+
+/// The host leading `service`, if any copy of it runs.
+pub fn leader_of(etcd: &Etcd, cluster: &str, service: &str) -> Result<Option<String>, HaError> {
+    let view = read(etcd, cluster, Seals::Unchecked)?;
+    Ok(view
+        .services
+        .get(service)
+        .and_then(|s| s.leader.as_ref())
+        .map(|l| l.host.clone()))
+}
+
+/// `ferry ha rm`: every key of `service` deleted (its agents then drop what
+/// they hold of it). Stop it first, so that no copy is left running.
+pub fn remove(etcd: &Etcd, cluster: &str, service: &str) -> Result<(), HaError> {
+    super::valid_name(cluster)?;
+    super::valid_name(service)?;
+    etcd.delete_prefix(&keys::service_key(cluster, service, ""))
+}
+
 /// Asks the leader of `service` to move it live to `to` (the request
 /// sealed with the cluster key).
 pub fn request_move(
@@ -137,6 +178,9 @@ pub fn render(cluster: &str, view: &ClusterView, out: &mut dyn Write) -> io::Res
                 s.token,
                 age(now, l.since_unix_ms)
             )?,
+            None if s.spec.as_ref().is_some_and(|s| s.stopped) => {
+                writeln!(out, "  STOPPED (ferry ha start resumes it): no copy runs")?
+            }
             None => writeln!(out, "  leader: none (election pending)")?,
         }
         match &s.address {

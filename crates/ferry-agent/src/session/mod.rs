@@ -157,7 +157,11 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         same_kernel: begin.same_kernel,
         kernel_proof: begin.kernel_proof.clone(),
     };
+    let metrics = crate::metrics::get();
+    metrics.sessions_active.inc();
+    let began = Instant::now();
     let result = session.run(&mut conn);
+    metrics.sessions_active.dec();
     if let Ok(mut s) = agent.sessions.lock() {
         s.remove(&begin.id);
     }
@@ -192,6 +196,19 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
             tracing::error!(session = %begin.id, log = %lazy.log().display(), "post-copy FAILED: the lazy-pages daemon did not deliver every page; the application is broken");
         }
     }
+    let outcome = match (&result, session.restored) {
+        (Ok(true), Some(_)) => "committed",
+        (Err(_), None) => "failed",
+        _ => "aborted",
+    };
+    metrics
+        .migrations
+        .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+        .inc();
+    metrics
+        .migration_phase_seconds
+        .get_or_create(&crate::metrics::PhaseLabel { phase: "session" })
+        .observe(began.elapsed().as_secs_f64());
     match (&result, session.restored) {
         (Ok(true), Some(pid)) => {
             tracing::info!(session = %begin.id, pid, "migration committed; the application runs here");

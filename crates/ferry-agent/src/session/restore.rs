@@ -69,6 +69,10 @@ impl Session<'_> {
         self.agent.outcomes.restored(&self.id, Some(copy));
         self.restored = Some(pid);
         self.ha_service = opts.ha_service.clone();
+        crate::metrics::get()
+            .migration_phase_seconds
+            .get_or_create(&crate::metrics::PhaseLabel { phase: "restore" })
+            .observe(start.elapsed().as_secs_f64());
         Ok(Msg::Restored {
             pid,
             ms: start.elapsed().as_secs_f64() * 1e3,

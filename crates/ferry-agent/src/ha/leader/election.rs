@@ -143,6 +143,18 @@ impl ServiceRun {
             return;
         }
         m.lead_copy(&self.name, copy.clone(), token);
+        let from = match (running, restored.0) {
+            (true, _) => "running",
+            (false, 0) => "fresh",
+            (false, _) => "checkpoint",
+        };
+        crate::metrics::get()
+            .takeovers
+            .get_or_create(&crate::metrics::TakeoverLabel {
+                service: self.name.clone(),
+                from,
+            })
+            .inc();
         let _ = m
             .etcd
             .delete(&keys::standby_key(m.cluster(), &self.name, m.name()));

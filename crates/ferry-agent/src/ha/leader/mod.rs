@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use ferry_sys::clock::BootInstant;
 
 use super::copy::HostCopy;
-use super::keys::{self, AddressRecord, CheckpointRecord, ClusterView, ServiceView};
+use super::etcd::delete_op;
+use super::keys::{self, AddressRecord, CheckpointRecord, ClusterView, ServiceSpec, ServiceView};
 use super::member::Member;
 use super::replica::{self, Link};
 use super::replicator::Replicator;
@@ -114,6 +115,10 @@ impl ServiceRun {
             return;
         }
         let copy = HostCopy::of(m, spec);
+        if spec.stopped {
+            self.stopped(m, sv, &copy);
+            return;
+        }
         // While this host cannot vouch for its lease (renewals failing),
         // fencing alone acts; roles change only on what etcd says.
         let Some(lease) = m.lease_id() else { return };
@@ -251,6 +256,50 @@ impl ServiceRun {
         copy.delete();
         m.unlead(&self.name);
         self.leading = None;
+    }
+
+    /// `ferry ha stop`: no copy runs here, the leader key is given up, and
+    /// nobody campaigns; the checkpoints held stay for `ferry ha start`.
+    fn stopped(&mut self, m: &Member, sv: &ServiceView, copy: &HostCopy) {
+        self.due = None;
+        self.leaderless_since = None;
+        if let Some(l) = self.leading.take() {
+            tracing::info!(service = %self.name, "service stopped (ha stop): ending this copy and giving up the leadership");
+            copy.delete();
+            m.unlead(&self.name);
+            let key = keys::service_key(m.cluster(), &self.name, "leader");
+            let _ = m.etcd.fenced(&key, l.token, vec![delete_op(&key)]);
+        } else if copy.exists() && !m.led.lock().is_ok_and(|l| l.contains_key(&self.name)) {
+            copy.delete();
+        }
+        // A leader key left by a leader that died meanwhile goes with its
+        // lease; one of this host's (an agent restarted) goes now.
+        if sv.leader.as_ref().is_some_and(|l| l.host == m.name()) {
+            let key = keys::service_key(m.cluster(), &self.name, "leader");
+            let _ = m.etcd.fenced(&key, sv.token, vec![delete_op(&key)]);
+        }
+    }
+
+    /// `ferry ha rm`: the service's keys are gone. What this host ran or
+    /// held of it goes too.
+    pub(crate) fn retire(mut self, m: &Member, last: Option<&ServiceSpec>) {
+        if self.leading.take().is_some() {
+            tracing::info!(service = %self.name, "service removed (ha rm): ending this copy");
+            if let Some(spec) = last {
+                HostCopy::of(m, spec).delete();
+            }
+            m.unlead(&self.name);
+        }
+        if let Ok(mut h) = m.holdings.lock() {
+            h.remove(&self.name);
+        }
+        let dir = m.service_dir(&self.name);
+        if dir.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(service = %self.name, dir = %dir.display(), error = %e, "cannot remove what was held of a removed service");
+            }
+        }
+        tracing::info!(service = %self.name, "service removed (ha rm): its checkpoints here are deleted");
     }
 
     /// Re-publishes this host's verified checkpoint if etcd lost it (e.g.

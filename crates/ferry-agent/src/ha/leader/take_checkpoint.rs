@@ -73,6 +73,12 @@ pub(super) fn checkpoint_and_replicate(
     }) {
         Ok((dump, pack)) => checkpoint::ArchiveDump { dump, pack },
         Err(e) => {
+            crate::metrics::get()
+                .checkpoint_failures
+                .get_or_create(&crate::metrics::ServiceLabel {
+                    service: service.to_string(),
+                })
+                .inc();
             // A retry comes soon: the log line is all that is kept (the
             // staging directory goes with `stage`).
             tracing::warn!(service, generation, error = %ferry_image::units::chain(&e), "checkpoint failed; the service keeps running; retrying soon");
@@ -87,6 +93,15 @@ pub(super) fn checkpoint_and_replicate(
         .map_or(d.dump.wall.as_secs_f64() * 1e3, |s| {
             s.frozen.as_secs_f64() * 1e3
         });
+    let label = crate::metrics::ServiceLabel {
+        service: service.to_string(),
+    };
+    let metrics = crate::metrics::get();
+    metrics.checkpoints.get_or_create(&label).inc();
+    metrics
+        .checkpoint_frozen_seconds
+        .get_or_create(&label)
+        .observe(frozen_ms / 1e3);
     if full {
         for old in l.chain.drain(..) {
             let _ = std::fs::remove_file(old.path);
