@@ -957,3 +957,112 @@ fn a_file_written_from_outside_the_tree_stops_a_one_kernel_migration() {
     assert!(err.contains("nothing was frozen"), "{err}");
     assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
 }
+
+fn migrate_json(agent: &AgentProc, pid: i32, extra: &[&str]) -> Cmd {
+    ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
+        .args_from(["--pid", &pid.to_string(), "--to", &agent.addr])
+        .arg("--key")
+        .arg(&agent.key)
+        .args_from(extra)
+}
+
+/// SIGINT during pre-copy cancels: exit 4, the program never stopped, the
+/// agent restored nothing. The live progress came as JSON lines on stderr,
+/// and `--max-bandwidth` kept pre-copy slow enough to be caught in it.
+#[test]
+fn sigint_during_precopy_cancels_and_the_program_never_stops() {
+    require_criu();
+    let dir = scratch("migrate-cancel");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let p = common::program::FileCounter::start(dir.path(), 96);
+    let running = migrate_json(&agent, p.pid, &["--max-bandwidth", "16M"]).spawn();
+    std::thread::sleep(Duration::from_secs(3));
+    running.signal(nix::sys::signal::Signal::SIGINT);
+    let run = running.wait();
+    let err = run.fails_with(4);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout())
+        .unwrap_or_else(|e| panic!("no JSON error ({e}): {}", run.stdout()));
+    assert_eq!(v["error"]["kind"], "refused_before_freezing", "{v}");
+    assert!(err.contains("cancelled"), "{err}");
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "scan" && e["round"] == 1),
+        "no scan event in:\n{err}"
+    );
+    assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
+    assert!(
+        agent.wait_for("session ended without a restore", Duration::from_secs(10)),
+        "{}",
+        agent.log()
+    );
+}
+
+/// SIGINT while the source is frozen and before the commit: the source is
+/// resumed (exit 5), nothing runs at the destination.
+#[test]
+fn sigint_while_frozen_before_the_commit_resumes_the_source() {
+    require_criu();
+    let dir = scratch("migrate-cancel-frozen");
+    let agent = AgentProc::start(
+        dir.path(),
+        "127.0.0.1:0",
+        None,
+        Some("agent-before-rebuild"),
+    );
+    let p = common::program::FileCounter::start(dir.path(), 8);
+    let running = migrate_json(&agent, p.pid, &[]).spawn();
+    agent.wait_fault("agent-before-rebuild");
+    running.signal(nix::sys::signal::Signal::SIGINT);
+    let run = running.wait();
+    let err = run.fails_with(5);
+    assert!(
+        err.contains("cancelled") && err.contains("resumed here"),
+        "{err}"
+    );
+    assert!(p.counts_on(), "the program stopped: {:?}\n{err}", p.state());
+    assert!(
+        agent.wait_for("session ended without a restore", Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
+}
+
+/// `--max-bandwidth`: the data streams never ran faster than the cap (an
+/// upper bound: a slow machine only makes it slower).
+#[test]
+fn max_bandwidth_caps_the_data_streams() {
+    require_criu();
+    let dir = scratch("migrate-cap");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut p = common::program::FileCounter::start(dir.path(), 24);
+    let run = migrate_json(
+        &agent,
+        p.pid,
+        &["--max-bandwidth", "8M", "--max-rounds", "1"],
+    )
+    .run();
+    p.reap_shell();
+    let report = run.json();
+    let round = &report["rounds"][0];
+    let (wire, ms) = (
+        round["wire_bytes"].as_f64().unwrap(),
+        round["ms"].as_f64().unwrap(),
+    );
+    assert!(wire > 16e6, "the random memory was not sent: {report}");
+    let rate = wire / (ms / 1e3);
+    assert!(
+        rate <= 8e6 * 1.1,
+        "{rate:.0} B/s over an 8 MB/s cap: {report}"
+    );
+    assert!(
+        p.counts_on(),
+        "the moved program does not count on: {report}\n{}",
+        agent.log()
+    );
+}

@@ -51,8 +51,11 @@ pub struct CriuOptionArgs {
     #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub ghost_limit: Option<u32>,
     /// Dump ghost files' holes sparsely (FIEMAP).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_ghost_fiemap")]
     pub ghost_fiemap: bool,
+    /// Do not use FIEMAP for ghost files.
+    #[arg(long)]
+    pub no_ghost_fiemap: bool,
     /// An external resource (CRIU syntax, e.g. `mnt[KEY]:VAL`; repeatable).
     #[arg(long, value_name = "RES")]
     pub external: Vec<String>,
@@ -207,7 +210,11 @@ impl CriuOptionArgs {
             force_irmap: self.force_irmap,
             irmap_scan_paths: self.irmap_scan_path.clone(),
             ghost_limit: self.ghost_limit,
-            ghost_fiemap: self.ghost_fiemap,
+            ghost_fiemap: match (self.ghost_fiemap, self.no_ghost_fiemap) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
             external: self.external.clone(),
             ext_mount_map,
             auto_ext_mnt,

@@ -93,9 +93,45 @@ pub struct MigrateArgs {
     pub flags: CriuFlags,
     #[command(flatten)]
     pub criu_opts: super::criu_opts::CriuOptionArgs,
-    /// Print the report as JSON.
+    /// Cap the data streams at this rate (bytes per second: 50M, 1G; or
+    /// bits: 400mbit). The frozen phase's pages are capped too.
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_bandwidth: Option<u64>,
+    /// Print the report as JSON (and the live progress as one JSON object
+    /// per line on stderr).
     #[arg(long)]
     pub json: bool,
+}
+
+/// "50M" (bytes/s), "1G", "400mbit", "125000"; K, M, G are 10^3, 10^6, 10^9.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a rate (e.g. 50M, 1G, 400mbit)"))?;
+    let per_s = unit.trim().trim_end_matches("/s");
+    let bytes = match per_s {
+        "" | "b" => n,
+        "k" | "kb" => n * 1e3,
+        "m" | "mb" => n * 1e6,
+        "g" | "gb" => n * 1e9,
+        "kbit" => n * 1e3 / 8.0,
+        "mbit" => n * 1e6 / 8.0,
+        "gbit" => n * 1e9 / 8.0,
+        other => {
+            return Err(format!(
+                "unknown rate unit '{other}' (K, M, G bytes; kbit, mbit, gbit)"
+            ))
+        }
+    };
+    if bytes < 1.0 {
+        return Err(format!("'{s}' is below one byte per second"));
+    }
+    Ok(bytes as u64)
 }
 
 /// "300ms", "1.5s", "2m"; a bare number is milliseconds.
@@ -120,6 +156,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let criu = args.criu.locate()?;
+    // SIGINT/SIGTERM cancel: the migration stops where it safely can and
+    // the application runs here (CRIU runs in a process group of its own,
+    // so a terminal's Ctrl-C reaches ferry only).
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, std::sync::Arc::clone(&cancel))?;
+    }
     let opts = MigrateOptions {
         target: match (&args.runc, args.pid) {
             _ if args.docker.is_some() => MigrateTarget::Docker {
@@ -159,6 +202,9 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         io_timeout: args.timeout,
         outcome_wait: args.outcome_wait,
         criu_options: args.criu_opts.options()?,
+        max_bandwidth: args.max_bandwidth,
+        events: super::progress::migrate_events(args.json),
+        cancel: migrate::Cancel::new(cancel),
     };
     let report = migrate::migrate(&criu, &opts).map_err(Box::new)?;
     if args.json {
@@ -180,6 +226,15 @@ mod tests {
         assert_eq!(parse_duration("250").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3h").is_err());
+    }
+
+    #[test]
+    fn rates_parse() {
+        assert_eq!(parse_rate("50M").unwrap(), 50_000_000);
+        assert_eq!(parse_rate("400mbit").unwrap(), 50_000_000);
+        assert_eq!(parse_rate("1G/s").unwrap(), 1_000_000_000);
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("0").is_err());
     }
 }
 

@@ -30,3 +30,67 @@ impl Progress for Bar {
         self.0.inc(bytes);
     }
 }
+
+/// `ferry migrate`'s live view: on a terminal a bar for each pre-copy
+/// round's scan and a line per round and phase (stderr); with `--json`, one
+/// JSON object per event on stderr; otherwise nothing.
+pub fn migrate_events(json: bool) -> ferry_migrate::Events {
+    use ferry_migrate::Event;
+    use std::io::IsTerminal;
+    if json {
+        return ferry_migrate::Events::new(|e: &Event| {
+            if let Ok(line) = serde_json::to_string(e) {
+                eprintln!("{line}");
+            }
+        });
+    }
+    if !std::io::stderr().is_terminal() {
+        return ferry_migrate::Events::default();
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    ferry_migrate::Events::new(move |e: &Event| match e {
+        Event::Scan {
+            round,
+            scanned_bytes,
+            total_bytes,
+            ..
+        } => {
+            bar.set_length((*total_bytes).max(*scanned_bytes));
+            bar.set_position(*scanned_bytes);
+            bar.set_message(format!("round {round}"));
+        }
+        Event::Round {
+            round,
+            changed_bytes,
+            dirty_rate_mb_s,
+            predicted_final_ms,
+            ms,
+            ..
+        } => {
+            bar.println(format!(
+                "round {round}: {} changed ({:.1} MB/s dirty), {ms:.0} ms; predicted final transfer {predicted_final_ms:.0} ms",
+                ferry_image::units::bytes(*changed_bytes),
+                dirty_rate_mb_s
+            ));
+        }
+        Event::Phase { phase } => {
+            bar.println(format!("frozen phase: {phase}"));
+            if *phase == "committed" {
+                bar.finish_and_clear();
+            }
+        }
+        Event::PostCopy {
+            pages_served,
+            pages_resident,
+        } => {
+            bar.set_length(*pages_resident.max(pages_served) * 4096);
+            bar.set_position(pages_served * 4096);
+            bar.set_message("post-copy".to_string());
+        }
+    })
+}

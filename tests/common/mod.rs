@@ -157,6 +157,26 @@ impl Cmd {
             output,
         }
     }
+    /// Starts it without waiting (stdout and stderr collected).
+    pub fn spawn(self) -> Running {
+        assert!(self.netns.is_none(), "spawn runs on this host only");
+        let child = Command::new(FERRY)
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {FERRY}: {e}"));
+        Running {
+            args: self
+                .args
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect(),
+            child,
+        }
+    }
     pub fn ok(self) -> String {
         self.run().ok()
     }
@@ -165,6 +185,28 @@ impl Cmd {
     }
     pub fn fails_with(self, code: i32) -> String {
         self.run().fails_with(code)
+    }
+}
+
+/// A `ferry` started by [`Cmd::spawn`].
+pub struct Running {
+    args: Vec<String>,
+    pub child: std::process::Child,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+    pub fn wait(self) -> Run {
+        let output = self.child.wait_with_output().expect("wait for ferry");
+        Run {
+            args: self.args,
+            output,
+        }
     }
 }
 

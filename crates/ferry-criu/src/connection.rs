@@ -39,6 +39,7 @@ impl Connection {
     pub(crate) fn spawn_swrk(
         binary: &Path,
         extra: Option<(std::os::fd::OwnedFd, i32)>,
+        own_group: bool,
     ) -> Result<Connection, CriuError> {
         let spawn_err = |source| CriuError::Spawn {
             binary: binary.to_path_buf(),
@@ -50,6 +51,9 @@ impl Connection {
             .arg(SWRK_CHILD_FD.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null());
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
         let mut mappings = vec![FdMapping {
             parent_fd: theirs.into_owned_fd(),
             child_fd: SWRK_CHILD_FD,

@@ -241,7 +241,7 @@ impl Criu {
         // the connection.
         let mut connection = match lazy_fd.take() {
             Some(fd) => self.connect_with_fd(fd, LAZY_SOCKET_CHILD_FD)?,
-            None => self.connect()?,
+            None => self.connect_for_dump()?,
         };
         let exchange = connection.request(RequestKind::Dump, msg, hooks, Some(&log))?;
         drop(conf_dir);

@@ -85,7 +85,19 @@ impl Criu {
     /// Opens a connection for one or more requests.
     pub fn connect(&self) -> Result<Connection, CriuError> {
         match self {
-            Criu::Swrk { binary } => Connection::spawn_swrk(binary, None),
+            Criu::Swrk { binary } => Connection::spawn_swrk(binary, None, false),
+            Criu::Service { socket } => Connection::connect_service(socket),
+        }
+    }
+
+    /// [`Criu::connect`] for a dump: the `criu swrk` child runs in a
+    /// process group of its own, so a terminal's Ctrl-C reaches ferry
+    /// (which cancels where it safely can), not CRIU mid-dump. (Not for a
+    /// restore: a tree left stopped in an orphaned process group would be
+    /// sent SIGHUP when CRIU exits.)
+    pub fn connect_for_dump(&self) -> Result<Connection, CriuError> {
+        match self {
+            Criu::Swrk { binary } => Connection::spawn_swrk(binary, None, true),
             Criu::Service { socket } => Connection::connect_service(socket),
         }
     }
@@ -98,7 +110,7 @@ impl Criu {
         child_fd: i32,
     ) -> Result<Connection, CriuError> {
         match self {
-            Criu::Swrk { binary } => Connection::spawn_swrk(binary, Some((fd, child_fd))),
+            Criu::Swrk { binary } => Connection::spawn_swrk(binary, Some((fd, child_fd)), true),
             Criu::Service { socket } => Err(CriuError::LazySocket {
                 why: format!(
                     "a CRIU service ({}) cannot be handed a socket: run without --criu-service",
@@ -133,7 +145,12 @@ impl Criu {
     ) -> Result<std::time::Duration, CriuError> {
         let binary = self.cli_binary()?;
         let start = std::time::Instant::now();
-        let out = std::process::Command::new(&binary)
+        let mut cmd = std::process::Command::new(&binary);
+        if request == RequestKind::Dump {
+            // As for a dump's `criu swrk` (see `Criu::connect_for_dump`).
+            std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        }
+        let out = cmd
             .arg(action)
             .args(args)
             .stdin(std::process::Stdio::null())

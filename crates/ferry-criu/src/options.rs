@@ -176,7 +176,8 @@ pub struct CriuOptions {
     pub force_irmap: bool,
     pub irmap_scan_paths: Vec<String>,
     pub ghost_limit: Option<u32>,
-    pub ghost_fiemap: bool,
+    /// `--ghost-fiemap` (Some(true)) or `--no-ghost-fiemap` (Some(false)).
+    pub ghost_fiemap: Option<bool>,
     pub external: Vec<String>,
     /// `--ext-mount-map KEY:VAL`.
     pub ext_mount_map: Vec<(String, String)>,
@@ -244,7 +245,9 @@ impl CriuOptions {
         if let Some(n) = self.ghost_limit {
             o.ghost_limit = Some(n);
         }
-        flag(&mut o.ghost_fiemap, self.ghost_fiemap);
+        if let Some(on) = self.ghost_fiemap {
+            o.ghost_fiemap = Some(on);
+        }
         o.external.extend(self.external.iter().cloned());
         o.ext_mnt
             .extend(self.ext_mount_map.iter().map(|(k, v)| pb::ExtMountMap {
@@ -354,7 +357,8 @@ impl CriuOptions {
             (self.link_remap, "--link-remap"),
             (self.evasive_devices, "--evasive-devices"),
             (self.force_irmap, "--force-irmap"),
-            (self.ghost_fiemap, "--ghost-fiemap"),
+            (self.ghost_fiemap == Some(true), "--ghost-fiemap"),
+            (self.ghost_fiemap == Some(false), "--no-ghost-fiemap"),
             (self.auto_ext_mnt, "--ext-mount-map=auto"),
             (self.ext_sharing, "--enable-external-sharing"),
             (self.ext_masters, "--enable-external-masters"),

@@ -174,11 +174,28 @@ pub fn tree_rss_bytes(pid: i32) -> Result<u64, ProcessError> {
 /// returns the pids it resumed. Used after a failed dump so that nothing is
 /// left frozen whatever CRIU managed to do.
 pub fn resume_stopped(pid: i32) -> Vec<i32> {
+    resume_stopped_except(pid, &[])
+}
+
+/// The processes of the tree rooted at `pid` that are stopped now (job
+/// control or ptrace): the application's own doing before a dump, which a
+/// failed dump's clean-up must leave as they are.
+pub fn stopped_in_tree(pid: i32) -> Vec<i32> {
+    tree(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&p| matches!(ProcessInfo::read(p), Ok(info) if info.is_stopped()))
+        .collect()
+}
+
+/// [`resume_stopped`], leaving alone the pids in `already` (stopped before
+/// the dump: see [`stopped_in_tree`]).
+pub fn resume_stopped_except(pid: i32, already: &[i32]) -> Vec<i32> {
     let Ok(pids) = tree(pid) else {
         return Vec::new();
     };
     let mut resumed = Vec::new();
-    for p in pids {
+    for p in pids.into_iter().filter(|p| !already.contains(p)) {
         if matches!(ProcessInfo::read(p), Ok(info) if info.is_stopped())
             && kill(Pid::from_raw(p), Signal::SIGCONT).is_ok()
         {
@@ -196,10 +213,17 @@ pub fn resume_stopped(pid: i32) -> Vec<i32> {
 /// whichever side of its stop each task is on, where [`resume_stopped`]
 /// would miss a task that stops after it looked.
 pub fn continue_tree(pid: i32) -> Vec<i32> {
+    continue_tree_except(pid, &[])
+}
+
+/// [`continue_tree`], leaving alone the pids in `already` (stopped before
+/// the dump).
+pub fn continue_tree_except(pid: i32, already: &[i32]) -> Vec<i32> {
     let Ok(pids) = tree(pid) else {
         return Vec::new();
     };
     pids.into_iter()
+        .filter(|p| !already.contains(p))
         .filter(|p| kill(Pid::from_raw(*p), Signal::SIGCONT).is_ok())
         .collect()
 }

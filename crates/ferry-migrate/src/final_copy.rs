@@ -189,6 +189,7 @@ pub fn run(
         copy.then(|| images.clone()),
         opts.secret.page_key(),
     );
+    opts.events.emit(crate::Event::Phase { phase: "freezing" });
     let dumped = dump_streamed(criu, source, &req, &sink)?;
     let (outgoing, counts) = match sink.finish(&images) {
         Ok(done) => done,
@@ -228,6 +229,7 @@ pub fn run(
     match result {
         Ok(restored) => {
             report.frozen_ms = ms(frozen_at.elapsed());
+            opts.events.emit(crate::Event::Phase { phase: "committed" });
             if !progress.source_killed {
                 source.kill(&pids);
             }
@@ -391,6 +393,11 @@ fn transfer_and_restore(
     pids: &[i32],
     progress: &mut Progress,
 ) -> Result<i32, FinalError> {
+    // Cancelled while frozen: before the commit, the source resumes.
+    if opts.cancel.requested() {
+        return Err(FinalError::Cancelled);
+    }
+    opts.events.emit(crate::Event::Phase { phase: "transfer" });
     let t = Instant::now();
     let control_before = control.sent_bytes();
     sender.flush()?;
@@ -421,6 +428,10 @@ fn transfer_and_restore(
         }
         other => return Err(unexpected(control, other, "Rebuilt")),
     }
+    if opts.cancel.requested() {
+        return Err(FinalError::Cancelled);
+    }
+    opts.events.emit(crate::Event::Phase { phase: "restore" });
     if same_kernel {
         // One pid space (a process tree needs its pids) and one cgroup
         // tree (a container needs its cgroups): the source goes first.

@@ -38,6 +38,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod events;
 mod final_copy;
 mod images;
 pub mod outcome;
@@ -55,6 +56,7 @@ use ferry_criu::Criu;
 use ferry_transport::msg::{RestoreOpts, Target};
 use ferry_transport::{Conn, Msg, Secret, TransportError};
 
+pub use events::{Cancel, Event, Events};
 pub use report::{FinalReport, MigrateReport, RoundReport, StopReason};
 
 /// What moves.
@@ -107,6 +109,13 @@ pub struct MigrateOptions {
     /// CRIU options the user passed: the source's dump applies them all;
     /// the destination's restore those [`RestoreOpts::criu`] carries.
     pub criu_options: ferry_criu::CriuOptions,
+    /// Most bytes per second on the data streams (None: as fast as the
+    /// link goes).
+    pub max_bandwidth: Option<u64>,
+    /// Live progress.
+    pub events: Events,
+    /// Cancellation (SIGINT/SIGTERM).
+    pub cancel: Cancel,
 }
 
 /// Time allowed to connect and authenticate.
@@ -124,6 +133,8 @@ pub enum MigrateError {
         "post-copy (--lazy-pages) is not supported for containers yet: their engine restores them"
     )]
     LazyContainer,
+    #[error("cancelled before anything was frozen; the application keeps running here")]
+    Cancelled,
     #[error("pre-flight check refused the migration; nothing was frozen")]
     Preflight(#[from] ferry_core::target::preflight::PreflightError),
     #[error("GPU check refused the migration; nothing was frozen")]
@@ -162,6 +173,8 @@ pub enum PrecopyError {
     Live(#[from] LiveError),
     #[error(transparent)]
     Transport(#[from] TransportError),
+    #[error("cancelled (SIGINT or SIGTERM) before anything was frozen")]
+    Cancelled,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,6 +191,8 @@ pub enum FinalError {
     PageServer(#[from] ferry_criu::page_server::PageServerError),
     #[error(transparent)]
     Undecided(Box<Unanswered>),
+    #[error("cancelled (SIGINT or SIGTERM) before the commit")]
+    Cancelled,
 }
 
 /// The destination never said whether it committed.
@@ -298,7 +313,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     ferry_core::target::preflight::check(
         pid,
         ferry_core::target::preflight::Allow {
-            tcp_established: opts.restore.tcp_established,
+            tcp_established: opts.restore.tcp_established || opts.criu_options.tcp_close,
             ext_unix_sk: opts.restore.ext_unix_sk,
         },
     )?;
@@ -381,12 +396,16 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         opts.io_timeout,
     )
     .map_err(connect_err)?;
+    sender.cap(opts.max_bandwidth);
     tracing::info!(%session, to = %opts.to, %dest_host, same_kernel, streams = sender.streams(), "migration begins");
 
     let source = final_copy::Source {
         target: &opts.target,
         pid,
     };
+    if opts.cancel.requested() {
+        return Err(MigrateError::Cancelled);
+    }
     if post_copy::usable(opts, pid, same_kernel) {
         // Post-copy from a lazy dump: no pre-copy, no memory moved while
         // frozen; the destination fetches it on demand afterwards.
@@ -411,7 +430,13 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     let mut pre = precopy::Precopy::new(pid, opts.secret.page_key());
     let stop_reason = pre
         .run(&mut control, &mut sender, opts)
-        .map_err(MigrateError::Precopy)?;
+        .map_err(|e| match e {
+            PrecopyError::Cancelled => MigrateError::Cancelled,
+            e => MigrateError::Precopy(e),
+        })?;
+    if opts.cancel.requested() {
+        return Err(MigrateError::Cancelled);
+    }
     let layout_ms = precopy::send_layouts(&mut control, &pre.layout)
         .map_err(|e| MigrateError::Precopy(e.into()))?;
     let precopy_ms = pre_start.elapsed().as_secs_f64() * 1e3;

@@ -114,6 +114,8 @@ pub fn run(
         ..FinalReport::default()
     };
     let frozen_at = Instant::now();
+    opts.events.emit(crate::Event::Phase { phase: "freezing" });
+    let resident = process::tree_rss_bytes(pid).unwrap_or(0) / PAGE as u64;
     let committed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         let dumping = s.spawn(|| {
@@ -150,31 +152,40 @@ pub fn run(
         let mut serving = None;
         let mut sock = None;
         let key = opts.secret.page_key();
-        let frozen = send_images(&key, control, &images, &mut report)
-            .and_then(|()| page_source(opts, session))
-            .and_then(|mut pages_conn| {
-                sock = pages_conn.socket_handle().ok();
-                let by_vpid = &by_vpid;
-                let committed = &committed;
-                serving =
-                    Some(s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid, committed)));
-                let restore = RestoreOpts {
-                    remote_pages: true,
-                    ..opts.restore.clone()
-                };
-                restore_and_commit(
-                    control,
-                    restore,
-                    &mut report,
-                    &opts.to,
-                    &opts.secret,
-                    session,
-                    opts.outcome_wait,
-                )
-            });
+        let frozen = (if opts.cancel.requested() {
+            Err(FinalError::Cancelled)
+        } else {
+            opts.events.emit(crate::Event::Phase { phase: "transfer" });
+            send_images(&key, control, &images, &mut report)
+        })
+        .and_then(|()| page_source(opts, session))
+        .and_then(|mut pages_conn| {
+            sock = pages_conn.socket_handle().ok();
+            let by_vpid = &by_vpid;
+            let committed = &committed;
+            let events = (opts.events.clone(), resident);
+            serving = Some(
+                s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid, committed, events)),
+            );
+            opts.events.emit(crate::Event::Phase { phase: "restore" });
+            let restore = RestoreOpts {
+                remote_pages: true,
+                ..opts.restore.clone()
+            };
+            restore_and_commit(
+                control,
+                restore,
+                &mut report,
+                &opts.to,
+                &opts.secret,
+                session,
+                opts.outcome_wait,
+            )
+        });
         let restored = match frozen {
             Ok(restored) => {
                 committed.store(true, std::sync::atomic::Ordering::Release);
+                opts.events.emit(crate::Event::Phase { phase: "committed" });
                 restored
             }
             Err(e) => {
@@ -322,6 +333,7 @@ fn serve_pages(
     conn: &mut Conn,
     by_vpid: &HashMap<u64, i32>,
     committed: &std::sync::atomic::AtomicBool,
+    (events, resident): (crate::Events, u64),
 ) -> Result<Served, FinalError> {
     let mut served = Served::default();
     let mut sent = SentPages::new(key);
@@ -377,6 +389,12 @@ fn serve_pages(
                     }
                 }
                 served.requests += 1;
+                if served.requests.is_multiple_of(64) {
+                    events.emit(crate::Event::PostCopy {
+                        pages_served: served.pages + pages,
+                        pages_resident: resident,
+                    });
+                }
                 served.pages += pages;
                 served.zero_pages += zero.len() as u64;
                 served.repeated_pages += repeat.len() as u64;

@@ -14,7 +14,10 @@ use std::time::Instant;
 
 use super::report::{RoundReport, StopReason};
 use super::streams::PageSender;
-use super::{MigrateOptions, PrecopyError};
+use super::{Event, MigrateOptions, PrecopyError};
+
+/// A scan event every this many pages read (32 MiB).
+const SCAN_EVENT_PAGES: u64 = 8192;
 use ferry_core::live;
 use ferry_image::page::Digest;
 use ferry_sys::PAGE_SIZE;
@@ -59,10 +62,22 @@ impl Precopy {
     ) -> Result<StopReason, PrecopyError> {
         let budget_ms = opts.max_downtime.as_secs_f64() * 1e3;
         let mut prev_start: Option<Instant> = None;
+        let total_bytes = ferry_image::process::tree_rss_bytes(self.pid).unwrap_or(0);
         loop {
+            if opts.cancel.requested() {
+                return Err(PrecopyError::Cancelled);
+            }
             let round = self.rounds.len() as u32 + 1;
             let started = Instant::now();
-            let r = self.round(round, control, sender, prev_start)?;
+            let r = self.round(round, control, sender, prev_start, opts, total_bytes)?;
+            opts.events.emit(Event::Round {
+                round,
+                changed_bytes: r.changed_pages * PAGE_SIZE as u64,
+                wire_bytes: sender.wire_bytes(),
+                dirty_rate_mb_s: r.dirty_rate_mb_s,
+                predicted_final_ms: r.predicted_final_ms,
+                ms: r.ms,
+            });
             prev_start = Some(started);
             if round == 1 {
                 ferry_core::fault::point("migrate-after-round-1");
@@ -100,15 +115,30 @@ impl Precopy {
         control: &mut Conn,
         sender: &mut PageSender,
         prev_start: Option<Instant>,
+        opts: &MigrateOptions,
+        total_bytes: u64,
     ) -> Result<RoundReport, PrecopyError> {
         let start = Instant::now();
         let wire_before = sender.wire_bytes();
+        let wire_counter = sender.wire_counter();
+        let mut scanned = 0u64;
         let pids = ferry_image::process::tree(self.pid).unwrap_or_else(|_| vec![self.pid]);
         let key = self.key;
         let known = &mut self.known;
         let layout = &mut self.layout;
         layout.clear();
+        let events = &opts.events;
+        let cancel = &opts.cancel;
         let mut record = |pid: i32, vaddr: u64, d: Option<Digest>| {
+            scanned += 1;
+            if scanned.is_multiple_of(SCAN_EVENT_PAGES) {
+                events.emit(Event::Scan {
+                    round,
+                    scanned_bytes: scanned * PAGE_SIZE as u64,
+                    total_bytes,
+                    wire_bytes: wire_counter.load(std::sync::atomic::Ordering::Relaxed),
+                });
+            }
             let (vaddrs, digests) = layout.entry(pid).or_default();
             vaddrs.push(vaddr);
             digests.push(d.unwrap_or(ZERO_PAGE));
@@ -122,6 +152,9 @@ impl Precopy {
                 &key,
                 &mut |d| known.insert(d),
                 &mut |d, page| {
+                    if cancel.requested() {
+                        return Err(PrecopyError::Cancelled);
+                    }
                     pending.push(d);
                     data.extend_from_slice(page);
                     if pending.len() >= QUERY_PAGES {
@@ -141,6 +174,9 @@ impl Precopy {
                 &key,
                 &mut |d| known.insert(d),
                 &mut |d, page| {
+                    if cancel.requested() {
+                        return Err(PrecopyError::Cancelled);
+                    }
                     sent += 1;
                     sender.push(d, page).map_err(PrecopyError::from)
                 },

@@ -33,6 +33,8 @@ pub(crate) struct PageSender {
     wire: Arc<AtomicU64>,
     failure: Arc<Mutex<Option<String>>>,
     peer: String,
+    /// `--max-bandwidth`: bytes per second, and what was dispatched since.
+    cap: Option<(u64, std::time::Instant, u64)>,
 }
 
 impl PageSender {
@@ -82,11 +84,25 @@ impl PageSender {
             wire,
             failure,
             peer: addr.to_string(),
+            cap: None,
         })
+    }
+
+    /// Keeps the streams under `bytes_per_s` (None: no cap).
+    pub fn cap(&mut self, bytes_per_s: Option<u64>) {
+        self.cap = bytes_per_s
+            .filter(|&b| b > 0)
+            .map(|b| (b, std::time::Instant::now(), 0));
     }
 
     pub fn streams(&self) -> usize {
         self.txs.len()
+    }
+
+    /// The counter behind [`PageSender::wire_bytes`], to read while the
+    /// sender is busy.
+    pub fn wire_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.wire)
     }
 
     /// Bytes written to all data streams so far.
@@ -111,6 +127,16 @@ impl PageSender {
         let batch = pages::encode_batch(&self.digests, &self.data);
         self.digests.clear();
         self.data.clear();
+        if let Some((rate, since, sent)) = &mut self.cap {
+            // A batch goes when the cap allows it: sent bytes never run
+            // ahead of rate x time by more than one batch.
+            let due = Duration::from_secs_f64(*sent as f64 / *rate as f64);
+            let elapsed = since.elapsed();
+            if due > elapsed {
+                std::thread::sleep(due - elapsed);
+            }
+            *sent += batch.len() as u64;
+        }
         let i = self.next % self.txs.len();
         self.next += 1;
         self.txs[i]

@@ -156,7 +156,10 @@ pub(crate) fn read_frame_keyed(
     let mut header = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
-        let n = r.read(&mut header[got..])?;
+        let n = match r.read(&mut header[got..]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            n => n?,
+        };
         if n == 0 {
             if got == 0 {
                 return Ok(None);

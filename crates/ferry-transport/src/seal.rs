@@ -129,7 +129,12 @@ fn read_segment(
     let mut len = [0u8; 2];
     let mut got = 0;
     while got < 2 {
-        let n = r.read(&mut len[got..])?;
+        // A signal (a cancelling SIGINT) interrupts a read with a timeout;
+        // the read goes on.
+        let n = match r.read(&mut len[got..]) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            n => n?,
+        };
         if n == 0 {
             if got == 0 && at_start {
                 return Ok(None);

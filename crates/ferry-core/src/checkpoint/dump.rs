@@ -22,7 +22,8 @@ pub fn dump(
     preflight::check(
         req.pid,
         Allow {
-            tcp_established: req.tcp_established,
+            // --tcp-close: CRIU dumps established connections as closed.
+            tcp_established: req.tcp_established || req.options.tcp_close,
             ext_unix_sk: req.ext_unix_sk,
         },
     )?;
@@ -30,6 +31,9 @@ pub fn dump(
         process::tree(req.pid).map_err(|_| CheckpointError::NoSuchProcess { pid: req.pid })?;
     let plan = gpu::assess(&pids, req.ignore_gpu)?;
     let kept = prepare_dir(&req.images_dir)?;
+    // Stopped by the application itself (job control, a tracer of its
+    // own): a failed dump resumes everything but these.
+    let stopped_before = process::stopped_in_tree(req.pid);
     if let GpuPlan::Ignored { uses, .. } = &plan {
         tracing::warn!(
             pids = ?uses.iter().map(|u| u.pid).collect::<Vec<_>>(),
@@ -69,7 +73,7 @@ pub fn dump(
                     resume_gpu(&toggled);
                 }
                 let after = if stop_mode || req.leave_stopped {
-                    settle_stopped(req.pid)
+                    settle_stopped(req.pid, &stopped_before)
                 } else {
                     TargetAfterFailure::Running
                 };
@@ -85,7 +89,7 @@ pub fn dump(
             Ok(outcome)
         }
         Err(source) => {
-            let after = settle_target(req.pid);
+            let after = settle_target(req.pid, &stopped_before);
             remove_partial_images(&req.images_dir, &req.log_file, &kept);
             Err(CheckpointError::DumpFailed {
                 pid: req.pid,
@@ -208,19 +212,19 @@ pub(super) fn kill_dumped(pid: i32) {
 }
 
 /// A tree CRIU left stopped whose images could not be kept: resumed.
-pub(super) fn settle_stopped(pid: i32) -> TargetAfterFailure {
+pub(super) fn settle_stopped(pid: i32, stopped_before: &[i32]) -> TargetAfterFailure {
     if !process::is_alive(pid) {
         return TargetAfterFailure::Gone;
     }
-    TargetAfterFailure::Resumed(process::continue_tree(pid))
+    TargetAfterFailure::Resumed(process::continue_tree_except(pid, stopped_before))
 }
 
 /// After a failed dump: make sure nothing of the tree is left stopped.
-fn settle_target(pid: i32) -> TargetAfterFailure {
+fn settle_target(pid: i32, stopped_before: &[i32]) -> TargetAfterFailure {
     if !process::is_alive(pid) {
         return TargetAfterFailure::Gone;
     }
-    let resumed = process::resume_stopped(pid);
+    let resumed = process::resume_stopped_except(pid, stopped_before);
     if resumed.is_empty() {
         TargetAfterFailure::Running
     } else {

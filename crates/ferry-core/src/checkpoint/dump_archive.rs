@@ -52,6 +52,12 @@ pub fn dump_to_archive(
     // storage, and runs on if it cannot be packed.
     let stop_mode = !req.leave_running && !req.leave_stopped;
     req.leave_stopped |= stop_mode;
+    // What the application had stopped itself stays stopped if packing
+    // fails (a container's tree is found by the dump: none known).
+    let stopped_before = match container {
+        None => ferry_image::process::stopped_in_tree(req.pid),
+        Some(_) => Vec::new(),
+    };
     let dumped = match container {
         Some(c) => {
             dump_container::dump_container(criu, c, &req, hooks).map(|o| (o.dump, o.init_pid))
@@ -78,7 +84,7 @@ pub fn dump_to_archive(
                 let _ = dir.keep();
             }
             let after = if stop_mode {
-                dump::settle_stopped(root_pid)
+                dump::settle_stopped(root_pid, &stopped_before)
             } else {
                 TargetAfterFailure::Running
             };

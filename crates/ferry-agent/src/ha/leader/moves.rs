@@ -56,6 +56,9 @@ impl ServiceRun {
             io_timeout: Duration::from_secs(30),
             outcome_wait: ferry_migrate::outcome::OUTCOME_WAIT,
             criu_options: Default::default(),
+            max_bandwidth: None,
+            events: Default::default(),
+            cancel: Default::default(),
         };
         // While it moves, fencing must not pause it (the migration freezes
         // it itself), but it stays fenced: a lease that runs out deletes
