@@ -1455,6 +1455,7 @@ fn fencing_waits_for_a_dump_to_end_and_a_paused_copy_is_not_dumped() {
     };
     let copy = ferry_agent::ha::HostCopy::Process {
         record: dir.path().join("copy.pid"),
+        log: dir.path().join("copy.log"),
     };
     copy.adopt(pid).unwrap();
     f.member

@@ -389,6 +389,21 @@ fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
     );
     let served = || std::net::TcpStream::connect(format!("127.0.0.1:{port}")).is_ok();
     assert!(served(), "the service does not answer");
+    // Its stdout and stderr are kept by the agent.
+    let (head, _) = http_get(&format!("127.0.0.1:{port}"), "/ferry-log-probe");
+    assert!(head.starts_with("HTTP/1.0 404"), "{head}");
+    let log = std::path::PathBuf::from(format!("/var/log/ferry/{cluster}/ops-web.log"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let logged = || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("GET /ferry-log-probe"));
+    while !logged() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        logged(),
+        "{}: {:?}",
+        log.display(),
+        std::fs::read_to_string(&log)
+    );
 
     // ha stop ends the copy; ha start brings it back; ha rm removes it all.
     let out = ha("stop").arg("ops-web").run().ok();
@@ -412,6 +427,7 @@ fn with_etcd_the_agent_is_ready_once_it_has_joined_the_cluster() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(!held.exists(), "the agent kept {}", held.display());
+    let _ = std::fs::remove_dir_all(format!("/var/log/ferry/{cluster}"));
 }
 
 /// `--metrics`: a migration received shows in the counters and phase
@@ -430,6 +446,8 @@ fn the_agent_serves_prometheus_metrics_of_the_migrations_it_receives() {
             "127.0.0.1:0",
             "--metrics",
             "127.0.0.1:0",
+            "--store-max",
+            "1M",
             "--key",
             &key.display().to_string(),
             "--store",
@@ -481,4 +499,19 @@ fn the_agent_serves_prometheus_metrics_of_the_migrations_it_receives() {
     let (head, _) = http_get(&metrics, "/secrets");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     assert!(p.counts_on(), "the moved program does not count on");
+
+    // --store-max 1M: once idle, the store keeps its newest half (checked
+    // every 10 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let pages = || scrape(&metrics)["ferry_page_store_pages"];
+    while pages() > 128.0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(
+        pages() <= 128.0,
+        "the store was not compacted: {} pages",
+        pages()
+    );
+    let file = std::fs::metadata(store.join("pages.dat")).unwrap().len();
+    assert!(file <= 512 * 1024, "pages.dat holds {file} bytes");
 }

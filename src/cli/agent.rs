@@ -76,6 +76,29 @@ pub struct AgentArgs {
     /// free port, printed at start). Off by default.
     #[arg(long, value_name = "ADDR:PORT", env = "FERRY_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// Bound on the page store (e.g. 20G): past it, while no migration is
+    /// being received, the store keeps its newest half (a page dropped is
+    /// sent again when a migration needs it). Default: no bound.
+    #[arg(long, value_name = "SIZE", env = "FERRY_STORE_MAX", value_parser = parse_size)]
+    pub store_max: Option<u64>,
+}
+
+/// "20G", "512M", "1048576" (bytes; K, M, G, T are powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("'{s}' is not a size (e.g. 20G, 512M)"))
 }
 
 /// `ferry agent --config FILE`: the same settings as the flags.
@@ -102,6 +125,7 @@ struct AgentFile {
     advertise: Option<std::net::IpAddr>,
     lease_ttl: Option<u64>,
     metrics: Option<SocketAddr>,
+    store_max: Option<String>,
 }
 
 /// Largest configuration file read (it holds paths and names only).
@@ -190,6 +214,11 @@ impl AgentArgs {
         fill!(advertise = f.advertise.map(Some), "advertise");
         fill!(lease_ttl = f.lease_ttl, "lease_ttl");
         fill!(metrics = f.metrics.map(Some), "metrics");
+        let store_max = f.store_max.as_deref().map(parse_size).transpose();
+        let store_max = store_max.map_err(|why| {
+            CliError::Usage(format!("config file {}: store-max: {why}", path.display()))
+        })?;
+        fill!(store_max = store_max.map(Some), "store_max");
         Ok(a)
     }
 }
@@ -217,6 +246,7 @@ pub fn run(
         staging: args.staging.clone(),
         keep_images: args.keep_images,
         metrics: args.metrics,
+        store_max: args.store_max,
         ha: match (&args.cluster, &args.name, args.advertise) {
             _ if args.etcd.etcd.is_empty() => None,
             (Some(cluster), Some(name), Some(ip)) => Some(ferry_agent::ha::HaConfig {

@@ -62,6 +62,9 @@ pub struct AgentConfig {
     pub ha: Option<crate::ha::HaConfig>,
     /// Serve Prometheus metrics on this address ([`crate::metrics`]).
     pub metrics: Option<SocketAddr>,
+    /// Bound on the page store's size: past it, while no migration is
+    /// being received, the store keeps only its newest half.
+    pub store_max: Option<u64>,
 }
 
 /// Where a started agent can be reached.

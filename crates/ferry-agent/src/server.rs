@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::session;
 use super::store::PageStore;
@@ -214,7 +214,13 @@ pub fn run(config: AgentConfig, ready: &mut dyn FnMut(crate::Ready)) -> Result<(
         since_log: 0,
         last: None,
     };
+    let mut last_gc = Instant::now();
+    collect_store(&agent);
     while !stop.load(Ordering::Relaxed) {
+        if last_gc.elapsed() >= GC_EVERY {
+            last_gc = Instant::now();
+            collect_store(&agent);
+        }
         match listener.accept() {
             Ok((stream, peer)) => {
                 let held = match Held::take(&slots, peer.ip()) {
@@ -421,4 +427,36 @@ fn prove_kernel(
             None
         }
     }
+}
+
+/// How often the page store's size is checked against its bound.
+const GC_EVERY: Duration = Duration::from_secs(10);
+
+/// Compacts the page store to half its bound once it is past it, while no
+/// migration is being received (the sessions' table stays locked meanwhile,
+/// so none begins).
+fn collect_store(agent: &Agent) {
+    let Some(max) = agent.config.store_max else {
+        return;
+    };
+    let before = agent.store.bytes();
+    if before <= max {
+        return;
+    }
+    let Ok(sessions) = agent.sessions.lock() else {
+        return;
+    };
+    if !sessions.is_empty() {
+        return;
+    }
+    match agent.store.compact(max / 2) {
+        Ok(dropped) => tracing::info!(
+            before = before,
+            after = agent.store.bytes(),
+            dropped_pages = dropped,
+            "page store past its bound: kept its newest pages"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot compact the page store"),
+    }
+    drop(sessions);
 }

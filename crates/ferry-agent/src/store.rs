@@ -27,7 +27,7 @@ pub(crate) const PAGES_FILE: &str = "pages.dat";
 pub struct PageStore {
     key: PageKey,
     path: PathBuf,
-    reader: File,
+    reader: RwLock<File>,
     writer: Mutex<(File, u64)>,
     index: RwLock<HashMap<Digest, u64>>,
 }
@@ -69,7 +69,7 @@ impl PageStore {
         }
         Ok(PageStore {
             key,
-            reader: File::open(&path)?,
+            reader: RwLock::new(File::open(&path)?),
             path,
             writer: Mutex::new((writer, good)),
             index: RwLock::new(index),
@@ -146,10 +146,65 @@ impl PageStore {
     /// truncation the store ever does removes a failed batch's records,
     /// which no index entry (and so no reader) points to.
     pub fn view(&self) -> io::Result<StoreView<'_>> {
+        let reader = self
+            .reader
+            .read()
+            .map_err(|_| io::Error::other("page store reader poisoned"))?;
         Ok(StoreView {
-            map: ferry_sys::mmap::map_readonly(&self.reader, false)?,
+            map: ferry_sys::mmap::map_readonly(&reader, false)?,
             store: self,
         })
+    }
+
+    /// Bytes the store's file holds.
+    pub fn bytes(&self) -> u64 {
+        self.writer.lock().map(|w| w.1).unwrap_or(0)
+    }
+
+    /// Keeps only the newest records, at most `keep` bytes of them (the
+    /// store is a cache for deduplication: a page dropped is sent again
+    /// the next time a migration needs it). The file is rewritten beside
+    /// the old one and renamed over it. No view or session may be using
+    /// the store (the agent compacts only while none runs). Returns the
+    /// pages dropped.
+    pub(crate) fn compact(&self, keep: u64) -> io::Result<usize> {
+        let poisoned = || io::Error::other("page store lock poisoned");
+        let mut w = self.writer.lock().map_err(|_| poisoned())?;
+        let mut index = self.index.write().map_err(|_| poisoned())?;
+        let mut reader = self.reader.write().map_err(|_| poisoned())?;
+        let keep = keep / RECORD_BYTES as u64 * RECORD_BYTES as u64;
+        let len = w.1;
+        if len <= keep {
+            return Ok(0);
+        }
+        let start = len - keep;
+        let tmp = self.path.with_extension("dat.compacting");
+        {
+            let mut out = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            let mut from = File::open(&self.path)?;
+            io::Seek::seek(&mut from, io::SeekFrom::Start(start))?;
+            io::copy(&mut Read::take(from, keep), &mut out)?;
+            out.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        *w = (
+            OpenOptions::new().read(true).write(true).open(&self.path)?,
+            keep,
+        );
+        *reader = File::open(&self.path)?;
+        let before = index.len();
+        index.retain(|_, off| *off >= start);
+        for off in index.values_mut() {
+            *off -= start;
+        }
+        Ok(before - index.len())
     }
 
     /// Copies page `d` into `out`; false when it is not held.
@@ -158,7 +213,10 @@ impl PageStore {
         let Some(off) = self.index.read().ok().and_then(|i| i.get(&d).copied()) else {
             return Ok(false);
         };
-        self.reader.read_exact_at(&mut out[..PAGE_SIZE], off)?;
+        self.reader
+            .read()
+            .map_err(|_| io::Error::other("page store reader poisoned"))?
+            .read_exact_at(&mut out[..PAGE_SIZE], off)?;
         Ok(true)
     }
 }
@@ -210,5 +268,35 @@ mod tests {
         // Another key: nothing in it verifies, so nothing is served.
         let s = PageStore::open(dir.path(), PageKey::new([2; 32])).unwrap();
         assert_eq!(s.len(), 0);
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_pages_and_their_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PageStore::open(dir.path(), PageKey::new([2; 32])).unwrap();
+        let data: Vec<u8> = (1..=8u8).flat_map(page_of).collect();
+        let ds: Vec<_> = data.chunks(PAGE_SIZE).map(|p| s.key().digest(p)).collect();
+        s.put_batch(&ds, &data).unwrap();
+        assert_eq!(s.bytes(), 8 * RECORD_BYTES as u64);
+        // Room for three records and a half: three stay, the newest.
+        let dropped = s.compact(3 * RECORD_BYTES as u64 + 100).unwrap();
+        assert_eq!(dropped, 5);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.bytes(), 3 * RECORD_BYTES as u64);
+        let mut out = page_of(0);
+        assert!(!s.read_page(ds[4], &mut out).unwrap());
+        for (i, d) in ds.iter().enumerate().skip(5) {
+            assert!(s.read_page(*d, &mut out).unwrap());
+            assert_eq!(out, page_of(i as u8 + 1));
+        }
+        // New pages go on after the kept ones, and all survive a reopen.
+        let more = page_of(9);
+        let d9 = s.key().digest(&more);
+        s.put_batch(&[d9], &more).unwrap();
+        drop(s);
+        let s = PageStore::open(dir.path(), PageKey::new([2; 32])).unwrap();
+        assert_eq!(s.len(), 4);
+        assert!(s.read_page(d9, &mut out).unwrap());
+        assert_eq!(out, more);
     }
 }

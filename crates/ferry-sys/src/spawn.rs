@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 const INIT_WAIT: Duration = Duration::from_secs(5);
 
 /// Starts `argv` as pid 1 of a new pid namespace (util-linux `unshare
-/// --pid --fork`, whose process stays outside as its waiter), stdio on
-/// `/dev/null`. Its pids are its own, so a checkpoint of it restores on any
+/// --pid --fork`, whose process stays outside as its waiter), stdin on
+/// `/dev/null`, stdout and stderr on `output` (a file opened for
+/// appending, which CRIU dumps and restores by path) or `/dev/null`. Its pids are its own, so a checkpoint of it restores on any
 /// host whatever pids are in use there. It leads a session of its own
 /// (util-linux `setsid` before the command): CRIU refuses to dump a
 /// namespace whose init's session leader is outside it, and an ordinary
@@ -21,7 +22,11 @@ const INIT_WAIT: Duration = Duration::from_secs(5);
 /// daemon and exits then keeps its namespace (pid 1 exiting would end it).
 /// A thread reaps the waiter when the namespace ends. Returns the init's
 /// pid (as this namespace sees it).
-pub fn pid_namespace_init(argv: &[String], init: Option<&[String]>) -> io::Result<i32> {
+pub fn pid_namespace_init(
+    argv: &[String],
+    init: Option<&[String]>,
+    output: Option<&std::fs::File>,
+) -> io::Result<i32> {
     if argv.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -32,9 +37,11 @@ pub fn pid_namespace_init(argv: &[String], init: Option<&[String]>) -> io::Resul
     cmd.args(["--pid", "--fork", "--", "setsid", "--"])
         .args(init.unwrap_or_default())
         .args(argv)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stdin(Stdio::null());
+    match output {
+        Some(f) => cmd.stdout(f.try_clone()?).stderr(f.try_clone()?),
+        None => cmd.stdout(Stdio::null()).stderr(Stdio::null()),
+    };
     // SAFETY: setsid(2) is async-signal-safe and touches no memory of the
     // parent; it is all the child runs between fork and exec.
     unsafe {

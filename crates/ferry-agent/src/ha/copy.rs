@@ -29,7 +29,7 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostCopy {
     Runc { root: PathBuf, id: String },
-    Process { record: PathBuf },
+    Process { record: PathBuf, log: PathBuf },
     Docker { socket: PathBuf, name: String },
 }
 
@@ -48,6 +48,7 @@ impl HostCopy {
             },
             App::Process { .. } => HostCopy::Process {
                 record: m.service_dir(&spec.name).join("copy.pid"),
+                log: service_log(m.cluster(), &spec.name),
             },
             App::Docker { .. } => HostCopy::Docker {
                 socket: m.config.docker_socket.clone(),
@@ -60,7 +61,7 @@ impl HostCopy {
     pub fn exists(&self) -> bool {
         match self {
             HostCopy::Runc { root, id } => runc::status(root, id).is_some(),
-            HostCopy::Process { record } => live_pid(record).is_some(),
+            HostCopy::Process { record, .. } => live_pid(record).is_some(),
             HostCopy::Docker { socket, name } => docker::status(socket, name)
                 .ok()
                 .flatten()
@@ -77,7 +78,7 @@ impl HostCopy {
                 runc::status(root, id)
                     == Some(ferry_core::target::container::ContainerStatus::Running)
             }
-            HostCopy::Process { record } => live_pid(record)
+            HostCopy::Process { record, .. } => live_pid(record)
                 .and_then(|pid| process::ProcessInfo::read(pid).ok())
                 .is_some_and(|p| !p.is_stopped()),
             HostCopy::Docker { socket, name } => {
@@ -91,7 +92,7 @@ impl HostCopy {
     pub fn init_pid(&self) -> Option<i32> {
         match self {
             HostCopy::Runc { root, id } => runc::init_pid(root, id),
-            HostCopy::Process { record } => live_pid(record),
+            HostCopy::Process { record, .. } => live_pid(record),
             HostCopy::Docker { socket, name } => docker::init_pid(socket, name).ok().flatten(),
         }
     }
@@ -112,13 +113,14 @@ impl HostCopy {
             (HostCopy::Runc { root, id }, App::Runc { bundle }) => {
                 runc::run_detached(root, id, bundle).map_err(|e| copy_error("start", e))
             }
-            (HostCopy::Process { record }, App::Process { command }) => {
+            (HostCopy::Process { record, log }, App::Process { command }) => {
                 let init = [
                     ferry.display().to_string(),
                     "ns-init".to_string(),
                     "--".to_string(),
                 ];
-                let pid = ferry_sys::spawn::pid_namespace_init(command, Some(&init))
+                let output = open_log(log)?;
+                let pid = ferry_sys::spawn::pid_namespace_init(command, Some(&init), Some(&output))
                     .map_err(|e| copy_error(&format!("start `{}`", command.join(" ")), e))?;
                 write_record(record, pid)?;
                 Ok(pid)
@@ -165,7 +167,9 @@ impl HostCopy {
                     None,
                 )
             }
-            (HostCopy::Process { record }, App::Process { .. }) => {
+            (HostCopy::Process { record, log }, App::Process { .. }) => {
+                // CRIU reopens the log by its path: it must exist here.
+                open_log(log)?;
                 let t = Instant::now();
                 let pid = checkpoint::restore(criu, &RestoreRequest::new(images), &mut NoHooks)
                     .map(|o| o.pid)
@@ -181,7 +185,7 @@ impl HostCopy {
     pub fn adopt(&self, pid: i32) -> Result<(), HaError> {
         match self {
             HostCopy::Runc { .. } | HostCopy::Docker { .. } => Ok(()),
-            HostCopy::Process { record } => write_record(record, pid),
+            HostCopy::Process { record, .. } => write_record(record, pid),
         }
     }
 
@@ -202,7 +206,7 @@ impl HostCopy {
                 }),
                 0,
             )),
-            HostCopy::Process { record } => {
+            HostCopy::Process { record, .. } => {
                 live_pid(record)
                     .map(|pid| (None, pid))
                     .ok_or_else(|| HaError::Copy {
@@ -229,7 +233,7 @@ impl HostCopy {
                     new_id: Some(new_id),
                 })
             }
-            (HostCopy::Process { record }, App::Process { .. }) => {
+            (HostCopy::Process { record, .. }, App::Process { .. }) => {
                 live_pid(record).map(|pid| ferry_migrate::MigrateTarget::Process { pid })
             }
             (HostCopy::Docker { socket, name }, App::Docker { .. }) => {
@@ -249,7 +253,7 @@ impl HostCopy {
             HostCopy::Runc { root, id } => {
                 runc::pause(root, id).map_err(|e| copy_error("pause", e))
             }
-            HostCopy::Process { record } => signal_tree(record, Signal::SIGSTOP),
+            HostCopy::Process { record, .. } => signal_tree(record, Signal::SIGSTOP),
             HostCopy::Docker { socket, name } => {
                 docker::set_paused(socket, name, true).map_err(|e| copy_error("pause", e))
             }
@@ -261,7 +265,7 @@ impl HostCopy {
             HostCopy::Runc { root, id } => {
                 runc::resume(root, id).map_err(|e| copy_error("resume", e))
             }
-            HostCopy::Process { record } => signal_tree(record, Signal::SIGCONT),
+            HostCopy::Process { record, .. } => signal_tree(record, Signal::SIGCONT),
             HostCopy::Docker { socket, name } => {
                 docker::set_paused(socket, name, false).map_err(|e| copy_error("resume", e))
             }
@@ -280,7 +284,7 @@ impl HostCopy {
                     tracing::error!(container = %id, error = %e, "cannot delete the container");
                 }
             }
-            HostCopy::Process { record } => {
+            HostCopy::Process { record, .. } => {
                 if let Some(pid) = live_pid(record) {
                     let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
                     process::kill_all(&pids);
@@ -367,4 +371,62 @@ fn signal_tree(record: &Path, sig: Signal) -> Result<(), HaError> {
         let _ = process::signal(p, sig);
     }
     Ok(())
+}
+
+/// Where a process-tree service's stdout and stderr go: the same path on
+/// every host (CRIU restores the descriptors by path), root-only.
+pub(crate) fn service_log(cluster: &str, service: &str) -> PathBuf {
+    PathBuf::from(LOG_ROOT)
+        .join(cluster)
+        .join(format!("{service}.log"))
+}
+
+/// Service logs live under here.
+pub(crate) const LOG_ROOT: &str = "/var/log/ferry";
+/// A service log is rotated past this size (copied to `.1`, truncated).
+pub(crate) const LOG_MAX: u64 = 16 << 20;
+/// Rotated logs kept (`.1` newest).
+pub(crate) const LOG_KEEP: u32 = 3;
+
+/// Opens (creating) a service log for appending.
+pub(crate) fn open_log(path: &Path) -> Result<std::fs::File, HaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let failed =
+        |e: std::io::Error| copy_error(&format!("open the service log {}", path.display()), e);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(failed)?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(failed)
+}
+
+/// Rotates `path` once it is past [`LOG_MAX`]: the service keeps its
+/// descriptor (opened for appending), so the file is copied to `.1` (older
+/// ones shifted, [`LOG_KEEP`] kept) and truncated in place; what is written
+/// between the copy and the truncation is lost.
+pub(crate) fn rotate_log(path: &Path) {
+    let big = std::fs::metadata(path).is_ok_and(|m| m.len() > LOG_MAX);
+    if !big {
+        return;
+    }
+    let numbered = |n: u32| PathBuf::from(format!("{}.{n}", path.display()));
+    for n in (1..LOG_KEEP).rev() {
+        let _ = std::fs::rename(numbered(n), numbered(n + 1));
+    }
+    let copied = std::fs::copy(path, numbered(1));
+    match copied.and_then(|_| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(0)
+    }) {
+        Ok(()) => tracing::info!(log = %path.display(), "service log rotated"),
+        Err(e) => {
+            tracing::warn!(log = %path.display(), error = %e, "cannot rotate the service log")
+        }
+    }
 }

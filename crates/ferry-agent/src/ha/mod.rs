@@ -40,7 +40,7 @@
 //! it with `--election-timeout 500 --heartbeat-interval 50` for 1 s leases.
 //! The agent logs the TTL etcd granted.
 
-mod copy;
+pub(crate) mod copy;
 pub mod etcd;
 pub mod keys;
 mod leader;

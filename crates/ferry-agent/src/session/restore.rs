@@ -122,6 +122,13 @@ impl Session<'_> {
             self.agent.config.criu.as_deref(),
             self.agent.config.criu_service.as_deref(),
         )?;
+        // An HA service moved here: CRIU reopens its log by path.
+        if let (Some(svc), Some(m)) = (&opts.ha_service, &self.agent.ha) {
+            let log = crate::ha::copy::service_log(m.cluster(), svc);
+            if let Err(e) = crate::ha::copy::open_log(&log) {
+                tracing::warn!(service = %svc, error = %ferry_image::units::chain(&e), "cannot create the moved service's log");
+            }
+        }
         if opts.lazy_pages {
             self.start_lazy(&criu, images, opts.remote_pages)?;
         }

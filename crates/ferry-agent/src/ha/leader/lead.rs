@@ -18,6 +18,9 @@ impl ServiceRun {
         sv: &ServiceView,
         spec: &ServiceSpec,
     ) {
+        if matches!(spec.app, keys::App::Process { .. }) {
+            crate::ha::copy::rotate_log(&crate::ha::copy::service_log(m.cluster(), &self.name));
+        }
         let key = keys::service_key(m.cluster(), &self.name, "leader");
         let Some(l) = self.leading.as_mut() else {
             return;
