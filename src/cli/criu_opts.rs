@@ -128,6 +128,13 @@ pub struct CriuOptionArgs {
     /// Restore into an existing namespace, NS:FILE[,EXTRA] (repeatable).
     #[arg(short = 'J', long, value_name = "NS:FILE")]
     pub join_ns: Vec<String>,
+    /// A descriptor ferry was started with stands for a resource on
+    /// restore: fd[N]:RES (CRIU's syntax; repeatable).
+    #[arg(long, value_name = "fd[N]:RES")]
+    pub inherit_fd: Vec<String>,
+    /// Let CRIU open the master of an orphan pty (as runc does).
+    #[arg(long)]
+    pub orphan_pts_master: bool,
     /// A command CRIU runs after the restore (its words, space-separated).
     #[arg(long, value_name = "COMMAND")]
     pub exec_cmd: Option<String>,
@@ -192,6 +199,28 @@ impl CriuOptionArgs {
                 Ok((ns.to_string(), file.to_string(), extra))
             })
             .collect::<Result<_, CliError>>()?;
+        let inherit_fd = self
+            .inherit_fd
+            .iter()
+            .map(|spec| {
+                let parsed = spec
+                    .strip_prefix("fd[")
+                    .and_then(|rest| rest.split_once("]:"))
+                    .and_then(|(n, res)| Some((n.parse::<i32>().ok()?, res)));
+                match parsed {
+                    Some((fd, res)) if fd > 2 && !res.is_empty() => {
+                        // CRIU (our child) inherits it: it must be open here.
+                        std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).map_err(|_| {
+                            CliError::Usage(format!(
+                                "--inherit-fd {spec}: descriptor {fd} is not open in ferry"
+                            ))
+                        })?;
+                        Ok((fd, res.to_string()))
+                    }
+                    _ => Err(bad("inherit-fd", spec, "fd[N]:RESOURCE with N > 2")),
+                }
+            })
+            .collect::<Result<Vec<_>, CliError>>()?;
         if let Some(f) = &self.criu_config {
             // CRIU reads it; refuse early, with the path, when it cannot.
             std::fs::metadata(f)
@@ -247,6 +276,8 @@ impl CriuOptionArgs {
                 .map(|c| c.split_whitespace().map(String::from).collect())
                 .unwrap_or_default(),
             config_file: self.criu_config.clone(),
+            inherit_fd,
+            orphan_pts_master: self.orphan_pts_master,
         })
     }
 }

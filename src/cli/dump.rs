@@ -39,6 +39,9 @@ pub struct DumpArgs {
     /// Leave the tree running after the dump (default: it is stopped).
     #[arg(short = 'R', long)]
     pub leave_running: bool,
+    /// Leave the tree stopped after the dump (SIGCONT resumes it).
+    #[arg(short = 's', long, conflicts_with = "leave_running")]
+    pub leave_stopped: bool,
     /// Dump even if the tree holds GPU state that cannot be carried: it is
     /// LOST, and the processes restore with a broken GPU context.
     #[arg(long)]
@@ -76,6 +79,7 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
     let container = args.container.container();
     let req = DumpRequest {
         leave_running: args.leave_running,
+        leave_stopped: args.leave_stopped,
         tcp_established: args.flags.tcp_established,
         shell_job: args.flags.shell_job,
         ext_unix_sk: args.flags.ext_unix_sk,
@@ -172,6 +176,8 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         to,
         if args.leave_running {
             "left running"
+        } else if args.leave_stopped {
+            "left stopped: SIGCONT resumes it"
         } else {
             "stopped: the tree was killed after the dump"
         }

@@ -212,6 +212,10 @@ pub struct CriuOptions {
     pub join_ns: Vec<(String, String, Option<String>)>,
     /// `--exec-cmd`: the command CRIU runs after a restore (its words).
     pub exec_cmd: Vec<String>,
+    /// `--inherit-fd fd[N]:RES`: descriptor N (open in ferry, inherited
+    /// by CRIU) stands for resource RES on restore.
+    pub inherit_fd: Vec<(i32, String)>,
+    pub orphan_pts_master: bool,
     /// `--criu-config FILE`: a CRIU configuration file (CRIU's RPC
     /// `config_file`), read by CRIU and applied over everything else.
     pub config_file: Option<PathBuf>,
@@ -308,6 +312,12 @@ impl CriuOptions {
                 }),
         );
         o.exec_cmd.extend(self.exec_cmd.iter().cloned());
+        o.inherit_fd
+            .extend(self.inherit_fd.iter().map(|(fd, key)| pb::InheritFd {
+                key: key.clone(),
+                fd: *fd,
+            }));
+        flag(&mut o.orphan_pts_master, self.orphan_pts_master);
         if let Some(f) = &self.config_file {
             o.config_file = Some(f.display().to_string());
         }
@@ -419,6 +429,12 @@ impl CriuOptions {
             };
             push(&["--join-ns", &spec]);
         }
+        for (fd, key) in &self.inherit_fd {
+            push(&["--inherit-fd", &format!("fd[{fd}]:{key}")]);
+        }
+        if self.orphan_pts_master {
+            push(&["--orphan-pts-master"]);
+        }
         if !self.exec_cmd.is_empty() {
             push(&["--exec-cmd", "--"]);
             let words: Vec<&str> = self.exec_cmd.iter().map(String::as_str).collect();
@@ -460,6 +476,7 @@ mod tests {
             file_validation: Some(FileValidation::FileSize),
             cpu_cap: Some(cpu_cap::parse("fpu,ins").unwrap()),
             config_file: Some("/etc/criu/x.conf".into()),
+            inherit_fd: vec![(3, "pipe[4242]".into())],
             ..Default::default()
         };
         let mut o = pb::CriuOpts::default();
@@ -473,6 +490,8 @@ mod tests {
         assert_eq!(o.tcp_close, Some(true));
         assert_eq!(o.cpu_cap, Some(5));
         assert_eq!(o.config_file.as_deref(), Some("/etc/criu/x.conf"));
+        assert_eq!(o.inherit_fd[0].key, "pipe[4242]");
+        assert_eq!(o.inherit_fd[0].fd, 3);
         // Options not given stay CRIU's defaults.
         assert_eq!(o.evasive_devices, None);
         let args: Vec<String> = opts
