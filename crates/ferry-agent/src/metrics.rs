@@ -31,7 +31,9 @@ pub struct OutcomeLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
-    /// restore (CRIU's restore, left stopped), session (begin to end).
+    /// restore (CRIU's restore, left stopped), final (from the final
+    /// images' arrival to the commit: the frozen time as the destination
+    /// sees it), session (begin to end).
     pub phase: &'static str,
 }
 
@@ -56,6 +58,7 @@ pub struct Metrics {
     pub migrations: Family<OutcomeLabel, Counter>,
     pub migration_phase_seconds: HistogramFamily<PhaseLabel>,
     pub sessions_active: Gauge,
+    pub received_bytes: Counter,
     pub lease_renewal_seconds: Histogram,
     pub lease_renewal_failures: Counter,
     pub checkpoints: Family<ServiceLabel, Counter>,
@@ -79,6 +82,7 @@ impl Metrics {
             migrations: Family::default(),
             migration_phase_seconds: Family::new_with_constructor(seconds_histogram),
             sessions_active: Gauge::default(),
+            received_bytes: Counter::default(),
             lease_renewal_seconds: seconds_histogram(),
             lease_renewal_failures: Counter::default(),
             checkpoints: Family::default(),
@@ -100,6 +104,11 @@ impl Metrics {
             "migration_phase_seconds",
             "Time of a received migration's phases",
             m.migration_phase_seconds.clone(),
+        );
+        r.register(
+            "migration_received_bytes",
+            "Page and image bytes received for migrations (uncompressed)",
+            m.received_bytes.clone(),
         );
         r.register(
             "sessions_active",

@@ -54,6 +54,9 @@ pub fn serve_data(agent: &Agent, mut conn: Conn, session: &str) -> Result<(), Ag
                     return Ok(());
                 }
                 counter.fetch_add(digests.len() as u64, Ordering::Relaxed);
+                crate::metrics::get()
+                    .received_bytes
+                    .inc_by(data.len() as u64);
             }
             Ok(Some(Incoming::Msg(Msg::Flush))) => {
                 conn.send_msg(&Msg::Flushed {

@@ -150,6 +150,7 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         images: None,
         restored: None,
         ha_service: None,
+        final_at: None,
         lazy: None,
         relay: None,
         ahead: Default::default(),
@@ -269,6 +270,8 @@ struct Session<'a> {
     restored: Option<i32>,
     /// The HA service an `ha move` carries here (journaled with the commit).
     ha_service: Option<String>,
+    /// When the final images arrived (the frozen phase, as seen here).
+    final_at: Option<Instant>,
     /// Post-copy: the daemon still delivering the restored tree's memory.
     lazy: Option<ferry_criu::LazyPages>,
     /// Post-copy from a lazy dump: the relay of the daemon's page requests
@@ -316,12 +319,16 @@ impl Session<'_> {
                     conn.send_msg(&answer(reply))?;
                 }
                 Msg::Images { files } => {
+                    self.final_at = Some(Instant::now());
                     self.files.clear();
                     for f in files {
                         if f.name.contains('/') || f.name.starts_with('.') || f.name.is_empty() {
                             return Err(self.bad(conn, format!("bad image name '{}'", f.name)));
                         }
                         let blob = conn.recv_blob()?;
+                        crate::metrics::get()
+                            .received_bytes
+                            .inc_by(blob.len() as u64);
                         self.files.push((f, blob));
                     }
                 }
@@ -365,6 +372,12 @@ impl Session<'_> {
                         return Ok(true);
                     }
                     conn.send_msg(&Msg::Committed)?;
+                    if let Some(t) = self.final_at {
+                        crate::metrics::get()
+                            .migration_phase_seconds
+                            .get_or_create(&crate::metrics::PhaseLabel { phase: "final" })
+                            .observe(t.elapsed().as_secs_f64());
+                    }
                     self.keep();
                     return Ok(true);
                 }
