@@ -175,6 +175,7 @@ if [ "$INSTALL" = 1 ]; then
   mkdir -p /usr/share/bash-completion/completions /usr/local/share/man/man1
   /usr/local/bin/ferry completions bash > /usr/share/bash-completion/completions/ferry
   /usr/local/bin/ferry man /usr/local/share/man/man1 >/dev/null
+  chmod 0644 /usr/local/share/man/man1/ferry*.1   # ferry writes root-only files
   log "installed /usr/local/bin/ferry, its bash completions and manual pages"
 fi
 if [ "$SERVICE" = 1 ]; then
