@@ -500,7 +500,10 @@ fn the_agent_serves_prometheus_metrics_of_the_migrations_it_receives() {
         Some(&1.0),
         "{after:?}"
     );
-    assert!(after["ferry_migration_received_bytes_total"] > 0.0, "{after:?}");
+    assert!(
+        after["ferry_migration_received_bytes_total"] > 0.0,
+        "{after:?}"
+    );
     assert!(after["ferry_page_store_pages"] > 0.0, "{after:?}");
     let (head, _) = http_get(&metrics, "/secrets");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
