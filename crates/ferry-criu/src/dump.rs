@@ -241,7 +241,8 @@ impl Criu {
         // the connection.
         let mut connection = match lazy_fd.take() {
             Some(fd) => self.connect_with_fd(fd, LAZY_SOCKET_CHILD_FD)?,
-            None => self.connect_for_dump()?,
+            None if req.container.is_none() => self.connect_for_dump()?,
+            None => self.connect()?,
         };
         let exchange = connection.request(RequestKind::Dump, msg, hooks, Some(&log))?;
         drop(conf_dir);
@@ -303,7 +304,8 @@ impl Criu {
             }
         }
         args.extend(req.options.args());
-        let wall = self.run_cli(RequestKind::Dump, "dump", args, &log)?;
+        let own_group = req.container.is_none();
+        let wall = self.run_cli(RequestKind::Dump, "dump", args, &log, own_group)?;
         Ok(DumpOutcome {
             wall,
             stats: stats_of(req),

@@ -90,11 +90,14 @@ impl Criu {
         }
     }
 
-    /// [`Criu::connect`] for a dump: the `criu swrk` child runs in a
-    /// process group of its own, so a terminal's Ctrl-C reaches ferry
-    /// (which cancels where it safely can), not CRIU mid-dump. (Not for a
-    /// restore: a tree left stopped in an orphaned process group would be
-    /// sent SIGHUP when CRIU exits.)
+    /// [`Criu::connect`] for a process tree's dump: the `criu swrk` child
+    /// runs in a process group of its own, so a terminal's Ctrl-C reaches
+    /// ferry (which cancels where it safely can), not CRIU mid-dump. Not
+    /// for a restore (a tree left stopped in an orphaned process group is
+    /// sent SIGHUP when CRIU exits), nor for a container's dump (runc
+    /// could not restore a container dumped so: its old cgroups stayed
+    /// busy); CRIU killed there fails the dump, which resumes or thaws the
+    /// application.
     pub fn connect_for_dump(&self) -> Result<Connection, CriuError> {
         match self {
             Criu::Swrk { binary } => Connection::spawn_swrk(binary, None, true),
@@ -142,12 +145,13 @@ impl Criu {
         action: &str,
         args: Vec<std::ffi::OsString>,
         log: &Path,
+        own_group: bool,
     ) -> Result<std::time::Duration, CriuError> {
         let binary = self.cli_binary()?;
         let start = std::time::Instant::now();
         let mut cmd = std::process::Command::new(&binary);
-        if request == RequestKind::Dump {
-            // As for a dump's `criu swrk` (see `Criu::connect_for_dump`).
+        if own_group {
+            // As for a tree's dump over `criu swrk` (`Criu::connect_for_dump`).
             std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         }
         let out = cmd

@@ -172,7 +172,7 @@ impl Criu {
             }
         }
         args.extend(req.options.args());
-        let wall = self.run_cli(RequestKind::Restore, "restore", args, &log)?;
+        let wall = self.run_cli(RequestKind::Restore, "restore", args, &log, false)?;
         let pid = std::fs::read_to_string(&pidfile)
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
