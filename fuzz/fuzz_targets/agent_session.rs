@@ -47,12 +47,14 @@ fn agent() -> &'static Agent {
             staging: Some(dir.join("staging")),
             keep_images: false,
             ha: None,
+            metrics: None,
+            store_max: None,
         };
         std::fs::create_dir_all(dir.join("staging")).unwrap();
         let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
         std::thread::spawn(move || {
-            let _ = ferry_agent::run(config, &mut |a| {
-                let _ = tx.send(a);
+            let _ = ferry_agent::run(config, &mut |ready| {
+                let _ = tx.send(ready.listen);
             });
         });
         let addr = rx.recv_timeout(Duration::from_secs(30)).unwrap();
