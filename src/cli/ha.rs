@@ -271,6 +271,10 @@ pub fn run(args: &HaArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         HaCommand::Rm(a) => {
             status::set_stopped(&etcd, &cluster, &a.service, true, need_key("rm")?)?;
             wait_stopped(&etcd, &cluster, a)?;
+            // Every agent reads the cluster every 100 ms: each sees the
+            // service stopped before its keys go (an agent deletes what it
+            // holds only of a service it saw stopped).
+            std::thread::sleep(std::time::Duration::from_secs(1));
             status::remove(&etcd, &cluster, &a.service)?;
             writeln!(
                 out,

@@ -838,11 +838,21 @@ impl Member {
                             .or_insert_with(|| ServiceRun::new(name));
                         run.step(&self, &view, sv);
                     }
-                    // Removed (`ha rm`): no key of the service left, or
-                    // none but records an agent does not act on. A spec
-                    // refused (a bad seal) removes nothing.
+                    // Removed (`ha rm`): the spec was last seen stopped (a
+                    // sealed stop comes first) and is gone now. A spec that
+                    // vanishes without a stop (a read that came back short,
+                    // a forged delete) or whose seal is refused removes
+                    // nothing: the checkpoints held stay.
+                    let last_stopped = |n: &String| {
+                        last_view
+                            .as_ref()
+                            .and_then(|v| v.services.get(n))
+                            .and_then(|s| s.spec.as_ref())
+                            .is_some_and(|s| s.stopped)
+                    };
                     let gone: Vec<String> = runs
                         .keys()
+                        .filter(|n| last_stopped(n))
                         .filter(|n| {
                             view.services.get(*n).is_none_or(|sv| {
                                 sv.spec.is_none()
