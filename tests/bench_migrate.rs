@@ -24,14 +24,14 @@ fn bench_migrate_runs_every_method_and_writes_its_outputs() {
     .arg(&svg)
     .json();
     let cases = cases.as_array().expect("a list of cases");
-    assert_eq!(cases.len(), 6, "2 dirty rates x 3 methods");
+    assert_eq!(cases.len(), 8, "2 dirty rates x 4 methods");
     for c in cases {
         assert!(c["error"].is_null(), "case failed: {c}");
         assert!(c["downtime_ms"].as_f64().unwrap() > 0.0, "{c}");
         assert_eq!(c["continued"].as_bool(), Some(true), "{c}");
     }
     let csv = std::fs::read_to_string(&csv).unwrap();
-    assert_eq!(csv.lines().count(), 7, "{csv}");
+    assert_eq!(csv.lines().count(), 9, "{csv}");
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{svg}");
 }

@@ -1066,3 +1066,249 @@ fn max_bandwidth_caps_the_data_streams() {
         agent.log()
     );
 }
+
+/// The hybrid route: pre-copy, then a lazy dump; the destination takes
+/// what pre-copy brought and is unchanged out of its store, and only the
+/// pages changed since come from the frozen source.
+#[test]
+fn hybrid_takes_unchanged_pages_from_the_store_and_only_changed_ones_from_the_source() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-hybrid");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 64, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key);
+    let report = migrate_reaping(&mut w, cmd).json();
+    let f = &report["final"];
+    assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
+    assert!(report["route_fallback"].is_null(), "{report}");
+    assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(f["lazy_dump"].as_bool(), Some(true), "{report}");
+    let pages = f["post_copy_pages"].as_u64().unwrap();
+    let stored = f["post_copy_stored_pages"].as_u64().unwrap();
+    let sent = f["pages_sent"].as_u64().unwrap();
+    // 64 MiB: about 16k pages, a quarter of them zero; at 1 MiB/s only a
+    // few hundred change between the last round and the dump.
+    assert!(pages >= 16 << 10, "{report}");
+    assert_eq!(f["pages_in_images"].as_u64(), Some(pages), "{report}");
+    assert!(stored > 8 << 10, "{report}");
+    assert!(sent < stored / 4, "{report}");
+    assert!(f["source_released_ms"].as_f64().unwrap() > 0.0, "{report}");
+    // The source tree is gone once every page has moved.
+    assert!(
+        w.reap(Duration::from_secs(5)).unwrap(),
+        "source still running"
+    );
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    assert!(
+        agent.wait_for("post-copy complete", Duration::from_secs(60)),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(workload_copies(dir.path(), false), vec![restored_pid]);
+}
+
+/// An ordinary Python program (no setsid(), scattered zero pages, memory
+/// it keeps rewriting) takes the hybrid route to an agent on another
+/// kernel (here: one in a pid namespace of its own, which cannot prove it
+/// shares this kernel), and its memory hashes as before.
+#[test]
+fn an_ordinary_program_takes_the_hybrid_route_and_its_memory_is_intact() {
+    require_criu();
+    let dir = scratch("migrate-hybrid-ordinary");
+    let agent = AgentProc::start_wrapped(
+        dir.path(),
+        &["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"],
+    );
+    let mut p = common::program::CheckedMemory::start(dir.path(), 48);
+    assert_eq!(p.verdict().as_deref(), Some("ok"));
+    let run = ferry([
+        "migrate",
+        "--shell-job",
+        "--json",
+        "--hybrid",
+        "--timeout",
+        "20s",
+    ])
+    .args_from(["--pid", &p.pid.to_string(), "--to", &agent.addr])
+    .arg("--key")
+    .arg(&agent.key)
+    .run();
+    p.reap_shell();
+    let report = run.json();
+    assert_eq!(report["same_kernel"].as_bool(), Some(false), "{report}");
+    assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
+    let f = &report["final"];
+    assert!(
+        f["post_copy_stored_pages"].as_u64().unwrap() > 4 << 10,
+        "{report}"
+    );
+    assert_eq!(p.state(), None, "the source still runs");
+    assert!(
+        p.counts_on(),
+        "the program does not count on\n{}",
+        agent.log()
+    );
+    assert_eq!(p.verdict().as_deref(), Some("ok"), "{}", agent.log());
+    drop(agent);
+}
+
+/// Where a lazy dump cannot move the tree (one kernel, a tree that is not
+/// a pid namespace's init), `--hybrid` pre-copies instead and the report
+/// says why.
+#[test]
+fn hybrid_falls_back_to_precopy_and_says_why() {
+    require_criu();
+    let dir = scratch("migrate-hybrid-fallback");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut p = common::program::FileCounter::start(dir.path(), 8);
+    let run = ferry([
+        "migrate",
+        "--shell-job",
+        "--json",
+        "--hybrid",
+        "--timeout",
+        "20s",
+    ])
+    .args_from(["--pid", &p.pid.to_string(), "--to", &agent.addr])
+    .arg("--key")
+    .arg(&agent.key)
+    .run();
+    p.reap_shell();
+    let report = run.json();
+    assert_eq!(report["route"].as_str(), Some("precopy"), "{report}");
+    let why = report["route_fallback"].as_str().unwrap_or_default();
+    assert!(why.contains("pid namespace"), "{report}");
+    assert!(
+        p.counts_on(),
+        "the program does not count on\n{}",
+        agent.log()
+    );
+    drop(agent);
+}
+
+/// A cost file that makes a full dump slow and a lazy dump quick.
+fn slow_dump_costs(dir: &Path) -> std::path::PathBuf {
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(
+        state.join("costs.json"),
+        r#"{"dump_fixed_ms": 5000, "dump_us_per_page": 1.0, "restore_fixed_ms": 60,
+            "restore_us_per_page": 1.0, "lazy_frozen_ms": 50, "samples": 1}"#,
+    )
+    .unwrap();
+    state
+}
+
+/// `--max-downtime` is a promise: a frozen phase predicted to exceed it
+/// (here by this host's costs as the cost file says) is refused before
+/// anything is frozen (exit 4), and the program never stops; with
+/// `--accept-downtime-miss` the miss is announced before the freeze and
+/// the report shows the limit, the prediction and the measured time.
+#[test]
+fn a_predicted_downtime_miss_is_refused_before_freezing_or_announced() {
+    require_criu();
+    let dir = scratch("migrate-promise");
+    let state = slow_dump_costs(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut p = common::program::FileCounter::start(dir.path(), 4);
+    let cmd = || {
+        ferry(["migrate", "--shell-job", "--json", "--timeout", "20s"])
+            .args_from(["--pid", &p.pid.to_string(), "--to", &agent.addr])
+            .arg("--key")
+            .arg(&agent.key)
+            .env("FERRY_STATE_DIR", state.to_str().unwrap())
+            .env("FERRY_ACCEPT_DOWNTIME_MISS", "0")
+    };
+    let err = cmd().fails_with(4);
+    assert!(
+        err.contains("predicted to take") && err.contains("--max-downtime"),
+        "{err}"
+    );
+    assert!(err.contains("pid namespace"), "why no other route: {err}");
+    let letter = p.state().unwrap_or_default();
+    assert!(
+        !letter.is_empty() && !letter.starts_with(['T', 't']),
+        "state {letter}"
+    );
+    assert!(p.counts_on(), "the program does not count on");
+
+    let run = cmd().arg("--accept-downtime-miss").run();
+    p.reap_shell();
+    let stderr = String::from_utf8_lossy(&run.output.stderr).into_owned();
+    let report = run.json();
+    // Announced before the freeze (with --json, as an event).
+    let miss = stderr.find("\"event\":\"downtime_miss\"");
+    let freeze = stderr.find("\"phase\":\"freezing\"");
+    assert!(miss.is_some() && miss < freeze, "{stderr}");
+    let d = &report["downtime"];
+    assert_eq!(d["limit_ms"].as_f64(), Some(300.0), "{report}");
+    assert!(
+        d["predicted"]["total_ms"].as_f64().unwrap() > 5000.0,
+        "{report}"
+    );
+    assert_eq!(d["announced"].as_bool(), Some(true), "{report}");
+    assert_eq!(
+        d["measured_ms"].as_f64(),
+        report["final"]["frozen_ms"].as_f64(),
+        "{report}"
+    );
+    assert!(d["method"].as_str().unwrap().contains("timer"), "{report}");
+    assert!(p.counts_on(), "the migrated program does not count on");
+    // The costs measured here were learned.
+    let costs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("costs.json")).unwrap()).unwrap();
+    assert_eq!(costs["samples"].as_u64(), Some(2), "{costs}");
+    drop(agent);
+}
+
+/// Where pre-copy's final phase is predicted to miss `--max-downtime`
+/// and the hybrid route fits and can move the tree, ferry takes it and
+/// says why.
+#[test]
+fn a_predicted_miss_takes_the_hybrid_route_when_it_fits() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-promise-switch");
+    let _cleanup = KillCopies(dir.path());
+    let state = slow_dump_costs(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 16, 0.5);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let cmd = ferry(["migrate", "--json", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .env("FERRY_STATE_DIR", state.to_str().unwrap())
+        .env("FERRY_ACCEPT_DOWNTIME_MISS", "0");
+    let report = migrate_reaping(&mut w, cmd).json();
+    assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
+    let why = report["route_fallback"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("predicted") && why.contains("hybrid"),
+        "{report}"
+    );
+    assert_eq!(
+        report["downtime"]["predicted"]["route"].as_str(),
+        Some("hybrid"),
+        "{report}"
+    );
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+}

@@ -243,8 +243,10 @@ fn run_sequence(data: &[u8]) {
             14 => conn.send_msg(&Msg::PageData {
                 zero: (0..input.u8() % 8).map(u32::from).collect(),
                 repeat: vec![(u32::from(input.u8()), input.count())],
+                stored: (0..input.u8() % 4).map(u32::from).collect(),
             })
-            .and_then(|()| conn.send_blob(&input.bytes(1 << 16))),
+            .and_then(|()| conn.send_blob(&input.bytes(1 << 16)))
+            .and_then(|()| conn.send_blob(&input.bytes(64))),
             _ => conn.send_msg(&Msg::PagesDone {
                 requests: input.count(),
                 pages: input.count(),

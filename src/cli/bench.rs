@@ -40,8 +40,8 @@ pub struct MigrateArgs {
     /// Dirty rates, MiB of pages rewritten per second.
     #[arg(long, value_delimiter = ',', default_values_t = [0.0, 10.24, 40.0])]
     pub dirty: Vec<f64>,
-    /// Methods: precopy, postcopy, cold.
-    #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string(), "postcopy".to_string(), "cold".to_string()], value_parser = ["precopy", "postcopy", "cold"])]
+    /// Methods: precopy, postcopy, hybrid, cold.
+    #[arg(long, value_delimiter = ',', default_values_t = ["precopy".to_string(), "postcopy".to_string(), "hybrid".to_string(), "cold".to_string()], value_parser = ["precopy", "postcopy", "hybrid", "cold"])]
     pub methods: Vec<String>,
     /// Link rate in Mbit/s (0: unshaped).
     #[arg(long, default_value_t = 1000)]

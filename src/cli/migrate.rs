@@ -86,6 +86,22 @@ pub struct MigrateArgs {
     /// the destination is lost.
     #[arg(long)]
     pub lazy_pages: bool,
+    /// The hybrid route: pre-copy while the application runs, then a lazy
+    /// dump (no memory written while frozen); the destination restores at
+    /// once and takes every page pre-copy brought and that has not
+    /// changed since out of its own store; only the changed pages come
+    /// from the frozen source, released once they have moved. Process
+    /// trees (on one kernel, only a pid namespace's init); other targets
+    /// pre-copy, and the report says why.
+    #[arg(long, conflicts_with = "lazy_pages")]
+    pub hybrid: bool,
+    /// Go on when the frozen phase is predicted to exceed --max-downtime
+    /// (the miss is announced before the freeze and marked in the
+    /// report). Without it such a migration is refused before anything
+    /// is frozen, unless the hybrid route fits and can move the target
+    /// (then it is taken, and the report says so).
+    #[arg(long, env = "FERRY_ACCEPT_DOWNTIME_MISS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub accept_downtime_miss: bool,
     /// Migrate even if the tree holds GPU state that would be lost (loud).
     #[arg(long)]
     pub ignore_gpu: bool,
@@ -196,6 +212,9 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             ha_service: None,
             criu: args.criu_opts.restore_flags(),
         },
+        hybrid: args.hybrid,
+        accept_downtime_miss: args.accept_downtime_miss,
+        switch_route: true,
         ignore_gpu: args.ignore_gpu,
         staging: args.staging.clone(),
         keep_images: args.keep_images.clone(),

@@ -45,7 +45,12 @@ pub fn migrate_events(json: bool) -> ferry_migrate::Events {
         });
     }
     if !std::io::stderr().is_terminal() {
-        return ferry_migrate::Events::default();
+        // Only what must be said before the freeze.
+        return ferry_migrate::Events::new(|e: &Event| {
+            if let Some(line) = announcement(e) {
+                eprintln!("{line}");
+            }
+        });
     }
     let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     if let Ok(style) =
@@ -84,6 +89,11 @@ pub fn migrate_events(json: bool) -> ferry_migrate::Events {
                 bar.finish_and_clear();
             }
         }
+        Event::DowntimeMiss { .. } => {
+            if let Some(line) = announcement(e) {
+                bar.println(line);
+            }
+        }
         Event::PostCopy {
             pages_served,
             pages_resident,
@@ -93,4 +103,17 @@ pub fn migrate_events(json: bool) -> ferry_migrate::Events {
             bar.set_message("post-copy".to_string());
         }
     })
+}
+
+/// What is said before the freeze whatever the output.
+fn announcement(e: &ferry_migrate::Event) -> Option<String> {
+    match e {
+        ferry_migrate::Event::DowntimeMiss {
+            predicted_ms,
+            limit_ms,
+        } => Some(format!(
+            "ferry: WARNING: the frozen phase is predicted to take {predicted_ms:.0} ms, over --max-downtime {limit_ms:.0} ms; going on (--accept-downtime-miss)"
+        )),
+        _ => None,
+    }
 }

@@ -144,3 +144,77 @@ fn count(file: &Path) -> u64 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// `checked_memory.py`: random bytes with scattered zero pages that it can
+/// check against their hash at start, a scratch buffer it keeps
+/// rewriting, and a count in a file.
+#[allow(dead_code)]
+pub struct CheckedMemory {
+    pub program: InSession,
+    pub pid: i32,
+    pub file: PathBuf,
+}
+
+#[allow(dead_code)]
+impl CheckedMemory {
+    pub fn start(dir: &Path, mib: u64) -> CheckedMemory {
+        let file = dir.join("checked-count");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/programs/checked_memory.py"
+        );
+        let mib = mib.to_string();
+        let args = [OsStr::new(script), file.as_os_str(), OsStr::new(&mib)];
+        let program = InSession::python(&args, || count(&file) > 0);
+        CheckedMemory {
+            pid: program.pid,
+            program,
+            file,
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        count(&self.file)
+    }
+
+    /// Whether the count goes on (by at least 5 within 5 s).
+    pub fn counts_on(&self) -> bool {
+        let from = self.count();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.count() >= from + 5 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Asks the program (wherever it runs now) to check its held bytes:
+    /// Some("ok") when they hash as at start.
+    pub fn verdict(&self) -> Option<String> {
+        let mut v = self.file.as_os_str().to_owned();
+        v.push(".verdict");
+        let verdict = PathBuf::from(v);
+        let _ = std::fs::remove_file(&verdict);
+        let mut c = self.file.as_os_str().to_owned();
+        c.push(".check");
+        std::fs::write(PathBuf::from(c), b"").ok()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(s) = std::fs::read_to_string(&verdict) {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn state(&self) -> Option<String> {
+        self.program.state()
+    }
+
+    pub fn reap_shell(&mut self) {
+        self.program.reap_shell()
+    }
+}

@@ -2,14 +2,20 @@
 //! daemon's page server is ferry, at the other end of a connection handed
 //! to the daemon as a descriptor (`--ps-socket`), and every page it
 //! asks for comes from the source over the session's page-source
-//! connection (`Msg::PageSource`; see `migrate::post_copy`).
+//! connection (`Msg::PageSource`; see `migrate::post_copy`). On the hybrid
+//! route (pre-copy, then a lazy dump) the source names each page that
+//! pre-copy brought here and that has not changed since: it comes out of
+//! this agent's page store, only its digest crossed the link.
 
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_criu::page_server::{self, Served, PAGE};
 use ferry_transport::recent::ReceivedPages;
-use ferry_transport::{Conn, Msg};
+use ferry_transport::{pages, Conn, Msg};
+
+use crate::store::PageStore;
 
 /// Longest wait for the source's answer to one page request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +42,14 @@ pub(crate) enum AnswerError {
     Length { bytes: usize, pages: usize },
     #[error("the source named page {0}, no longer held here")]
     Forgotten(u64),
+    #[error("the source named {named} pages held here but sent {digests} digests")]
+    StoredCount { named: usize, digests: usize },
+    #[error("the source sent bad digests")]
+    Digests(#[source] pages::PagesFault),
+    #[error("the source named a page as held here by a digest this store lacks")]
+    NotStored,
+    #[error("cannot read the page store")]
+    Store(#[source] std::io::Error),
 }
 
 /// The thread relaying the daemon's requests to the source.
@@ -46,10 +60,14 @@ pub(crate) struct PageRelay {
 impl PageRelay {
     /// Relays the daemon at the other end of `daemon` over `conn` until
     /// it has every page; then tells the source.
-    pub fn start(mut conn: Conn, mut daemon: std::net::TcpStream) -> PageRelay {
+    pub fn start(
+        mut conn: Conn,
+        mut daemon: std::net::TcpStream,
+        store: Arc<PageStore>,
+    ) -> PageRelay {
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
-            let result = relay(&mut conn, &mut daemon);
+            let result = relay(&mut conn, &mut daemon, &store);
             match &result {
                 Ok(served) => {
                     let _ = conn.send_msg(&Msg::PagesDone {
@@ -78,39 +96,96 @@ impl PageRelay {
     }
 }
 
-fn relay(conn: &mut Conn, daemon: &mut std::net::TcpStream) -> Result<Served, RelayError> {
+fn relay(
+    conn: &mut Conn,
+    daemon: &mut std::net::TcpStream,
+    store: &PageStore,
+) -> Result<Served, RelayError> {
     // The source answers each request at once: silence means it is gone.
     conn.set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(RelayError::Timeout)?;
     let mut recent = ReceivedPages::default();
     page_server::serve_lazy_daemon(daemon, &mut |pid, vaddr, pages, buf| {
         conn.send_msg(&Msg::PageGet { pid, vaddr, pages })?;
-        let (zero, repeat) = match conn.recv_msg()? {
-            Msg::PageData { zero, repeat } => (zero, repeat),
+        let (zero, repeat, stored) = match conn.recv_msg()? {
+            Msg::PageData {
+                zero,
+                repeat,
+                stored,
+            } => (zero, repeat, stored),
             other => return Err(AnswerError::Unexpected(other.kind()).into()),
         };
         let data = conn.recv_blob()?;
-        fill(buf, &zero, &repeat, &data, &mut recent)?;
+        let held = if stored.is_empty() {
+            Vec::new()
+        } else {
+            let digests =
+                pages::decode_digests(&conn.recv_blob()?).map_err(AnswerError::Digests)?;
+            if digests.len() != stored.len() {
+                return Err(AnswerError::StoredCount {
+                    named: stored.len(),
+                    digests: digests.len(),
+                }
+                .into());
+            }
+            stored.into_iter().zip(digests).collect()
+        };
+        let answer = Answer {
+            zero: &zero,
+            repeat: &repeat,
+            stored: &held,
+            data: &data,
+        };
+        fill(
+            buf,
+            &answer,
+            &mut recent,
+            &mut |d, page| match store.read_page(d, page) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(AnswerError::NotStored),
+                Err(e) => Err(AnswerError::Store(e)),
+            },
+        )?;
         Ok(())
     })
     .map_err(RelayError::from)
 }
 
+/// Reads a page of the store by digest into the buffer given.
+type StoreRead<'a> =
+    dyn FnMut(ferry_image::page::Digest, &mut [u8]) -> Result<(), AnswerError> + 'a;
+
+/// The source's answer to one request.
+struct Answer<'a> {
+    zero: &'a [u32],
+    repeat: &'a [(u32, u64)],
+    /// (index, digest) of pages this agent's store holds.
+    stored: &'a [(u32, ferry_image::page::Digest)],
+    data: &'a [u8],
+}
+
 /// Lays out a request's pages: those named in `zero` are zeros, those in
-/// `repeat` come from `recent`, the others follow one another in `data`
-/// (and are remembered in `recent`, in order, as the source did).
+/// `repeat` come from `recent`, those in `stored` from the page store
+/// (`read`), the others follow one another in `data` (and are remembered
+/// in `recent`, in order, as the source did).
 fn fill(
     buf: &mut [u8],
-    zero: &[u32],
-    repeat: &[(u32, u64)],
-    data: &[u8],
+    answer: &Answer<'_>,
     recent: &mut ReceivedPages,
+    read: &mut StoreRead<'_>,
 ) -> Result<(), AnswerError> {
     enum From {
         Data,
         Zero,
         Recent(u64),
+        Stored(ferry_image::page::Digest),
     }
+    let Answer {
+        zero,
+        repeat,
+        stored,
+        data,
+    } = *answer;
     let pages = buf.len() / PAGE;
     let mut from: Vec<From> = (0..pages).map(|_| From::Data).collect();
     let mut named = |i: u32, f: From| -> Result<(), AnswerError> {
@@ -126,6 +201,9 @@ fn fill(
     for &(i, n) in repeat {
         named(i, From::Recent(n))?;
     }
+    for &(i, d) in stored {
+        named(i, From::Stored(d))?;
+    }
     let full = from.iter().filter(|f| matches!(f, From::Data)).count();
     if data.len() != full * PAGE {
         return Err(AnswerError::Length {
@@ -140,6 +218,7 @@ fn fill(
             From::Recent(n) => {
                 page.copy_from_slice(recent.get(n).ok_or(AnswerError::Forgotten(n))?)
             }
+            From::Stored(d) => read(d, page)?,
             From::Data => {
                 if let Some(d) = next.next() {
                     page.copy_from_slice(d);
@@ -158,19 +237,78 @@ mod tests {
     #[test]
     fn zero_and_repeated_pages_are_filled_in_between_the_sent_ones() {
         let mut recent = ReceivedPages::default();
+        let no_store = &mut |_d, _p: &mut [u8]| Err(AnswerError::NotStored);
+        let answer = |zero: &'static [u32], repeat: &'static [(u32, u64)], data| Answer {
+            zero,
+            repeat,
+            stored: &[],
+            data,
+        };
         let mut buf = vec![9u8; 3 * PAGE];
         let data: Vec<u8> = [vec![1u8; PAGE], vec![3u8; PAGE]].concat();
-        fill(&mut buf, &[1], &[], &data, &mut recent).unwrap();
+        fill(&mut buf, &answer(&[1], &[], &data), &mut recent, no_store).unwrap();
         assert!(buf[..PAGE].iter().all(|&b| b == 1));
         assert!(buf[PAGE..2 * PAGE].iter().all(|&b| b == 0));
         assert!(buf[2 * PAGE..].iter().all(|&b| b == 3));
         // The second page sent in full (number 1) named again.
         let mut again = vec![9u8; 2 * PAGE];
-        fill(&mut again, &[0], &[(1, 1)], &[], &mut recent).unwrap();
+        fill(
+            &mut again,
+            &answer(&[0], &[(1, 1)], &[]),
+            &mut recent,
+            no_store,
+        )
+        .unwrap();
         assert!(again[..PAGE].iter().all(|&b| b == 0));
         assert!(again[PAGE..].iter().all(|&b| b == 3));
-        assert!(fill(&mut buf, &[1], &[], &data[..PAGE], &mut recent).is_err());
-        assert!(fill(&mut buf, &[7], &[], &data, &mut recent).is_err());
-        assert!(fill(&mut again, &[], &[(0, 99)], &data[..PAGE], &mut recent).is_err());
+        assert!(fill(
+            &mut buf,
+            &answer(&[1], &[], &data[..PAGE]),
+            &mut recent,
+            no_store
+        )
+        .is_err());
+        assert!(fill(&mut buf, &answer(&[7], &[], &data), &mut recent, no_store).is_err());
+        assert!(fill(
+            &mut again,
+            &answer(&[], &[(0, 99)], &data[..PAGE]),
+            &mut recent,
+            no_store
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn stored_pages_come_from_the_store_and_unknown_digests_fail() {
+        let mut recent = ReceivedPages::default();
+        let mut buf = vec![9u8; 3 * PAGE];
+        let data = vec![5u8; PAGE];
+        let stored = [(0u32, 7u128), (2, 8)];
+        let answer = Answer {
+            zero: &[],
+            repeat: &[],
+            stored: &stored,
+            data: &data,
+        };
+        let mut read = |d: u128, page: &mut [u8]| {
+            page.fill(d as u8);
+            Ok(())
+        };
+        fill(&mut buf, &answer, &mut recent, &mut read).unwrap();
+        assert!(buf[..PAGE].iter().all(|&b| b == 7));
+        assert!(buf[PAGE..2 * PAGE].iter().all(|&b| b == 5));
+        assert!(buf[2 * PAGE..].iter().all(|&b| b == 8));
+        let mut missing = |_d: u128, _p: &mut [u8]| Err(AnswerError::NotStored);
+        assert!(matches!(
+            fill(&mut buf, &answer, &mut recent, &mut missing),
+            Err(AnswerError::NotStored)
+        ));
+        // A stored page's content is not in the data: one page too many.
+        let long = vec![5u8; 2 * PAGE];
+        let wrong = Answer {
+            data: &long,
+            ..answer
+        };
+        assert!(fill(&mut buf, &wrong, &mut recent, &mut read).is_err());
     }
 }

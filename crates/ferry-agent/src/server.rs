@@ -112,7 +112,7 @@ impl Refusals {
 /// State shared by every connection of an agent.
 pub struct Agent {
     pub config: AgentConfig,
-    pub store: PageStore,
+    pub store: Arc<PageStore>,
     pub host: String,
     pub boot_id: String,
     /// Sessions open now: id -> pages received on its data streams.
@@ -182,7 +182,7 @@ pub fn run(config: AgentConfig, ready: &mut dyn FnMut(crate::Ready)) -> Result<(
         ha,
         host: hostname(),
         boot_id: boot_id(),
-        store,
+        store: Arc::new(store),
         config,
         sessions: Mutex::new(HashMap::new()),
         page_sources: Mutex::new(HashMap::new()),

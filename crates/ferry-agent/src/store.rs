@@ -208,7 +208,6 @@ impl PageStore {
     }
 
     /// Copies page `d` into `out`; false when it is not held.
-    #[cfg(test)]
     pub(crate) fn read_page(&self, d: Digest, out: &mut [u8]) -> io::Result<bool> {
         let Some(off) = self.index.read().ok().and_then(|i| i.get(&d).copied()) else {
             return Ok(false);

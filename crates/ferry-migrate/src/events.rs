@@ -35,6 +35,9 @@ pub enum Event {
     /// The frozen phase's steps: `freezing`, `transfer`, `restore`,
     /// `committed`.
     Phase { phase: &'static str },
+    /// Before the freeze: the frozen phase is predicted to exceed
+    /// `--max-downtime`, and the user accepted it.
+    DowntimeMiss { predicted_ms: f64, limit_ms: f64 },
     /// Post-copy: pages the destination fetched from the frozen source.
     PostCopy {
         pages_served: u64,

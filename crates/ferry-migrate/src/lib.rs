@@ -42,6 +42,7 @@ pub mod events;
 mod final_copy;
 mod images;
 pub mod outcome;
+pub mod plan;
 mod post_copy;
 mod precopy;
 mod report;
@@ -57,7 +58,7 @@ use ferry_transport::msg::{RestoreOpts, Target};
 use ferry_transport::{Conn, Msg, Secret, TransportError};
 
 pub use events::{Cancel, Event, Events};
-pub use report::{FinalReport, MigrateReport, RoundReport, StopReason};
+pub use report::{FinalReport, MigrateReport, RoundReport, Route, StopReason};
 
 /// What moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,6 +95,18 @@ pub struct MigrateOptions {
     /// Data streams (default: one per core).
     pub streams: usize,
     pub restore: RestoreOpts,
+    /// The hybrid route: pre-copy, then a lazy dump whose pages the
+    /// destination takes from its store where pre-copy brought them and
+    /// they have not changed (falls back to pre-copy where a lazy dump
+    /// cannot move the target, saying why).
+    pub hybrid: bool,
+    /// When the route's predicted frozen time exceeds `max_downtime`: go
+    /// on (the miss is announced before the freeze and marked in the
+    /// report) instead of refusing.
+    pub accept_downtime_miss: bool,
+    /// When pre-copy's final phase is predicted to miss `max_downtime`
+    /// and the hybrid route fits, take it.
+    pub switch_route: bool,
     pub ignore_gpu: bool,
     /// Where the final dump is staged (default: tmpfs when it fits).
     pub staging: Option<PathBuf>,
@@ -135,6 +148,13 @@ pub enum MigrateError {
     LazyContainer,
     #[error("cancelled before anything was frozen; the application keeps running here")]
     Cancelled,
+    #[error("the frozen phase is predicted to take {:.0} ms ({:?}: dump {:.0} ms, transfer {:.0} ms, restore {:.0} ms), over --max-downtime {:.0} ms{}; nothing was frozen, the application keeps running here (--accept-downtime-miss goes on anyway)", predicted.total_ms, predicted.route, predicted.dump_ms, predicted.transfer_ms, predicted.restore_ms, limit_ms, no_switch.as_ref().map(|w| format!(", and no route that fits can take it ({w})")).unwrap_or_default())]
+    DowntimeMiss {
+        predicted: plan::Prediction,
+        limit_ms: f64,
+        /// Why no other route was taken.
+        no_switch: Option<String>,
+    },
     #[error("pre-flight check refused the migration; nothing was frozen")]
     Preflight(#[from] ferry_core::target::preflight::PreflightError),
     #[error("GPU check refused the migration; nothing was frozen")]
@@ -406,16 +426,28 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     if opts.cancel.requested() {
         return Err(MigrateError::Cancelled);
     }
-    if post_copy::usable(opts, pid, same_kernel) {
+    let limit_ms = opts.max_downtime.as_secs_f64() * 1e3;
+    let costs_path = plan::costs_path();
+    let mut costs = plan::Costs::load(&costs_path);
+    let lazy_blocker = post_copy::blocker(&opts.target, pid, same_kernel);
+    if opts.restore.lazy_pages && !opts.hybrid && lazy_blocker.is_none() {
         // Post-copy from a lazy dump: no pre-copy, no memory moved while
         // frozen; the destination fetches it on demand afterwards.
+        let predicted = costs.lazy(Route::PostCopy);
+        let announced = keep_promise(opts, predicted, limit_ms, None)?;
         let (final_phase, restored_pid) =
-            post_copy::run(criu, &source, opts, &mut control, &session)?;
+            post_copy::run(criu, &source, opts, &mut control, &session, None)?;
+        learn(&mut costs, &costs_path, &final_phase);
+        let downtime =
+            plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
         return Ok(MigrateReport {
+            downtime,
             destination: opts.to.clone(),
             destination_host: dest_host,
             same_kernel,
             post_copy: true,
+            route: Route::PostCopy,
+            route_fallback: None,
             streams: sender.streams(),
             rounds: Vec::new(),
             stop_reason: StopReason::PostCopy,
@@ -426,6 +458,17 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             total_ms: start.elapsed().as_secs_f64() * 1e3,
         });
     }
+    let mut hybrid = opts.hybrid && lazy_blocker.is_none();
+    let mut route_fallback = match (opts.hybrid, lazy_blocker) {
+        (true, Some(why)) => {
+            tracing::warn!(why, "the hybrid route cannot move this target: pre-copy instead");
+            Some(format!("hybrid: {why}; pre-copy instead"))
+        }
+        (false, Some(why)) if opts.restore.lazy_pages => Some(format!(
+            "post-copy from a lazy dump: {why}; pre-copy, then a lazy restore from the rebuilt images"
+        )),
+        _ => None,
+    };
     let pre_start = Instant::now();
     let mut pre = precopy::Precopy::new(pid, opts.secret.page_key());
     let stop_reason = pre
@@ -436,6 +479,76 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         })?;
     if opts.cancel.requested() {
         return Err(MigrateError::Cancelled);
+    }
+    // The promise: the whole frozen phase predicted before freezing.
+    let last = pre.rounds.last();
+    let full = costs.precopy(
+        last.map_or(0, |r| r.populated_pages),
+        last.map_or(0.0, |r| r.predicted_final_ms),
+    );
+    let lazy = costs.lazy(Route::Hybrid);
+    let mut predicted = if hybrid { lazy } else { full };
+    let mut no_switch = None;
+    if !hybrid && full.total_ms > limit_ms {
+        no_switch = match lazy_blocker {
+            Some(why) => Some(format!("hybrid: {why}")),
+            None if opts.restore.lazy_pages => {
+                Some("--lazy-pages asked for a lazy restore from the rebuilt images".to_string())
+            }
+            None if !opts.switch_route => Some("route switching is off".to_string()),
+            None if lazy.total_ms > limit_ms => {
+                Some(format!("hybrid: predicted {:.0} ms", lazy.total_ms))
+            }
+            None => None,
+        };
+        if no_switch.is_none() {
+            tracing::warn!(
+                precopy_ms = full.total_ms,
+                hybrid_ms = lazy.total_ms,
+                limit_ms,
+                "pre-copy's final phase would miss --max-downtime: taking the hybrid route"
+            );
+            route_fallback = Some(format!(
+                "pre-copy's final phase was predicted to take {:.0} ms, over --max-downtime {limit_ms:.0} ms: the hybrid route instead (predicted {:.0} ms)",
+                full.total_ms, lazy.total_ms
+            ));
+            hybrid = true;
+            predicted = lazy;
+        }
+    }
+    let announced = keep_promise(opts, predicted, limit_ms, no_switch)?;
+    if hybrid {
+        // The final phase from a lazy dump: what pre-copy brought and
+        // has not changed since comes out of the destination's store.
+        let precopy_ms = pre_start.elapsed().as_secs_f64() * 1e3;
+        let (final_phase, restored_pid) = post_copy::run(
+            criu,
+            &source,
+            opts,
+            &mut control,
+            &session,
+            Some(&pre.known),
+        )?;
+        learn(&mut costs, &costs_path, &final_phase);
+        let downtime =
+            plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
+        return Ok(MigrateReport {
+            downtime,
+            destination: opts.to.clone(),
+            destination_host: dest_host,
+            same_kernel,
+            post_copy: true,
+            route: Route::Hybrid,
+            route_fallback,
+            streams: sender.streams(),
+            rounds: pre.rounds,
+            stop_reason,
+            precopy_ms,
+            layout_ms: 0.0,
+            final_phase,
+            restored_pid,
+            total_ms: start.elapsed().as_secs_f64() * 1e3,
+        });
     }
     let layout_ms = precopy::send_layouts(&mut control, &pre.layout)
         .map_err(|e| MigrateError::Precopy(e.into()))?;
@@ -451,11 +564,20 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         same_kernel,
         &session,
     )?;
+    learn(&mut costs, &costs_path, &final_phase);
+    let downtime = plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
     Ok(MigrateReport {
+        downtime,
         destination: opts.to.clone(),
         destination_host: dest_host,
         same_kernel,
         post_copy: opts.restore.lazy_pages,
+        route: if opts.restore.lazy_pages {
+            Route::PrecopyLazyRestore
+        } else {
+            Route::Precopy
+        },
+        route_fallback,
         streams: sender.streams(),
         rounds: pre.rounds,
         stop_reason,
@@ -465,6 +587,46 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         restored_pid,
         total_ms: start.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Before freezing: a predicted miss of `--max-downtime` refuses the
+/// migration, or, with `--accept-downtime-miss`, is announced (returns
+/// true) and the migration goes on.
+fn keep_promise(
+    opts: &MigrateOptions,
+    predicted: plan::Prediction,
+    limit_ms: f64,
+    no_switch: Option<String>,
+) -> Result<bool, MigrateError> {
+    if predicted.total_ms <= limit_ms {
+        return Ok(false);
+    }
+    if !opts.accept_downtime_miss {
+        return Err(MigrateError::DowntimeMiss {
+            predicted,
+            limit_ms,
+            no_switch,
+        });
+    }
+    tracing::warn!(
+        predicted_ms = predicted.total_ms,
+        limit_ms,
+        route = ?predicted.route,
+        "the frozen phase is predicted to miss --max-downtime; going on (--accept-downtime-miss)"
+    );
+    opts.events.emit(Event::DowntimeMiss {
+        predicted_ms: predicted.total_ms,
+        limit_ms,
+    });
+    Ok(true)
+}
+
+/// Learns this host's costs from a migration that completed.
+fn learn(costs: &mut plan::Costs, path: &std::path::Path, f: &FinalReport) {
+    costs.learn(f);
+    if let Err(e) = costs.save(path) {
+        tracing::debug!(path = %path.display(), error = %e, "cannot keep the measured costs");
+    }
 }
 
 fn session_id() -> String {

@@ -26,9 +26,17 @@
 //!
 //! The source tree keeps its pids until the end, so on one kernel (lab
 //! namespaces) this route needs a tree that is the init of a pid namespace
-//! of its own (it is restored in a new one); [`usable`] says when it is.
+//! of its own (it is restored in a new one); [`blocker`] says when it is
+//! not.
+//!
+//! **The hybrid route** (`--hybrid`) runs pre-copy first, then this final
+//! phase with `known`, the digests the destination's page store holds: a
+//! page asked for that is unchanged since pre-copy is named by its
+//! digest, and the agent takes it out of its store. Only pages changed
+//! since the last round cross the link in full while the source is frozen
+//! and the source is released sooner.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::final_copy::{
@@ -51,13 +59,18 @@ const LISTEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest post-copy: every page resident on the destination.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Whether this migration takes this route: post-copy of a process tree
-/// whose pids the destination can give it while the source keeps them
-/// (another kernel, or a tree that is its own pid namespace's init).
-pub fn usable(opts: &MigrateOptions, pid: i32, same_kernel: bool) -> bool {
-    opts.restore.lazy_pages
-        && matches!(opts.target, MigrateTarget::Process { .. })
-        && (!same_kernel || process::is_pid_namespace_init(pid))
+/// Why a final phase from a lazy dump cannot move this target (None: it
+/// can): it must be a process tree whose pids the destination can give it
+/// while the source keeps them (another kernel, or a tree that is its own
+/// pid namespace's init).
+pub fn blocker(target: &MigrateTarget, pid: i32, same_kernel: bool) -> Option<&'static str> {
+    if !matches!(target, MigrateTarget::Process { .. }) {
+        return Some("a container is restored by its engine, which has no lazy-pages restore");
+    }
+    if same_kernel && !process::is_pid_namespace_init(pid) {
+        return Some("both ends share one kernel and the tree is not the init of a pid namespace of its own: the frozen source keeps its pids until every page has moved, and the restore needs them");
+    }
+    None
 }
 
 /// What the page source did after the commit.
@@ -68,6 +81,8 @@ struct Served {
     zero_pages: u64,
     /// Pages named by their number among those recently sent in full.
     repeated_pages: u64,
+    /// Pages named by digest: held in the destination's store (hybrid).
+    stored_pages: u64,
     /// The agent's count of the time until all memory was resident.
     ms: f64,
     /// Bytes this side sent on the page-source connection.
@@ -80,6 +95,7 @@ pub fn run(
     opts: &MigrateOptions,
     control: &mut Conn,
     session: &str,
+    known: Option<&HashSet<ferry_image::page::Digest>>,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
     let stage = source_staging(opts, STAGING_BYTES)?;
@@ -164,12 +180,13 @@ pub fn run(
             let by_vpid = &by_vpid;
             let committed = &committed;
             let events = (opts.events.clone(), resident);
-            serving = Some(
-                s.spawn(move || serve_pages(key, &mut pages_conn, by_vpid, committed, events)),
-            );
+            serving = Some(s.spawn(move || {
+                serve_pages(key, &mut pages_conn, by_vpid, committed, events, known)
+            }));
             opts.events.emit(crate::Event::Phase { phase: "restore" });
             let restore = RestoreOpts {
                 remote_pages: true,
+                lazy_pages: true,
                 ..opts.restore.clone()
             };
             restore_and_commit(
@@ -255,10 +272,16 @@ pub fn run(
         }
         match dumped {
             Ok(Ok(out)) => {
-                report.criu_dump = out
+                let mut stats = out
                     .stats
                     .as_ref()
                     .and_then(|s| serde_json::to_value(s).ok());
+                // CRIU never stops its frozen-time clock in a lazy dump
+                // (4.2.1 reports tens of minutes): not a figure to show.
+                if let Some(s) = stats.as_mut().and_then(|s| s.as_object_mut()) {
+                    s.remove("frozen");
+                }
+                report.criu_dump = stats;
             }
             other => {
                 tracing::warn!(
@@ -272,8 +295,13 @@ pub fn run(
         report.post_copy_pages = served.pages;
         report.zero_pages = served.zero_pages;
         report.post_copy_repeated_pages = served.repeated_pages;
-        report.pages_sent = served.pages - served.zero_pages - served.repeated_pages;
+        report.post_copy_stored_pages = served.stored_pages;
+        report.pages_in_images = served.pages;
+        report.pages_sent =
+            served.pages - served.zero_pages - served.repeated_pages - served.stored_pages;
+        report.source_released_ms = report.post_copy_ms;
         report.wire_bytes += served.wire_bytes;
+        report.post_copy_wire_bytes = served.wire_bytes;
         tracing::info!(
             pages = served.pages,
             requests = served.requests,
@@ -334,6 +362,7 @@ fn serve_pages(
     by_vpid: &HashMap<u64, i32>,
     committed: &std::sync::atomic::AtomicBool,
     (events, resident): (crate::Events, u64),
+    known: Option<&HashSet<ferry_image::page::Digest>>,
 ) -> Result<Served, FinalError> {
     let mut served = Served::default();
     let mut sent = SentPages::new(key);
@@ -378,10 +407,17 @@ fn serve_pages(
                 }
                 let mut zero = Vec::new();
                 let mut repeat = Vec::new();
+                let (mut stored, mut digests) = (Vec::new(), Vec::new());
                 let mut data = Vec::with_capacity(buf.len());
                 for (i, page) in buf.chunks_exact(PAGE).enumerate() {
                     if page.iter().all(|&b| b == 0) {
                         zero.push(i as u32);
+                    } else if let Some(d) = known
+                        .map(|k| (k, key.digest(page)))
+                        .and_then(|(k, d)| k.contains(&d).then_some(d))
+                    {
+                        stored.push(i as u32);
+                        digests.push(d);
                     } else if let Some(n) = sent.reference_or_record(page) {
                         repeat.push((i as u32, n));
                     } else {
@@ -398,8 +434,17 @@ fn serve_pages(
                 served.pages += pages;
                 served.zero_pages += zero.len() as u64;
                 served.repeated_pages += repeat.len() as u64;
-                conn.send_msg(&Msg::PageData { zero, repeat })?;
+                served.stored_pages += stored.len() as u64;
+                let any_stored = !stored.is_empty();
+                conn.send_msg(&Msg::PageData {
+                    zero,
+                    repeat,
+                    stored,
+                })?;
                 conn.send_blob(&data)?;
+                if any_stored {
+                    conn.send_blob(&ferry_transport::pages::encode_digests(&digests))?;
+                }
             }
             Msg::PagesDone { ms, .. } => {
                 served.ms = ms;

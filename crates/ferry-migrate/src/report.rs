@@ -45,6 +45,21 @@ pub enum StopReason {
     PostCopy,
 }
 
+/// How the application moved.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Route {
+    /// Pre-copy, then CRIU's full dump while frozen.
+    Precopy,
+    /// Pre-copy, then a full dump restored lazily from the rebuilt images.
+    PrecopyLazyRestore,
+    /// A lazy dump, every page fetched from the frozen source afterwards.
+    PostCopy,
+    /// Pre-copy, then a lazy dump: pages unchanged since pre-copy come out
+    /// of the destination's store, the changed ones from the frozen source.
+    Hybrid,
+}
+
 /// The frozen phase.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FinalReport {
@@ -86,6 +101,15 @@ pub struct FinalReport {
     /// Of those, pages named by number: their content had gone over in
     /// full shortly before.
     pub post_copy_repeated_pages: u64,
+    /// Of those, pages named by digest (hybrid route): the destination's
+    /// store held them from pre-copy, unchanged since.
+    pub post_copy_stored_pages: u64,
+    /// Bytes the source sent answering page requests after the resume
+    /// (part of `wire_bytes`).
+    pub post_copy_wire_bytes: u64,
+    /// From a lazy dump: from the resume to the source's release (the
+    /// frozen source held the only whole copy until then), ferry's timer.
+    pub source_released_ms: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -98,6 +122,10 @@ pub struct MigrateReport {
     /// Post-copy (`--lazy-pages`): the destination restored before the
     /// application's memory was resident.
     pub post_copy: bool,
+    /// The route taken.
+    pub route: Route,
+    /// Why the route asked for was not taken, when it was not.
+    pub route_fallback: Option<String>,
     pub streams: usize,
     pub rounds: Vec<RoundReport>,
     pub stop_reason: StopReason,
@@ -108,6 +136,9 @@ pub struct MigrateReport {
     pub final_phase: FinalReport,
     pub restored_pid: i32,
     pub total_ms: f64,
+    /// `--max-downtime`: the limit, the prediction made before freezing
+    /// and the frozen time measured.
+    pub downtime: crate::plan::DowntimeCheck,
 }
 
 impl MigrateReport {
@@ -161,23 +192,42 @@ impl MigrateReport {
             )?;
         }
         let f = &self.final_phase;
-        writeln!(
-            out,
-            "final: dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
-            f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
-            units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
-        )?;
+        writeln!(out, "route: {:?}", self.route)?;
+        if let Some(why) = &self.route_fallback {
+            writeln!(out, "  (the route asked for was not taken: {why})")?;
+        }
         if f.lazy_dump {
             writeln!(
                 out,
-                "post-copy from a lazy dump: {} pages ({} zero and {} repeated, not sent) in {} requests, all resident {:.1} ms after the resume",
-                f.post_copy_pages, f.zero_pages, f.post_copy_repeated_pages, f.post_copy_requests, f.post_copy_ms
+                "final (ferry's phase timers): lazy dump {:.1} ms, images {:.1} ms ({} on the wire), rebuild {:.1} ms, restore {:.1} ms, commit {:.1} ms",
+                f.dump_ms, f.transfer_ms, units::bytes(f.wire_bytes.saturating_sub(f.post_copy_wire_bytes)), f.rebuild_ms, f.restore_ms, f.commit_ms
+            )?;
+            writeln!(
+                out,
+                "after the resume: {} pages in {} requests: {} sent in full, {} zero, {} repeated, {} from the destination's store; {} on the wire; source released {:.1} ms after the resume",
+                f.post_copy_pages, f.post_copy_requests, f.pages_sent, f.zero_pages, f.post_copy_repeated_pages, f.post_copy_stored_pages, units::bytes(f.post_copy_wire_bytes), f.source_released_ms
+            )?;
+        } else {
+            writeln!(
+                out,
+                "final (ferry's phase timers): dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
+                f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
+                units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
             )?;
         }
+        let d = &self.downtime;
         writeln!(
             out,
-            "frozen (downtime): {:.1} ms; total {:.1} ms",
-            f.frozen_ms, self.total_ms
+            "frozen (downtime, ferry's timer from the dump request to the resume): {:.1} ms; limit {:.0} ms, predicted {:.0} ms{}; total {:.1} ms",
+            f.frozen_ms,
+            d.limit_ms,
+            d.predicted.total_ms,
+            match (d.missed, d.announced) {
+                (true, true) => " (LIMIT MISSED, as announced before the freeze)",
+                (true, false) => " (LIMIT MISSED)",
+                _ => "",
+            },
+            self.total_ms
         )
     }
 }

@@ -345,8 +345,9 @@ pub enum Msg {
     },
     /// Post-copy from a lazy dump: this connection is the session's page
     /// source. The agent sends `PageGet`s on it; the source answers each
-    /// with `PageData` and a blob of the pages that are neither all zero
-    /// nor recently sent, in order; `PagesDone` ends it.
+    /// with `PageData` and a blob of the pages that are neither all zero,
+    /// nor recently sent, nor held in the agent's store, in order (then
+    /// the digests of those held, as a second blob); `PagesDone` ends it.
     PageSource {
         session: String,
     },
@@ -365,6 +366,12 @@ pub enum Msg {
         /// [`super::recent`]).
         #[serde(default)]
         repeat: Vec<(u32, u64)>,
+        /// Indices of pages the destination's page store holds (the
+        /// hybrid route: sent during pre-copy and unchanged since): not
+        /// in the blob; a second blob follows with their digests, in
+        /// order, when there is any.
+        #[serde(default)]
+        stored: Vec<u32>,
     },
     /// The restored tree's memory is all resident.
     PagesDone {

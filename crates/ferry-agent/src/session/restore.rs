@@ -206,7 +206,11 @@ impl Session<'_> {
             // local user to reach first.
             let (ours, theirs) =
                 ferry_sys::net::loopback_pair().map_err(SessionError::PageSourceListen)?;
-            self.relay = Some(PageRelay::start(conn, ours));
+            self.relay = Some(PageRelay::start(
+                conn,
+                ours,
+                std::sync::Arc::clone(&self.agent.store),
+            ));
             Some(theirs.into())
         } else {
             None

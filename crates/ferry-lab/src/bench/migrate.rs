@@ -9,7 +9,8 @@
 //! everything (freeze, copies, restore, the network path coming back).
 //!
 //! Methods: ferry pre-copy (`ferry migrate`), ferry post-copy (`ferry
-//! migrate --lazy-pages`), and the baseline, cold migration with plain CRIU
+//! migrate --lazy-pages`), ferry hybrid (`ferry migrate --hybrid`), and the
+//! baseline, cold migration with plain CRIU
 //! (`criu dump`, copy the images over the same link, `criu restore`). Each
 //! ferry case gets a fresh agent with an empty page store, so nothing is
 //! already at the destination. Every case, its workload and its agent are
@@ -42,6 +43,7 @@ const AGENT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Method {
     Precopy,
     Postcopy,
+    Hybrid,
     Cold,
 }
 
@@ -50,6 +52,7 @@ impl Method {
         Some(match s {
             "precopy" | "pre-copy" => Method::Precopy,
             "postcopy" | "post-copy" => Method::Postcopy,
+            "hybrid" => Method::Hybrid,
             "cold" => Method::Cold,
             _ => return None,
         })
@@ -59,6 +62,7 @@ impl Method {
         match self {
             Method::Precopy => "ferry pre-copy",
             Method::Postcopy => "ferry post-copy",
+            Method::Hybrid => "ferry hybrid",
             Method::Cold => "cold CRIU",
         }
     }
@@ -88,6 +92,14 @@ pub struct Case {
     pub downtime_ms: Option<f64>,
     /// ferry's own frozen time (dump request to resume), ms.
     pub frozen_ms: Option<f64>,
+    /// From a lazy dump: the resume to the source's release (ferry's
+    /// timer), ms: how long the frozen source held the only whole copy.
+    pub released_ms: Option<f64>,
+    /// ferry's prediction of the frozen time, made before the freeze.
+    pub predicted_ms: Option<f64>,
+    /// The prediction exceeded --max-downtime and ferry said so before
+    /// freezing.
+    pub announced_miss: Option<bool>,
     /// Whole migration, ms (cold: without this machine's pid-reuse wait).
     pub total_ms: Option<f64>,
     pub rounds: Option<usize>,
@@ -167,6 +179,9 @@ impl MigrateBench {
             method,
             downtime_ms: None,
             frozen_ms: None,
+            released_ms: None,
+            predicted_ms: None,
+            announced_miss: None,
             total_ms: None,
             rounds: None,
             stop_reason: None,
@@ -194,7 +209,7 @@ impl MigrateBench {
         // until every page has moved: on this one kernel the workload is
         // the init of a pid namespace of its own (as a container's init
         // is), restored in a new one. Across real hosts nothing needs it.
-        launch.own_pid_ns = case.method == Method::Postcopy;
+        launch.own_pid_ns = matches!(case.method, Method::Postcopy | Method::Hybrid);
         let mut w = launch.spawn().map_err(|e| format!("workload: {e}"))?;
         w.wait_ready(READY_TIMEOUT)
             .map_err(|e| format!("workload: {e}"))?;
@@ -217,7 +232,7 @@ impl MigrateBench {
                     case.detail = serde_json::to_value(&c).ok();
                 })
             }
-            Method::Precopy | Method::Postcopy => {
+            Method::Precopy | Method::Postcopy | Method::Hybrid => {
                 let agent = Agent::start(&self.ferry_exe, lab, key, &work.join("agent"))?;
                 let mut cmd = lab.host(0).command(&self.ferry_exe);
                 cmd.args(["migrate", "--json", "--timeout", "60s"]);
@@ -230,9 +245,19 @@ impl MigrateBench {
                 }
                 cmd.args(["--pid", &pid.to_string(), "--to", &agent.addr, "--key"])
                     .arg(key)
-                    .args(["--max-downtime", &self.max_downtime]);
-                if case.method == Method::Postcopy {
-                    cmd.arg("--lazy-pages");
+                    .args(["--max-downtime", &self.max_downtime])
+                    // A predicted miss is announced before the freeze
+                    // and marked in the report, not refused: the bench
+                    // measures every case.
+                    .arg("--accept-downtime-miss");
+                match case.method {
+                    Method::Postcopy => {
+                        cmd.arg("--lazy-pages");
+                    }
+                    Method::Hybrid => {
+                        cmd.arg("--hybrid");
+                    }
+                    _ => {}
                 }
                 let out = reaping(&mut w, move || cmd.output().map_err(|e| e.to_string()))?;
                 drop(agent);
@@ -250,6 +275,11 @@ impl MigrateBench {
                 let v: serde_json::Value = serde_json::from_slice(&out.stdout)
                     .map_err(|e| format!("ferry migrate output: {e}"))?;
                 case.frozen_ms = v["final"]["frozen_ms"].as_f64();
+                case.predicted_ms = v["downtime"]["predicted"]["total_ms"].as_f64();
+                case.announced_miss = v["downtime"]["announced"].as_bool();
+                case.released_ms = v["final"]["source_released_ms"]
+                    .as_f64()
+                    .filter(|_| v["final"]["lazy_dump"].as_bool() == Some(true));
                 case.total_ms = v["total_ms"].as_f64();
                 case.rounds = v["rounds"].as_array().map(|r| r.len());
                 case.stop_reason = v["stop_reason"].as_str().map(str::to_string);
@@ -364,19 +394,20 @@ impl Drop for Agent {
 pub fn render(cases: &[Case], out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "{:>6} {:>8} {:<16} {:>11} {:>10} {:>10} {:>6} {:>10}  note",
-        "MiB", "dirty/s", "method", "downtime", "frozen", "total", "rounds", "wire"
+        "{:>6} {:>8} {:<16} {:>11} {:>10} {:>10} {:>10} {:>6} {:>10}  note",
+        "MiB", "dirty/s", "method", "downtime", "frozen", "released", "total", "rounds", "wire"
     )?;
     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
     for c in cases {
         writeln!(
             out,
-            "{:>6} {:>8} {:<16} {:>11} {:>10} {:>10} {:>6} {:>10}  {}",
+            "{:>6} {:>8} {:<16} {:>11} {:>10} {:>10} {:>10} {:>6} {:>10}  {}",
             c.size_mib,
             format!("{} MiB", c.dirty_mib_s),
             c.method.name(),
             ms(c.downtime_ms),
             ms(c.frozen_ms),
+            ms(c.released_ms),
             ms(c.total_ms),
             c.rounds.map_or("-".into(), |r| r.to_string()),
             c.wire_bytes.map_or("-".into(), ferry_image::units::bytes),
@@ -392,17 +423,24 @@ pub fn render(cases: &[Case], out: &mut dyn Write) -> io::Result<()> {
 /// The results as CSV.
 pub fn csv(cases: &[Case]) -> String {
     let mut s = String::from(
-        "size_mib,dirty_mib_s,method,downtime_ms,frozen_ms,total_ms,rounds,wire_bytes,error\n",
+        "size_mib,dirty_mib_s,method,route,downtime_ms,frozen_ms,predicted_ms,announced_miss,released_ms,total_ms,rounds,wire_bytes,error\n",
     );
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.3}"));
     for c in cases {
         s.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             c.size_mib,
             c.dirty_mib_s,
             c.method.name(),
+            c.detail
+                .as_ref()
+                .and_then(|d| d["route"].as_str())
+                .unwrap_or(""),
             f(c.downtime_ms),
             f(c.frozen_ms),
+            f(c.predicted_ms),
+            c.announced_miss.map_or(String::new(), |a| a.to_string()),
+            f(c.released_ms),
             f(c.total_ms),
             c.rounds.map_or(String::new(), |r| r.to_string()),
             c.wire_bytes.map_or(String::new(), |b| b.to_string()),

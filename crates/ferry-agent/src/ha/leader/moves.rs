@@ -50,6 +50,11 @@ impl ServiceRun {
                 ha_service: Some(self.name.clone()),
                 ..Default::default()
             },
+            hybrid: false,
+            // A planned switchover keeps its route and goes on: the
+            // service is fenced and moves whatever the frozen time.
+            accept_downtime_miss: true,
+            switch_route: false,
             ignore_gpu: false,
             staging: None,
             keep_images: None,
