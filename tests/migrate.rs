@@ -1092,15 +1092,19 @@ fn hybrid_takes_unchanged_pages_from_the_store_and_only_changed_ones_from_the_so
     assert!(report["route_fallback"].is_null(), "{report}");
     assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
     assert_eq!(f["lazy_dump"].as_bool(), Some(true), "{report}");
-    let pages = f["post_copy_pages"].as_u64().unwrap();
-    let stored = f["post_copy_stored_pages"].as_u64().unwrap();
-    let sent = f["pages_sent"].as_u64().unwrap();
-    // 64 MiB: about 16k pages, a quarter of them zero; at 1 MiB/s only a
-    // few hundred change between the last round and the dump.
+    // The frozen tree read once more: 64 MiB, about 16k pages, a quarter
+    // of them zero; at 1 MiB/s only a few hundred changed since the last
+    // round, and only those went in full.
+    let r = &f["final_round"];
+    let pages = r["populated_pages"].as_u64().unwrap();
     assert!(pages >= 16 << 10, "{report}");
+    assert!(r["sent_pages"].as_u64().unwrap() < 2048, "{report}");
+    // The agent installed its map: every page the daemon asked for after
+    // that came out of its store, and the source went without waiting.
+    assert_eq!(f["released_by_map"].as_bool(), Some(true), "{report}");
     assert_eq!(f["pages_in_images"].as_u64(), Some(pages), "{report}");
-    assert!(stored > 8 << 10, "{report}");
-    assert!(sent < stored / 4, "{report}");
+    let asked = f["post_copy_pages"].as_u64().unwrap();
+    assert!(asked < pages, "{report}");
     assert!(f["source_released_ms"].as_f64().unwrap() > 0.0, "{report}");
     // The source tree is gone once every page has moved.
     assert!(
@@ -1117,6 +1121,46 @@ fn hybrid_takes_unchanged_pages_from_the_store_and_only_changed_ones_from_the_so
         agent.log()
     );
     assert_eq!(workload_copies(dir.path(), false), vec![restored_pid]);
+}
+
+/// Without the final map (withheld by a fault point) the hybrid route
+/// still works: the destination asks the source for every page, and the
+/// source names by digest each one the destination's store holds, so only
+/// the changed pages cross in full; the source goes once every page has.
+#[test]
+fn hybrid_without_its_final_map_names_stored_pages_by_digest() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-hybrid-nomap");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 32, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .env(ferry_core::fault::ENV, "hybrid-map-withheld");
+    let report = migrate_reaping(&mut w, cmd).json();
+    let f = &report["final"];
+    assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
+    assert_eq!(f["released_by_map"].as_bool(), Some(false), "{report}");
+    let pages = f["post_copy_pages"].as_u64().unwrap();
+    let stored = f["post_copy_stored_pages"].as_u64().unwrap();
+    assert!(pages >= 8 << 10, "{report}");
+    assert!(stored > 4 << 10, "{report}");
+    assert!(f["pages_sent"].as_u64().unwrap() < stored / 4, "{report}");
+    assert!(
+        w.reap(Duration::from_secs(5)).unwrap(),
+        "source still running"
+    );
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
 }
 
 /// An ordinary Python program (no setsid(), scattered zero pages, memory
@@ -1150,8 +1194,9 @@ fn an_ordinary_program_takes_the_hybrid_route_and_its_memory_is_intact() {
     assert_eq!(report["same_kernel"].as_bool(), Some(false), "{report}");
     assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
     let f = &report["final"];
+    assert_eq!(f["released_by_map"].as_bool(), Some(true), "{report}");
     assert!(
-        f["post_copy_stored_pages"].as_u64().unwrap() > 4 << 10,
+        f["final_round"]["populated_pages"].as_u64().unwrap() > 8 << 10,
         "{report}"
     );
     assert_eq!(p.state(), None, "the source still runs");

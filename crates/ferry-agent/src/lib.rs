@@ -23,6 +23,7 @@
 
 #![forbid(unsafe_code)]
 
+mod final_map;
 pub mod guard;
 pub mod metrics;
 mod page_source;

@@ -7,7 +7,9 @@
 //! pre-copy brought here and that has not changed since: it comes out of
 //! this agent's page store, only its digest crossed the link.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,21 @@ use ferry_criu::page_server::{self, Served, PAGE};
 use ferry_transport::recent::ReceivedPages;
 use ferry_transport::{pages, Conn, Msg};
 
+use crate::final_map::FinalMap;
 use crate::store::PageStore;
+
+/// The hybrid route's final maps by session (see [`crate::final_map`]).
+pub(crate) type PageMaps = Arc<Mutex<HashMap<String, Arc<FinalMap>>>>;
+
+/// What the relay can serve without the source.
+pub(crate) struct Local {
+    pub store: Arc<PageStore>,
+    pub maps: PageMaps,
+    pub session: String,
+    /// The images restored (their lazy pagemaps say what the daemon will
+    /// ask for).
+    pub images: PathBuf,
+}
 
 /// Longest wait for the source's answer to one page request.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,6 +45,10 @@ pub(crate) enum RelayError {
     Daemon(#[from] page_server::PageServerError),
     #[error("the page relay panicked")]
     Panicked,
+    #[error("the daemon asked for {pages} pages at {vaddr:#x} of pid {pid}, outside the final map, after the source was released")]
+    OutsideMap { pid: u64, vaddr: u64, pages: u64 },
+    #[error("serving from the final map")]
+    Map(#[from] crate::final_map::MapError),
 }
 
 /// What the source sent that does not fit the request it answers.
@@ -60,14 +80,10 @@ pub(crate) struct PageRelay {
 impl PageRelay {
     /// Relays the daemon at the other end of `daemon` over `conn` until
     /// it has every page; then tells the source.
-    pub fn start(
-        mut conn: Conn,
-        mut daemon: std::net::TcpStream,
-        store: Arc<PageStore>,
-    ) -> PageRelay {
+    pub fn start(mut conn: Conn, mut daemon: std::net::TcpStream, local: Local) -> PageRelay {
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
-            let result = relay(&mut conn, &mut daemon, &store);
+            let result = relay(&mut conn, &mut daemon, &local);
             match &result {
                 Ok(served) => {
                     let _ = conn.send_msg(&Msg::PagesDone {
@@ -99,13 +115,46 @@ impl PageRelay {
 fn relay(
     conn: &mut Conn,
     daemon: &mut std::net::TcpStream,
-    store: &PageStore,
+    local: &Local,
 ) -> Result<Served, RelayError> {
     // The source answers each request at once: silence means it is gone.
     conn.set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(RelayError::Timeout)?;
+    let store = &local.store;
     let mut recent = ReceivedPages::default();
+    // The final map, once it came and covers every lazy page.
+    let mut map: Option<Arc<FinalMap>> = None;
+    let mut map_refused = false;
     page_server::serve_lazy_daemon(daemon, &mut |pid, vaddr, pages, buf| {
+        if map.is_none() && !map_refused {
+            let came = local
+                .maps
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&local.session).cloned());
+            if let Some(m) = came {
+                match m.covers_lazy_pages(&local.images) {
+                    Ok(()) => {
+                        // Between two requests: nothing is asked of the
+                        // source any more, which may go.
+                        conn.send_msg(&Msg::MapInstalled)?;
+                        tracing::info!(session = %local.session, "final page map installed: the rest of the memory comes from the store");
+                        map = Some(m);
+                    }
+                    Err(why) => {
+                        tracing::warn!(session = %local.session, why, "the final page map does not cover the lazy pages: every page is asked of the source");
+                        map_refused = true;
+                    }
+                }
+            }
+        }
+        if let Some(m) = &map {
+            return match m.fill(store, pid, vaddr, buf) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(RelayError::OutsideMap { pid, vaddr, pages }.into()),
+                Err(e) => Err(RelayError::Map(e).into()),
+            };
+        }
         conn.send_msg(&Msg::PageGet { pid, vaddr, pages })?;
         let (zero, repeat, stored) = match conn.recv_msg()? {
             Msg::PageData {

@@ -120,6 +120,9 @@ pub struct Agent {
     /// Post-copy page-source connections, by session, until its restore
     /// takes them.
     pub page_sources: Mutex<HashMap<String, Conn>>,
+    /// The hybrid route's final page maps, by session, until the session's
+    /// page relay takes them ([`crate::final_map`]).
+    pub(crate) page_maps: crate::page_source::PageMaps,
     /// Each migration's outcome, journaled ([`crate::session::outcome`]).
     pub(crate) outcomes: crate::session::outcome::Outcomes,
     /// Membership of an HA cluster, when the agent joined one.
@@ -186,6 +189,7 @@ pub fn run(config: AgentConfig, ready: &mut dyn FnMut(crate::Ready)) -> Result<(
         config,
         sessions: Mutex::new(HashMap::new()),
         page_sources: Mutex::new(HashMap::new()),
+        page_maps: Default::default(),
         conns: Mutex::new(HashMap::new()),
     });
     let metrics = match agent.config.metrics {
@@ -364,6 +368,13 @@ fn serve(
             conn.set_read_timeout(Some(session::IDLE_TIMEOUT))?;
             if let Ok(mut p) = agent.page_sources.lock() {
                 p.insert(session, conn);
+            }
+            Ok(())
+        }
+        Msg::PageMap { session } => {
+            conn.set_read_timeout(Some(session::IDLE_TIMEOUT))?;
+            if let Err(e) = crate::final_map::receive(agent, &mut conn, session) {
+                tracing::warn!(error = %ferry_image::units::chain(&e), "a final page map was refused");
             }
             Ok(())
         }

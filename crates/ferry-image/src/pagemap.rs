@@ -33,7 +33,7 @@ impl PageRange {
     pub fn is_in_parent(&self) -> bool {
         self.flags & PE_PARENT != 0
     }
-    pub(crate) fn is_lazy(&self) -> bool {
+    pub fn is_lazy(&self) -> bool {
         self.flags & PE_LAZY != 0
     }
     pub fn bytes(&self) -> u64 {

@@ -527,7 +527,10 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             opts,
             &mut control,
             &session,
-            Some(&pre.known),
+            Some(post_copy::Hybrid {
+                pre: &mut pre,
+                sender: &mut sender,
+            }),
         )?;
         learn(&mut costs, &costs_path, &final_phase);
         let downtime =

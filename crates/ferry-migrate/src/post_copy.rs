@@ -30,13 +30,18 @@
 //! not.
 //!
 //! **The hybrid route** (`--hybrid`) runs pre-copy first, then this final
-//! phase with `known`, the digests the destination's page store holds: a
-//! page asked for that is unchanged since pre-copy is named by its
-//! digest, and the agent takes it out of its store. Only pages changed
-//! since the last round cross the link in full while the source is frozen
-//! and the source is released sooner.
+//! phase with pre-copy's state ([`Hybrid`]):
+//! - a page asked for whose content the destination's store holds
+//!   (unchanged since pre-copy) is named by its digest;
+//! - meanwhile ferry reads the frozen tree once more (a last pre-copy
+//!   round: what changed goes to the store on the data streams) and sends
+//!   the agent the tree's final map (every page's address and digest);
+//! - once the map covers every lazy page of the images the agent serves
+//!   the rest out of its store and says so (`MapInstalled`): the source is
+//!   released then, without waiting for every page to be fetched.
 
 use std::collections::{HashMap, HashSet};
+
 use std::time::{Duration, Instant};
 
 use super::final_copy::{
@@ -83,6 +88,9 @@ struct Served {
     repeated_pages: u64,
     /// Pages named by digest: held in the destination's store (hybrid).
     stored_pages: u64,
+    /// The agent installed the final map: the source went before every
+    /// page was fetched.
+    released_by_map: bool,
     /// The agent's count of the time until all memory was resident.
     ms: f64,
     /// Bytes this side sent on the page-source connection.
@@ -95,9 +103,13 @@ pub fn run(
     opts: &MigrateOptions,
     control: &mut Conn,
     session: &str,
-    known: Option<&HashSet<ferry_image::page::Digest>>,
+    hybrid: Option<Hybrid<'_>>,
 ) -> Result<(FinalReport, i32), MigrateError> {
     let pid = source.pid;
+    // Answers name what the store held when the final phase began; the
+    // final round adds to pre-copy's own set meanwhile.
+    let known_then = hybrid.as_ref().map(|h| h.pre.known.clone());
+    let known = known_then.as_ref();
     let stage = source_staging(opts, STAGING_BYTES)?;
     let images = stage.path().join("images");
     std::fs::create_dir_all(&images).map_err(|e| MigrateError::Staging {
@@ -161,6 +173,9 @@ pub fn run(
             }
         };
         report.dump_ms = ms(frozen_at.elapsed());
+        // The hybrid route: the final round and map, while the agent
+        // restores.
+        let mapping = hybrid.map(|h| s.spawn(move || final_map(h, opts, session)));
 
         // Everything up to the commit; the page source serves from the
         // moment the agent may ask (the lazy restore itself faults on a few
@@ -244,6 +259,15 @@ pub fn run(
             })),
         };
         report.post_copy_ms = ms(t.elapsed());
+        if let Some(m) = mapping {
+            match m.join() {
+                Ok(Ok(round)) => report.final_round = Some(round),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %ferry_image::units::chain(&e), "the final page map did not reach the destination: it fetched every page from here")
+                }
+                Err(_) => tracing::warn!("the final page map's thread panicked"),
+            }
+        }
         let served = match served {
             Ok(served) => served,
             Err(e) => {
@@ -265,6 +289,7 @@ pub fn run(
         // Every page is on the destination: the transfer ends and CRIU
         // kills the source tree.
         let closed = link.close();
+        report.source_released_ms = ms(t.elapsed());
         let dumped = dumping.join();
         if let Err(e) = &closed {
             tracing::error!(error = %ferry_image::units::chain(e), "cannot end CRIU's lazy transfer; killing the source tree");
@@ -296,10 +321,18 @@ pub fn run(
         report.zero_pages = served.zero_pages;
         report.post_copy_repeated_pages = served.repeated_pages;
         report.post_copy_stored_pages = served.stored_pages;
-        report.pages_in_images = served.pages;
+        report.released_by_map = served.released_by_map;
         report.pages_sent =
             served.pages - served.zero_pages - served.repeated_pages - served.stored_pages;
-        report.source_released_ms = report.post_copy_ms;
+        report.pages_in_images = served.pages;
+        if let Some(r) = &report.final_round {
+            // The map named every page; those it found changed went to
+            // the store in full.
+            report.pages_sent += r.sent_pages;
+            if served.released_by_map {
+                report.pages_in_images = r.populated_pages;
+            }
+        }
         report.wire_bytes += served.wire_bytes;
         report.post_copy_wire_bytes = served.wire_bytes;
         tracing::info!(
@@ -316,6 +349,42 @@ pub fn run(
         }
         Ok((report, restored))
     })
+}
+
+/// Pre-copy's state, for the hybrid route's final phase.
+pub(crate) struct Hybrid<'a> {
+    pub pre: &'a mut super::precopy::Precopy,
+    pub sender: &'a mut super::streams::PageSender,
+}
+
+/// The hybrid route's last round over the frozen tree, then its map to
+/// the agent.
+fn final_map(
+    h: Hybrid<'_>,
+    opts: &MigrateOptions,
+    session: &str,
+) -> Result<super::report::RoundReport, FinalError> {
+    let round = h.pre.final_round(h.sender, opts).map_err(|e| match e {
+        super::PrecopyError::Transport(t) => FinalError::Transport(t),
+        other => FinalError::Images {
+            path: std::path::PathBuf::from(format!("/proc/{}", h.pre.pid())),
+            source: std::io::Error::other(ferry_image::units::chain(&other)),
+        },
+    })?;
+    if ferry_core::fault::fails("hybrid-map-withheld") {
+        // Tests: the destination fetches every page from here, named by
+        // digest where its store holds it.
+        return Err(FinalError::Transport(TransportError::Closed {
+            peer: "fault hybrid-map-withheld injected".into(),
+        }));
+    }
+    let mut conn = Conn::connect(&opts.to, &opts.secret, super::CONNECT_TIMEOUT)?;
+    conn.set_read_timeout(Some(opts.io_timeout))?;
+    conn.send_msg(&Msg::PageMap {
+        session: session.to_string(),
+    })?;
+    super::precopy::send_map(&mut conn, &h.pre.layout)?;
+    Ok(round)
 }
 
 /// The lazy dump's images, whole, to the agent, which writes them out.
@@ -448,6 +517,11 @@ fn serve_pages(
             }
             Msg::PagesDone { ms, .. } => {
                 served.ms = ms;
+                served.wire_bytes = conn.sent_bytes();
+                return Ok(served);
+            }
+            Msg::MapInstalled => {
+                served.released_by_map = true;
                 served.wire_bytes = conn.sent_bytes();
                 return Ok(served);
             }

@@ -54,6 +54,11 @@ impl Precopy {
         }
     }
 
+    /// The root of the tree.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     pub fn run(
         &mut self,
         control: &mut Conn,
@@ -69,7 +74,7 @@ impl Precopy {
             }
             let round = self.rounds.len() as u32 + 1;
             let started = Instant::now();
-            let r = self.round(round, control, sender, prev_start, opts, total_bytes)?;
+            let r = self.round(round, Some(control), sender, prev_start, opts, total_bytes)?;
             opts.events.emit(Event::Round {
                 round,
                 changed_bytes: r.changed_pages * PAGE_SIZE as u64,
@@ -109,10 +114,23 @@ impl Precopy {
         }
     }
 
+    /// One more round over the tree frozen by a lazy dump (the hybrid
+    /// route): what changed goes to the destination's store; `layout` is
+    /// then the whole tree's final map.
+    pub fn final_round(
+        &mut self,
+        sender: &mut PageSender,
+        opts: &MigrateOptions,
+    ) -> Result<RoundReport, PrecopyError> {
+        let round = self.rounds.len() as u32 + 1;
+        let total = ferry_image::process::tree_rss_bytes(self.pid).unwrap_or(0);
+        self.round(round, None, sender, None, opts, total)
+    }
+
     fn round(
         &mut self,
         round: u32,
-        control: &mut Conn,
+        control: Option<&mut Conn>,
         sender: &mut PageSender,
         prev_start: Option<Instant>,
         opts: &MigrateOptions,
@@ -144,7 +162,7 @@ impl Precopy {
             digests.push(d.unwrap_or(ZERO_PAGE));
         };
         let mut sent = 0u64;
-        let stats = if round == 1 {
+        let stats = if let (1, Some(control)) = (round, control) {
             let mut pending: Vec<Digest> = Vec::new();
             let mut data: Vec<u8> = Vec::new();
             let stats = live::scan_tree(
@@ -268,6 +286,45 @@ fn query_and_send(
     Ok(sent)
 }
 
+/// Sends the frozen tree's final map on its own connection (the hybrid
+/// route): every page's address and digest, by the pids the images use.
+pub(crate) fn send_map(
+    conn: &mut Conn,
+    layout: &BTreeMap<i32, (Vec<u64>, Vec<Digest>)>,
+) -> Result<(), TransportError> {
+    for (pid, (vaddrs, digests)) in layout {
+        let pid = ferry_image::process::ns_pids(*pid)
+            .last()
+            .map_or(*pid, |p| *p as i32);
+        control_layout(conn, pid, vaddrs, digests)?;
+    }
+    conn.send_msg(&Msg::MapEnd)?;
+    match conn.recv_msg()? {
+        Msg::MapReady => Ok(()),
+        other => Err(TransportError::Unexpected {
+            peer: conn.peer().to_string(),
+            got: format!("{other:?}"),
+            expected: "MapReady",
+        }),
+    }
+}
+
+fn control_layout(
+    conn: &mut Conn,
+    pid: i32,
+    vaddrs: &[u64],
+    digests: &[Digest],
+) -> Result<(), TransportError> {
+    conn.send_msg(&Msg::Layout {
+        pid,
+        count: vaddrs.len() as u64,
+    })?;
+    let mut blob = Vec::with_capacity(vaddrs.len() * 24);
+    blob.extend(vaddrs.iter().flat_map(|v| v.to_le_bytes()));
+    blob.extend(pages::encode_digests(digests));
+    conn.send_blob(&blob)
+}
+
 /// Sends the last round's layouts, so that the agent lays out the pages
 /// images now, while the application still runs; returns the agent's time.
 pub(crate) fn send_layouts(
@@ -280,14 +337,7 @@ pub(crate) fn send_layouts(
         let pid = ferry_image::process::ns_pids(*pid)
             .last()
             .map_or(*pid, |p| *p as i32);
-        control.send_msg(&Msg::Layout {
-            pid,
-            count: vaddrs.len() as u64,
-        })?;
-        let mut blob = Vec::with_capacity(vaddrs.len() * 24);
-        blob.extend(vaddrs.iter().flat_map(|v| v.to_le_bytes()));
-        blob.extend(pages::encode_digests(digests));
-        control.send_blob(&blob)?;
+        control_layout(control, pid, vaddrs, digests)?;
         match control.recv_msg()? {
             Msg::LayoutReady { ms: t } => ms += t,
             other => {

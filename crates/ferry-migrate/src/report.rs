@@ -107,6 +107,12 @@ pub struct FinalReport {
     /// Bytes the source sent answering page requests after the resume
     /// (part of `wire_bytes`).
     pub post_copy_wire_bytes: u64,
+    /// The hybrid route: the last round over the frozen tree, whose map
+    /// let the agent serve the rest from its store.
+    pub final_round: Option<RoundReport>,
+    /// The agent installed that map, and the source was released before
+    /// every page had been fetched.
+    pub released_by_map: bool,
     /// From a lazy dump: from the resume to the source's release (the
     /// frozen source held the only whole copy until then), ferry's timer.
     pub source_released_ms: f64,
@@ -204,9 +210,17 @@ impl MigrateReport {
             )?;
             writeln!(
                 out,
-                "after the resume: {} pages in {} requests: {} sent in full, {} zero, {} repeated, {} from the destination's store; {} on the wire; source released {:.1} ms after the resume",
+                "after the resume: {} pages asked of the source in {} requests ({} sent in full in all), {} zero, {} repeated, {} from the destination's store; {} on the wire; source released {:.1} ms after the resume",
                 f.post_copy_pages, f.post_copy_requests, f.pages_sent, f.zero_pages, f.post_copy_repeated_pages, f.post_copy_stored_pages, units::bytes(f.post_copy_wire_bytes), f.source_released_ms
             )?;
+            if let Some(r) = &f.final_round {
+                writeln!(
+                    out,
+                    "final map: {} pages read from the frozen tree in {:.1} ms, {} changed since pre-copy (sent in full, {} on the wire); {}",
+                    r.populated_pages, r.ms, r.sent_pages, units::bytes(r.wire_bytes),
+                    if f.released_by_map { "installed: the rest came from the destination's store" } else { "not installed: every page was asked of the source" }
+                )?;
+            }
         } else {
             writeln!(
                 out,

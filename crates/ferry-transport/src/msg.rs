@@ -379,6 +379,19 @@ pub enum Msg {
         pages: u64,
         ms: f64,
     },
+    /// The hybrid route: this connection carries the frozen tree's final
+    /// page map (`Layout` + blob per process, as images name them, then
+    /// `MapEnd`; the agent answers `MapReady`). Every page it names is in
+    /// the agent's store (sent on the data streams before).
+    PageMap {
+        session: String,
+    },
+    MapEnd,
+    MapReady,
+    /// On the page-source connection, from the agent: the final map
+    /// covers every lazy page of the images; the relay serves them all
+    /// from the store and will ask the source for nothing more.
+    MapInstalled,
 }
 
 impl Msg {
@@ -412,6 +425,10 @@ impl Msg {
             Msg::PageGet { .. } => "page_get",
             Msg::PageData { .. } => "page_data",
             Msg::PagesDone { .. } => "pages_done",
+            Msg::PageMap { .. } => "page_map",
+            Msg::MapEnd => "map_end",
+            Msg::MapReady => "map_ready",
+            Msg::MapInstalled => "map_installed",
         }
     }
 }

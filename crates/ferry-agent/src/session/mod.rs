@@ -169,6 +169,9 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
     if let Ok(mut p) = agent.page_sources.lock() {
         p.remove(&begin.id);
     }
+    if let Ok(mut p) = agent.page_maps.lock() {
+        p.remove(&begin.id);
+    }
     if let (Ok(true), Some(lazy)) = (&result, session.lazy.as_mut()) {
         // Post-copy: the images must outlive the daemon serving them.
         let t = Instant::now();

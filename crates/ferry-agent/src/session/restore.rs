@@ -209,7 +209,12 @@ impl Session<'_> {
             self.relay = Some(PageRelay::start(
                 conn,
                 ours,
-                std::sync::Arc::clone(&self.agent.store),
+                crate::page_source::Local {
+                    store: std::sync::Arc::clone(&self.agent.store),
+                    maps: std::sync::Arc::clone(&self.agent.page_maps),
+                    session: self.id.clone(),
+                    images: images.to_path_buf(),
+                },
             ));
             Some(theirs.into())
         } else {
