@@ -1163,6 +1163,43 @@ fn hybrid_without_its_final_map_names_stored_pages_by_digest() {
     assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
 }
 
+/// A final map that comes after the commit (held back at a fault point)
+/// is taken all the same: the session stays open until post-copy ends.
+#[test]
+fn hybrid_takes_a_final_map_that_comes_after_the_commit() {
+    require_criu();
+    let _turn = pid_ns_turn();
+    let dir = scratch("migrate-hybrid-latemap");
+    let _cleanup = KillCopies(dir.path());
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut w = pid_ns_workload(dir.path(), 256, 1.0);
+    let pid = w.pid();
+    let before = w.report().unwrap().counter;
+    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .env(ferry_core::fault::ENV, "hybrid-before-map")
+        .env(ferry_core::fault::HOLD_ENV, "300");
+    let report = migrate_reaping(&mut w, cmd).json();
+    let f = &report["final"];
+    // The daemon had begun fetching from the source when the map came,
+    // and the map released the source before it had every page.
+    assert!(f["post_copy_pages"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(f["released_by_map"].as_bool(), Some(true), "{report}");
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    assert!(
+        agent.wait_for("final page map installed", Duration::from_secs(30)),
+        "{}",
+        agent.log()
+    );
+}
+
 /// An ordinary Python program (no setsid(), scattered zero pages, memory
 /// it keeps rewriting) takes the hybrid route to an agent on another
 /// kernel (here: one in a pid namespace of its own, which cannot prove it

@@ -21,7 +21,9 @@ pub const HOLD_ENV: &str = "FERRY_FAULT_HOLD_MS";
 /// `agent-after-criu-restore` (CRIU restored the tree, its end not yet
 /// journaled), `agent-after-commit-journaled` (the commit journaled, the
 /// tree not yet resumed),
-/// `migrate-after-round-1` (source, between pre-copy rounds).
+/// `migrate-after-round-1` (source, between pre-copy rounds),
+/// `hybrid-before-map` (source, the hybrid route's final map read, not
+/// yet sent).
 #[cfg(feature = "fault-injection")]
 pub fn point(name: &str) {
     if armed(name) {
@@ -46,7 +48,9 @@ pub fn point(_name: &str) {}
 /// for failures no outside action can cause at a precise moment. Failures:
 /// `migrate-capture-fails` (source: reading a pages image from CRIU's pipe
 /// fails after its first block), `post-copy-read-fails` (source: reading
-/// the pages a post-copy destination asks for fails after the commit).
+/// the pages a post-copy destination asks for fails after the commit),
+/// `hybrid-map-withheld` (source: the hybrid route's final map is never
+/// sent).
 #[cfg(feature = "fault-injection")]
 pub fn fails(name: &str) -> bool {
     let armed = armed(name);

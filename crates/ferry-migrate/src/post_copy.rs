@@ -371,6 +371,8 @@ fn final_map(
             source: std::io::Error::other(ferry_image::units::chain(&other)),
         },
     })?;
+    // Tests: a map that comes after the commit.
+    ferry_core::fault::point("hybrid-before-map");
     if ferry_core::fault::fails("hybrid-map-withheld") {
         // Tests: the destination fetches every page from here, named by
         // digest where its store holds it.

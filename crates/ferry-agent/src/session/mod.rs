@@ -163,13 +163,7 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
     let began = Instant::now();
     let result = session.run(&mut conn);
     metrics.sessions_active.dec();
-    if let Ok(mut s) = agent.sessions.lock() {
-        s.remove(&begin.id);
-    }
     if let Ok(mut p) = agent.page_sources.lock() {
-        p.remove(&begin.id);
-    }
-    if let Ok(mut p) = agent.page_maps.lock() {
         p.remove(&begin.id);
     }
     if let (Ok(true), Some(lazy)) = (&result, session.lazy.as_mut()) {
@@ -199,6 +193,14 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         } else {
             tracing::error!(session = %begin.id, log = %lazy.log().display(), "post-copy FAILED: the lazy-pages daemon did not deliver every page; the application is broken");
         }
+    }
+    // Open until post-copy ends: the hybrid route's final map may come
+    // after the commit.
+    if let Ok(mut s) = agent.sessions.lock() {
+        s.remove(&begin.id);
+    }
+    if let Ok(mut p) = agent.page_maps.lock() {
+        p.remove(&begin.id);
     }
     let outcome = match (&result, session.restored) {
         (Ok(true), Some(_)) => "committed",
