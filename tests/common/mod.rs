@@ -109,7 +109,18 @@ where
         // The tests consent to a predicted miss of --max-downtime: their
         // frozen times on this VM, in debug builds, promise nothing (the
         // promise has tests of its own, which clear this).
-        env: vec![("FERRY_ACCEPT_DOWNTIME_MISS".into(), "1".into())],
+        // Nor do they teach this host's migration costs: those the tests
+        // learn stay in a directory of their own (one file, written whole).
+        env: vec![
+            ("FERRY_ACCEPT_DOWNTIME_MISS".into(), "1".into()),
+            (
+                "FERRY_STATE_DIR".into(),
+                std::env::temp_dir()
+                    .join("ferry-test-state")
+                    .display()
+                    .to_string(),
+            ),
+        ],
         netns: None,
     }
 }

@@ -433,7 +433,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     if opts.restore.lazy_pages && !opts.hybrid && lazy_blocker.is_none() {
         // Post-copy from a lazy dump: no pre-copy, no memory moved while
         // frozen; the destination fetches it on demand afterwards.
-        let predicted = costs.lazy(Route::PostCopy);
+        let predicted = costs.lazy(Route::PostCopy, rss / ferry_sys::PAGE_SIZE as u64);
         let announced = keep_promise(opts, predicted, limit_ms, None)?;
         let (final_phase, restored_pid) =
             post_copy::run(criu, &source, opts, &mut control, &session, None)?;
@@ -486,7 +486,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         last.map_or(0, |r| r.populated_pages),
         last.map_or(0.0, |r| r.predicted_final_ms),
     );
-    let lazy = costs.lazy(Route::Hybrid);
+    let lazy = costs.lazy(Route::Hybrid, last.map_or(0, |r| r.populated_pages));
     let mut predicted = if hybrid { lazy } else { full };
     let mut no_switch = None;
     if !hybrid && full.total_ms > limit_ms {

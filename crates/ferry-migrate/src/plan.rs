@@ -34,8 +34,11 @@ pub struct Costs {
     pub restore_fixed_ms: f64,
     pub restore_us_per_page: f64,
     /// A lazy dump's whole frozen time (freeze, metadata images, lazy
-    /// restore, commit).
+    /// restore, commit): fixed, and per resident page (CRIU still moves
+    /// each page into its page pipes while frozen).
     pub lazy_frozen_ms: f64,
+    #[serde(default = "default_lazy_us_per_page")]
+    pub lazy_us_per_page: f64,
     /// Migrations these costs were learned from (0: the defaults).
     pub samples: u64,
 }
@@ -43,17 +46,23 @@ pub struct Costs {
 impl Default for Costs {
     /// Measured on the 2-vCPU lab VM, release build, CRIU 4.2.1: a 1 GiB
     /// dump 401-405 ms, its restore 458-459 ms; a small tree's dump and
-    /// restore about 60 ms each; a lazy dump's frozen time 130-200 ms.
+    /// restore about 60 ms each; a lazy dump's frozen time 260-320 ms for
+    /// 1 GiB, 130-170 ms for 64 MiB.
     fn default() -> Costs {
         Costs {
             dump_fixed_ms: 60.0,
             dump_us_per_page: 1.3,
             restore_fixed_ms: 60.0,
             restore_us_per_page: 1.5,
-            lazy_frozen_ms: 180.0,
+            lazy_frozen_ms: 140.0,
+            lazy_us_per_page: default_lazy_us_per_page(),
             samples: 0,
         }
     }
+}
+
+fn default_lazy_us_per_page() -> f64 {
+    0.55
 }
 
 /// A route's predicted frozen time, by part.
@@ -100,6 +109,7 @@ impl Costs {
             && sane(self.restore_fixed_ms, 60_000.0)
             && sane(self.restore_us_per_page, 1_000.0)
             && sane(self.lazy_frozen_ms, 60_000.0)
+            && sane(self.lazy_us_per_page, 1_000.0)
     }
 
     /// Writes the costs (root only, whole or not at all).
@@ -148,14 +158,16 @@ impl Costs {
         }
     }
 
-    /// A final phase from a lazy dump (hybrid, post-copy).
-    pub fn lazy(&self, route: Route) -> Prediction {
+    /// A final phase from a lazy dump (hybrid, post-copy) of `pages`
+    /// resident pages.
+    pub fn lazy(&self, route: Route, pages: u64) -> Prediction {
+        let total = self.lazy_frozen_ms + self.lazy_us_per_page * pages as f64 / 1e3;
         Prediction {
             route,
-            dump_ms: self.lazy_frozen_ms,
+            dump_ms: total,
             transfer_ms: 0.0,
             restore_ms: 0.0,
-            total_ms: self.lazy_frozen_ms,
+            total_ms: total,
         }
     }
 
@@ -169,7 +181,14 @@ impl Costs {
             }
         };
         if f.lazy_dump {
-            self.lazy_frozen_ms = mix(self.lazy_frozen_ms, f.frozen_ms);
+            let pages = f.pages_in_images;
+            if pages >= PER_PAGE_FROM {
+                let per = (f.frozen_ms - self.lazy_frozen_ms).max(0.0) * 1e3 / pages as f64;
+                self.lazy_us_per_page = mix(self.lazy_us_per_page, per);
+            } else {
+                let fixed = (f.frozen_ms - self.lazy_us_per_page * pages as f64 / 1e3).max(0.0);
+                self.lazy_frozen_ms = mix(self.lazy_frozen_ms, fixed);
+            }
         } else {
             let pages = f.pages_in_images;
             let restore = f.rebuild_ms + f.restore_ms + f.commit_ms;
@@ -236,7 +255,8 @@ mod tests {
         let p = c.precopy(262_144, 50.0);
         // 1 GiB with the defaults: about 60+341 dump, 50, 60+393 restore.
         assert!((p.total_ms - 904.0).abs() < 10.0, "{p:?}");
-        assert_eq!(c.lazy(Route::Hybrid).total_ms, 180.0);
+        assert_eq!(c.lazy(Route::Hybrid, 0).total_ms, 140.0);
+        assert!((c.lazy(Route::Hybrid, 262_144).total_ms - 284.0).abs() < 1.0);
         let mut l = c;
         let f = FinalReport {
             pages_in_images: 262_144,
@@ -252,13 +272,24 @@ mod tests {
         let lazy = FinalReport {
             lazy_dump: true,
             frozen_ms: 100.0,
+            pages_in_images: 0,
             ..FinalReport::default()
         };
         for _ in 0..30 {
             l.learn(&lazy);
         }
         assert!((l.lazy_frozen_ms - 100.0).abs() < 0.1);
-        assert_eq!(l.samples, 60);
+        let big = FinalReport {
+            lazy_dump: true,
+            frozen_ms: 100.0 + 262.144,
+            pages_in_images: 262_144,
+            ..FinalReport::default()
+        };
+        for _ in 0..30 {
+            l.learn(&big);
+        }
+        assert!((l.lazy_us_per_page - 1.0).abs() < 0.01, "{l:?}");
+        assert_eq!(l.samples, 90);
     }
 
     #[test]
