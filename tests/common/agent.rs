@@ -153,6 +153,7 @@ impl AgentProc {
                 std::env::var("FERRY_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env("NO_COLOR", "1")
+            .env("FERRY_STATE_DIR", super::test_state_dir())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

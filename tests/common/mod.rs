@@ -96,6 +96,12 @@ pub struct Cmd {
 }
 
 /// Starts a `ferry` command line.
+/// Where ferry processes the tests start keep their state (the migration
+/// costs they learn), apart from the host's.
+pub fn test_state_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("ferry-test-state")
+}
+
 pub fn ferry<I, S>(args: I) -> Cmd
 where
     I: IntoIterator<Item = S>,
@@ -115,10 +121,7 @@ where
             ("FERRY_ACCEPT_DOWNTIME_MISS".into(), "1".into()),
             (
                 "FERRY_STATE_DIR".into(),
-                std::env::temp_dir()
-                    .join("ferry-test-state")
-                    .display()
-                    .to_string(),
+                test_state_dir().display().to_string(),
             ),
         ],
         netns: None,
