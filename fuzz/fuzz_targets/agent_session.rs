@@ -157,7 +157,7 @@ fn run_sequence(data: &[u8]) {
             }
         }
         let conn = &mut conns[at];
-        let sent = match input.u8() % 16 {
+        let sent = match input.u8() % 19 {
             0 => conn.send_msg(&Msg::Begin {
                 session: session.clone(),
                 target: match input.u8() % 4 {
@@ -247,6 +247,11 @@ fn run_sequence(data: &[u8]) {
             })
             .and_then(|()| conn.send_blob(&input.bytes(1 << 16)))
             .and_then(|()| conn.send_blob(&input.bytes(64))),
+            15 => conn.send_msg(&Msg::PageMap {
+                session: session.clone(),
+            }),
+            16 => conn.send_msg(&Msg::MapEnd),
+            17 => conn.send_msg(&Msg::MapInstalled),
             _ => conn.send_msg(&Msg::PagesDone {
                 requests: input.count(),
                 pages: input.count(),
