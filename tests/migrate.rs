@@ -1067,6 +1067,26 @@ fn max_bandwidth_caps_the_data_streams() {
     );
 }
 
+/// The restored copy named by `report` counts on from `before` and its
+/// memory verifies; it is killed when what this returns is dropped.
+fn restored_continues(report: &serde_json::Value, w: &Workload, before: u64) -> Workload {
+    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
+    let restored = Workload::adopt(restored_pid, w.report_path());
+    restored.wait_counter_above(before, CONTINUE).unwrap();
+    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    restored
+}
+
+/// `ferry migrate --hybrid --json` of a pid namespace's init.
+fn hybrid_cmd(agent: &AgentProc, pid: i32) -> Cmd {
+    ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+}
+
 /// The hybrid route: pre-copy, then a lazy dump; the destination takes
 /// what pre-copy brought and is unchanged out of its store, and only the
 /// pages changed since come from the frozen source.
@@ -1080,12 +1100,7 @@ fn hybrid_takes_unchanged_pages_from_the_store_and_only_changed_ones_from_the_so
     let mut w = pid_ns_workload(dir.path(), 64, 1.0);
     let pid = w.pid();
     let before = w.report().unwrap().counter;
-    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--key")
-        .arg(&agent.key);
+    let cmd = hybrid_cmd(&agent, pid);
     let report = migrate_reaping(&mut w, cmd).json();
     let f = &report["final"];
     assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
@@ -1111,10 +1126,8 @@ fn hybrid_takes_unchanged_pages_from_the_store_and_only_changed_ones_from_the_so
         w.reap(Duration::from_secs(5)).unwrap(),
         "source still running"
     );
-    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
-    let restored = Workload::adopt(restored_pid, w.report_path());
-    restored.wait_counter_above(before, CONTINUE).unwrap();
-    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    let restored = restored_continues(&report, &w, before);
+    let restored_pid = restored.pid();
     assert!(
         agent.wait_for("post-copy complete", Duration::from_secs(60)),
         "{}",
@@ -1137,13 +1150,7 @@ fn hybrid_without_its_final_map_names_stored_pages_by_digest() {
     let mut w = pid_ns_workload(dir.path(), 32, 1.0);
     let pid = w.pid();
     let before = w.report().unwrap().counter;
-    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--key")
-        .arg(&agent.key)
-        .env(ferry_core::fault::ENV, "hybrid-map-withheld");
+    let cmd = hybrid_cmd(&agent, pid).env(ferry_core::fault::ENV, "hybrid-map-withheld");
     let report = migrate_reaping(&mut w, cmd).json();
     let f = &report["final"];
     assert_eq!(report["route"].as_str(), Some("hybrid"), "{report}");
@@ -1157,10 +1164,7 @@ fn hybrid_without_its_final_map_names_stored_pages_by_digest() {
         w.reap(Duration::from_secs(5)).unwrap(),
         "source still running"
     );
-    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
-    let restored = Workload::adopt(restored_pid, w.report_path());
-    restored.wait_counter_above(before, CONTINUE).unwrap();
-    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    let _restored = restored_continues(&report, &w, before);
 }
 
 /// A final map that comes after the commit (held back at a fault point)
@@ -1175,12 +1179,7 @@ fn hybrid_takes_a_final_map_that_comes_after_the_commit() {
     let mut w = pid_ns_workload(dir.path(), 256, 1.0);
     let pid = w.pid();
     let before = w.report().unwrap().counter;
-    let cmd = ferry(["migrate", "--json", "--hybrid", "--timeout", "10s", "--pid"])
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--key")
-        .arg(&agent.key)
+    let cmd = hybrid_cmd(&agent, pid)
         .env(ferry_core::fault::ENV, "hybrid-before-map")
         .env(ferry_core::fault::HOLD_ENV, "300");
     let report = migrate_reaping(&mut w, cmd).json();
@@ -1189,10 +1188,7 @@ fn hybrid_takes_a_final_map_that_comes_after_the_commit() {
     // and the map released the source before it had every page.
     assert!(f["post_copy_pages"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(f["released_by_map"].as_bool(), Some(true), "{report}");
-    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
-    let restored = Workload::adopt(restored_pid, w.report_path());
-    restored.wait_counter_above(before, CONTINUE).unwrap();
-    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    let _restored = restored_continues(&report, &w, before);
     assert!(
         agent.wait_for("final page map installed", Duration::from_secs(30)),
         "{}",
@@ -1389,8 +1385,5 @@ fn a_predicted_miss_takes_the_hybrid_route_when_it_fits() {
         Some("hybrid"),
         "{report}"
     );
-    let restored_pid = report["restored_pid"].as_i64().unwrap() as i32;
-    let restored = Workload::adopt(restored_pid, w.report_path());
-    restored.wait_counter_above(before, CONTINUE).unwrap();
-    assert!(restored.verify_memory(CONTINUE).unwrap().mem_ok);
+    let _restored = restored_continues(&report, &w, before);
 }

@@ -118,15 +118,7 @@ impl FileCounter {
 
     /// Whether the count goes on (by at least 5 within 5 s).
     pub fn counts_on(&self) -> bool {
-        let from = self.count();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.count() >= from + 5 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        counts_on(&self.file)
     }
 
     pub fn state(&self) -> Option<String> {
@@ -136,6 +128,19 @@ impl FileCounter {
     pub fn reap_shell(&mut self) {
         self.program.reap_shell()
     }
+}
+
+/// Whether the count in `file` goes on (by at least 5 within 5 s).
+fn counts_on(file: &Path) -> bool {
+    let from = count(file);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if count(file) >= from + 5 {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 fn count(file: &Path) -> u64 {
@@ -179,15 +184,7 @@ impl CheckedMemory {
 
     /// Whether the count goes on (by at least 5 within 5 s).
     pub fn counts_on(&self) -> bool {
-        let from = self.count();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if self.count() >= from + 5 {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
+        counts_on(&self.file)
     }
 
     /// Asks the program (wherever it runs now) to check its held bytes:

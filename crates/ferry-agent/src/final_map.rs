@@ -22,8 +22,6 @@ use crate::store::PageStore;
 
 /// Most pages one map may name (1 TiB of memory).
 const MAX_MAP_PAGES: u64 = 1 << 28;
-/// Bytes a map entry takes on the wire: its address (u64), digest (u128).
-const ENTRY_BYTES: usize = 24;
 
 /// Each process's pages (by its pid in the images): addresses in
 /// ascending order, and their digests (ZERO_PAGE for zeros).
@@ -36,14 +34,12 @@ pub(crate) struct FinalMap {
 pub(crate) enum MapError {
     #[error("no migration session '{0}' here")]
     NoSession(String),
-    #[error("the map of pid {pid}: {bytes} bytes for {pages} pages")]
-    Length { pid: i32, bytes: usize, pages: u64 },
     #[error("the map names more than {MAX_MAP_PAGES} pages")]
     TooLarge,
     #[error("the map of pid {pid} is not in ascending address order")]
     Order { pid: i32 },
-    #[error("the map of pid {pid}: bad digests")]
-    Digests {
+    #[error("the map of pid {pid}")]
+    Layout {
         pid: i32,
         #[source]
         source: pages::PagesFault,
@@ -97,23 +93,11 @@ fn read_map(conn: &mut Conn, store: &PageStore) -> Result<FinalMap, MapError> {
                     return Err(MapError::TooLarge);
                 }
                 let blob = conn.recv_blob()?;
-                let n = usize::try_from(count)
-                    .ok()
-                    .filter(|n| n.checked_mul(ENTRY_BYTES) == Some(blob.len()))
-                    .ok_or(MapError::Length {
-                        pid,
-                        bytes: blob.len(),
-                        pages: count,
-                    })?;
-                let vaddrs: Vec<u64> = blob[..n * 8]
-                    .chunks_exact(8)
-                    .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-                    .collect();
+                let (vaddrs, digests) = pages::decode_layout(count, &blob)
+                    .map_err(|source| MapError::Layout { pid, source })?;
                 if vaddrs.windows(2).any(|w| w[0] >= w[1]) {
                     return Err(MapError::Order { pid });
                 }
-                let digests = pages::decode_digests(&blob[n * 8..])
-                    .map_err(|source| MapError::Digests { pid, source })?;
                 if digests
                     .iter()
                     .any(|d| *d != ZERO_PAGE && !store.contains(*d))

@@ -319,10 +319,7 @@ fn control_layout(
         pid,
         count: vaddrs.len() as u64,
     })?;
-    let mut blob = Vec::with_capacity(vaddrs.len() * 24);
-    blob.extend(vaddrs.iter().flat_map(|v| v.to_le_bytes()));
-    blob.extend(pages::encode_digests(digests));
-    conn.send_blob(&blob)
+    conn.send_blob(&pages::encode_layout(vaddrs, digests))
 }
 
 /// Sends the last round's layouts, so that the agent lays out the pages

@@ -39,6 +39,34 @@ pub enum PagesFault {
     Digest { index: usize },
     #[error("digest list of {0} bytes is not a whole number of digests")]
     ListLength(usize),
+    #[error("layout of {bytes} bytes does not hold {count} pages")]
+    LayoutLength { count: u64, bytes: usize },
+}
+
+/// A layout (`Msg::Layout`'s blob): `count` addresses (u64 LE), then as
+/// many digests.
+pub fn encode_layout(vaddrs: &[u64], digests: &[Digest]) -> Vec<u8> {
+    let mut blob = Vec::with_capacity(vaddrs.len() * (8 + DIGEST_BYTES));
+    blob.extend(vaddrs.iter().flat_map(|v| v.to_le_bytes()));
+    blob.extend(encode_digests(digests));
+    blob
+}
+
+/// Decodes a layout of `count` pages; a crafted count cannot wrap: the
+/// blob's length bounds it.
+pub fn decode_layout(count: u64, blob: &[u8]) -> Result<(Vec<u64>, Vec<Digest>), PagesFault> {
+    let n = usize::try_from(count)
+        .ok()
+        .filter(|n| n.checked_mul(8 + DIGEST_BYTES) == Some(blob.len()))
+        .ok_or(PagesFault::LayoutLength {
+            count,
+            bytes: blob.len(),
+        })?;
+    let vaddrs = blob[..n * 8]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    Ok((vaddrs, decode_digests(&blob[n * 8..])?))
 }
 
 /// Decodes a batch and checks every page against its digest.

@@ -39,8 +39,6 @@ pub const STAGING_PREFIX: &str = ferry_core::checkpoint::staging::AGENT_PREFIX;
 const LAZY_COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 /// Room kept free beyond what a migration says it needs.
 const ROOM_MARGIN_BYTES: u64 = 64 << 20;
-/// Bytes a layout sends per page: its address (u64) and digest (u128).
-const LAYOUT_BYTES_PER_PAGE: usize = 24;
 
 /// Why the agent refuses or fails a step of a migration (sent to the
 /// source as the text of an `Error`).
@@ -56,9 +54,7 @@ pub(crate) enum SessionError {
     Gpu(#[source] ferry_core::gpu::Incompatible),
     #[error("cannot create a staging directory")]
     Staging(#[source] std::io::Error),
-    #[error("layout of pid {pid}: {bytes} bytes for {pages} pages")]
-    LayoutLength { pid: i32, bytes: usize, pages: u64 },
-    #[error("layout of pid {pid}: bad digests")]
+    #[error("layout of pid {pid}")]
     LayoutDigests {
         pid: i32,
         #[source]
@@ -420,20 +416,7 @@ impl Session<'_> {
 
     fn lay_out(&mut self, pid: i32, count: u64, blob: &[u8]) -> Result<Msg, SessionError> {
         let start = Instant::now();
-        // A crafted count must not wrap: the blob bounds it.
-        let n = usize::try_from(count)
-            .ok()
-            .filter(|n| n.checked_mul(LAYOUT_BYTES_PER_PAGE) == Some(blob.len()))
-            .ok_or(SessionError::LayoutLength {
-                pid,
-                bytes: blob.len(),
-                pages: count,
-            })?;
-        let vaddrs = blob[..n * 8]
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect();
-        let digests = pages::decode_digests(&blob[n * 8..])
+        let (vaddrs, digests) = pages::decode_layout(count, blob)
             .map_err(|source| SessionError::LayoutDigests { pid, source })?;
         let need = self.expected_bytes;
         let path = self.staging(need)?.join(format!("ahead-{pid}.pages"));
