@@ -95,11 +95,11 @@ pub struct MigrateArgs {
     /// pre-copy, and the report says why.
     #[arg(long, conflicts_with = "lazy_pages")]
     pub hybrid: bool,
-    /// Go on when the frozen phase is predicted to exceed --max-downtime
-    /// (the miss is announced before the freeze and marked in the
-    /// report). Without it such a migration is refused before anything
-    /// is frozen, unless the hybrid route fits and can move the target
-    /// (then it is taken, and the report says so).
+    /// Go on, on the route asked for, when the frozen phase is predicted
+    /// to exceed --max-downtime (the miss is announced before the freeze
+    /// and marked in the report). Without it such a migration takes the
+    /// hybrid route if that fits and can move the target (the report
+    /// says so), and is refused before anything is frozen otherwise.
     #[arg(long, env = "FERRY_ACCEPT_DOWNTIME_MISS", value_parser = clap::builder::BoolishValueParser::new())]
     pub accept_downtime_miss: bool,
     /// Migrate even if the tree holds GPU state that would be lost (loud).

@@ -104,8 +104,8 @@ pub struct MigrateOptions {
     /// on (the miss is announced before the freeze and marked in the
     /// report) instead of refusing.
     pub accept_downtime_miss: bool,
-    /// When pre-copy's final phase is predicted to miss `max_downtime`
-    /// and the hybrid route fits, take it.
+    /// When pre-copy's final phase is predicted to miss `max_downtime`,
+    /// the miss is not accepted, and the hybrid route fits: take it.
     pub switch_route: bool,
     pub ignore_gpu: bool,
     /// Where the final dump is staged (default: tmpfs when it fits).
@@ -496,6 +496,10 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
                 Some("--lazy-pages asked for a lazy restore from the rebuilt images".to_string())
             }
             None if !opts.switch_route => Some("route switching is off".to_string()),
+            // Consent to a miss keeps the route asked for.
+            None if opts.accept_downtime_miss => {
+                Some("--accept-downtime-miss keeps the route asked for".to_string())
+            }
             None if lazy.total_ms > limit_ms => {
                 Some(format!("hybrid: predicted {:.0} ms", lazy.total_ms))
             }
