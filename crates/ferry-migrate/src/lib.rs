@@ -213,6 +213,8 @@ pub enum FinalError {
     Undecided(Box<Unanswered>),
     #[error("cancelled (SIGINT or SIGTERM) before the commit")]
     Cancelled,
+    #[error("the hybrid route's last read of the frozen tree failed")]
+    FinalRound(#[source] Box<PrecopyError>),
 }
 
 /// The destination never said whether it committed.
@@ -427,6 +429,14 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         return Err(MigrateError::Cancelled);
     }
     let limit_ms = opts.max_downtime.as_secs_f64() * 1e3;
+    let ended = Ended {
+        to: opts.to.clone(),
+        dest_host,
+        same_kernel,
+        streams: sender.streams(),
+        start,
+        limit_ms,
+    };
     let costs_path = plan::costs_path();
     let mut costs = plan::Costs::load(&costs_path);
     let lazy_blocker = post_copy::blocker(&opts.target, pid, same_kernel);
@@ -438,25 +448,17 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         let (final_phase, restored_pid) =
             post_copy::run(criu, &source, opts, &mut control, &session, None)?;
         learn(&mut costs, &costs_path, &final_phase);
-        let downtime =
-            plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
-        return Ok(MigrateReport {
-            downtime,
-            destination: opts.to.clone(),
-            destination_host: dest_host,
-            same_kernel,
-            post_copy: true,
+        let taken = Taken {
             route: Route::PostCopy,
             route_fallback: None,
-            streams: sender.streams(),
             rounds: Vec::new(),
             stop_reason: StopReason::PostCopy,
             precopy_ms: 0.0,
             layout_ms: 0.0,
-            final_phase,
-            restored_pid,
-            total_ms: start.elapsed().as_secs_f64() * 1e3,
-        });
+            predicted,
+            announced,
+        };
+        return Ok(ended.report(taken, final_phase, restored_pid));
     }
     let mut hybrid = opts.hybrid && lazy_blocker.is_none();
     let mut route_fallback = match (opts.hybrid, lazy_blocker) {
@@ -537,25 +539,17 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
             }),
         )?;
         learn(&mut costs, &costs_path, &final_phase);
-        let downtime =
-            plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
-        return Ok(MigrateReport {
-            downtime,
-            destination: opts.to.clone(),
-            destination_host: dest_host,
-            same_kernel,
-            post_copy: true,
+        let taken = Taken {
             route: Route::Hybrid,
             route_fallback,
-            streams: sender.streams(),
             rounds: pre.rounds,
             stop_reason,
             precopy_ms,
             layout_ms: 0.0,
-            final_phase,
-            restored_pid,
-            total_ms: start.elapsed().as_secs_f64() * 1e3,
-        });
+            predicted,
+            announced,
+        };
+        return Ok(ended.report(taken, final_phase, restored_pid));
     }
     let layout_ms = precopy::send_layouts(&mut control, &pre.layout)
         .map_err(|e| MigrateError::Precopy(e.into()))?;
@@ -572,28 +566,70 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         &session,
     )?;
     learn(&mut costs, &costs_path, &final_phase);
-    let downtime = plan::DowntimeCheck::new(limit_ms, predicted, announced, final_phase.frozen_ms);
-    Ok(MigrateReport {
-        downtime,
-        destination: opts.to.clone(),
-        destination_host: dest_host,
-        same_kernel,
-        post_copy: opts.restore.lazy_pages,
+    let taken = Taken {
         route: if opts.restore.lazy_pages {
             Route::PrecopyLazyRestore
         } else {
             Route::Precopy
         },
         route_fallback,
-        streams: sender.streams(),
         rounds: pre.rounds,
         stop_reason,
         precopy_ms,
         layout_ms,
-        final_phase,
-        restored_pid,
-        total_ms: start.elapsed().as_secs_f64() * 1e3,
-    })
+        predicted,
+        announced,
+    };
+    Ok(ended.report(taken, final_phase, restored_pid))
+}
+
+/// What every report of this migration shares.
+struct Ended {
+    to: String,
+    dest_host: String,
+    same_kernel: bool,
+    streams: usize,
+    start: Instant,
+    limit_ms: f64,
+}
+
+/// The route a migration took up to its final phase, and its promise.
+struct Taken {
+    route: Route,
+    route_fallback: Option<String>,
+    rounds: Vec<RoundReport>,
+    stop_reason: StopReason,
+    precopy_ms: f64,
+    layout_ms: f64,
+    predicted: plan::Prediction,
+    announced: bool,
+}
+
+impl Ended {
+    fn report(&self, t: Taken, final_phase: FinalReport, restored_pid: i32) -> MigrateReport {
+        MigrateReport {
+            downtime: plan::DowntimeCheck::new(
+                self.limit_ms,
+                t.predicted,
+                t.announced,
+                final_phase.frozen_ms,
+            ),
+            destination: self.to.clone(),
+            destination_host: self.dest_host.clone(),
+            same_kernel: self.same_kernel,
+            post_copy: t.route != Route::Precopy,
+            route: t.route,
+            route_fallback: t.route_fallback,
+            streams: self.streams,
+            rounds: t.rounds,
+            stop_reason: t.stop_reason,
+            precopy_ms: t.precopy_ms,
+            layout_ms: t.layout_ms,
+            final_phase,
+            restored_pid,
+            total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+        }
+    }
 }
 
 /// Before freezing: a predicted miss of `--max-downtime` refuses the

@@ -364,13 +364,10 @@ fn final_map(
     opts: &MigrateOptions,
     session: &str,
 ) -> Result<super::report::RoundReport, FinalError> {
-    let round = h.pre.final_round(h.sender, opts).map_err(|e| match e {
-        super::PrecopyError::Transport(t) => FinalError::Transport(t),
-        other => FinalError::Images {
-            path: std::path::PathBuf::from(format!("/proc/{}", h.pre.pid())),
-            source: std::io::Error::other(ferry_image::units::chain(&other)),
-        },
-    })?;
+    let round = h
+        .pre
+        .final_round(h.sender, opts)
+        .map_err(|e| FinalError::FinalRound(Box::new(e)))?;
     // Tests: a map that comes after the commit.
     ferry_core::fault::point("hybrid-before-map");
     if ferry_core::fault::fails("hybrid-map-withheld") {

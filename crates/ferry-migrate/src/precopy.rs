@@ -54,11 +54,6 @@ impl Precopy {
         }
     }
 
-    /// The root of the tree.
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
     pub fn run(
         &mut self,
         control: &mut Conn,
