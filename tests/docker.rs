@@ -100,3 +100,81 @@ fn docker_failures_are_clear() {
     counter_above(&report, now + 50);
     assert_eq!(Docker::status(&name), "running");
 }
+
+/// An ordinary busybox script's files travel with its checkpoint: what it
+/// wrote to its writable layer (a large file, many small ones, links, its
+/// own owner and mode), a file of its image it deleted, and its named
+/// volume. The source container and the volume are removed; the copy,
+/// created from the archive, has every file identical, the deletion
+/// kept, and counts on from where it was dumped.
+#[test]
+fn a_containers_files_and_volume_travel_in_its_archive() {
+    use common::files;
+    require_criu();
+    require_docker();
+    let dir = scratch("docker-files");
+    let mut d = Docker::image(dir.path(), "files");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let name = unique("files");
+    let volume = unique("files-vol");
+    d.adopt(&name);
+    let _volume = VolumeGuard(volume.clone());
+    sh(std::process::Command::new("docker")
+        .args(["run", "-d", "--network", "none", "--name", &name])
+        .arg("-v")
+        .arg(format!("{}:/state", state.display()))
+        .arg("-v")
+        .arg(format!("{volume}:/data"))
+        .arg(&d.image)
+        .args(["/bin/busybox", "sh", "-c", files::SCRIPT]));
+    let before = files::counter_above(&state, 5);
+    let expected = files::check(&[], &name);
+    assert!(
+        expected.contains("deleted file stays deleted"),
+        "{expected}"
+    );
+    let a = dir.path().join("c.ferry");
+    let dumped = ferry([
+        "dump",
+        "--json",
+        "--leave-running",
+        "--docker",
+        &name,
+        "--archive",
+    ])
+    .arg(&a)
+    .json();
+    let carried = &dumped["container_files"];
+    assert_eq!(carried["roots"].as_array().unwrap().len(), 2, "{carried}");
+    assert_eq!(Docker::status(&name), "running");
+    // Nothing of the source is left on this host: container and volume.
+    sh(std::process::Command::new("docker").args(["rm", "-f", &name]));
+    sh(std::process::Command::new("docker").args(["volume", "rm", &volume]));
+    let at_removal = files::counter(&state);
+    std::fs::remove_file(state.join("counter")).unwrap();
+    let copy = unique("files-copy");
+    d.adopt(&copy);
+    ferry(["restore", "--docker", &copy, "--archive"])
+        .arg(&a)
+        .ok();
+    assert_eq!(Docker::status(&copy), "running");
+    let first = files::counter(&state);
+    assert!(
+        first >= before && first <= at_removal + 1,
+        "the copy counts from {first}: dumped after {before}, removed at {at_removal}"
+    );
+    files::counter_above(&state, first + 5);
+    files::same(&expected, &files::check(&[], &copy));
+}
+
+/// Removes a Docker volume when dropped.
+struct VolumeGuard(String);
+
+impl Drop for VolumeGuard {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["volume", "rm", "-f", &self.0])
+            .output();
+    }
+}

@@ -1387,3 +1387,63 @@ fn a_predicted_miss_takes_the_hybrid_route_when_it_fits() {
     );
     let _restored = restored_continues(&report, &w, before);
 }
+
+/// A Docker container's files move with it: a busybox script's writable
+/// layer (large and small files, links, owner and mode, a deleted file of
+/// its image, and a log it appends to up to the freeze) goes ahead of the
+/// freeze and only what changed since moves while frozen; the copy, a new
+/// container with a fresh layer, has every file identical, the log
+/// without a gap, and counts on.
+#[test]
+fn a_docker_containers_files_go_ahead_of_the_freeze() {
+    use common::containers::{require_docker, unique, Docker};
+    use common::files;
+    require_criu();
+    require_docker();
+    let dir = scratch("migrate-docker-files");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let mut d = Docker::image(dir.path(), "migfiles");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let name = unique("migfiles");
+    d.adopt(&name);
+    let out = std::process::Command::new("docker")
+        .args(["run", "-d", "--network", "none", "--name", &name, "-v"])
+        .arg(format!("{}:/state", state.display()))
+        .arg(&d.image)
+        .args(["/bin/busybox", "sh", "-c", files::SCRIPT])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = files::counter_above(&state, 5);
+    let expected = files::check(&[], &name);
+    let copy = unique("migfiles-copy");
+    d.adopt(&copy);
+    let run = ferry(["migrate", "--json", "--timeout", "20s", "--ignore-volumes"])
+        .arg("--docker")
+        .arg(&name)
+        .arg("--docker-name")
+        .arg(&copy)
+        .arg("--to")
+        .arg(&agent.addr)
+        .arg("--key")
+        .arg(&agent.key)
+        .json();
+    assert_eq!(Docker::status(&copy), "running");
+    let ahead = &run["files_ahead"];
+    assert!(
+        ahead["bytes"].as_u64().unwrap() > 8 << 20,
+        "the layer did not go ahead: {ahead}"
+    );
+    let frozen = run["final"]["files_frozen_bytes"].as_u64().unwrap();
+    assert!(
+        frozen < 1 << 20,
+        "{frozen} bytes of files moved while frozen: more than what changed"
+    );
+    files::counter_above(&state, before);
+    files::same(&expected, &files::check(&[], &copy));
+}

@@ -240,7 +240,8 @@ fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
     };
     let criu = Criu::locate(None, None).unwrap();
     let req = DumpRequest::new(0, images(dir.path()));
-    let err = checkpoint::dump_container(&criu, &container, &req, &mut abort).unwrap_err();
+    let err = checkpoint::dump_container(&criu, &container, &req, &Default::default(), &mut abort)
+        .unwrap_err();
     assert!(saw_frozen, "the container was not stopped at post-dump");
     assert!(
         matches!(

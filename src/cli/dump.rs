@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::pack::{describe_pack, PackFlags};
 use super::progress::Bar;
-use super::{exit, write_json, CliError, ContainerFlags, CriuFlags};
+use super::{exit, write_json, CliError, ContainerFlags, CriuFlags, FilesFlags};
 use ferry_archive::PackReport;
 use ferry_core::checkpoint;
 use ferry_criu::{DumpOutcome, DumpRequest, NoHooks, Timeline};
@@ -26,6 +26,8 @@ pub struct DumpArgs {
     pub pid: Option<i32>,
     #[command(flatten)]
     pub container: ContainerFlags,
+    #[command(flatten)]
+    pub files: FilesFlags,
     /// Directory to write the images to (created; must hold no other dump's images if it
     /// exists). With --archive the images are kept there too.
     #[arg(short = 'D', long, value_name = "DIR")]
@@ -72,6 +74,8 @@ struct DumpReport {
     criu_stats: Option<DumpStats>,
     timeline: Timeline,
     pack: Option<PackReport>,
+    /// A container's files carried with it.
+    container_files: Option<ferry_core::target::fs::FsManifest>,
 }
 
 pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
@@ -101,6 +105,8 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         )
     };
     let mut pid = req.pid;
+    let scope = args.files.scope();
+    let mut files = None;
     let (outcome, pack): (DumpOutcome, Option<PackReport>) = match &args.archive {
         Some(archive) => {
             let rss = ferry_image::process::tree_rss_bytes(req.pid).unwrap_or(0);
@@ -117,7 +123,7 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
             let opts = args.pack.options(source, &bar);
             let r = checkpoint::dump_to_archive(
                 &criu,
-                container.as_ref(),
+                container.as_ref().map(|c| (c, &scope)),
                 &req,
                 args.images_dir.is_some(),
                 archive,
@@ -125,12 +131,14 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
                 &mut NoHooks,
             )?;
             bar.finish();
+            files = r.files;
             (r.dump, Some(r.pack))
         }
         None => match &container {
             Some(c) => {
-                let r = checkpoint::dump_container(&criu, c, &req, &mut NoHooks)?;
+                let r = checkpoint::dump_container(&criu, c, &req, &scope, &mut NoHooks)?;
                 pid = r.init_pid;
+                files = r.files;
                 (r.dump, None)
             }
             None => (checkpoint::dump(&criu, &req, &mut NoHooks)?, None),
@@ -156,6 +164,7 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         criu_stats: outcome.stats,
         timeline: outcome.timeline,
         pack,
+        container_files: files,
     };
     if args.json {
         write_json(out, &report)?;
@@ -202,6 +211,16 @@ pub fn run(args: &DumpArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         millis(outcome.wall),
         outcome.log.display()
     )?;
+    if let Some(m) = &report.container_files {
+        writeln!(
+            out,
+            "  container files: {} files, {} in {} tree(s), {} deletion(s), captured while frozen",
+            m.files(),
+            bytes(m.bytes()),
+            m.roots.len(),
+            m.roots.iter().map(|r| r.deleted.len()).sum::<usize>()
+        )?;
+    }
     if let (Some(p), Some(a)) = (&report.pack, &args.archive) {
         writeln!(
             out,

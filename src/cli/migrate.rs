@@ -34,6 +34,8 @@ pub struct MigrateArgs {
     /// The Docker container's name on the destination.
     #[arg(long, value_name = "NAME", requires = "docker")]
     pub docker_name: Option<String>,
+    #[command(flatten)]
+    pub files: super::FilesFlags,
     /// A runc container to move (restored under the same id in the
     /// destination agent's runc root).
     #[arg(long, value_name = "ID")]
@@ -196,6 +198,7 @@ pub fn run(args: &MigrateArgs, out: &mut dyn Write) -> Result<u8, CliError> {
                 pid: pid.unwrap_or(0),
             },
         },
+        files: args.files.scope(),
         to: args.to.clone(),
         secret: Secret::from_file(&args.key)?,
         max_downtime: args.max_downtime,

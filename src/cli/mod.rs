@@ -208,6 +208,38 @@ pub struct ContainerFlags {
     pub docker_socket: PathBuf,
 }
 
+/// Which of a container's files travel with its checkpoint or migration.
+#[derive(Debug, Clone, Default, Args)]
+pub struct FilesFlags {
+    /// Leave the container's writable layer (the files it wrote, and its
+    /// deletions) out: it comes back with its image's files only.
+    #[arg(long)]
+    pub ignore_rootfs: bool,
+    /// Leave the container's named volumes out.
+    #[arg(long)]
+    pub ignore_volumes: bool,
+    /// Carry this bind mount of the container (its path in the container)
+    /// as the container's own: its contents replace the destination's.
+    #[arg(long = "with-bind", value_name = "PATH")]
+    pub binds: Vec<PathBuf>,
+    /// Carry a runc container's whole rootfs (runc has no writable layer):
+    /// it replaces the rootfs of the destination's bundle.
+    #[arg(long)]
+    pub with_rootfs: bool,
+}
+
+impl FilesFlags {
+    pub fn scope(&self) -> ferry_core::target::fs::FsScope {
+        ferry_core::target::fs::FsScope {
+            ignore_rootfs: self.ignore_rootfs,
+            ignore_volumes: self.ignore_volumes,
+            binds: self.binds.clone(),
+            runc_rootfs: self.with_rootfs,
+            base: None,
+        }
+    }
+}
+
 impl ContainerFlags {
     pub fn container(&self) -> Option<ferry_core::target::ContainerRef> {
         use ferry_core::target::ContainerRef;

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod containers;
 pub mod dockerd;
 pub mod etcd;
+pub mod files;
 pub mod program;
 
 use ferry_lab::workload::{Launch, Workload};

@@ -33,7 +33,12 @@ const CLIMB: usize = 64;
 /// Returns false, having written nothing, when `images` cannot be referred
 /// to that way: it refers to a parent of its own, or holds lazy pages.
 /// `images` must stay as it is until the restore from `dir` has finished.
-pub fn write(images: &Path, dir: &Path) -> Result<bool, ImageError> {
+/// Files for which `leave_out` holds (not for the engine) are not placed.
+pub fn write(
+    images: &Path,
+    dir: &Path,
+    leave_out: &dyn Fn(&str) -> bool,
+) -> Result<bool, ImageError> {
     let images = fs::canonicalize(images).map_err(|e| ImageError::io(images, e))?;
     if fs::symlink_metadata(images.join("parent")).is_ok() {
         return Ok(false);
@@ -45,8 +50,9 @@ pub fn write(images: &Path, dir: &Path) -> Result<bool, ImageError> {
             .file_type()
             .map_err(|e| ImageError::io(entry.path(), e))?
             .is_file();
-        if is_file {
-            files.push(entry.file_name().to_string_lossy().into_owned());
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_file && !leave_out(&name) {
+            files.push(name);
         }
     }
     let mut rewritten = Vec::new();
@@ -136,7 +142,7 @@ mod tests {
         fs::write(images.join("core-1.img"), b"core").unwrap();
 
         let dir = t.path().join("placed");
-        assert!(write(&images, &dir).unwrap());
+        assert!(write(&images, &dir, &|_| false).unwrap());
         let pm = Pagemap::read(&dir.join("pagemap-1.img")).unwrap();
         assert_eq!((pm.present_pages(), pm.parent_pages()), (0, 4));
         assert_eq!(fs::read(dir.join("pages-1.img")).unwrap().len(), 0);
@@ -167,7 +173,7 @@ mod tests {
         fs::create_dir(&images).unwrap();
         std::os::unix::fs::symlink("/nowhere", images.join("parent")).unwrap();
         let dir = t.path().join("placed");
-        assert!(!write(&images, &dir).unwrap());
+        assert!(!write(&images, &dir, &|_| false).unwrap());
         assert!(!dir.exists());
     }
 }

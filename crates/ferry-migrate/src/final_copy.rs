@@ -39,6 +39,8 @@ fn ms(d: Duration) -> f64 {
 /// The application being moved, as the final phase acts on it.
 pub struct Source<'a> {
     pub target: &'a MigrateTarget,
+    /// The container's files that move with it.
+    pub files: &'a ferry_core::target::fs::FsScope,
     /// Root of its process tree (a container's init, as this host sees it).
     pub pid: i32,
 }
@@ -61,23 +63,13 @@ impl Source<'_> {
     ) -> Result<DumpOutcome, CheckpointError> {
         match self.container() {
             None => checkpoint::dump(criu, req, hooks),
-            Some(c) => checkpoint::dump_container(criu, &c, req, hooks).map(|o| o.dump),
+            Some(c) => checkpoint::dump_container(criu, &c, req, self.files, hooks).map(|o| o.dump),
         }
     }
 
     /// The container, unless the target is a plain process tree.
     fn container(&self) -> Option<ContainerRef> {
-        match self.target {
-            MigrateTarget::Process { .. } => None,
-            MigrateTarget::Runc { id, root, .. } => Some(ContainerRef::Runc {
-                id: id.clone(),
-                root: root.clone(),
-            }),
-            MigrateTarget::Docker { name, socket, .. } => Some(ContainerRef::Docker {
-                name: name.clone(),
-                socket: socket.clone(),
-            }),
-        }
+        container_of(self.target)
     }
 
     /// Ends the (stopped) source copy for good.
@@ -151,6 +143,21 @@ impl Source<'_> {
     }
 }
 
+/// The container `target` names, unless it is a plain process tree.
+pub(crate) fn container_of(target: &MigrateTarget) -> Option<ContainerRef> {
+    match target {
+        MigrateTarget::Process { .. } => None,
+        MigrateTarget::Runc { id, root, .. } => Some(ContainerRef::Runc {
+            id: id.clone(),
+            root: root.clone(),
+        }),
+        MigrateTarget::Docker { name, socket, .. } => Some(ContainerRef::Docker {
+            name: name.clone(),
+            socket: socket.clone(),
+        }),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     criu: &Criu,
@@ -210,6 +217,12 @@ pub fn run(
     report.zero_pages = counts.zero;
     report.pages_sent = counts.sent;
 
+    report.files_frozen_bytes = outgoing
+        .entries
+        .iter()
+        .filter(|e| ferry_core::target::fs::is_fs_file(&e.name))
+        .map(|e| e.size)
+        .sum();
     // From here the source is stopped: every failure path decides its fate.
     let entries = outgoing.entries.clone();
     let mut progress = Progress::default();

@@ -39,6 +39,7 @@
 #![forbid(unsafe_code)]
 
 pub mod events;
+mod files;
 mod final_copy;
 mod images;
 pub mod outcome;
@@ -87,6 +88,8 @@ pub enum MigrateTarget {
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
     pub target: MigrateTarget,
+    /// A container's files that move with it.
+    pub files: ferry_core::target::fs::FsScope,
     /// The destination agent, HOST:PORT.
     pub to: String,
     pub secret: Secret,
@@ -136,6 +139,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
+    #[error("cannot capture the container's files ahead of the freeze; nothing was frozen, the application keeps running here")]
+    FilesAhead(#[source] Box<CheckpointError>),
+    #[error("the container's files could not go to the destination ahead of the freeze; nothing was frozen, the application keeps running here")]
+    FilesAheadSent(#[source] TransportError),
     #[error("no process with pid {pid} to migrate")]
     NoSuchProcess { pid: i32 },
     #[error(transparent)]
@@ -421,8 +428,18 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     sender.cap(opts.max_bandwidth);
     tracing::info!(%session, to = %opts.to, %dest_host, same_kernel, streams = sender.streams(), "migration begins");
 
+    // A container's files go first, while it runs: the final dump then
+    // captures only what changed since.
+    let (scope, files_ahead) = match final_copy::container_of(&opts.target) {
+        Some(c) if !opts.restore.lazy_pages && !opts.hybrid => {
+            let (scope, ahead) = files::send_ahead(&mut control, &c, &opts.files)?;
+            (scope, Some(ahead))
+        }
+        _ => (opts.files.clone(), None),
+    };
     let source = final_copy::Source {
         target: &opts.target,
+        files: &scope,
         pid,
     };
     if opts.cancel.requested() {
@@ -580,7 +597,9 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
         predicted,
         announced,
     };
-    Ok(ended.report(taken, final_phase, restored_pid))
+    let mut report = ended.report(taken, final_phase, restored_pid);
+    report.files_ahead = files_ahead;
+    Ok(report)
 }
 
 /// What every report of this migration shares.
@@ -628,6 +647,7 @@ impl Ended {
             final_phase,
             restored_pid,
             total_ms: self.start.elapsed().as_secs_f64() * 1e3,
+            files_ahead: None,
         }
     }
 }

@@ -90,6 +90,9 @@ pub struct FinalReport {
     /// application's downtime as ferry measured it (an upper bound: CRIU
     /// freezes a little after the request).
     pub frozen_ms: f64,
+    /// A container's files captured while frozen (all of them, or what
+    /// changed since they went ahead), in bytes sent with the images.
+    pub files_frozen_bytes: u64,
     /// Post-copy from a lazy dump: the images held no lazy memory, which
     /// the destination fetched from the frozen source afterwards.
     pub lazy_dump: bool,
@@ -120,6 +123,9 @@ pub struct FinalReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateReport {
+    /// A container's files sent while it ran, before the freeze (what
+    /// changed since went with the images: `final.files_frozen_bytes`).
+    pub files_ahead: Option<crate::files::FilesAhead>,
     pub destination: String,
     pub destination_host: String,
     /// Both ends run on one kernel (lab namespaces): the source is stopped

@@ -4,8 +4,9 @@ use std::io::{Read, Write};
 
 /// First bytes of every frame.
 pub const MAGIC: &[u8; 4] = b"FRY1";
-/// 4: frames after the handshake are sealed (see `seal`).
-pub const VERSION: u8 = 5;
+/// 4: frames after the handshake are sealed (see `seal`); 5: pages named
+/// by digest; 6: a container's files sent before the freeze.
+pub const VERSION: u8 = 6;
 pub const HEADER_LEN: usize = 20;
 pub(crate) const TAG_LEN: usize = 16;
 /// Largest payload a peer accepts (a batch of pages is at most ~4 MiB).

@@ -392,6 +392,17 @@ pub enum Msg {
     /// covers every lazy page of the images; the relay serves them all
     /// from the store and will ask the source for nothing more.
     MapInstalled,
+    /// A container's files as they were while it ran (a migration sends
+    /// them before the freeze): blobs follow, an empty one ends them. The
+    /// agent keeps them beside the session's images as `name`; `bytes` is
+    /// the source's estimate, and more than half again is refused.
+    FilesBase {
+        name: String,
+        bytes: u64,
+    },
+    FilesStored {
+        bytes: u64,
+    },
 }
 
 impl Msg {
@@ -427,6 +438,8 @@ impl Msg {
             Msg::PagesDone { .. } => "pages_done",
             Msg::PageMap { .. } => "page_map",
             Msg::MapEnd => "map_end",
+            Msg::FilesBase { .. } => "files_base",
+            Msg::FilesStored { .. } => "files_stored",
             Msg::MapReady => "map_ready",
             Msg::MapInstalled => "map_installed",
         }

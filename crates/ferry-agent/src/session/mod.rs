@@ -78,6 +78,8 @@ pub(crate) enum SessionError {
     Restore(#[source] Box<CheckpointError>),
     #[error("restore refused: {0}")]
     Decided(String),
+    #[error("a container's files: {what}")]
+    Files { what: String },
 }
 
 impl SessionError {
@@ -319,6 +321,10 @@ impl Session<'_> {
                     let reply = self.lay_out(pid, count, &blob);
                     conn.send_msg(&answer(reply))?;
                 }
+                Msg::FilesBase { name, bytes } => {
+                    let reply = self.files_base(conn, &name, bytes);
+                    conn.send_msg(&answer(reply))?;
+                }
                 Msg::Images { files } => {
                     self.final_at = Some(Instant::now());
                     self.files.clear();
@@ -412,6 +418,51 @@ impl Session<'_> {
             .as_ref()
             .map(|t| t.path())
             .unwrap_or(Path::new("/")))
+    }
+
+    /// A container's files as they were while it ran, kept beside the
+    /// images as `name` (the final images name it as their base).
+    fn files_base(&mut self, conn: &mut Conn, name: &str, bytes: u64) -> Result<Msg, SessionError> {
+        let limit = bytes.saturating_add(bytes / 2).saturating_add(16 << 20);
+        let dir = self
+            .staging(limit.saturating_add(self.expected_bytes))?
+            .to_path_buf();
+        let path = dir.join(name);
+        let bad = |what: String| SessionError::Files { what };
+        if !name.starts_with(ferry_core::target::fs::BASE_PREFIX)
+            || !ferry_core::target::fs::is_fs_file(name)
+        {
+            return Err(bad(format!(
+                "'{name}' is not a name for a container's files"
+            )));
+        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| bad(format!("cannot create {}: {e}", path.display())))?;
+        let mut got = 0u64;
+        loop {
+            let blob = conn
+                .recv_blob()
+                .map_err(|e| bad(format!("receiving '{name}': {e}")))?;
+            if blob.is_empty() {
+                break;
+            }
+            got += blob.len() as u64;
+            if got > limit {
+                return Err(bad(format!(
+                    "'{name}' passed {got} bytes, announced {bytes}: refused"
+                )));
+            }
+            std::io::Write::write_all(&mut file, &blob)
+                .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
+        }
+        crate::metrics::get().received_bytes.inc_by(got);
+        tracing::info!(session = %self.id, name, bytes = got, "a container's files arrived ahead of the freeze");
+        Ok(Msg::FilesStored { bytes: got })
     }
 
     fn lay_out(&mut self, pid: i32, count: u64, blob: &[u8]) -> Result<Msg, SessionError> {

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use super::{dump, dump_container, staging, CheckpointError, TargetAfterFailure};
+use crate::target::fs::FsScope;
 use crate::target::ContainerRef;
 use ferry_archive::{pack_to_file, PackOptions, PackReport};
 use ferry_criu::{Criu, DumpOutcome, DumpRequest, NotifyHook};
@@ -15,14 +16,17 @@ use ferry_image::process;
 pub struct ArchiveDump {
     pub dump: DumpOutcome,
     pub pack: PackReport,
+    /// A container's files captured with it.
+    pub files: Option<crate::target::fs::FsManifest>,
 }
 
 /// Dumps `req.pid` and packs the images into `archive`. `req.images_dir` is
 /// used as is when `keep_images` is set (the images stay there); otherwise a
-/// staging directory replaces it and is removed afterwards.
+/// staging directory replaces it and is removed afterwards. A container
+/// comes with the scope of its files to carry.
 pub fn dump_to_archive(
     criu: &Criu,
-    container: Option<&ContainerRef>,
+    container: Option<(&ContainerRef, &FsScope)>,
     req: &DumpRequest,
     keep_images: bool,
     archive: &Path,
@@ -59,12 +63,11 @@ pub fn dump_to_archive(
         Some(_) => Vec::new(),
     };
     let dumped = match container {
-        Some(c) => {
-            dump_container::dump_container(criu, c, &req, hooks).map(|o| (o.dump, o.init_pid))
-        }
-        None => dump::dump(criu, &req, hooks).map(|o| (o, req.pid)),
+        Some((c, scope)) => dump_container::dump_container(criu, c, &req, scope, hooks)
+            .map(|o| (o.dump, o.init_pid, o.files)),
+        None => dump::dump(criu, &req, hooks).map(|o| (o, req.pid, None)),
     };
-    let (outcome, root_pid) = match dumped {
+    let (outcome, root_pid, files) = match dumped {
         Ok(o) => o,
         Err(e) => {
             // Only CRIU's log is left in the staging directory: keep it, the
@@ -97,25 +100,27 @@ pub fn dump_to_archive(
     };
     if stop_mode {
         dump::kill_dumped(root_pid);
-        if let Some(ContainerRef::Runc { id, root }) = container {
+        if let Some((ContainerRef::Runc { id, root }, _)) = container {
             crate::target::runc::delete(root, id)?;
         }
     }
     Ok(ArchiveDump {
         dump: outcome,
         pack,
+        files,
     })
 }
 
-/// Dumps the container, or the process tree `req.pid` when there is none.
+/// Dumps the container (with the files `scope` names), or the process
+/// tree `req.pid` when there is none.
 pub fn dump_any(
     criu: &Criu,
-    container: Option<&ContainerRef>,
+    container: Option<(&ContainerRef, &FsScope)>,
     req: &DumpRequest,
     hooks: &mut dyn NotifyHook,
 ) -> Result<DumpOutcome, CheckpointError> {
     match container {
-        Some(c) => dump_container(criu, c, req, hooks).map(|o| o.dump),
+        Some((c, scope)) => dump_container(criu, c, req, scope, hooks).map(|o| o.dump),
         None => dump(criu, req, hooks),
     }
 }

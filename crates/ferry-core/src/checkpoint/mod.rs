@@ -30,7 +30,7 @@ use ferry_image::ImageError;
 
 pub use dump::dump;
 pub use dump_archive::{dump_any, dump_to_archive, pack_images, ArchiveDump};
-pub use dump_container::{dump_container, ContainerDumpOutcome};
+pub use dump_container::{container_files, dump_container, ContainerDumpOutcome};
 pub use restore::restore;
 pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};
 pub use restore_container::{restore_container, ContainerRestore, Source};
@@ -152,6 +152,8 @@ pub enum CheckpointError {
     Runc(#[from] crate::target::runc::RuncError),
     #[error(transparent)]
     Docker(#[from] crate::target::docker::DockerError),
+    #[error("cannot carry the container's files")]
+    Files(#[from] crate::target::fs::FsError),
     #[error("cannot write {}", path.display())]
     Record {
         path: PathBuf,

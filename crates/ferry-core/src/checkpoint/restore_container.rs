@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{staging, CheckpointError};
+use crate::target::fs::{self as files, FsManifest};
 use crate::target::runc::RestoreFlags;
 use crate::target::{docker, runc, ContainerRef, TargetRecord};
 use ferry_archive::{self as archive, Chain, Progress, UnpackReport};
@@ -94,6 +95,9 @@ pub fn restore_container(
                     })
                 }
             };
+            if let Some(m) = FsManifest::read(&dir)? {
+                files::restore(&m, &dir, |k| runc::bundle_destination(&bundle, k))?;
+            }
             runc::restore(
                 root,
                 id,

@@ -114,6 +114,8 @@ struct MountJson {
     destination: String,
     #[serde(default)]
     device: String,
+    #[serde(default)]
+    source: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +132,14 @@ struct NamespaceJson {
 }
 
 impl ContainerState {
+    /// Where the bind mount at `destination` (in the container) comes from.
+    pub fn bind_source(&self, destination: &Path) -> Option<PathBuf> {
+        self.mounts
+            .iter()
+            .find(|m| m.device == "bind" && Path::new(&m.destination) == destination)
+            .map(|m| PathBuf::from(&m.source))
+    }
+
     /// Reads `<root>/<id>/state.json`.
     pub fn load(
         engine: &'static str,

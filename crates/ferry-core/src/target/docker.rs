@@ -14,6 +14,7 @@ use bollard::Docker;
 use serde::{Deserialize, Serialize};
 
 use super::container::{ContainerError, ContainerState};
+use super::fs::{self as files, FsError, FsManifest, FsScope, FsSource, RootKind};
 
 pub const DEFAULT_SOCKET: &str = "/var/run/docker.sock";
 /// Where Docker's runc keeps container state.
@@ -56,6 +57,8 @@ pub enum DockerError {
     Start { status: String, stderr: String },
     #[error("cannot start the Docker API client")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot put the container's files in place before its start; it was not started")]
+    Files(#[source] FsError),
 }
 
 /// What ferry records about a Docker container to recreate it elsewhere.
@@ -73,6 +76,117 @@ pub struct DockerSpec {
 pub struct DockerContainer {
     pub spec: DockerSpec,
     pub state: ContainerState,
+    /// Where its files live on this host.
+    pub storage: Storage,
+}
+
+/// Where a container's own files are: its writable layer (overlay2's
+/// upper directory) and its mounts.
+#[derive(Debug, Clone, Default)]
+pub struct Storage {
+    pub upper: Option<PathBuf>,
+    pub mounts: Vec<Mount>,
+}
+
+/// One mount of a container.
+#[derive(Debug, Clone)]
+pub struct Mount {
+    /// "volume", "bind", ...
+    pub kind: String,
+    /// A named volume's name.
+    pub name: Option<String>,
+    pub source: PathBuf,
+    pub destination: PathBuf,
+}
+
+impl Storage {
+    fn of(c: &ContainerInspectResponse) -> Storage {
+        let upper = c
+            .graph_driver
+            .as_ref()
+            .filter(|g| g.name.starts_with("overlay"))
+            .and_then(|g| g.data.get("UpperDir"))
+            .map(PathBuf::from);
+        let mounts = c
+            .mounts
+            .iter()
+            .flatten()
+            .filter_map(|m| {
+                Some(Mount {
+                    kind: m
+                        .typ
+                        .as_ref()
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                        .to_lowercase(),
+                    name: m.name.clone().filter(|n| !n.is_empty()),
+                    source: PathBuf::from(m.source.as_ref()?),
+                    destination: PathBuf::from(m.destination.as_ref()?),
+                })
+            })
+            .collect();
+        Storage { upper, mounts }
+    }
+
+    /// The trees `scope` carries: the writable layer, named volumes, and
+    /// the bind mounts it names.
+    pub fn sources(&self, scope: &FsScope) -> Result<Vec<FsSource>, FsError> {
+        let mut out = Vec::new();
+        if !scope.ignore_rootfs {
+            if let Some(upper) = &self.upper {
+                out.push(FsSource {
+                    kind: RootKind::Layer,
+                    path: upper.clone(),
+                });
+            } else {
+                tracing::warn!("the container's storage driver is not overlay: its writable layer is not carried");
+            }
+        }
+        if !scope.ignore_volumes {
+            for m in self.mounts.iter().filter(|m| m.kind == "volume") {
+                if let Some(name) = &m.name {
+                    out.push(FsSource {
+                        kind: RootKind::Volume { name: name.clone() },
+                        path: m.source.clone(),
+                    });
+                }
+            }
+        }
+        for b in &scope.binds {
+            let m = self
+                .mounts
+                .iter()
+                .find(|m| m.kind == "bind" && &m.destination == b)
+                .ok_or_else(|| FsError::NoSuchBind {
+                    destination: b.clone(),
+                })?;
+            out.push(FsSource {
+                kind: RootKind::Bind {
+                    destination: b.clone(),
+                },
+                path: m.source.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Where a captured root goes in this container.
+    pub fn destination(&self, kind: &RootKind) -> Option<PathBuf> {
+        match kind {
+            RootKind::Layer => self.upper.clone(),
+            RootKind::Rootfs => None,
+            RootKind::Volume { name } => self
+                .mounts
+                .iter()
+                .find(|m| m.kind == "volume" && m.name.as_ref() == Some(name))
+                .map(|m| m.source.clone()),
+            RootKind::Bind { destination } => self
+                .mounts
+                .iter()
+                .find(|m| m.kind == "bind" && &m.destination == destination)
+                .map(|m| m.source.clone()),
+        }
+    }
 }
 
 /// A blocking handle on the Engine API.
@@ -182,7 +296,9 @@ pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError>
         .and_then(|cfg| cfg.image.clone())
         .or(c.image.clone())
         .unwrap_or_default();
+    let storage = Storage::of(&c);
     Ok(DockerContainer {
+        storage,
         spec: DockerSpec {
             id,
             name: c
@@ -251,6 +367,20 @@ pub fn restore(
             spec.ok_or_else(|| DockerError::NoSpec { name: name.into() })?,
         )?,
     };
+    let manifest = FsManifest::read(images).map_err(DockerError::Files)?;
+    if let Some(m) = &manifest {
+        let c = api
+            .inspect(&id)?
+            .ok_or_else(|| DockerError::Unknown { name: name.into() })?;
+        let storage = Storage::of(&c);
+        let done =
+            files::restore(m, images, |k| storage.destination(k)).map_err(DockerError::Files)?;
+        tracing::debug!(
+            files = done.files,
+            bytes = done.bytes,
+            "the container's files are in place"
+        );
+    }
     let checkpoint = format!("ferry-{}", std::process::id());
     let root = api.root_dir()?;
     let dir = root
@@ -317,7 +447,7 @@ fn create_with(api: &Api, name: &str, body: ContainerCreateBody) -> Result<Strin
 /// otherwise, or where they cannot be referred to, linked (or copied)
 /// whole. Returns whether they refer.
 fn place(images: &Path, dir: &Path, whole: bool) -> Result<bool, DockerError> {
-    if !whole && ferry_image::referring::write(images, dir)? {
+    if !whole && ferry_image::referring::write(images, dir, &files::is_fs_file)? {
         tracing::debug!(dir = %dir.display(), "placed the checkpoint referring to its pages");
         return Ok(true);
     }
@@ -328,7 +458,9 @@ fn place(images: &Path, dir: &Path, whole: bool) -> Result<bool, DockerError> {
     fs::create_dir_all(dir).map_err(fail)?;
     for entry in fs::read_dir(images).map_err(fail)? {
         let entry = entry.map_err(fail)?;
-        if entry.file_type().map_err(fail)?.is_file() {
+        let name = entry.file_name();
+        if entry.file_type().map_err(fail)?.is_file() && !files::is_fs_file(&name.to_string_lossy())
+        {
             ferry_image::referring::link_or_copy(&entry.path(), &dir.join(entry.file_name()))
                 .map_err(fail)?;
         }

@@ -13,6 +13,7 @@
 
 pub mod container;
 pub mod docker;
+pub mod fs;
 pub mod preflight;
 pub mod runc;
 

@@ -230,6 +230,26 @@ pub fn bundle_rootfs(bundle: &Path) -> PathBuf {
     }
 }
 
+/// Where a captured tree goes in a runc bundle: the rootfs, or the source
+/// of the bind mount at a path in the container. Runc has no writable
+/// layer or named volumes.
+pub fn bundle_destination(bundle: &Path, kind: &super::fs::RootKind) -> Option<PathBuf> {
+    use super::fs::RootKind;
+    match kind {
+        RootKind::Rootfs => Some(bundle_rootfs(bundle)),
+        RootKind::Bind { destination } => {
+            let config = std::fs::read_to_string(bundle.join("config.json")).ok()?;
+            let v: serde_json::Value = serde_json::from_str(&config).ok()?;
+            v["mounts"]
+                .as_array()?
+                .iter()
+                .find(|m| m["destination"].as_str().map(Path::new) == Some(destination.as_path()))
+                .and_then(|m| m["source"].as_str().map(PathBuf::from))
+        }
+        RootKind::Layer | RootKind::Volume { .. } => None,
+    }
+}
+
 /// Starts container `id` from `bundle`, detached, its standard streams on
 /// /dev/null; returns its init's pid.
 pub fn run_detached(root: &Path, id: &str, bundle: &Path) -> Result<i32, RuncError> {

@@ -41,6 +41,7 @@ impl ServiceRun {
         tracing::info!(service = %self.name, to, "planned switchover: live migration");
         let opts = ferry_migrate::MigrateOptions {
             target,
+            files: Default::default(),
             to: host.agent.clone(),
             secret: m.secret.clone(),
             max_downtime: Duration::from_millis(300),

@@ -66,12 +66,23 @@ pub(super) fn checkpoint_and_replicate(
         tracing::debug!(service, generation, "paused by fencing: no checkpoint now");
         return false;
     };
-    let dumped = checkpoint::dump_any(&m.criu, container.as_ref(), &req, &mut NoHooks);
+    // A container's files (writable layer, volumes) go into every replica.
+    let scope = ferry_core::target::fs::FsScope::default();
+    let dumped = checkpoint::dump_any(
+        &m.criu,
+        container.as_ref().map(|c| (c, &scope)),
+        &req,
+        &mut NoHooks,
+    );
     drop(dumping);
     let d = match dumped.and_then(|dump| {
         checkpoint::pack_images(&req.images_dir, &path, &pack).map(|pack| (dump, pack))
     }) {
-        Ok((dump, pack)) => checkpoint::ArchiveDump { dump, pack },
+        Ok((dump, pack)) => checkpoint::ArchiveDump {
+            dump,
+            pack,
+            files: None,
+        },
         Err(e) => {
             crate::metrics::get()
                 .checkpoint_failures
