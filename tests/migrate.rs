@@ -1447,3 +1447,88 @@ fn a_docker_containers_files_go_ahead_of_the_freeze() {
     files::counter_above(&state, before);
     files::same(&expected, &files::check(&[], &copy));
 }
+
+/// A shell loop that runs an external command every turn (children come
+/// and go while pre-copy reads the tree, and some are gone between being
+/// listed and being read) migrates and counts on: a child that exits
+/// mid-round is passed over, never a failed migration.
+#[test]
+fn a_shell_loop_whose_children_come_and_go_migrates() {
+    require_criu();
+    let dir = scratch("migrate-forking-loop");
+    let agent = AgentProc::start(dir.path(), "127.0.0.1:0", None, None);
+    let file = dir.path().join("count");
+    let script = format!(
+        "n=0; while true; do n=$((n+1)); echo $n > {f}.tmp; mv {f}.tmp {f}; done",
+        f = file.display()
+    );
+    let mut shell = std::process::Command::new("setsid")
+        .args(["sh", "-c", "sh -c \"$1\" & wait $!", "sh", &script])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The loop leads its own session and group (with any child left
+    // stopped): all killed at the end, even on failure.
+    let _group = KillGroup(shell.id() as i32);
+    let count = || {
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while count() < 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loop did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sh = shell.id();
+    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let run = migrate_shell_job(pid, &agent.addr, &agent.key);
+    let _ = shell.wait();
+    let report = run.json();
+    let restored = report["restored_pid"].as_i64().unwrap() as i32;
+    // The copy (restored into the agent's session) goes at the end too.
+    let _copy = KillTree(restored);
+    let after = count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while count() < after + 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the migrated loop does not count on from {after}\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a process tree when dropped.
+struct KillTree(i32);
+
+impl Drop for KillTree {
+    fn drop(&mut self) {
+        ferry_image::process::kill_all(&ferry_image::process::tree(self.0).unwrap_or_default());
+    }
+}
+
+/// Kills a process group when dropped.
+struct KillGroup(i32);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}

@@ -41,6 +41,8 @@ pub struct Source<'a> {
     pub target: &'a MigrateTarget,
     /// The container's files that move with it.
     pub files: &'a ferry_core::target::fs::FsScope,
+    /// Microseconds the last dump spent capturing them (while frozen).
+    pub files_capture_us: std::sync::atomic::AtomicU64,
     /// Root of its process tree (a container's init, as this host sees it).
     pub pid: i32,
 }
@@ -63,7 +65,11 @@ impl Source<'_> {
     ) -> Result<DumpOutcome, CheckpointError> {
         match self.container() {
             None => checkpoint::dump(criu, req, hooks),
-            Some(c) => checkpoint::dump_container(criu, &c, req, self.files, hooks).map(|o| o.dump),
+            Some(c) => checkpoint::dump_container(criu, &c, req, self.files, hooks).map(|o| {
+                self.files_capture_us
+                    .store(o.files_capture.as_micros() as u64, Ordering::Relaxed);
+                o.dump
+            }),
         }
     }
 
@@ -186,7 +192,6 @@ pub fn run(
     };
     let mut report = FinalReport::default();
     let frozen_at = Instant::now();
-    let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
     let wire_before = sender.wire_bytes();
     // The images stream into ferry as CRIU writes them: digested on the
     // way, the new pages queued for the destination, nothing written out.
@@ -198,6 +203,11 @@ pub fn run(
     );
     opts.events.emit(crate::Event::Phase { phase: "freezing" });
     let dumped = dump_streamed(criu, source, &req, &sink)?;
+    // The tree as dumped: CRIU left it stopped, so no child comes or goes
+    // now. Listed before the freeze it could miss a child forked since,
+    // which would then outlive the source and hold a pid the restore
+    // needs on one kernel.
+    let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
     let (outgoing, counts) = match sink.finish(&images) {
         Ok(done) => done,
         Err(e) => {
@@ -217,6 +227,7 @@ pub fn run(
     report.zero_pages = counts.zero;
     report.pages_sent = counts.sent;
 
+    report.files_capture_ms = source.files_capture_us.load(Ordering::Relaxed) as f64 / 1e3;
     report.files_frozen_bytes = outgoing
         .entries
         .iter()

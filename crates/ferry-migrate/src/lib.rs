@@ -440,6 +440,7 @@ pub fn migrate(criu: &Criu, opts: &MigrateOptions) -> Result<MigrateReport, Migr
     let source = final_copy::Source {
         target: &opts.target,
         files: &scope,
+        files_capture_us: Default::default(),
         pid,
     };
     if opts.cancel.requested() {

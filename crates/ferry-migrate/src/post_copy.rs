@@ -127,15 +127,6 @@ pub fn run(
         ..final_dump_request(opts, pid, &images)
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-    // Task pids as the images name them (innermost namespace) -> here.
-    let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
-    let by_vpid: HashMap<u64, i32> = pids
-        .iter()
-        .map(|&p| {
-            let inner = process::ns_pids(p).last().copied().unwrap_or(p as u32);
-            (u64::from(inner), p)
-        })
-        .collect();
 
     let mut report = FinalReport {
         lazy_dump: true,
@@ -173,6 +164,17 @@ pub fn run(
             }
         };
         report.dump_ms = ms(frozen_at.elapsed());
+        // The tree as dumped: frozen now, so no child comes or goes (one
+        // listed before the freeze could have missed a child forked since).
+        let pids = process::tree(pid).unwrap_or_else(|_| vec![pid]);
+        // Task pids as the images name them (innermost namespace) -> here.
+        let by_vpid: HashMap<u64, i32> = pids
+            .iter()
+            .map(|&p| {
+                let inner = process::ns_pids(p).last().copied().unwrap_or(p as u32);
+                (u64::from(inner), p)
+            })
+            .collect();
         // The hybrid route: the final round and map, while the agent
         // restores.
         let mapping = hybrid.map(|h| s.spawn(move || final_map(h, opts, session)));
@@ -192,11 +194,10 @@ pub fn run(
         .and_then(|()| page_source(opts, session))
         .and_then(|mut pages_conn| {
             sock = pages_conn.socket_handle().ok();
-            let by_vpid = &by_vpid;
             let committed = &committed;
             let events = (opts.events.clone(), resident);
             serving = Some(s.spawn(move || {
-                serve_pages(key, &mut pages_conn, by_vpid, committed, events, known)
+                serve_pages(key, &mut pages_conn, &by_vpid, committed, events, known)
             }));
             opts.events.emit(crate::Event::Phase { phase: "restore" });
             let restore = RestoreOpts {

@@ -93,6 +93,8 @@ pub struct FinalReport {
     /// A container's files captured while frozen (all of them, or what
     /// changed since they went ahead), in bytes sent with the images.
     pub files_frozen_bytes: u64,
+    /// Time that capture took (part of `dump_ms`).
+    pub files_capture_ms: f64,
     /// Post-copy from a lazy dump: the images held no lazy memory, which
     /// the destination fetched from the frozen source afterwards.
     pub lazy_dump: bool,
@@ -233,6 +235,17 @@ impl MigrateReport {
                 "final (ferry's phase timers): dump {:.1} ms, transfer {:.1} ms ({} of {} pages sent, {} zero, {} on the wire), rebuild {:.1} ms ({} pages in place), pid wait {:.1} ms, restore {:.1} ms, commit {:.1} ms",
                 f.dump_ms, f.transfer_ms, f.pages_sent, f.pages_in_images, f.zero_pages,
                 units::bytes(f.wire_bytes), f.rebuild_ms, f.pages_in_place, f.pid_wait_ms, f.restore_ms, f.commit_ms
+            )?;
+        }
+        if let Some(a) = &self.files_ahead {
+            writeln!(
+                out,
+                "container files: {} tree(s), {} sent ahead of the freeze in {:.1} ms; while frozen {} captured in {:.1} ms (what changed since)",
+                a.trees,
+                units::bytes(a.bytes),
+                a.ms,
+                units::bytes(f.files_frozen_bytes),
+                f.files_capture_ms
             )?;
         }
         let d = &self.downtime;

@@ -146,6 +146,7 @@ pub(crate) fn serve_control(agent: &Agent, mut conn: Conn, begin: Begin) -> Resu
         dir: session_dir(agent, &begin.id),
         files: Vec::new(),
         images: None,
+        prepared: Vec::new(),
         restored: None,
         ha_service: None,
         final_at: None,
@@ -270,6 +271,10 @@ struct Session<'a> {
     files: Vec<(ImageEntry, Vec<u8>)>,
     /// The rebuilt images (staging, removed when the session ends).
     images: Option<tempfile::TempDir>,
+    /// A container's files unpacked ahead of the restore, in its engine's
+    /// own temporary directory (moved into place by the restore; what is
+    /// left goes with the session).
+    prepared: Vec<tempfile::TempDir>,
     restored: Option<i32>,
     /// The HA service an `ha move` carries here (journaled with the commit).
     ha_service: Option<String>,
@@ -461,8 +466,47 @@ impl Session<'_> {
                 .map_err(|e| bad(format!("cannot write {}: {e}", path.display())))?;
         }
         crate::metrics::get().received_bytes.inc_by(got);
+        drop(file);
         tracing::info!(session = %self.id, name, bytes = got, "a container's files arrived ahead of the freeze");
+        self.prepare_files(&path);
         Ok(Msg::FilesStored { bytes: got })
+    }
+
+    /// Unpacks a Docker container's files that arrived ahead into the
+    /// engine's temporary directory (the filesystem of its layers and
+    /// volumes), linked beside the tar: the restore then moves the tree
+    /// into place instead of unpacking it while the container is frozen.
+    /// Where that cannot be done, the restore unpacks the tar itself.
+    fn prepare_files(&mut self, tar: &Path) {
+        use ferry_core::target::fs as files;
+        if !matches!(self.target, Target::Docker { .. }) {
+            return;
+        }
+        let t = Instant::now();
+        let prepared = ferry_core::target::docker::engine_tmp(&self.agent.config.docker_socket)
+            .map_err(|e| e.to_string())
+            .and_then(|tmp| {
+                std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+                let dir = tempfile::Builder::new()
+                    .prefix("ferry-files-")
+                    .tempdir_in(&tmp)
+                    .map_err(|e| e.to_string())?;
+                let tree = dir.path().join("tree");
+                files::prepare(tar, &tree).map_err(|e| units::chain(&e))?;
+                let mut link = tar.as_os_str().to_owned();
+                link.push(files::PREPARED_SUFFIX);
+                std::os::unix::fs::symlink(&tree, &link).map_err(|e| e.to_string())?;
+                Ok(dir)
+            });
+        match prepared {
+            Ok(dir) => {
+                tracing::info!(session = %self.id, tar = %tar.display(), ms = t.elapsed().as_secs_f64() * 1e3, "a container's files unpacked ahead of the restore");
+                self.prepared.push(dir);
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.id, tar = %tar.display(), error = %e, "cannot unpack a container's files ahead: the restore unpacks them")
+            }
+        }
     }
 
     fn lay_out(&mut self, pid: i32, count: u64, blob: &[u8]) -> Result<Msg, SessionError> {

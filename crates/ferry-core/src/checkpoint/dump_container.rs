@@ -20,6 +20,8 @@ pub struct ContainerDumpOutcome {
     pub init_pid: i32,
     /// The container's files captured with it (None: none were asked for).
     pub files: Option<FsManifest>,
+    /// Time spent capturing them, while the container was frozen.
+    pub files_capture: std::time::Duration,
 }
 
 /// Dumps `container` into `req.images_dir` (`req.pid` is ignored: the
@@ -57,6 +59,7 @@ pub fn dump_container(
     req.pid = state.init_pid;
     req.container = Some(state.dump_options()?);
     let mut captured = None;
+    let mut capture_took = std::time::Duration::ZERO;
     let dumped = {
         let dir = req.images_dir.clone();
         let mut hook = |n: &mut Notification| -> Result<(), ferry_criu::HookError> {
@@ -64,7 +67,9 @@ pub fn dump_container(
             // those of the instant the memory was taken.
             if n.script == Script::PostDump && !sources.is_empty() {
                 std::fs::create_dir_all(&dir)?;
+                let t = std::time::Instant::now();
                 captured = Some(files::capture(&sources, &dir, scope.base.as_deref())?);
+                capture_took = t.elapsed();
             }
             hooks.notify(n)
         };
@@ -83,11 +88,13 @@ pub fn dump_container(
         }
         std::fs::create_dir_all(&req.images_dir)
             .map_err(files::FsError::io("create", &req.images_dir))?;
+        let t = std::time::Instant::now();
         captured = Some(files::capture(
             &sources,
             &req.images_dir,
             scope.base.as_deref(),
         )?);
+        capture_took = t.elapsed();
     }
     write_records(&req, &state, &record)?;
     if !req.leave_running && !req.leave_stopped {
@@ -100,6 +107,7 @@ pub fn dump_container(
         record,
         init_pid: state.init_pid,
         files: captured,
+        files_capture: capture_took,
     })
 }
 

@@ -72,7 +72,13 @@ pub fn scan_tree<E: From<LiveError>>(
             Err(_) if !ferry_image::process::is_alive(pid) => continue,
             Err(e) => return Err(e.into()),
         };
-        let pagemap = Pagemap::open(pid).map_err(|source| LiveError::Pagemap { pid, source })?;
+        // A process of the tree may exit at any moment (a shell's short
+        // children): one gone since it was listed has nothing to scan.
+        let pagemap = match Pagemap::open(pid) {
+            Ok(p) => p,
+            Err(_) if !ferry_image::process::is_alive(pid) => continue,
+            Err(source) => return Err(LiveError::Pagemap { pid, source }.into()),
+        };
         // CRIU runs its parasite from the first executable mapping, which
         // copies that mapping's first page on write: it dumps it.
         let parasite_page = regions.iter().find(|r| r.exec).map(|r| r.start);

@@ -272,6 +272,12 @@ impl Api {
     }
 }
 
+/// The engine's own temporary directory (`<data root>/tmp`): on the
+/// filesystem of its containers' layers and volumes.
+pub fn engine_tmp(socket: &Path) -> Result<PathBuf, DockerError> {
+    Ok(Api::connect(socket)?.root_dir()?.join("tmp"))
+}
+
 /// Finds a running container by name or id.
 pub fn locate(socket: &Path, name: &str) -> Result<DockerContainer, DockerError> {
     let api = Api::connect(socket)?;

@@ -52,9 +52,11 @@ pub fn apply_root(root: &FsRoot, dir: &Path, dest: &Path) -> Result<ApplyReport,
         clear(dest)?;
     }
     if let Some(base) = &root.base {
-        let r = unpack(&dir.join(base), dest)?;
-        report.files += r.files;
-        report.bytes += r.bytes;
+        if !place_prepared(&dir.join(format!("{base}{PREPARED_SUFFIX}")), dest) {
+            let r = unpack(&dir.join(base), dest)?;
+            report.files += r.files;
+            report.bytes += r.bytes;
+        }
     }
     let tar = &dir.join(&root.tar);
     for p in &root.removed {
@@ -78,6 +80,55 @@ pub fn apply_root(root: &FsRoot, dir: &Path, dest: &Path) -> Result<ApplyReport,
         xattr::set(&at, OPAQUE_XATTR, b"y").map_err(FsError::io("mark opaque", &at))?;
     }
     Ok(report)
+}
+
+/// Beside a base tar, a link to the tree it was unpacked into ahead of
+/// the restore (on the destination's filesystem, by the agent).
+pub const PREPARED_SUFFIX: &str = ".d";
+
+/// Unpacks the base tar `tar` into `into` (created) ahead of the restore,
+/// so that the restore only has to move it into place.
+pub fn prepare(tar: &Path, into: &Path) -> Result<ApplyReport, FsError> {
+    fs::create_dir_all(into).map_err(FsError::io("create", into))?;
+    unpack(tar, into)
+}
+
+/// Moves the tree `link` points to (a base unpacked ahead) into `dest`,
+/// taking `dest`'s place with its mode and owner. False, with nothing
+/// changed, when there is no such tree or it cannot be moved there (not
+/// one filesystem): the base tar is unpacked instead.
+fn place_prepared(link: &Path, dest: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    // Only a link the agent made: an archive or a peer brings regular
+    // files only.
+    if !fs::symlink_metadata(link).is_ok_and(|m| m.file_type().is_symlink()) {
+        return false;
+    }
+    let Ok(tree) = fs::canonicalize(link) else {
+        return false;
+    };
+    let (Ok(t), Ok(d)) = (fs::metadata(&tree), fs::metadata(dest)) else {
+        return false;
+    };
+    if !t.is_dir() || t.dev() != d.dev() {
+        return false;
+    }
+    let moved = (|| {
+        let _ = std::os::unix::fs::chown(&tree, Some(d.uid()), Some(d.gid()));
+        fs::set_permissions(&tree, d.permissions())?;
+        clear(dest).map_err(std::io::Error::other)?;
+        fs::remove_dir(dest)?;
+        fs::rename(&tree, dest)
+    })();
+    match moved {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(tree = %tree.display(), dest = %dest.display(), error = %e, "cannot move the files unpacked ahead into place: unpacking them again");
+            // The destination may be gone: make it again for the unpack.
+            let _ = fs::create_dir_all(dest);
+            false
+        }
+    }
 }
 
 /// `p` (relative, from the manifest) under `dest`, refused if it or a

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use apply::{apply_root, ApplyReport};
+pub use apply::{apply_root, prepare, ApplyReport, PREPARED_SUFFIX};
 pub use capture::{capture_into, capture_root, Captured, Snapshot, StatKey};
 
 pub const MANIFEST_FILE: &str = "ferry-fs.json";
@@ -371,3 +371,6 @@ fn read_bounded(path: &Path) -> Result<Option<Vec<u8>>, FsError> {
     }
     Ok(Some(buf))
 }
+
+#[cfg(test)]
+mod tests;
