@@ -29,6 +29,8 @@ use ferry_lab::Lab;
 
 const HOSTS: usize = 3;
 const SERVICE: &str = "counter";
+/// What a Docker service writes to its layer before the first fault.
+const MARKER: &str = "written-before-the-first-fault";
 const PORT: u16 = 8080;
 const SIZE_MIB: u64 = 100;
 
@@ -290,6 +292,61 @@ impl Cluster {
 
     fn runc_root(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!("runc-{i}"))
+    }
+
+    /// Writes [`MARKER`] into the leader's container and deletes its
+    /// image's /bin/sh, then waits until a standby verified a checkpoint
+    /// taken after that.
+    fn write_marker(&self) {
+        let (leader, _) = self.settled(2);
+        let out = self.dockerds[leader].docker(&[
+            "exec",
+            &self.container(leader),
+            "/bin/busybox",
+            "sh",
+            "-c",
+            &format!("echo {MARKER} > /ferry-marker && /bin/busybox rm /bin/sh"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let written = ferry_agent::ha::keys::now_unix_ms();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.view();
+            let verified = v.services[SERVICE]
+                .standbys
+                .values()
+                .any(|r| r.checkpoint.taken_unix_ms > written);
+            if verified {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no checkpoint after the marker was verified within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The marker and the deletion came with the service to host `i`.
+    fn check_marker(&self, i: usize) {
+        let out = self.dockerds[i].docker(&[
+            "exec",
+            &self.container(i),
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox cat /ferry-marker; [ -e /bin/sh ] && echo /bin/sh is back; true",
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            MARKER,
+            "the service's files did not come with it to h{i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn container(&self, i: usize) -> String {
@@ -911,6 +968,13 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
             || std::env::var("FERRY_HA_ONLY").is_ok_and(|o| o == format!("{f:?}"))
     })
     .collect();
+    // A Docker service's own files: one written to its writable layer and
+    // a file of its image deleted, in a verified checkpoint before the
+    // first fault; every failover must bring both (another engine with
+    // its own storage root restores it).
+    if kind == Kind::Docker {
+        c.write_marker();
+    }
     let mut resumer = None;
     let mut results = Vec::new();
     for round in 0..faults {
@@ -1012,6 +1076,9 @@ fn fault_loop_with(tag: &str, kind: Kind, ordinary: bool, faults: usize) {
                 "round {round}: the dead leader still leads"
             );
             assert!(new_token > token, "round {round}: the token did not grow");
+            if c.kind == Kind::Docker {
+                c.check_marker(new_leader);
+            }
             // RPO: restored from a checkpoint at least as new as the newest
             // any standby had verified before the fault...
             assert!(

@@ -263,3 +263,70 @@ fn a_dump_aborted_while_the_container_is_frozen_leaves_it_running() {
         .counter;
     counter_above(&c.report(), now + 50);
 }
+
+/// A runc container's rootfs travels with its checkpoint when asked
+/// (`--with-rootfs`: runc has no layer of its own): a busybox script
+/// writes files, links, an owner and mode, deletes a file of its rootfs,
+/// then counts. Restored with another bundle whose rootfs is a fresh copy
+/// of the original, every file is identical, the deleted one stays
+/// deleted, and the shell counts on from its dump.
+#[test]
+fn a_runc_containers_rootfs_travels_with_with_rootfs() {
+    use common::files;
+    require_criu();
+    require_runc();
+    let dir = scratch("runc-rootfs");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let with_state =
+        |cfg: &mut serde_json::Value| {
+            cfg["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/state", "type": "bind", "source": state, "options": ["rbind", "rw"]
+        }));
+        };
+    let args: Vec<String> = ["/bin/busybox", "sh", "-c", files::SCRIPT]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let bundle = dir.path().join("bundle");
+    bundle_running(&bundle, args.clone(), with_state);
+    let id = unique("rootfs");
+    let copy = unique("rootfs-copy");
+    let _cleanup = RuncCleanup(vec![id.clone(), copy.clone()]);
+    sh(Command::new("runc")
+        .args(["run", "--detach", "--bundle"])
+        .arg(&bundle)
+        .arg(&id)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null()));
+    let before = files::counter_above(&state, 5);
+    let expected = files::check_runc(&id);
+    let imgs = images(dir.path());
+    let dumped = ferry(["dump", "--json", "--with-rootfs", "--runc", &id, "-D"])
+        .arg(&imgs)
+        .json();
+    assert_eq!(
+        dumped["container_files"]["roots"][0]["kind"].as_str(),
+        Some("rootfs"),
+        "{dumped}"
+    );
+    let at_dump = files::counter(&state);
+    // Another bundle, its rootfs fresh from the image: the files come from
+    // the checkpoint alone.
+    let other = dir.path().join("other-bundle");
+    bundle_running(&other, args, with_state);
+    assert!(other.join("rootfs/bin/ferry-workload").exists());
+    std::fs::remove_file(state.join("counter")).unwrap();
+    ferry(["restore", "--runc", &copy, "--bundle"])
+        .arg(&other)
+        .arg("-D")
+        .arg(&imgs)
+        .ok();
+    let first = files::counter(&state);
+    assert!(
+        first >= before && first <= at_dump + 1,
+        "the copy counts from {first}: dumped at {at_dump}"
+    );
+    files::counter_above(&state, first + 5);
+    files::same(&expected, &files::check_runc(&copy));
+}

@@ -33,16 +33,24 @@ $b awk 'BEGIN { e = 1; ok = 1 } $1 != e { print "the log skips from " e - 1 " to
 if [ -e /bin/ferry-workload ]; then echo "deleted file is back"; else echo "deleted file stays deleted"; fi
 "#;
 
-/// Runs [`CHECK`] in container `name`; its output.
+/// Runs [`CHECK`] in Docker container `name`; its output.
 pub fn check(docker: &[&str], name: &str) -> String {
-    let out = Command::new("docker")
-        .args(docker)
-        .args(["exec", name, "/bin/busybox", "sh", "-c", CHECK])
+    exec(Command::new("docker").args(docker).args(["exec", name]))
+}
+
+/// Runs [`CHECK`] in runc container `id`; its output.
+pub fn check_runc(id: &str) -> String {
+    exec(Command::new("runc").args(["exec", id]))
+}
+
+fn exec(cmd: &mut Command) -> String {
+    let out = cmd
+        .args(["/bin/busybox", "sh", "-c", CHECK])
         .output()
-        .expect("docker exec");
+        .expect("exec in the container");
     assert!(
         out.status.success(),
-        "docker exec {name}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
