@@ -6,6 +6,10 @@ use super::{dumpable_regions, LiveError, Region, READ_CHUNK_PAGES};
 use ferry_image::page::{self, Digest};
 use ferry_sys::procmem::{self, Pagemap, PM_FILE, PM_PFN_MASK, PM_PRESENT, PM_SWAPPED};
 use ferry_sys::PAGE_SIZE;
+use rayon::prelude::*;
+
+/// Runs of at least this many pages are digested in parallel.
+const PARALLEL_PAGES: usize = 32;
 
 /// What one pass saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -66,6 +70,7 @@ pub fn scan_tree<E: From<LiveError>>(
     let mut entries = Vec::new();
     let mut populated = Vec::new();
     let zero_pfn = procmem::zero_page_pfn();
+    let mut fps: Vec<Option<Digest>> = Vec::with_capacity(READ_CHUNK_PAGES);
     for &pid in pids {
         let regions = match dumpable_regions(pid) {
             Ok(r) => r,
@@ -115,9 +120,19 @@ pub fn scan_tree<E: From<LiveError>>(
                         Err(e) if matches!(e.raw_os_error(), Some(libc::EFAULT | libc::ESRCH)) => 0,
                         Err(source) => return Err(LiveError::Read { pid, addr, source }.into()),
                     };
-                    for (k, p) in run[..got * PAGE_SIZE].chunks_exact(PAGE_SIZE).enumerate() {
+                    // Digested on every core: the read is a copy, the
+                    // digest most of the work.
+                    let read = &run[..got * PAGE_SIZE];
+                    if got >= PARALLEL_PAGES {
+                        read.par_chunks_exact(PAGE_SIZE)
+                            .map(|p| key.fingerprint(p))
+                            .collect_into_vec(&mut fps);
+                    } else {
+                        fps.clear();
+                        fps.extend(read.chunks_exact(PAGE_SIZE).map(|p| key.fingerprint(p)));
+                    }
+                    for (k, (p, &fp)) in read.chunks_exact(PAGE_SIZE).zip(&fps).enumerate() {
                         stats.populated_pages += 1;
-                        let fp = key.fingerprint(p);
                         if region.private {
                             layout(pid, addr + (k * PAGE_SIZE) as u64, fp);
                         }
