@@ -159,9 +159,12 @@ if ! docker_up; then
 fi
 
 # podman refuses to start containers on hosts that refuse raising rlimits.
+# ferry reads runc's container state: podman's containers run under runc.
 if [ ! -f /etc/containers/containers.conf ]; then
   mkdir -p /etc/containers
-  printf '[containers]\ndefault_ulimits = []\n' > /etc/containers/containers.conf
+  printf '[containers]\ndefault_ulimits = []\n\n[engine]\nruntime = "runc"\n' > /etc/containers/containers.conf
+elif ! grep -q '^\[engine\]' /etc/containers/containers.conf; then
+  printf '\n[engine]\nruntime = "runc"\n' >> /etc/containers/containers.conf
 fi
 
 [ "$BUILD" = 1 ] || exit 0

@@ -324,7 +324,7 @@ fn a_runc_containers_rootfs_travels_with_with_rootfs() {
         .ok();
     let first = files::counter(&state);
     assert!(
-        first >= before && first <= at_dump + 1,
+        first >= before && first <= at_dump + 20,
         "the copy counts from {first}: dumped at {at_dump}"
     );
     files::counter_above(&state, first + 5);

@@ -17,7 +17,7 @@ use ferry_image::{DumpStats, ImagesDir};
 
 #[derive(Debug, Args)]
 #[command(group = clap::ArgGroup::new("to").required(true).multiple(true).args(["images_dir", "archive"]))]
-#[command(group = clap::ArgGroup::new("what").required(true).args(["pid", "runc", "docker"]))]
+#[command(group = clap::ArgGroup::new("what").required(true).args(["pid", "runc", "docker", "podman"]))]
 pub struct DumpArgs {
     #[command(flatten)]
     pub criu: super::CriuArgs,

@@ -206,6 +206,10 @@ pub struct ContainerFlags {
     /// Docker Engine API socket.
     #[arg(long, value_name = "PATH", default_value = ferry_core::target::docker::DEFAULT_SOCKET)]
     pub docker_socket: PathBuf,
+    /// A podman container (root's podman, runc runtime), by name or id. A
+    /// restore goes into the stopped container of that name.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["runc", "docker"])]
+    pub podman: Option<String>,
 }
 
 /// Which of a container's files travel with its checkpoint or migration.
@@ -252,7 +256,10 @@ impl ContainerFlags {
                 name: name.clone(),
                 socket: self.docker_socket.clone(),
             }),
-            (None, None) => None,
+            (None, None) => self
+                .podman
+                .as_ref()
+                .map(|name| ContainerRef::Podman { name: name.clone() }),
         }
     }
 }

@@ -46,7 +46,7 @@ pub struct RestoreArgs {
     /// Write the restored root's pid to this file.
     #[arg(long, value_name = "FILE")]
     pub pidfile: Option<PathBuf>,
-    /// Restore a container (through runc or Docker) rather than a process tree.
+    /// Restore a container (through runc, Docker or podman) rather than a process tree.
     #[command(flatten)]
     pub container: ContainerFlags,
     /// With --runc: the bundle to restore with (default: the one recorded

@@ -38,6 +38,11 @@ pub fn check(docker: &[&str], name: &str) -> String {
     exec(Command::new("docker").args(docker).args(["exec", name]))
 }
 
+/// Runs [`CHECK`] in podman container `name`; its output.
+pub fn check_podman(name: &str) -> String {
+    exec(Command::new("podman").args(["exec", name]))
+}
+
 /// Runs [`CHECK`] in runc container `id`; its output.
 pub fn check_runc(id: &str) -> String {
     exec(Command::new("runc").args(["exec", id]))

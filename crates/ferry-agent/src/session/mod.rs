@@ -602,7 +602,7 @@ impl Session<'_> {
             Some((ContainerRef::Docker { name, socket }, _)) => {
                 ferry_core::target::docker::remove(&socket, &name).map_err(|e| units::chain(&e))
             }
-            None => return kill_tree(pid),
+            Some((ContainerRef::Podman { .. }, _)) | None => return kill_tree(pid),
         };
         if let Err(e) = removed {
             tracing::warn!(error = %e, "cannot remove the restored container; killing its tasks");

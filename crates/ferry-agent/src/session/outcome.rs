@@ -330,6 +330,12 @@ impl Copy {
                 socket: socket.clone(),
                 name: name.clone(),
             },
+            // Migrations do not reach podman (no wire target names it);
+            // its containers run under runc at podman's root.
+            ContainerRef::Podman { name } => Copy::Runc {
+                root: ferry_core::target::podman::RUNC_ROOT.into(),
+                id: name.clone(),
+            },
         }
     }
 }

@@ -9,7 +9,9 @@ use std::fs;
 use super::{dump, CheckpointError, TargetAfterFailure};
 use crate::target::container::ContainerState;
 use crate::target::fs::{self as files, FsManifest, FsScope, FsSource, RootKind};
-use crate::target::{docker, runc, ContainerRef, TargetRecord, DESCRIPTORS_FILE, TARGET_FILE};
+use crate::target::{
+    docker, podman, runc, ContainerRef, TargetRecord, DESCRIPTORS_FILE, TARGET_FILE,
+};
 use ferry_criu::{Criu, DumpOutcome, DumpRequest, Notification, NotifyHook, Script};
 
 /// A dumped container.
@@ -50,6 +52,16 @@ pub fn dump_container(
             let sources = c.storage.sources(scope)?;
             let record = TargetRecord::Docker {
                 spec: c.spec,
+                rootfs: c.state.rootfs.clone(),
+            };
+            (c.state, record, sources)
+        }
+        ContainerRef::Podman { name } => {
+            let c = podman::locate(name)?;
+            let sources = c.storage.sources(scope)?;
+            let record = TargetRecord::Podman {
+                id: c.id,
+                name: c.name,
                 rootfs: c.state.rootfs.clone(),
             };
             (c.state, record, sources)
@@ -121,6 +133,7 @@ pub fn container_files(
         ContainerRef::Docker { name, socket } => {
             Ok(docker::locate(socket, name)?.storage.sources(scope)?)
         }
+        ContainerRef::Podman { name } => Ok(podman::locate(name)?.storage.sources(scope)?),
     }
 }
 

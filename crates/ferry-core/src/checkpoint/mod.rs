@@ -152,6 +152,8 @@ pub enum CheckpointError {
     Runc(#[from] crate::target::runc::RuncError),
     #[error(transparent)]
     Docker(#[from] crate::target::docker::DockerError),
+    #[error(transparent)]
+    Podman(#[from] crate::target::podman::PodmanError),
     #[error("cannot carry the container's files")]
     Files(#[from] crate::target::fs::FsError),
     #[error("cannot write {}", path.display())]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{staging, CheckpointError};
 use crate::target::fs::{self as files, FsManifest};
 use crate::target::runc::RestoreFlags;
-use crate::target::{docker, runc, ContainerRef, TargetRecord};
+use crate::target::{docker, podman, runc, ContainerRef, TargetRecord};
 use ferry_archive::{self as archive, Chain, Progress, UnpackReport};
 use ferry_image::ImagesDir;
 
@@ -116,6 +116,7 @@ pub fn restore_container(
             };
             docker::restore(socket, name, &dir, spec)?
         }
+        ContainerRef::Podman { name } => podman::restore(name, &dir)?,
     };
     Ok(ContainerRestore {
         pid,

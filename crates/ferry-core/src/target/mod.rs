@@ -14,6 +14,7 @@
 pub mod container;
 pub mod docker;
 pub mod fs;
+pub mod podman;
 pub mod preflight;
 pub mod runc;
 
@@ -32,8 +33,18 @@ pub const DESCRIPTORS_FILE: &str = "descriptors.json";
 /// A container, as the command line names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ContainerRef {
-    Runc { id: String, root: PathBuf },
-    Docker { name: String, socket: PathBuf },
+    Runc {
+        id: String,
+        root: PathBuf,
+    },
+    Docker {
+        name: String,
+        socket: PathBuf,
+    },
+    /// A podman container (root's podman, runc runtime).
+    Podman {
+        name: String,
+    },
 }
 
 impl ContainerRef {
@@ -41,6 +52,7 @@ impl ContainerRef {
         match self {
             ContainerRef::Runc { id, .. } => format!("runc container '{id}'"),
             ContainerRef::Docker { name, .. } => format!("Docker container '{name}'"),
+            ContainerRef::Podman { name } => format!("podman container '{name}'"),
         }
     }
 }
@@ -56,6 +68,11 @@ pub enum TargetRecord {
     },
     Docker {
         spec: docker::DockerSpec,
+        rootfs: PathBuf,
+    },
+    Podman {
+        id: String,
+        name: String,
         rootfs: PathBuf,
     },
 }
