@@ -23,6 +23,7 @@ pub mod docs;
 mod dump;
 pub mod failure;
 mod ha;
+mod import;
 mod inspect;
 mod migrate;
 mod pack;
@@ -120,6 +121,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Pack a CRIU images directory into a ferry archive.
     Pack(pack::PackArgs),
+    /// Read a standard checkpoint archive (podman's export, CRI-O's, the
+    /// kubelet's) into a ferry archive.
+    Import(import::ImportArgs),
     /// Unpack a ferry archive (and its parents) into an images directory.
     Unpack(pack::UnpackArgs),
     /// Run the bundled workload, checkpoint it, restore it and show it continued.
@@ -333,6 +337,7 @@ impl Command {
             Command::Restore(a) => a.json,
             Command::Inspect(a) => a.json,
             Command::Pack(a) => a.json,
+            Command::Import(a) => a.json,
             Command::Unpack(a) => a.json,
             Command::Migrate(a) => a.json,
             Command::Bench(a) => a.json(),
@@ -350,6 +355,7 @@ pub fn run(cli: &Cli, matches: &clap::ArgMatches, out: &mut dyn Write) -> Result
         Command::Restore(a) => restore::run(a, out),
         Command::Inspect(a) => inspect::run(a, out),
         Command::Pack(a) => pack::run_pack(a, out),
+        Command::Import(a) => import::run(a, out),
         Command::Unpack(a) => pack::run_unpack(a, out),
         Command::Demo(a) => demo::run(a, out),
         Command::Bench(a) => bench::run(a, out),

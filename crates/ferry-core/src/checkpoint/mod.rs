@@ -16,6 +16,7 @@
 mod dump;
 mod dump_archive;
 mod dump_container;
+mod import;
 mod restore;
 mod restore_archive;
 mod restore_container;
@@ -31,6 +32,7 @@ use ferry_image::ImageError;
 pub use dump::dump;
 pub use dump_archive::{dump_any, dump_to_archive, pack_images, ArchiveDump};
 pub use dump_container::{container_files, dump_container, ContainerDumpOutcome};
+pub use import::{import_standard, is_standard, unpack_standard, ImportReport};
 pub use restore::restore;
 pub use restore_archive::{restore_from_archive, ArchiveRestore, ArchiveRestoreOptions};
 pub use restore_container::{restore_container, ContainerRestore, Source};
@@ -178,6 +180,8 @@ pub enum CheckpointError {
         #[source]
         source: Box<ArchiveError>,
     },
+    #[error("cannot import the checkpoint archive {}: {detail}", path.display())]
+    Import { path: PathBuf, detail: String },
     #[error("cannot create a staging directory in {}", path.display())]
     Staging {
         path: PathBuf,

@@ -21,6 +21,8 @@ use super::fs::{self as files, FsError, FsManifest};
 pub const ENGINE: &str = "podman";
 /// Where podman's runc keeps container state (root's podman).
 pub const RUNC_ROOT: &str = "/run/runc";
+/// Longest wait for podman to mark a killed container exited.
+const CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodmanError {
@@ -195,7 +197,14 @@ pub fn locate(name: &str) -> Result<PodmanContainer, PodmanError> {
 /// container restore` (which removes them once restored). Returns the
 /// restored init's pid.
 pub fn restore(name: &str, images: &Path) -> Result<i32, PodmanError> {
-    let c = inspect(name)?;
+    let mut c = inspect(name)?;
+    // A container whose tasks were just killed (a dump in stop mode) is
+    // "stopped" until podman's cleanup makes it "exited".
+    let deadline = std::time::Instant::now() + CLEANUP_WAIT;
+    while c.state.status == "stopped" && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        c = inspect(name)?;
+    }
     if c.state.status != "exited" {
         return Err(PodmanError::NotStopped {
             name: name.into(),

@@ -163,15 +163,34 @@ fn unpack(tar: &Path, dest: &Path) -> Result<ApplyReport, FsError> {
             .map_err(damaged)?
             .to_string_lossy()
             .into_owned();
+        let kind = entry.header().entry_type();
+        if kind.is_dir()
+            && Path::new(&name)
+                .components()
+                .all(|c| c == Component::CurDir)
+        {
+            // The root itself ("./", as podman's volume tars have it).
+            continue;
+        }
         if checked_relative(&name).is_none() {
             return Err(FsError::Escapes {
                 path: tar.to_path_buf(),
                 entry: name,
             });
         }
-        if entry.header().entry_type().is_file() {
+        if kind.is_file() {
             report.files += 1;
             report.bytes += entry.size();
+        }
+        // Into a tree that holds something there already (a restore into
+        // the container it came from): what the entry replaces goes first,
+        // as a link cannot be made over a file, nor a file over a directory.
+        if let Ok(at) = inside(dest, &name, tar) {
+            if let Ok(m) = fs::symlink_metadata(&at) {
+                if !(kind.is_dir() && m.is_dir()) {
+                    remove_any(&at)?;
+                }
+            }
         }
         let inside = entry.unpack_in(dest).map_err(|e| FsError::Io {
             what: "write",
