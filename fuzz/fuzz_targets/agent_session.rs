@@ -120,7 +120,9 @@ fn batch(input: &mut Input, secret: &Secret) -> Vec<u8> {
         0 => {
             let n = usize::from(input.u8() % 8);
             let key = secret.page_key();
-            let data: Vec<u8> = (0..n * PAGE).map(|i| (i / PAGE) as u8 ^ input.u8()).collect();
+            let data: Vec<u8> = (0..n * PAGE)
+                .map(|i| (i / PAGE) as u8 ^ input.u8())
+                .collect();
             let digests: Vec<u128> = data.chunks(PAGE).map(|p| key.digest(p)).collect();
             pages::encode_batch(&digests, &data)
         }
@@ -240,13 +242,14 @@ fn run_sequence(data: &[u8]) {
                     files,
                 })
             }
-            14 => conn.send_msg(&Msg::PageData {
-                zero: (0..input.u8() % 8).map(u32::from).collect(),
-                repeat: vec![(u32::from(input.u8()), input.count())],
-                stored: (0..input.u8() % 4).map(u32::from).collect(),
-            })
-            .and_then(|()| conn.send_blob(&input.bytes(1 << 16)))
-            .and_then(|()| conn.send_blob(&input.bytes(64))),
+            14 => conn
+                .send_msg(&Msg::PageData {
+                    zero: (0..input.u8() % 8).map(u32::from).collect(),
+                    repeat: vec![(u32::from(input.u8()), input.count())],
+                    stored: (0..input.u8() % 4).map(u32::from).collect(),
+                })
+                .and_then(|()| conn.send_blob(&input.bytes(1 << 16)))
+                .and_then(|()| conn.send_blob(&input.bytes(64))),
             15 => conn.send_msg(&Msg::PageMap {
                 session: session.clone(),
             }),

@@ -17,7 +17,11 @@ fuzz_target!(|data: &[u8]| {
     let split = (u16::from_le_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
     let (manifest, tar) = data[2..].split_at(split);
     let t = tempfile::tempdir().unwrap();
-    let (images, dest, outside) = (t.path().join("img"), t.path().join("dst"), t.path().join("out"));
+    let (images, dest, outside) = (
+        t.path().join("img"),
+        t.path().join("dst"),
+        t.path().join("out"),
+    );
     fs::create_dir_all(&images).unwrap();
     fs::create_dir_all(&outside).unwrap();
     fs::write(images.join(MANIFEST_FILE), manifest).unwrap();
