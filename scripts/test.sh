@@ -17,6 +17,7 @@ scripts/setup.sh --no-build
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 
 step "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings

@@ -1486,14 +1486,7 @@ fn a_shell_loop_whose_children_come_and_go_migrates() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let sh = shell.id();
-    let pid: i32 = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let pid = common::program::first_child(shell.id());
     let run = migrate_shell_job(pid, &agent.addr, &agent.key);
     let _ = shell.wait();
     let report = run.json();

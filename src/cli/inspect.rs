@@ -27,7 +27,10 @@ pub fn run(args: &InspectArgs, out: &mut dyn Write) -> Result<u8, CliError> {
         let stage = ferry_core::checkpoint::staging::create("ferry-inspect-", need, None)?;
         let dir = stage.path().join("images");
         ferry_core::checkpoint::unpack_standard(&args.dir, &dir)?;
-        inspect(&dir)?
+        let mut report = inspect(&dir)?;
+        // The staging directory goes with this command: name the tar.
+        report.images_dir = format!("{} (a standard checkpoint archive)", args.dir.display());
+        report
     } else {
         inspect(&args.dir)?
     };

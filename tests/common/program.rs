@@ -8,6 +8,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The first child of process `pid` (a shell's program).
+pub fn first_child(pid: u32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// A program under a shell that leads its own session; killed (with the
 /// shell) when dropped.
 pub struct InSession {
@@ -40,14 +51,7 @@ impl InSession {
             assert!(Instant::now() < deadline, "the program did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        let sh = shell.id();
-        let pid = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children"))
-            .unwrap()
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let pid = first_child(shell.id());
         InSession { shell, pid }
     }
 
