@@ -457,20 +457,10 @@ fn place(images: &Path, dir: &Path, whole: bool) -> Result<bool, DockerError> {
         tracing::debug!(dir = %dir.display(), "placed the checkpoint referring to its pages");
         return Ok(true);
     }
-    let fail = |source| DockerError::Place {
+    files::place_for_engine(images, dir).map_err(|source| DockerError::Place {
         path: dir.to_path_buf(),
         source,
-    };
-    fs::create_dir_all(dir).map_err(fail)?;
-    for entry in fs::read_dir(images).map_err(fail)? {
-        let entry = entry.map_err(fail)?;
-        let name = entry.file_name();
-        if entry.file_type().map_err(fail)?.is_file() && !files::is_fs_file(&name.to_string_lossy())
-        {
-            ferry_image::referring::link_or_copy(&entry.path(), &dir.join(entry.file_name()))
-                .map_err(fail)?;
-        }
-    }
+    })?;
     Ok(false)
 }
 

@@ -216,20 +216,11 @@ pub fn restore(name: &str, images: &Path) -> Result<i32, PodmanError> {
         files::restore(&m, images, |k| storage.destination(k)).map_err(PodmanError::Files)?;
     }
     let dir = c.static_dir.join("checkpoint");
-    let fail = |source| PodmanError::Place {
+    let _ = fs::remove_dir_all(&dir);
+    files::place_for_engine(images, &dir).map_err(|source| PodmanError::Place {
         path: dir.clone(),
         source,
-    };
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).map_err(fail)?;
-    for entry in fs::read_dir(images).map_err(fail)? {
-        let entry = entry.map_err(fail)?;
-        let name = entry.file_name();
-        if entry.file_type().map_err(fail)?.is_file() && !files::is_fs_file(&name.to_string_lossy())
-        {
-            ferry_image::referring::link_or_copy(&entry.path(), &dir.join(&name)).map_err(fail)?;
-        }
-    }
+    })?;
     let out = podman("container restore", &["container", "restore", &c.id]);
     let _ = fs::remove_dir_all(&dir);
     let out = out?;

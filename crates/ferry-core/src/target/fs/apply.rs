@@ -146,6 +146,7 @@ fn inside(dest: &Path, p: &str, tar: &Path) -> Result<PathBuf, FsError> {
 /// Unpacks the tar `tar` into `dest`, every entry checked to stay inside.
 fn unpack(tar: &Path, dest: &Path) -> Result<ApplyReport, FsError> {
     let mut report = ApplyReport::default();
+    let base = fs::canonicalize(dest).map_err(FsError::io("resolve", dest))?;
     let file = File::open(tar).map_err(FsError::io("open", tar))?;
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
     archive.set_preserve_permissions(true);
@@ -185,9 +186,10 @@ fn unpack(tar: &Path, dest: &Path) -> Result<ApplyReport, FsError> {
         // Into a tree that holds something there already (a restore into
         // the container it came from): what the entry replaces goes first,
         // as a link cannot be made over a file, nor a file over a directory.
-        if let Ok(at) = inside(dest, &name, tar) {
+        if let Some(at) = checked_relative(&name).map(|rel| dest.join(rel)) {
             if let Ok(m) = fs::symlink_metadata(&at) {
-                if !(kind.is_dir() && m.is_dir()) {
+                if !(kind.is_dir() && m.is_dir()) && within_resolved(&base, dest, &at, tar).is_ok()
+                {
                     remove_any(&at)?;
                 }
             }
@@ -211,6 +213,11 @@ fn unpack(tar: &Path, dest: &Path) -> Result<ApplyReport, FsError> {
 /// made must not carry a whiteout or attribute elsewhere).
 fn within(dest: &Path, at: &Path, tar: &Path) -> Result<(), FsError> {
     let base = fs::canonicalize(dest).map_err(FsError::io("resolve", dest))?;
+    within_resolved(&base, dest, at, tar)
+}
+
+/// [`within`], `dest` resolved once by the caller as `base`.
+fn within_resolved(base: &Path, dest: &Path, at: &Path, tar: &Path) -> Result<(), FsError> {
     let mut parent = at.parent().unwrap_or(dest).to_path_buf();
     // The nearest existing ancestor decides.
     while !parent.exists() {
@@ -220,7 +227,7 @@ fn within(dest: &Path, at: &Path, tar: &Path) -> Result<(), FsError> {
         }
     }
     let real = fs::canonicalize(&parent).map_err(FsError::io("resolve", &parent))?;
-    if real.starts_with(&base) {
+    if real.starts_with(base) {
         Ok(())
     } else {
         Err(FsError::Escapes {

@@ -238,6 +238,21 @@ impl FsBase {
     }
 }
 
+/// Links (or copies) the images of `images` into the engine's checkpoint
+/// directory `dir` (created), leaving out the container's files, which
+/// ferry puts in place itself.
+pub fn place_for_engine(images: &Path, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(images)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if entry.file_type()?.is_file() && !is_fs_file(&name.to_string_lossy()) {
+            ferry_image::referring::link_or_copy(&entry.path(), &dir.join(&name))?;
+        }
+    }
+    Ok(())
+}
+
 /// A tree to capture: what it is and where it lies here.
 #[derive(Debug, Clone)]
 pub struct FsSource {
